@@ -1,0 +1,24 @@
+"""Object-centric open-vocabulary image retrieval: retrievers, metrics and search.
+
+The core (retrievers, aggregate, data, metrics, store) imports neither Lightning nor
+wandb; ``retrieval.engine`` and ``retrieval.report`` do.
+"""
+
+from retrieval.representatives import Representatives
+from retrieval.retrievers import (
+    Retriever,
+    create_retriever,
+    list_retrievers,
+    register_retriever,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Representatives",
+    "Retriever",
+    "__version__",
+    "create_retriever",
+    "list_retrievers",
+    "register_retriever",
+]

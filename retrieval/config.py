@@ -1,0 +1,322 @@
+"""Run configuration: YAML config groups composed with ``defaults``, plus ``key=value``.
+
+Layout (lightning-hydra-template's groups, without Hydra)::
+
+    configs/dataset/coco.yaml        data: {...}
+    configs/retriever/clip_rn50.yaml retriever: {...}
+    configs/experiment/X.yaml        defaults: [dataset: coco, retriever: clip_rn50] + overrides
+
+A group file holds full paths (``data:``, ``retriever:``), so every file reads the same
+way as the resolved ``config.yaml`` of a run. On the command line, ``key=value`` sets a
+key and ``group=name`` (``retriever=dense_clip_rn50x64``) swaps a group's file.
+
+Every key is checked before any work starts: an unknown key fails naming the closest
+valid one, a wrong type names the expected one. The ``retriever`` section is checked
+against the keyword arguments of the chosen retriever (see ``retrievers.registry``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = {"dataset": "data", "retriever": "retriever"}
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; its message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "coco"
+    annotations: str | None = None
+    images: str | None = None
+    on_bad_image: str = "error"
+    include_crowd: bool = True
+    max_images: int | None = None
+    query_names: dict[str, str] | None = None
+
+
+@dataclass
+class TextConfig:
+    prompts: str = "imagenet80"
+    batch_size: int = 256
+
+
+@dataclass
+class ProtocolConfig:
+    top_k: int = 50
+    large_area: float = 96.0**2
+    lvis_federated: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 32
+    num_workers: int = 2
+
+
+@dataclass
+class StoreConfig:
+    dtype: str = "float16"
+    shard_size: int = 1024
+
+
+@dataclass
+class ScoreConfig:
+    max_memory_gb: float = 2.0
+    device: str = "auto"
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "object-retrieval"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    retriever: Any = None
+    text: TextConfig = field(default_factory=TextConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.on_bad_image": ("error", "skip"),
+    "text.prompts": ("imagenet80", "single"),
+    "store.dtype": ("float16", "float32"),
+    "logger.wandb.mode": ("offline", "online", "disabled"),
+}
+
+
+def find_config(name: str | Path, group: str | None = None) -> Path:
+    """Resolves a config path, or a name inside ``configs/`` (``experiment/x`` or ``x``)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    base = CONFIG_DIR / group if group else CONFIG_DIR
+    for candidate in (base / f"{name}.yaml", CONFIG_DIR / "experiment" / f"{name}.yaml"):
+        if candidate.exists():
+            return candidate
+    known = sorted(p.stem for p in base.glob("*.yaml")) if base.exists() else []
+    close = difflib.get_close_matches(str(path.stem), known, n=1)
+    where = f"group {group!r}" if group else "configs/ or as a file path"
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"config {str(name)!r} not found in {where}.{hint} Known: {', '.join(known)}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(content, dict):
+        kind = type(content).__name__
+        raise ConfigError(f"{path}: a config file must hold a mapping, got {kind}")
+    return content
+
+
+def _defaults(content: dict, path: Path) -> list[tuple[str, str]]:
+    """Pops and parses a file's ``defaults`` list into ``(group, name)`` pairs."""
+    entries = content.pop("defaults", []) or []
+    pairs = []
+    for entry in entries:
+        if isinstance(entry, str) and "/" in entry:
+            pairs.append(tuple(entry.split("/", 1)))
+        elif isinstance(entry, dict) and len(entry) == 1:
+            pairs.append(next(iter(entry.items())))
+        else:
+            raise ConfigError(
+                f"{path}: defaults entry {entry!r} must be 'group: name' or 'group/name'"
+            )
+    for group, _ in pairs:
+        if group not in GROUPS and group != "experiment":
+            raise ConfigError(f"{path}: unknown config group {group!r} in defaults")
+    return pairs
+
+
+def _compose(path: Path, choices: dict[str, str], seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Merges a file's defaults (group choices overridden by ``choices``), then the file."""
+    if path in seen:
+        raise ConfigError(f"{path}: defaults form a cycle through {[str(p) for p in seen]}")
+    content = _read_yaml(path)
+    pairs = dict(_defaults(content, path))
+    pairs.update(choices)
+    merged = OmegaConf.create()
+    for group, name in pairs.items():
+        merged = OmegaConf.merge(merged, _compose(find_config(name, group), {}, (*seen, path)))
+    return OmegaConf.merge(merged, OmegaConf.create(content))
+
+
+def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    choices, dotlist = {}, []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        if key in GROUPS:
+            choices[key] = value
+        else:
+            dotlist.append(item)
+    return choices, dotlist
+
+
+def _unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of ``cfg`` absent from ``schema`` (dotted), each with the valid keys beside it."""
+    problems = []
+    if not isinstance(cfg, DictConfig) or not isinstance(schema, DictConfig):
+        return problems
+    if OmegaConf.get_type(schema) is dict:  # a free-form mapping accepts any key
+        return problems
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            problems.append((dotted, [f"{prefix}{k}" for k in schema.keys()]))
+        else:
+            problems += _unknown_keys(cfg._get_node(key), schema._get_node(key), f"{dotted}.")
+    return problems
+
+
+def _annotation(hint: Any) -> Any:
+    """Maps a factory's type hint to one omegaconf can validate (else ``Any``)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Literal:
+        return type(args[0])
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and type(None) in args:
+            return _annotation(rest[0]) | None
+        return Any
+    if hint in (str, int, float, bool) or dataclasses.is_dataclass(hint):
+        return hint
+    if origin in (list, tuple) or hint in (list, tuple):
+        return list[Any]
+    if origin is dict or hint is dict:
+        return dict[str, Any]
+    return Any
+
+
+def retriever_schema(name: str) -> DictConfig:
+    """A structured config of the keyword arguments the retriever ``name`` accepts."""
+    from retrieval.retrievers.registry import factory_parameters, get_factory
+
+    try:
+        factory = get_factory(name)
+    except KeyError as err:
+        raise ConfigError(f"retriever.name: {err.args[0]}") from None
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    hints = typing.get_type_hints(target)
+    fields = [("name", str, field(default=name))]
+    for key, param in factory_parameters(name).items():
+        default = param.default
+        if default is inspect.Parameter.empty:
+            default = dataclasses.MISSING
+        elif isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+            default = field(default_factory=lambda d=default: d)
+        else:
+            default = field(default=default)
+        fields.append((key, _annotation(hints.get(key, Any)), default))
+    schema = dataclasses.make_dataclass(f"{name}_options", fields)
+    return OmegaConf.structured(schema)
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _validated(raw: DictConfig) -> DictConfig:
+    problems = _unknown_keys(raw, OmegaConf.structured(EvalConfig))
+    retriever = raw.get("retriever")
+    if not isinstance(retriever, DictConfig) or "name" not in retriever:
+        raise ConfigError("retriever.name is missing: pick one from `retrieval list`")
+    rschema = retriever_schema(str(retriever.name))
+    problems = [p for p in problems if not p[0].startswith("retriever.")]
+    problems += _unknown_keys(retriever, rschema, "retriever.")
+    if problems:
+        key, valid = problems[0]
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(sorted(valid))}"
+        )
+    try:
+        schema = OmegaConf.structured(EvalConfig)
+        schema.retriever = rschema
+        cfg = OmegaConf.merge(schema, raw)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or "?"
+        message = getattr(err, "msg", str(err))
+        raise ConfigError(f"config key {key!r}: {message}") from None
+    _check_choices(cfg)
+    return cfg
+
+
+def load_config(config: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """Composes, overrides and validates a run config (nothing runs before this passes)."""
+    choices, dotlist = _split_overrides(list(overrides or []))
+    raw = _compose(find_config(config), choices)
+    try:
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad override: {err}") from None
+    return _validated(raw)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML (what a run folder's ``config.yaml`` holds)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def as_dict(node: Any) -> Any:
+    """A plain, resolved Python container of a config node."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node

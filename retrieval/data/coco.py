@@ -1,0 +1,285 @@
+"""COCO-format datasets: images for the retriever, ground truth for the metric.
+
+Serves COCO val2017 and any folder of images with a COCO-format annotation file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from retrieval.data.ground_truth import Category, GroundTruth
+from retrieval.data.images import BAD_IMAGE_FIX, BadImageError, load_image
+from retrieval.data.names import query_name
+from retrieval.data.registry import register_dataset
+
+Transform = Callable[[Image.Image], torch.Tensor]
+OnBadImage = Literal["error", "skip"]
+
+_MISSING_LISTED = 5
+_REQUIRED_FIELDS = {
+    "images": ("id", "file_name"),
+    "categories": ("id", "name"),
+    "annotations": ("image_id", "category_id"),
+}
+
+
+def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """``[3, H, W]`` uint8, the exact pixels (what ``__getitem__`` gives without a transform)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _read_annotations(path: Path) -> dict[str, Any]:
+    """The annotation JSON, checked enough that every later failure is the data's, not ours."""
+    fix = "set data.annotations to a COCO-format JSON file (e.g. instances_val2017.json)"
+    if not path.exists():
+        raise FileNotFoundError(f"annotation file not found: {path}; {fix}")
+    if not path.is_file():
+        raise ValueError(f"annotation path is not a file: {path}; {fix}")
+    try:
+        with path.open("rb") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"annotation file {path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"annotation file {path} holds a {type(data).__name__}, not an object; {fix}"
+        )
+    missing = [key for key in ("images", "categories") if key not in data]
+    if missing:
+        raise ValueError(
+            f"annotation file {path} has no {' or '.join(repr(k) for k in missing)} list "
+            f"(keys: {', '.join(sorted(data)) or 'none'}); {fix}"
+        )
+    for key, need in _REQUIRED_FIELDS.items():
+        records = data.get(key, [])
+        if not isinstance(records, list):
+            raise ValueError(f"annotation file {path}: {key!r} must be a list; {fix}")
+        bad = [r for r in records if not isinstance(r, dict) or any(k not in r for k in need)]
+        if bad:
+            raise ValueError(
+                f"annotation file {path}: every entry of {key!r} needs {', '.join(need)}; "
+                f"first bad entry: {repr(bad[0])[:200]}; {fix}"
+            )
+    return data
+
+
+def _check_references(data: dict[str, Any], path: Path) -> None:
+    """Annotations must point at listed images and categories, ids must be unique."""
+    for key in ("images", "categories"):
+        ids = [r["id"] for r in data[key]]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"annotation file {path}: duplicate ids in {key!r}")
+    anns = data.get("annotations", [])
+    for key, listed in (("image_id", "images"), ("category_id", "categories")):
+        known = np.array([r["id"] for r in data[listed]], dtype=np.int64)
+        used = np.array([a[key] for a in anns], dtype=np.int64)
+        unknown = np.unique(used[~np.isin(used, known)])
+        if unknown.size:
+            raise ValueError(
+                f"annotation file {path}: annotations use {key} values not in {listed!r}: "
+                f"{unknown[:_MISSING_LISTED].tolist()}"
+            )
+
+
+@register_dataset("coco")
+class CocoDataset(Dataset):
+    """A COCO-format dataset as a torch ``Dataset`` plus its retrieval ground truth.
+
+    Items are ``dict(image_id, pixels, error, path)``; ``pixels`` is
+    ``transform(load_image(path))``, or, with no transform, the exact ``[3, H, W]``
+    uint8 pixels (see :func:`pil_to_uint8_tensor`). Use :meth:`collate` as the
+    DataLoader's ``collate_fn``.
+
+    Files missing at construction are found up front (cheap ``os.path`` checks) so a
+    long run does not die at image 4,000: under ``on_bad_image="error"`` that raises at
+    once; under ``"skip"`` they are left out of :attr:`image_ids` (and of the ground
+    truth) and listed in :attr:`failures_at_start`.
+
+    Args:
+        annotations: the COCO-format JSON (config ``data.annotations``).
+        images: the folder ``file_name`` paths are relative to (config ``data.images``).
+        transform: PIL image -> tensor, normally the retriever's ``image_transform``.
+        on_bad_image: ``error`` stops at a missing, truncated or corrupt file;
+            ``skip`` leaves it out and reports it (config ``data.on_bad_image``).
+        include_crowd: crowd annotations (``iscrowd=1``) make an image relevant.
+        max_images: keep only the first N image ids (ascending), for quick runs.
+        query_names: raw category name -> query text, overriding the cleaning rule
+            (config ``data.query_names``).
+    """
+
+    dataset_name = "coco"
+
+    def __init__(
+        self,
+        annotations: str | Path,
+        images: str | Path,
+        transform: Transform | None = None,
+        on_bad_image: OnBadImage = "error",
+        include_crowd: bool = True,
+        max_images: int | None = None,
+        query_names: Mapping[str, str] | None = None,
+    ) -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        if max_images is not None and max_images < 1:
+            raise ValueError(
+                f"data.max_images must be a positive integer or null, got {max_images}"
+            )
+        self.annotations_path = Path(annotations)
+        self.images_dir = Path(images)
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+        self.include_crowd = include_crowd
+
+        data = _read_annotations(self.annotations_path)
+        _check_references(data, self.annotations_path)
+        if not self.images_dir.is_dir():
+            what = "not a folder" if self.images_dir.exists() else "not found"
+            raise FileNotFoundError(
+                f"image folder {what}: {self.images_dir}; set data.images to the folder the "
+                f"'file_name' entries of {self.annotations_path} are relative to"
+            )
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
+
+        ids = np.array(sorted(self.coco.imgs), dtype=np.int64)
+        if max_images is not None:
+            ids = ids[:max_images]
+        self.failures_at_start: list[dict[str, Any]] = [
+            {"image_id": int(i), "path": str(self.image_path(int(i))), "reason": "file not found"}
+            for i in ids
+            if not os.path.isfile(self.image_path(int(i)))
+        ]
+        if self.failures_at_start and on_bad_image == "error":
+            shown = [f"  {f['path']}" for f in self.failures_at_start[:_MISSING_LISTED]]
+            more = len(self.failures_at_start) - len(shown)
+            raise FileNotFoundError(
+                "\n".join(
+                    [
+                        f"{len(self.failures_at_start)} of {len(ids)} images listed in "
+                        f"{self.annotations_path} are missing under {self.images_dir}:",
+                        *shown,
+                        *([f"  ... and {more} more"] if more else []),
+                        f"Check data.images (the folder 'file_name' is relative to), "
+                        f"or: {BAD_IMAGE_FIX}.",
+                    ]
+                )
+            )
+        missing = np.array([f["image_id"] for f in self.failures_at_start], dtype=np.int64)
+        self.image_ids: np.ndarray = ids[~np.isin(ids, missing)]
+        self.categories: list[Category] = [
+            Category(
+                id=int(c["id"]), name=c["name"], query=query_name(c["name"], "coco", query_names)
+            )
+            for c in sorted(self.coco.dataset["categories"], key=lambda c: c["id"])
+        ]
+
+    def image_path(self, image_id: int) -> Path:
+        """Where the image lives: its ``file_name`` under the images folder."""
+        return self.images_dir / self.coco.imgs[image_id]["file_name"]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """``dict(image_id, pixels, error, path)``; under ``skip`` a bad file gives
+        ``pixels=None`` and the reason in ``error``.
+
+        Raises:
+            BadImageError: the file is bad and ``on_bad_image`` is ``error``.
+        """
+        image_id = int(self.image_ids[index])
+        path = self.image_path(image_id)
+        try:
+            image = load_image(path)
+        except BadImageError as err:
+            if self.on_bad_image == "error":
+                raise
+            return {"image_id": image_id, "pixels": None, "error": err.reason, "path": str(path)}
+        pixels = self.transform(image) if self.transform is not None else pil_to_uint8_tensor(image)
+        return {"image_id": image_id, "pixels": pixels, "error": None, "path": str(path)}
+
+    @staticmethod
+    def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Stacks the good items, reports the bad ones (the DataLoader's ``collate_fn``).
+
+        Returns:
+            ``pixels``: ``[b, 3, H, W]`` of the b good items, or None when every item
+            failed; ``image_ids``: ``[b]`` int64; ``failures``: one
+            ``dict(image_id, path, reason)`` per failed item.
+        """
+        good = [item for item in batch if item["pixels"] is not None]
+        failures = [
+            {"image_id": item["image_id"], "path": item.get("path"), "reason": item["error"]}
+            for item in batch
+            if item["pixels"] is None
+        ]
+        pixels = None
+        if good:
+            shapes = {tuple(item["pixels"].shape) for item in good}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"images of different sizes {sorted(shapes)} cannot be stacked into one "
+                    "batch: give the dataset a transform that resizes (the retriever's "
+                    "image_transform), or use loader.batch_size=1"
+                )
+            pixels = torch.stack([item["pixels"] for item in good])
+        image_ids = torch.tensor([item["image_id"] for item in good], dtype=torch.int64)
+        return {"pixels": pixels, "image_ids": image_ids, "failures": failures}
+
+    def ground_truth(self) -> GroundTruth:
+        """Relevance and largest-instance area per (category, image), for :attr:`image_ids`.
+
+        An image is relevant to a category when it holds at least one annotation of it
+        (crowd annotations count unless ``include_crowd=False``); ``max_area`` is the
+        largest such annotation's ``area`` (original resolution). Built in one pass
+        over the annotation list.
+        """
+        anns = self.coco.dataset.get("annotations", [])
+        if not self.include_crowd:
+            anns = [a for a in anns if not a.get("iscrowd", 0)]
+        image_of = np.array([a["image_id"] for a in anns], dtype=np.int64)
+        category_of = np.array([a["category_id"] for a in anns], dtype=np.int64)
+        area = np.array([a.get("area", np.nan) for a in anns], dtype=np.float64)
+        no_area = np.isnan(area)
+        if no_area.any():  # hand-made COCO files sometimes omit it; the box is the next best
+            boxes = np.array([anns[k].get("bbox", [0, 0, 0, 0]) for k in np.flatnonzero(no_area)])
+            area[no_area] = boxes[:, 2] * boxes[:, 3]
+
+        image_ids = self.image_ids
+        category_ids = np.array([c.id for c in self.categories], dtype=np.int64)
+        kept = np.isin(image_of, image_ids)
+        cols = np.searchsorted(image_ids, image_of[kept])
+        rows = np.searchsorted(category_ids, category_of[kept])
+
+        shape = (len(category_ids), len(image_ids))
+        relevant = np.zeros(shape, dtype=bool)
+        relevant[rows, cols] = True
+        max_area = np.zeros(shape, dtype=np.float64)
+        np.maximum.at(max_area, (rows, cols), area[kept])
+        area_source = "annotation area"
+        if no_area.any():
+            area_source += f" (bbox w*h for {int(no_area.sum())} annotations without one)"
+        return GroundTruth(
+            image_ids=image_ids.copy(),
+            categories=list(self.categories),
+            relevant=relevant,
+            ignore=np.zeros(shape, dtype=bool),
+            max_area=max_area.astype(np.float32),
+            notes={"include_crowd": self.include_crowd, "area_source": area_source},
+        )

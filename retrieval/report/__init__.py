@@ -1,0 +1,1 @@
+"""Run folders, terminal summaries and Weights & Biases logging (imports wandb)."""

@@ -1,0 +1,89 @@
+"""The run folder: the files DESIGN.md promises, written from one metrics dict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from retrieval.data.ground_truth import GroundTruth
+from retrieval.report.console import print_summary, summary_markdown
+from retrieval.report.wandb_log import log_to_wandb
+from retrieval.store import ScoreResult
+
+PER_CATEGORY_KEYS = ("ap@{k}", "ap", "ap@{k}_hits", "ap@{k}_s-m", "ap_s-m")
+COUNT_KEYS = ("positives", "positives_s-m")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN to None."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def per_category_rows(metrics: dict[str, Any], gt: GroundTruth, top_k: int) -> list[dict]:
+    """One row per category: id, names, split, P, and every per-category AP."""
+    keys = [k.format(k=top_k) for k in PER_CATEGORY_KEYS]
+    rows = []
+    for q, cat in enumerate(gt.categories):
+        row: dict[str, Any] = {
+            "category_id": cat.id,
+            "name": cat.name,
+            "query": cat.query,
+            "split": cat.split or "",
+        }
+        row.update({k: int(metrics[k][q]) for k in COUNT_KEYS})
+        row.update({k: float(metrics[k][q]) for k in keys})
+        rows.append(row)
+    return rows
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The scalar metrics (everything that is not a per-category array)."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
+
+
+def write_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    metrics: dict[str, Any],
+    gt: GroundTruth,
+    scored: ScoreResult,
+) -> None:
+    """Writes metrics.json, per_category.csv, scores.npz, summary.md; prints; logs wandb."""
+    top_k = cfg.protocol.top_k
+    rows = per_category_rows(metrics, gt, top_k)
+    summary = headline(metrics)
+    (run_dir / "metrics.json").write_text(
+        json.dumps(_clean({**summary, "per_category": rows}), indent=2, default=str)
+    )
+    with open(run_dir / "per_category.csv", "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["category_id"])
+        out.writeheader()
+        out.writerows(rows)
+    np.savez_compressed(
+        run_dir / "scores.npz",
+        scores=scored.scores.astype(np.float32),
+        image_ids=scored.image_ids,
+        category_ids=gt.category_ids,
+    )
+    if summary["skipped_images"]:
+        (run_dir / "skipped_images.txt").write_text(
+            "".join(f"{f['path']}\t{f['reason']}\n" for f in summary["skipped_images"])
+        )
+    (run_dir / "summary.md").write_text(summary_markdown(cfg, summary, rows))
+    if cfg.run.progress:
+        print_summary(cfg, summary, rows)
+    log_to_wandb(cfg, run_dir, summary, rows)

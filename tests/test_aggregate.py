@@ -1,0 +1,272 @@
+"""Aggregators against independent references (scikit-learn, a NumPy loop) and invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import AgglomerativeClustering, KMeans
+from sklearn.feature_extraction.image import grid_to_graph
+from sklearn.metrics import adjusted_rand_score
+
+from retrieval.aggregate import (
+    create_aggregator,
+    grid_cell_boxes,
+    kmeans_labels,
+    list_aggregators,
+    prune_labels,
+)
+from retrieval.representatives import Representatives
+
+GRID = (6, 7)
+N = GRID[0] * GRID[1]
+
+VARIANTS = [
+    ("none", {}),
+    ("kmeans", {"k": 5}),
+    ("agglomerative", {"n_clusters": 6}),
+    ("agglomerative", {"distance_threshold": 0.9}),
+    ("agglomerative", {"n_clusters": 6, "linkage": "ward", "connectivity": True}),
+    ("agglomerative", {"distance_threshold": 0.5, "linkage": "single", "connectivity": True}),
+    ("prune", {"tau": 0.3}),
+]
+
+
+def random_embeddings(b: int, d: int = 8, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(b, N, d, generator=generator, dtype=torch.float64), dim=2)
+
+
+def random_masks(b: int, seed: int = 0) -> torch.Tensor:
+    """Random masks, one image fully valid and one with a single valid cell."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, N, generator=generator) > 0.3
+    mask[0] = True
+    mask[-1] = False
+    mask[-1, 5] = True
+    return mask
+
+
+def prefix_masks(counts: list[int]) -> torch.Tensor:
+    """Masks keeping the first cells in raster order: their 4-neighbour graph is connected."""
+    return torch.arange(N).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
+
+
+def canonical(labels: np.ndarray) -> np.ndarray:
+    """Relabels clusters by first appearance, so equal partitions give equal arrays."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse]
+
+
+def partition(reps: Representatives, image: int) -> np.ndarray:
+    """Cluster index of each valid cell of one image, read from the member masks."""
+    members = reps.extras["members"][image].numpy()
+    valid = members.any(axis=0)
+    return canonical(members.argmax(axis=0)[valid])
+
+
+@pytest.mark.parametrize("linkage", ["average", "complete", "single", "ward"])
+@pytest.mark.parametrize("connectivity", [False, True])
+def test_agglomerative_n_clusters_matches_sklearn(linkage: str, connectivity: bool) -> None:
+    """Same partition as sklearn AgglomerativeClustering (cosine; ward: euclidean on the
+    normalised vectors; 4-neighbour grid_to_graph connectivity), per image of a batch."""
+    x = random_embeddings(4, seed=1)
+    mask = prefix_masks([N, 30, 17, 3]) if connectivity else random_masks(4, seed=1)
+    reps = create_aggregator(
+        "agglomerative", n_clusters=5, linkage=linkage, connectivity=connectivity
+    )(x, mask, GRID)
+    graph = grid_to_graph(*GRID).tocsr()
+    for image in range(4):
+        valid = mask[image].numpy()
+        if valid.sum() < 2:  # sklearn refuses a single sample
+            assert np.array_equal(partition(reps, image), [0])
+            continue
+        expected = AgglomerativeClustering(
+            n_clusters=min(5, int(valid.sum())),
+            metric="euclidean" if linkage == "ward" else "cosine",
+            linkage=linkage,
+            connectivity=graph[valid][:, valid] if connectivity else None,
+        ).fit_predict(x[image, valid].numpy())
+        assert np.array_equal(partition(reps, image), canonical(expected))
+
+
+@pytest.mark.parametrize(
+    ("linkage", "threshold"), [("average", 0.8), ("complete", 1.2), ("single", 0.3), ("ward", 1.0)]
+)
+@pytest.mark.parametrize("connectivity", [False, True])
+def test_agglomerative_threshold_matches_sklearn(
+    linkage: str, threshold: float, connectivity: bool
+) -> None:
+    """distance_threshold mode cuts the tree like sklearn (clusters = merges >= t + 1)."""
+    x = random_embeddings(3, seed=2)
+    mask = prefix_masks([N, 25, 9]) if connectivity else random_masks(3, seed=2)
+    reps = create_aggregator(
+        "agglomerative",
+        distance_threshold=threshold,
+        linkage=linkage,
+        connectivity=connectivity,
+    )(x, mask, GRID)
+    graph = grid_to_graph(*GRID).tocsr()
+    counts = []
+    for image in range(3):
+        valid = mask[image].numpy()
+        if valid.sum() < 2:  # sklearn refuses a single sample
+            assert np.array_equal(partition(reps, image), [0])
+            continue
+        expected = AgglomerativeClustering(
+            n_clusters=None,
+            distance_threshold=threshold,
+            metric="euclidean" if linkage == "ward" else "cosine",
+            linkage=linkage,
+            connectivity=graph[valid][:, valid] if connectivity else None,
+        ).fit_predict(x[image, valid].numpy())
+        assert np.array_equal(partition(reps, image), canonical(expected))
+        counts.append(len(set(expected)))
+    assert 1 < max(counts) < N  # the threshold really cuts the tree
+
+
+def separated_clusters(b: int, k: int, seed: int) -> torch.Tensor:
+    """Cells drawn around k far-apart directions: every sensible clustering agrees."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(b, k, 16, generator=generator, dtype=torch.float64), dim=2)
+    owner = torch.randint(0, k, (b, N), generator=generator)
+    owner[:, :k] = torch.arange(k)  # every cluster has a cell among the first k
+    noise = 0.05 * torch.randn(b, N, 16, generator=generator, dtype=torch.float64)
+    return F.normalize(centers.gather(1, owner.unsqueeze(2).expand(-1, -1, 16)) + noise, dim=2)
+
+
+def test_kmeans_matches_sklearn_on_separated_clusters() -> None:
+    """Same partition as sklearn KMeans (adjusted Rand index 1) on well-separated clusters."""
+    x = separated_clusters(4, 4, seed=3)
+    mask = random_masks(4, seed=3)
+    mask[:, :4] = True
+    reps = create_aggregator("kmeans", k=4, seed=0)(x, mask, GRID)
+    for image in range(4):
+        valid = mask[image].numpy()
+        expected = KMeans(n_clusters=4, n_init=10, random_state=0).fit_predict(
+            x[image, valid].numpy()
+        )
+        assert adjusted_rand_score(expected, partition(reps, image)) == 1.0
+
+
+def test_kmeans_is_deterministic_for_a_seed() -> None:
+    """The same seed gives the same labels; the labels are a function of (data, seed)."""
+    x = random_embeddings(3, seed=4)
+    mask = random_masks(3, seed=4)
+    first = kmeans_labels(x, mask, k=5, seed=7)
+    assert torch.equal(first, kmeans_labels(x, mask, k=5, seed=7))
+    assert torch.equal(first, kmeans_labels(x.float(), mask, k=5, seed=7))
+
+
+def test_kmeans_with_fewer_distinct_cells_than_k() -> None:
+    """An image with fewer (distinct) valid cells than k gets one cluster per distinct cell."""
+    x = random_embeddings(3, seed=5)
+    mask = torch.zeros(3, N, dtype=torch.bool)
+    mask[0, [3, 10, 20]] = True
+    mask[1, :8] = True
+    x[1, :8] = x[1, 0]  # eight copies of one vector
+    reps = create_aggregator("kmeans", k=5)(x, mask, GRID)
+    assert reps.counts.tolist() == [3, 1, 0]
+
+
+def prune_reference(x: np.ndarray, tau: float) -> np.ndarray:
+    """Plain loop: keep a cell unless it is > tau similar to a kept seed, then join the best."""
+    seeds: list[int] = []
+    labels = np.empty(len(x), dtype=np.int64)
+    for cell, vector in enumerate(x):
+        similarity = [float(x[seed] @ vector) for seed in seeds]
+        if similarity and max(similarity) > tau:
+            labels[cell] = seeds[int(np.argmax(similarity))]
+        else:
+            seeds.append(cell)
+            labels[cell] = cell
+    return labels
+
+
+@pytest.mark.parametrize("tau", [-0.5, 0.2, 0.6])
+def test_prune_matches_numpy_loop(tau: float) -> None:
+    """Same seeds and memberships as a plain NumPy loop over each image's valid cells."""
+    x = random_embeddings(3, seed=6)
+    mask = random_masks(3, seed=6)
+    labels = prune_labels(x, mask, tau)
+    for image in range(3):
+        valid = mask[image].numpy()
+        cells = np.flatnonzero(valid)
+        expected = cells[prune_reference(x[image, valid].numpy(), tau)]
+        got = labels[image].numpy()
+        assert np.array_equal(got[valid], expected)
+        assert (got[~valid] == -1).all()
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS)
+def test_representatives_invariants(name: str, options: dict) -> None:
+    """Members partition the valid cells exactly once, invalid cells are never members,
+    each representative is the normalised mean of its members and boxes its cells."""
+    x = random_embeddings(4, seed=7)
+    mask = random_masks(4, seed=7)
+    reps = create_aggregator(name, **options)(x, mask, GRID)
+    members = reps.extras["members"]
+    assert torch.equal(members.sum(dim=1), mask.long())
+    assert torch.equal(reps.mask, members.any(dim=2))
+    means = F.normalize(members.double() @ x, dim=2)
+    assert torch.allclose(reps.embeddings[reps.mask], means[reps.mask])
+    cells = grid_cell_boxes(GRID, dtype=torch.float64)
+    for image, rep in reps.mask.nonzero().tolist():
+        boxes = cells[members[image, rep]]
+        box = torch.cat([boxes[:, :2].amin(dim=0), boxes[:, 2:].amax(dim=0)])
+        assert torch.allclose(reps.boxes[image, rep].double(), box)
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS)
+def test_batch_equals_per_image(name: str, options: dict) -> None:
+    """Clustering an image alone or inside a batch gives the same representatives."""
+    x = random_embeddings(4, seed=8)
+    mask = random_masks(4, seed=8)
+    aggregator = create_aggregator(name, **options)
+    batch = aggregator(x, mask, GRID)
+    for image in range(4):
+        alone = aggregator(x[image : image + 1], mask[image : image + 1], GRID)
+        r = int(alone.counts[0])
+        assert int(batch.counts[image]) == r
+        assert torch.equal(batch.extras["members"][image, :r], alone.extras["members"][0, :r])
+        assert torch.allclose(batch.embeddings[image, :r], alone.embeddings[0, :r])
+        assert torch.equal(batch.boxes[image, :r], alone.boxes[0, :r])
+
+
+def test_none_returns_input_unchanged() -> None:
+    """Dense-CLIP: the embeddings and mask come back as given, one cell per representative."""
+    x = random_embeddings(2, seed=9)
+    mask = random_masks(2, seed=9)
+    reps = create_aggregator("none")(x, mask, GRID)
+    assert reps.embeddings is x
+    assert torch.equal(reps.mask, mask)
+    assert torch.equal(reps.boxes[1], grid_cell_boxes(GRID))
+
+
+def test_grid_cell_boxes_and_half_precision() -> None:
+    """Cell boxes tile the unit square; fp16 input is clustered in fp32 and stays fp16."""
+    boxes = grid_cell_boxes(GRID)
+    assert boxes[0].tolist() == pytest.approx([0, 0, 1 / 7, 1 / 6])
+    assert boxes[-1].tolist() == pytest.approx([6 / 7, 5 / 6, 1, 1])
+    x = random_embeddings(2, seed=10)
+    reps = create_aggregator("agglomerative", n_clusters=4)(x.half(), None, GRID)
+    assert reps.embeddings.dtype == torch.float16
+    assert reps.counts.tolist() == [4, 4]
+
+
+def test_create_aggregator_errors_name_the_fix() -> None:
+    """Bad names and options from a config end in a message that names what is accepted."""
+    assert list_aggregators() == ["agglomerative", "kmeans", "none", "prune"]
+    with pytest.raises(KeyError, match="Did you mean 'kmeans'"):
+        create_aggregator("kmean")
+    with pytest.raises(TypeError, match="accepts: k, iterations, seed"):
+        create_aggregator("kmeans", clusters=3)
+    with pytest.raises(ValueError, match="exactly one of n_clusters"):
+        create_aggregator("agglomerative")
+    with pytest.raises(ValueError, match="exactly one of n_clusters"):
+        create_aggregator("agglomerative", n_clusters=5, distance_threshold=0.5)
+    with pytest.raises(ValueError, match="unknown linkage"):
+        create_aggregator("agglomerative", n_clusters=5, linkage="centroid")
+    with pytest.raises(ValueError, match="grid 6x6"):
+        create_aggregator("prune")(random_embeddings(1), None, (6, 6))
