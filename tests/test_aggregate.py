@@ -19,7 +19,7 @@ from retrieval.aggregate import (
 )
 from retrieval.representatives import Representatives
 
-GRID = (6, 7)
+GRID = (5, 6)
 N = GRID[0] * GRID[1]
 
 VARIANTS = [
@@ -72,7 +72,7 @@ def test_agglomerative_n_clusters_matches_sklearn(linkage: str, connectivity: bo
     """Same partition as sklearn AgglomerativeClustering (cosine; ward: euclidean on the
     normalised vectors; 4-neighbour grid_to_graph connectivity), per image of a batch."""
     x = random_embeddings(4, seed=1)
-    mask = prefix_masks([N, 30, 17, 3]) if connectivity else random_masks(4, seed=1)
+    mask = prefix_masks([N, 20, 11, 3]) if connectivity else random_masks(4, seed=1)
     reps = create_aggregator(
         "agglomerative", n_clusters=5, linkage=linkage, connectivity=connectivity
     )(x, mask, GRID)
@@ -100,7 +100,7 @@ def test_agglomerative_threshold_matches_sklearn(
 ) -> None:
     """distance_threshold mode cuts the tree like sklearn (clusters = merges >= t + 1)."""
     x = random_embeddings(3, seed=2)
-    mask = prefix_masks([N, 25, 9]) if connectivity else random_masks(3, seed=2)
+    mask = prefix_masks([N, 17, 7]) if connectivity else random_masks(3, seed=2)
     reps = create_aggregator(
         "agglomerative",
         distance_threshold=threshold,
@@ -221,11 +221,11 @@ def test_representatives_invariants(name: str, options: dict) -> None:
 @pytest.mark.parametrize(("name", "options"), VARIANTS)
 def test_batch_equals_per_image(name: str, options: dict) -> None:
     """Clustering an image alone or inside a batch gives the same representatives."""
-    x = random_embeddings(4, seed=8)
-    mask = random_masks(4, seed=8)
+    x = random_embeddings(3, seed=8)
+    mask = random_masks(3, seed=8)
     aggregator = create_aggregator(name, **options)
     batch = aggregator(x, mask, GRID)
-    for image in range(4):
+    for image in range(3):
         alone = aggregator(x[image : image + 1], mask[image : image + 1], GRID)
         r = int(alone.counts[0])
         assert int(batch.counts[image]) == r
@@ -247,8 +247,8 @@ def test_none_returns_input_unchanged() -> None:
 def test_grid_cell_boxes_and_half_precision() -> None:
     """Cell boxes tile the unit square; fp16 input is clustered in fp32 and stays fp16."""
     boxes = grid_cell_boxes(GRID)
-    assert boxes[0].tolist() == pytest.approx([0, 0, 1 / 7, 1 / 6])
-    assert boxes[-1].tolist() == pytest.approx([6 / 7, 5 / 6, 1, 1])
+    assert boxes[0].tolist() == pytest.approx([0, 0, 1 / 6, 1 / 5])
+    assert boxes[-1].tolist() == pytest.approx([5 / 6, 4 / 5, 1, 1])
     x = random_embeddings(2, seed=10)
     reps = create_aggregator("agglomerative", n_clusters=4)(x.half(), None, GRID)
     assert reps.embeddings.dtype == torch.float16
@@ -268,5 +268,5 @@ def test_create_aggregator_errors_name_the_fix() -> None:
         create_aggregator("agglomerative", n_clusters=5, distance_threshold=0.5)
     with pytest.raises(ValueError, match="unknown linkage"):
         create_aggregator("agglomerative", n_clusters=5, linkage="centroid")
-    with pytest.raises(ValueError, match="grid 6x6"):
-        create_aggregator("prune")(random_embeddings(1), None, (6, 6))
+    with pytest.raises(ValueError, match="grid 6x7"):
+        create_aggregator("prune")(random_embeddings(1), None, (6, 7))

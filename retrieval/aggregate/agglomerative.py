@@ -81,8 +81,9 @@ def merge_tree(
     size = alive.to(dist.dtype)
     keep, drop, height = [], [], []
     for _ in range(steps):
-        h, flat = search.view(b, n * n).min(dim=1)
-        i, j = torch.minimum(flat // n, flat % n), torch.maximum(flat // n, flat % n)
+        h, row = search.amin(dim=2).min(dim=1)  # row minima first: far cheaper on a CPU
+        col = search[rows, row].argmin(dim=1)
+        i, j = torch.minimum(row, col), torch.maximum(row, col)
         active = h.isfinite().unsqueeze(1)
         d_i, d_j = dist[rows, i], dist[rows, j]
         n_i, n_j = size[rows, i].unsqueeze(1), size[rows, j].unsqueeze(1)

@@ -91,7 +91,7 @@ def kmeans_labels(
         own, assigned = similarity.max(dim=2)
         assigned = torch.where(mask, assigned, -1)
         moving = (assigned != labels).any(dim=1)
-        labels = torch.where(moving.unsqueeze(1), assigned, labels)
+        labels = assigned
         if not bool(moving.any()):
             break
         members = F.one_hot(labels.clamp(min=0), centers.shape[1]).to(x.dtype)

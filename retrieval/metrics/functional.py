@@ -36,8 +36,9 @@ def rank_order(scores: Tensor, tie_break: Tensor | None = None) -> Tensor:
     _check_scores(scores)
     if tie_break is None:
         return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    tie_break = torch.as_tensor(tie_break, device=scores.device)
     _check_shape("tie_break", tie_break, (scores.shape[-1],))
-    by_key = torch.argsort(torch.as_tensor(tie_break, device=scores.device), stable=True)
+    by_key = torch.argsort(tie_break, stable=True)
     by_key_scores = scores.index_select(-1, by_key)
     return by_key.take(torch.sort(by_key_scores, dim=-1, descending=True, stable=True).indices)
 
@@ -136,7 +137,7 @@ def evaluate_rankings(
     order = rank_order(scores, image_ids)
     whole = _RankedHits(order, relevant, ignore)
     small_medium = _RankedHits(order, relevant, ignore | (relevant & (max_area >= large_area)))
-    k = top_k
+    k = top_k  # short, for the keys
     per_category = {
         f"ap@{k}": whole.average_precision(k, "min_k_p"),
         "ap": whole.average_precision(None, "min_k_p"),

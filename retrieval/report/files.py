@@ -84,6 +84,5 @@ def write_run(
             "".join(f"{f['path']}\t{f['reason']}\n" for f in summary["skipped_images"])
         )
     (run_dir / "summary.md").write_text(summary_markdown(cfg, summary, rows))
-    if cfg.run.progress:
-        print_summary(cfg, summary, rows)
+    print_summary(cfg, summary, rows)
     log_to_wandb(cfg, run_dir, summary, rows)

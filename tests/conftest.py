@@ -1,0 +1,20 @@
+"""Shared fixtures: everything generated locally, nothing fetched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 24-image COCO-format dataset (annotations.json, images/) with varied object sizes."""
+    from retrieval.data.synthetic import make_synthetic_coco
+
+    return make_synthetic_coco(tmp_path_factory.mktemp("synthetic"), num_images=24, seed=3)
