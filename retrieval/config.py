@@ -81,6 +81,7 @@ class LoaderConfig:
 class StoreConfig:
     dtype: str = "float16"
     shard_size: int = 1024
+    shard_mb: float = 512.0
 
 
 @dataclass
@@ -106,6 +107,7 @@ class LoggerConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
+    resume: str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -129,6 +131,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "text.prompts": ("imagenet80", "single"),
     "store.dtype": ("float16", "float32"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
+    "run.resume": ("auto", "never", "force"),
 }
 
 

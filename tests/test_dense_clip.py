@@ -17,8 +17,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from open_clip.model import resize_pos_embed
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torch import Tensor, nn
 
@@ -36,7 +38,11 @@ from retrieval.retrievers.registry import factory_parameters
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.filterwarnings("ignore:retriever.pretrained=null")
 
-ROWS = [f"{kind}_{b}" for kind in ("dense_clip", "clip_dense_clip") for b in ("rn50", "rn50x4", "rn50x64")]
+ROWS = [
+    f"{kind}_{size}"
+    for kind in ("dense_clip", "clip_dense_clip")
+    for size in ("rn50", "rn50x4", "rn50x64")
+]
 
 
 def exact(actual: Tensor, expected: Tensor) -> None:
@@ -120,10 +126,10 @@ def test_resnet_pool_output_is_per_head_sum_of_dense_values(resnet, size):
 @torch.no_grad()
 def test_head_averaged_attention_is_not_the_pool_output(resnet):
     """Invariant (FIELD_NOTES): averaging the attention over heads before mixing the dense
-    cells misses the pool's output by far more than rounding once attention is peaked, so
-    the per-head identity above is a real check."""
+    cells misses the pool's output by far more than rounding once attention is peaked
+    (varied random feature maps here), so the per-head identity above is a real check."""
     pool = resnet.attnpool
-    features = resnet_feature_map(resnet, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+    features = torch.randn(2, pool.k_proj.in_features, 2, 2, dtype=torch.float64)
     tokens = pool_input(pool, features, pool.positional_embedding)
     head_dim = tokens.shape[-1] // pool.num_heads
     q = pool.q_proj(tokens[:, 0]).view(2, pool.num_heads, head_dim)
@@ -131,7 +137,7 @@ def test_head_averaged_attention_is_not_the_pool_output(resnet):
     a = torch.einsum("bhd,blhd->bhl", q, k).div(math.sqrt(head_dim)).softmax(-1).mean(1)
     averaged = torch.einsum("bl,bld->bd", a, pool.c_proj(pool.v_proj(tokens)))
     reference = pool(features)
-    assert (averaged - reference).norm() > 0.05 * reference.norm()
+    assert (averaged - reference).norm() > 0.1 * reference.norm()
 
 
 @torch.no_grad()
@@ -159,8 +165,8 @@ def test_positions_interpolate_like_open_clip():
     assert interpolate_positions(table, (4, 4), (4, 4)) is table
 
 
-def last_block_input(visual: nn.Module, pixels: Tensor) -> Tensor:
-    """The last block's input during open_clip's own forward (batch first)."""
+def last_block_input(visual: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """The last block's input during open_clip's own forward, and that forward's output."""
     captured = []
     block = visual.transformer.resblocks[-1]
     hook = block.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
@@ -237,32 +243,32 @@ def test_rn50x64_at_448_gives_196_cells():
     assert out.global_embedding.shape == (1, 1024)
 
 
-@pytest.mark.parametrize("resolution", [64, 96, 160])
-def test_boxes_tile_the_image_in_raster_order(resolution):
+def test_boxes_tile_the_image_in_raster_order():
     """Invariant: the cells' boxes tile the unit square (union = square, pairwise overlap
-    zero, areas sum to 1) and box ``k`` is grid cell ``(k // w, k % w)``."""
+    zero, areas sum to 1) and box ``k`` is grid cell ``(k // w, k % w)``, on 2 x 2, 3 x 3
+    and 5 x 5 grids."""
     retriever = create_retriever("dense_clip", backbone="RN-tiny", pretrained=None)
-    out = retriever.encode_dense(torch.randn(1, 3, resolution, resolution))
-    h, w = out.grid
-    boxes = out.boxes.double()
-    assert boxes.shape == (h * w, 4) == (resolution // 32,) * 2 + (4,) or h * w == boxes.shape[0]
-    assert boxes[:, :2].min() == 0 and boxes[:, 2:].max() == 1
-    lo = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    hi = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    overlap = (hi - lo).clamp(min=0).prod(-1).fill_diagonal_(0)
-    assert overlap.max() == 0
-    areas = (boxes[:, 2:] - boxes[:, :2]).prod(-1)
-    assert math.isclose(areas.sum().item(), 1.0, abs_tol=1e-6)
-    k = torch.arange(h * w, dtype=torch.float64)
-    torch.testing.assert_close(boxes[:, 0], (k % w) / w)
-    torch.testing.assert_close(boxes[:, 1], (k // w).floor() / h)
+    for resolution in (64, 96, 160):
+        out = retriever.encode_dense(torch.randn(1, 3, resolution, resolution))
+        h, w = out.grid
+        assert (h, w) == (resolution // 32, resolution // 32)
+        boxes = out.boxes.double()
+        assert boxes.shape == (h * w, 4)
+        assert boxes[:, :2].min() == 0 and boxes[:, 2:].max() == 1
+        lo = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+        hi = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+        assert (hi - lo).clamp(min=0).prod(-1).fill_diagonal_(0).max() == 0
+        assert math.isclose((boxes[:, 2:] - boxes[:, :2]).prod(-1).sum().item(), 1.0)
+        k = torch.arange(h * w, dtype=torch.float64)
+        torch.testing.assert_close(boxes[:, :2], torch.stack([(k % w) / w, (k // w) / h], 1))
 
 
 def test_create_retriever_round_trip_with_every_keyword(tmp_path):
     """Invariant: every keyword reaches the retriever and its ``describe()``; the native
-    global pass gives ``[2, 3, S, S]`` views whose global representative is open_clip's
-    ``encode_image`` on the ``clip`` retriever's preprocessing of the same image, and whose
-    cells are the positional value path at the requested size."""
+    global pass gives ``[2, 3, S, S]`` views: view 0 is the image squashed to S x S (no
+    crop), and the global representative is open_clip's ``encode_image`` on its own
+    resize + centre-crop preprocessing (the ``clip`` retriever's) of the same image; the
+    cells are the positional value path of view 0."""
     kwargs = dict(
         backbone="RN-tiny",
         pretrained=None,
@@ -281,9 +287,18 @@ def test_create_retriever_round_trip_with_every_keyword(tmp_path):
     image = random_image()
     pixels = retriever.image_transform(image)[None]
     assert pixels.shape == (1, 2, 3, 96, 96)
+    cfg = retriever.model.visual.preprocess_cfg
+    squash = T.Compose(
+        [
+            T.Resize((96, 96), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(cfg["mean"], cfg["std"]),
+        ]
+    )
+    torch.testing.assert_close(pixels[0, 0], squash(image))
     reps = retriever.encode_images(pixels)
     assert reps.embeddings.shape == (1, 3 * 3 + 1, 64)
-    native = open_clip.create_model_and_transforms("RN-tiny")[2](image)[None]
+    native = image_transform_v2(PreprocessCfg(**cfg), is_train=False)(image)[None]
     with torch.no_grad():
         expected_global = F.normalize(retriever.model.encode_image(native), dim=-1)
         cells = resnet_dense_features(retriever.model.visual, pixels[:, 0], positional=True)

@@ -8,7 +8,6 @@ backbone, so new prompts or protocol options cost seconds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import resource
@@ -22,8 +21,9 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+import retrieval
 from retrieval.config import ConfigError, as_dict, to_yaml
 from retrieval.data.registry import create_dataset
 from retrieval.engine.module import EmbedModule
@@ -32,6 +32,7 @@ from retrieval.metrics import RetrievalEvaluation
 from retrieval.retrievers.base import Retriever
 from retrieval.retrievers.registry import create_retriever
 from retrieval.store import ScoreResult, ShardStore, score_store
+from retrieval.store.shards import ShardReader
 from retrieval.text import embed_queries
 
 log = logging.getLogger("retrieval")
@@ -43,7 +44,7 @@ class RunResult:
 
     run_dir: Path
     metrics: dict[str, Any]
-    embedded: bool  # False when the stored shards were re-scored
+    embedded: int  # images embedded by this run; 0 when it only re-scored stored shards
 
 
 def build_retriever(cfg: DictConfig) -> Retriever:
@@ -63,7 +64,7 @@ def build_dataset(cfg: DictConfig, transform: Any):
     return create_dataset(name, transform=transform, **options)
 
 
-def embedding_fingerprint(cfg: DictConfig, retriever: Retriever, image_ids: np.ndarray) -> dict:
+def embedding_fingerprint(cfg: DictConfig, retriever: Retriever) -> dict:
     """Everything that determines the stored embeddings; a mismatch means re-embedding."""
     return {
         "retriever": {"name": cfg.retriever.name, **retriever.describe()},
@@ -73,46 +74,65 @@ def embedding_fingerprint(cfg: DictConfig, retriever: Retriever, image_ids: np.n
             "name": cfg.data.name,
             "annotations": str(Path(cfg.data.annotations).resolve()),
             "images": str(Path(cfg.data.images).resolve()),
-            "num_images": int(len(image_ids)),
-            "image_ids_sha256": hashlib.sha256(image_ids.astype(np.int64).tobytes()).hexdigest(),
         },
         "precision": cfg.trainer.precision,
     }
 
 
-def _stored_ids(store: ShardStore) -> set[int]:
-    ids: set[int] = set()
-    for shard in store.iter_shards():
-        ids.update(int(i) for i in shard.image_ids)
-        ids.update(int(f["image_id"]) for f in shard.failures)
-    return ids
+def stored_image_ids(store: ShardStore) -> np.ndarray:
+    """Ids of every image the shards account for (embedded or recorded as unreadable)."""
+    ids = []
+    for path in store.shard_paths():
+        with ShardReader(path) as shard:
+            ids.append(shard.image_ids)
+            ids.append(np.array([f["image_id"] for f in shard.failures], dtype=np.int64))
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
-def reuse_stored(store: ShardStore, fingerprint: dict, image_ids: np.ndarray) -> bool:
-    """True when complete shards for exactly this fingerprint exist (score-only path).
+def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}: stored {a!r}, now {b!r}")
+    return keys
+
+
+def plan_embedding(
+    store: ShardStore, fingerprint: dict, image_ids: np.ndarray, resume: str
+) -> np.ndarray:
+    """The image ids still to embed, after checking the stored shards may be reused.
+
+    ``run.resume``: ``auto`` reuses shards made with the same settings and embeds only
+    the missing images; ``never`` refuses to touch a folder that holds shards; ``force``
+    reuses shards even where settings differ (warning with the differences).
 
     Raises:
-        ConfigError: shards exist but were made by different options or are incomplete;
-            they are never mixed with new ones.
+        ConfigError: the shards cannot be reused; nothing is deleted or mixed.
     """
     if not store.shard_paths():
-        return False
-    stored = store.read_manifest().get("fingerprint")
-    if stored != fingerprint:
-        diff = sorted(
-            k for k in set(fingerprint) | set(stored or {})
-            if (stored or {}).get(k) != fingerprint.get(k)
-        )
+        return image_ids
+    if resume == "never":
         raise ConfigError(
-            f"{store.root} holds embeddings made with different settings ({', '.join(diff)}). "
-            f"Set another run.output_dir, or delete that folder to re-embed."
+            f"run.resume=never but {store.root} already holds embeddings. Choose another "
+            f"run.output_dir, delete that folder, or use run.resume=auto to reuse them."
         )
-    if _stored_ids(store) != {int(i) for i in image_ids}:
+    diff = _differences(store.read_manifest().get("fingerprint") or {}, fingerprint)
+    if diff and resume == "auto":
         raise ConfigError(
-            f"{store.root} holds an incomplete embedding run (an interrupted job?). Delete "
-            f"the folder to start over, or set another run.output_dir."
+            f"{store.root} holds embeddings made with different settings:\n  "
+            + "\n  ".join(diff)
+            + "\nSet another run.output_dir, delete that folder to re-embed, or pass "
+            "run.resume=force if the difference cannot change the embeddings."
         )
-    return True
+    for line in diff:
+        log.warning("run.resume=force: reusing shards despite %s", line)
+    stored = stored_image_ids(store)
+    if len(np.unique(stored)) != len(stored):
+        raise ConfigError(f"{store.root}: an image appears in two shards; delete the folder")
+    return image_ids[~np.isin(image_ids, stored)]
 
 
 def make_trainer(cfg: DictConfig, writer: ShardWriter) -> L.Trainer:
@@ -165,33 +185,38 @@ def evaluate(cfg: DictConfig) -> RunResult | None:
     policy = cfg.data.on_bad_image
     dataset.on_bad_image = "skip"  # the module applies the policy in the main process
     store = ShardStore(run_dir / "embeddings", cfg.store.dtype)
-    fingerprint = embedding_fingerprint(cfg, retriever, dataset.image_ids)
-    writer = ShardWriter(store, cfg.store.shard_size)
+    fingerprint = embedding_fingerprint(cfg, retriever)
+    todo = plan_embedding(store, fingerprint, dataset.image_ids, cfg.run.resume)
+    writer = ShardWriter(store, cfg.store.shard_size, cfg.store.shard_mb)
     trainer = make_trainer(cfg, writer)
-    reuse = reuse_stored(store, fingerprint, dataset.image_ids)
 
     extract_s = 0.0
-    if not reuse:
+    if len(todo):
         if trainer.is_global_zero:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-            store.write_manifest(fingerprint=fingerprint, format=1)
+            store.remove_partial_files()
+            store.write_manifest(
+                fingerprint=fingerprint, format=1, code_version=retrieval.__version__
+            )
+        position = {int(i): k for k, i in enumerate(dataset.image_ids)}
+        subset = Subset(dataset, [position[int(i)] for i in todo])
         loader = DataLoader(
-            dataset,
+            subset,
             batch_size=cfg.loader.batch_size,
             num_workers=cfg.loader.num_workers,
             collate_fn=dataset.collate,
-            persistent_workers=False,
         )
         start = time.perf_counter()
         trainer.predict(EmbedModule(retriever, policy), loader, return_predictions=False)
         extract_s = time.perf_counter() - start
-        if not trainer.is_global_zero:
-            return None
-        store.record_checksums()
-    elif not trainer.is_global_zero:
+    if not trainer.is_global_zero:
         return None
-    log.info("%s %s", "re-scoring stored embeddings in" if reuse else "embedded into", store.root)
+    reused = len(dataset.image_ids) - len(todo)
+    log.info(
+        "embeddings in %s: %d images embedded now, %d reused from stored shards",
+        store.root, len(todo), reused,
+    )
+    if len(todo):
+        store.record_checksums()
 
     from retrieval.report.files import write_run  # report imports wandb: keep it off ranks > 0
 
@@ -199,15 +224,19 @@ def evaluate(cfg: DictConfig) -> RunResult | None:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     gt_all = dataset.ground_truth()
     text = query_embeddings(cfg, retriever, [c.query for c in gt_all.categories], run_dir)
-    scored = score_store(store, text, retriever.score, cfg.score.device, cfg.score.max_memory_gb)
+    scored = score_store(
+        store, text, retriever.score, cfg.score.device, cfg.score.max_memory_gb,
+        only=dataset.image_ids,
+    )
     gt = gt_all.select_images(scored.image_ids)
     metrics = compute_metrics(cfg, gt, scored)
-    failures = list(dataset.failures_at_start) + scored.failures
-    metrics.update(
-        run_facts(cfg, retriever, scored, failures, extract_s, reused=reuse, gt_notes=gt.notes)
-    )
+    wanted = set(dataset.image_ids.tolist())
+    failures = list(dataset.failures_at_start) + [
+        f for f in scored.failures if f["image_id"] in wanted
+    ]
+    metrics.update(run_facts(cfg, retriever, scored, failures, extract_s, len(todo), gt.notes))
     write_run(cfg, run_dir, metrics, gt, scored)
-    return RunResult(run_dir, metrics, embedded=not reuse)
+    return RunResult(run_dir, metrics, embedded=len(todo))
 
 
 def compute_metrics(cfg: DictConfig, gt, scored: ScoreResult) -> dict[str, Any]:
@@ -234,7 +263,7 @@ def run_facts(
     scored: ScoreResult,
     failures: list[dict[str, Any]],
     extract_s: float,
-    reused: bool,
+    embedded: int,
     gt_notes: dict[str, Any],
 ) -> dict[str, Any]:
     """Protocol options, cost and provenance that every results file repeats."""
@@ -261,10 +290,11 @@ def run_facts(
         "bytes_per_image": scored.bytes_per_image,
         "timing": {
             "extract_seconds": extract_s,
-            "extract_images_per_second": n / extract_s if extract_s else None,
+            "extract_images_per_second": embedded / extract_s if extract_s else None,
+            "images_embedded": embedded,
             "score_seconds": scored.seconds,
             "score_ms_per_image": 1000 * scored.seconds / max(n, 1),
-            "reused_embeddings": reused,
+            "reused_embeddings": n - embedded,
             "peak_memory_mb": peak_memory_mb(),
         },
         "retriever": {"name": cfg.retriever.name, **retriever.describe()},

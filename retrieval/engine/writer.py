@@ -13,27 +13,33 @@ from retrieval.store.shards import ShardStore
 
 
 class ShardWriter(BasePredictionWriter):
-    """Buffers predictions and writes a shard every ``shard_size`` images.
+    """Buffers predictions and writes a shard every ``shard_size`` images or ``shard_mb``.
 
     Shards are named ``rank<global rank>-<index>``, so processes never write the same
-    file; a crash keeps every shard already flushed (and flushes the buffer on the way
-    out), so nothing computed is lost.
+    file, and a resumed run continues the numbering after the shards already there. A
+    crash keeps every shard already flushed (and an exception flushes the buffer on the
+    way out), so nothing computed is lost; a SIGKILL loses only the buffered images,
+    which the next run embeds again.
     """
 
-    def __init__(self, store: ShardStore, shard_size: int = 1024) -> None:
+    def __init__(self, store: ShardStore, shard_size: int = 1024, shard_mb: float = 512) -> None:
         super().__init__(write_interval="batch")
         self.store = store
         self.shard_size = shard_size
+        self.shard_bytes = shard_mb * 2**20
         self._ids: list[torch.Tensor] = []
         self._reps: list[Representatives] = []
         self._failures: list[dict[str, Any]] = []
         self._buffered = 0
+        self._buffered_bytes = 0
         self._index = 0
         self._rank = 0
         self.images_written = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._rank = trainer.global_rank
+        mine = self.store.shard_paths(prefix=f"rank{self._rank:03d}-")
+        self._index = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in mine), default=-1)
 
     def write_on_batch_end(
         self,
@@ -50,7 +56,9 @@ class ShardWriter(BasePredictionWriter):
             self._ids.append(prediction["image_ids"])
             self._reps.append(prediction["reps"])
             self._buffered += len(prediction["image_ids"])
-        if self._buffered >= self.shard_size:
+            emb = prediction["reps"].embeddings
+            self._buffered_bytes += emb.numel() * self.store.itemsize
+        if self._buffered >= self.shard_size or self._buffered_bytes >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -66,10 +74,12 @@ class ShardWriter(BasePredictionWriter):
         self.store.write_shard(f"rank{self._rank:03d}-{self._index:05d}", ids, reps, self._failures)
         self.images_written += len(ids)
         self._index += 1
-        self._ids, self._reps, self._failures, self._buffered = [], [], [], 0
+        self._ids, self._reps, self._failures = [], [], []
+        self._buffered = self._buffered_bytes = 0
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flush()
+        trainer.strategy.barrier("shards-written")  # rank 0 scores only after every rank
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

@@ -53,7 +53,9 @@ def summary_markdown(cfg: DictConfig, summary: dict[str, Any], rows: list[dict])
         f"max {summary['reps_per_image']['max']}; bytes per image stored: "
         f"{summary['bytes_per_image']:.0f}",
         f"- extraction: {timing['extract_seconds']:.1f} s"
-        + (" (reused stored embeddings)" if timing["reused_embeddings"] else "")
+        + f" for {timing['images_embedded']} images"
+        + (f", {timing['reused_embeddings']} reused from stored shards"
+           if timing["reused_embeddings"] else "")
         + f"; scoring: {timing['score_ms_per_image']:.3f} ms per image",
         "",
         "## Protocol",

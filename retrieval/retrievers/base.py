@@ -15,6 +15,20 @@ from retrieval.representatives import Representatives
 NEG_INF = float("-inf")
 
 
+def similarities(text: Tensor, reps: Representatives) -> Tensor:
+    """``[Q, B, R]`` cosine of every query with every representative; invalid ones -inf.
+
+    One matrix product per image (``bmm``), so an image's similarities do not depend on
+    which other images share its chunk: scores are bit-identical however the images are
+    split across shards, chunks and processes.
+    """
+    emb = reps.embeddings.to(text.dtype)
+    b, _, d = emb.shape
+    sims = torch.bmm(emb, text.T.unsqueeze(0).expand(b, d, text.shape[0]))  # [B, R, Q]
+    sims = sims.masked_fill(~reps.mask.unsqueeze(-1), NEG_INF)
+    return sims.permute(2, 0, 1)
+
+
 def max_cosine(text: Tensor, reps: Representatives) -> Tensor:
     """Score of each image for each query: the max cosine over its valid representatives.
 
@@ -25,17 +39,12 @@ def max_cosine(text: Tensor, reps: Representatives) -> Tensor:
     Returns:
         ``[Q, B]`` scores; an image with no valid representative scores ``-inf``.
     """
-    emb = reps.embeddings.to(text.dtype)
-    sims = torch.einsum("qd,brd->qbr", text, emb)
-    sims = sims.masked_fill(~reps.mask.unsqueeze(0), NEG_INF)
-    return sims.amax(dim=2)
+    return similarities(text, reps).amax(dim=2)
 
 
 def argmax_representative(text: Tensor, reps: Representatives) -> Tensor:
     """``[Q, B]`` index of the representative that gives each image its score."""
-    emb = reps.embeddings.to(text.dtype)
-    sims = torch.einsum("qd,brd->qbr", text, emb)
-    return sims.masked_fill(~reps.mask.unsqueeze(0), NEG_INF).argmax(dim=2)
+    return similarities(text, reps).argmax(dim=2)
 
 
 class Retriever(nn.Module, ABC):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from retrieval.representatives import Representatives
-from retrieval.store.shards import ShardStore
+from retrieval.store.shards import ShardReader, ShardStore
 
 ScoreFn = Callable[[Tensor, Representatives], Tensor]
 
@@ -57,6 +57,7 @@ def score_store(
     score_fn: ScoreFn,
     device: str = "auto",
     max_memory_gb: float = 2.0,
+    only: np.ndarray | None = None,
 ) -> ScoreResult:
     """Scores all shards of ``store`` against ``text [Q, D]`` with ``score_fn``.
 
@@ -66,21 +67,28 @@ def score_store(
         score_fn: a retriever's ``score`` (default rule: max cosine over valid reps).
         device: ``auto`` (GPU when present), ``cpu`` or ``cuda[:i]``.
         max_memory_gb: budget for one chunk's similarity block.
+        only: score just these image ids (the dataset's current images); None: all.
     """
     start = time.perf_counter()
     dev = resolve_device(device)
     text = text.to(dev, torch.float32)
     scores, ids, counts, failures, nbytes = [], [], [], [], 0
     for path in store.shard_paths():
-        shard = store.read_shard(path)
         nbytes += path.stat().st_size
-        failures += shard.failures
-        ids.append(shard.image_ids)
-        counts.append(shard.reps.counts.numpy())
-        step = images_per_chunk(len(text), shard.reps.embeddings.shape[1], max_memory_gb)
-        for i in range(0, len(shard.image_ids), step):
-            chunk = shard.reps.select(slice(i, i + step)).to(dev, torch.float32)
-            scores.append(score_fn(text, chunk).float().cpu())
+        with ShardReader(path) as shard:
+            failures += shard.failures
+            keep = np.ones(shard.num_images, bool) if only is None else np.isin(
+                shard.image_ids, only
+            )
+            step = images_per_chunk(len(text), shard.num_reps, max_memory_gb)
+            for i in range(0, shard.num_images, step):
+                rows = keep[i : i + step]
+                if not rows.any():
+                    continue
+                chunk = shard.rows(i, i + step).select(torch.from_numpy(rows))
+                scores.append(score_fn(text, chunk.to(dev, torch.float32)).float().cpu())
+                counts.append(chunk.counts.numpy())
+                ids.append(shard.image_ids[i : i + step][rows])
     if not ids:
         raise RuntimeError(f"no embedding shards in {store.root}: nothing was embedded")
     image_ids = np.concatenate(ids)

@@ -45,6 +45,45 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class ShardReader:
+    """Reads a shard lazily: its ids at once, representatives by row range (no full load).
+
+    Scoring streams through a shard in chunks this way, so a shard larger than the
+    scoring memory budget (OWL-ViT: thousands of boxes per image) never sits in memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+        self.image_ids: np.ndarray = self._file.get_tensor("image_ids").numpy()
+        self.failures: list[dict[str, Any]] = json.loads(
+            (self._file.metadata() or {}).get("failures", "[]")
+        )
+        shape = self._file.get_slice("embeddings").get_shape()
+        self.num_images, self.num_reps = int(shape[0]), int(shape[1])
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file = None
+
+    def rows(self, start: int, stop: int) -> Representatives:
+        """The representatives of images ``start:stop`` of this shard."""
+        keys = set(self._file.keys())
+
+        def get(key: str) -> torch.Tensor:
+            return self._file.get_slice(key)[start:stop]
+
+        extras = {k[len("extras.") :]: get(k) for k in keys if k.startswith("extras.")}
+        return Representatives(
+            get("embeddings"),
+            get("mask"),
+            get("boxes") if "boxes" in keys else None,
+            extras or None,
+        )
+
+
 class ShardStore:
     """A folder of shards for one (dataset, retriever) embedding run."""
 
@@ -71,8 +110,17 @@ class ShardStore:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         os.replace(tmp, self.manifest_path)
 
-    def shard_paths(self) -> list[Path]:
-        return sorted(self.root.glob(f"*{SHARD_SUFFIX}"))
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    def shard_paths(self, prefix: str = "") -> list[Path]:
+        return sorted(self.root.glob(f"{prefix}*{SHARD_SUFFIX}"))
+
+    def remove_partial_files(self) -> None:
+        """Deletes temporary files a killed writer left behind (never complete shards)."""
+        for tmp in self.root.glob(f".*{SHARD_SUFFIX}.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def write_shard(
         self,
@@ -101,14 +149,9 @@ class ShardStore:
 
     @staticmethod
     def read_shard(path: Path) -> Shard:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            failures = json.loads((f.metadata() or {}).get("failures", "[]"))
-        extras = {k[len("extras.") :]: v for k, v in tensors.items() if k.startswith("extras.")}
-        reps = Representatives(
-            tensors["embeddings"], tensors["mask"], tensors.get("boxes"), extras or None
-        )
-        return Shard(tensors["image_ids"].numpy(), reps, failures)
+        """Reads a whole shard into memory."""
+        with ShardReader(path) as reader:
+            return Shard(reader.image_ids, reader.rows(0, reader.num_images), reader.failures)
 
     def iter_shards(self) -> Iterator[Shard]:
         for path in self.shard_paths():
