@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -50,3 +53,45 @@ def load_image(path: str | Path) -> Image.Image:
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
         reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         raise BadImageError(path, reason) from err
+
+
+MISSING_LISTED = 5
+"""How many missing paths an error message lists before "... and N more"."""
+
+
+def find_missing_images(paths: Mapping[int, Path]) -> list[dict[str, Any]]:
+    """One ``dict(image_id, path, reason)`` per image whose file is absent, in the given order.
+
+    Only ``os.path`` checks, no decoding: cheap enough to run over a whole split at
+    construction, so a long run does not die at image 4,000.
+    """
+    return [
+        {"image_id": int(image_id), "path": str(path), "reason": "file not found"}
+        for image_id, path in paths.items()
+        if not os.path.isfile(path)
+    ]
+
+
+def missing_images_error(
+    failures: Sequence[Mapping[str, Any]], total: int, listed_in: str | Path, hint: str
+) -> FileNotFoundError:
+    """The error for files missing at construction: how many, the first few paths, the fix.
+
+    Args:
+        failures: records from :func:`find_missing_images`.
+        total: images listed, to say "k of N".
+        listed_in: the annotation file or folder that lists them.
+        hint: what to check first (the config key telling where images live).
+    """
+    shown = [f"  {f['path']}" for f in failures[:MISSING_LISTED]]
+    more = len(failures) - len(shown)
+    return FileNotFoundError(
+        "\n".join(
+            [
+                f"{len(failures)} of {total} images listed in {listed_in} are missing:",
+                *shown,
+                *([f"  ... and {more} more"] if more else []),
+                f"{hint}, or: {BAD_IMAGE_FIX}.",
+            ]
+        )
+    )

@@ -95,10 +95,11 @@ class DenseClipRetriever(OpenClipRetriever):
     """Dense-CLIP: ``h x w`` cell embeddings per image (+ the global one: CLIP + Dense-CLIP).
 
     ResNets (RN50, RN50x4, RN50x64, any ModifiedResNet): a cell's embedding is
-    ``c_proj(v_proj(x_l))`` of the attention pool, MaskCLIP's formulation. It is exactly
-    the term the pool's output mixes per head (output = ``c_proj.bias`` + sum over heads
-    and tokens of attention x ``c_proj``-slice x value-slice), with the query-key
-    weighting taken out.
+    ``c_proj(v_proj(x_l))`` of the attention pool, MaskCLIP's formulation. The pool's
+    output is ``c_proj.bias`` + the sum over heads and tokens of attention x
+    ``c_proj``-slice x ``v_proj(x_l + pos_l)``-slice, so with ``positional`` a cell is
+    exactly what the pool would output if it attended to that cell alone; MaskCLIP drops
+    ``pos_l``, which says where a cell is, not what it shows.
 
     ViTs (ViT-B/32, B/16, L/14): the last block's attention is replaced by each patch's
     own value (``out_proj(v_proj(ln_1(x)))``), then the block's residual and MLP,
