@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
     ls = sub.add_parser("list", help="registered retrievers, datasets and configs")
     ls.set_defaults(func=_list)
+    from retrieval.data.cli import register_cli as register_data
+
+    register_data(sub)
     return parser
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import logging
 import sys
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from retrieval.data import create_dataset, list_datasets
 from retrieval.data.coco import pil_to_uint8_tensor
-from retrieval.data.lvis import LvisDataset, image_root
+from retrieval.data.lvis import LvisDataset, _lvis_loader, image_root
 from retrieval.metrics import evaluate_rankings
 
 URL = "http://images.cocodataset.org/{split}/{id:012d}.jpg"
@@ -407,12 +407,13 @@ def test_image_root_rule(tmp_path: Path) -> None:
     assert image_root(tmp_path, splits) is None
 
 
-def test_lvis_import_leaves_logging_alone(handmade) -> None:
-    """Invariant: building an LvisDataset does not configure the root logger (the lvis
-    package calls logging.basicConfig on import)."""
-    code = (
-        "import logging, sys; from retrieval.data.lvis import LvisDataset; "
-        f"LvisDataset({str(handmade[0])!r}, {str(handmade[1])!r}); "
-        "root = logging.getLogger(); sys.exit(len(root.handlers) or root.level != 30)"
-    )
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+def test_lvis_import_leaves_logging_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant: loading the lvis package through the dataset does not configure the root
+    logger (lvis calls logging.basicConfig when imported)."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    for name in [m for m in sys.modules if m == "lvis" or m.startswith("lvis.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, restored afterwards
+    assert _lvis_loader().__module__ == "lvis.lvis"
+    assert root.handlers == [] and root.level == logging.WARNING

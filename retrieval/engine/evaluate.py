@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 import retrieval
 from retrieval.config import ConfigError, as_dict, to_yaml
-from retrieval.data.registry import create_dataset
+from retrieval.data.registry import create_dataset, dataset_parameters
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.writer import ShardWriter
 from retrieval.metrics import RetrievalEvaluation
@@ -61,6 +61,8 @@ def build_dataset(cfg: DictConfig, transform: Any):
             f"data.{missing[0]} is not set: pass data.{missing[0]}=PATH on the command line "
             f"(see `retrieval data check` and the README's dataset section)"
         )
+    if "federated" in dataset_parameters(name):  # LVIS: a protocol option, not a data one
+        options["federated"] = cfg.protocol.lvis_federated
     return create_dataset(name, transform=transform, **options)
 
 

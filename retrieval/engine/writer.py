@@ -54,7 +54,7 @@ class ShardWriter(BasePredictionWriter):
         self._failures += prediction["failures"]
         if prediction["reps"] is not None:
             self._ids.append(prediction["image_ids"])
-            self._reps.append(prediction["reps"])
+            self._reps.append(prediction["reps"].to(dtype=self.store.torch_dtype))
             self._buffered += len(prediction["image_ids"])
             emb = prediction["reps"].embeddings
             self._buffered_bytes += emb.numel() * self.store.itemsize

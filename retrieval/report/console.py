@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 RANDOM_WEIGHTS_BANNER = (
-    "RANDOM WEIGHTS (retriever.pretrained=null): these numbers check the pipeline only; "
+    "RANDOM WEIGHTS (no pretrained checkpoint): these numbers check the pipeline only; "
     "they say nothing about the method."
 )
 

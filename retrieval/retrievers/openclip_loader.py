@@ -60,7 +60,7 @@ def model_name_for(backbone: str, pretrained: str | None) -> str:
     return quick if quick in open_clip.list_models() else backbone
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -71,7 +71,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _cached_hub_file(repo_id: str, filenames: tuple[str, ...], cache_dir: str | None) -> str | None:
+def cached_hub_file(repo_id: str, filenames: tuple[str, ...], cache_dir: str | None) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     for filename in filenames:
@@ -97,13 +97,13 @@ def resolve_tag(model_name: str, tag: str, cache_dir: str | None) -> str | None:
         )
     hub = cfg.get("hf_hub", "")
     if not hub:
-        if _hub_reachable():
+        if hub_reachable():
             return None
         _raise_missing(model_name, tag, cfg.get("url"), cache_dir)
     repo_id, filename = os.path.split(hub)  # "org/name/" -> default file names
     names = (filename,) if filename else HF_FILENAMES
-    found = _cached_hub_file(repo_id, names, cache_dir)
-    if found or _hub_reachable():
+    found = cached_hub_file(repo_id, names, cache_dir)
+    if found or hub_reachable():
         return found
     _raise_missing(model_name, tag, f"{repo_id} ({' or '.join(names)})", cache_dir)
 

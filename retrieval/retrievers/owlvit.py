@@ -36,8 +36,8 @@ from retrieval.retrievers.base import NEG_INF, Retriever
 from retrieval.retrievers.clip_bpe import load_tokenizer, tokenize
 from retrieval.retrievers.openclip_loader import (
     WeightsNotFoundError,
-    _cached_hub_file,
-    _hub_reachable,
+    cached_hub_file,
+    hub_reachable,
 )
 from retrieval.retrievers.registry import register_retriever
 
@@ -150,12 +150,12 @@ def resolve_checkpoint(name: str, cache_dir: str | None, weights: bool = True) -
                 f"folder written by save_pretrained, or a hub id such as {DEFAULT_CHECKPOINT!r}."
             )
         return path
-    config = _cached_hub_file(name, (CONFIG_FILE,), cache_dir)
+    config = cached_hub_file(name, (CONFIG_FILE,), cache_dir)
     snapshot = Path(config).parent if config else None
     missing = _missing(snapshot, weights)
     if not missing:
         return snapshot
-    if _hub_reachable():
+    if hub_reachable():
         return name
     _raise_not_cached(name, missing, cache_dir)
 

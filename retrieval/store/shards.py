@@ -111,8 +111,12 @@ class ShardStore:
         os.replace(tmp, self.manifest_path)
 
     @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype].itemsize
+        return self.torch_dtype.itemsize
 
     def shard_paths(self, prefix: str = "") -> list[Path]:
         return sorted(self.root.glob(f"{prefix}*{SHARD_SUFFIX}"))
