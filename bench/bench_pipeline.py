@@ -48,7 +48,8 @@ def bench_extraction(args: argparse.Namespace, root: Path) -> tuple[float, float
     model = retriever.to(device).eval()
     dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(args.precision)
     start = time.perf_counter()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    with torch.inference_mode(), autocast:
         for batch in batches:
             model.encode_images(batch["pixels"].to(device, non_blocking=True)).to("cpu")
     if device.type == "cuda":

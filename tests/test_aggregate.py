@@ -260,7 +260,7 @@ def test_create_aggregator_errors_name_the_fix() -> None:
     assert list_aggregators() == ["agglomerative", "kmeans", "none", "prune"]
     with pytest.raises(KeyError, match="Did you mean 'kmeans'"):
         create_aggregator("kmean")
-    with pytest.raises(TypeError, match="accepts: k, iterations, seed"):
+    with pytest.raises(TypeError, match="Options: k, iterations, seed"):
         create_aggregator("kmeans", clusters=3)
     with pytest.raises(ValueError, match="exactly one of n_clusters"):
         create_aggregator("agglomerative")

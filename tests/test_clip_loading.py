@@ -55,11 +55,14 @@ def test_openai_tag_loads_from_hand_built_hf_cache(tmp_path: Path) -> None:
     repo = tmp_path / "models--timm--resnet50_clip.openai"
     snapshot = repo / "snapshots" / "0123456789abcdef"
     snapshot.mkdir(parents=True)
-    save_file({k: v.half() for k, v in state.items()}, str(snapshot / "open_clip_model.safetensors"))
+    weights = snapshot / "open_clip_model.safetensors"
+    save_file({k: v.half() for k, v in state.items()}, str(weights))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123456789abcdef")
 
-    retriever = create_retriever("clip", backbone="RN50", pretrained="openai", cache_dir=str(tmp_path))
+    retriever = create_retriever(
+        "clip", backbone="RN50", pretrained="openai", cache_dir=str(tmp_path)
+    )
     assert retriever.model_name == "RN50-quickgelu"
     for key, value in state.items():
         torch.testing.assert_close(

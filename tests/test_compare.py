@@ -286,14 +286,16 @@ def test_offline_wandb_run_holds_summary_table_and_plots(two_runs, synthetic_coc
     plots = plot_run(tmp_path, rows)
     sync_dir = log_to_wandb(cfg, tmp_path, metrics, rows, plots)
     assert sync_dir.name.startswith("offline-run-")
-    summary, run = {}, None
+    summary, run, kinds = {}, None, []
     for record in _wandb_records(next(sync_dir.glob("*.wandb"))):
-        kind = record.WhichOneof("record_type")
+        kinds.append(record.WhichOneof("record_type"))
+        kind = kinds[-1]
         if kind == "run":
             run = record.run
         elif kind == "summary":
             summary.update({u.key: json.loads(u.value_json) for u in record.summary.update
                             if u.key})
+    assert run is not None, kinds
     assert run.run_group == "coco"
     assert {"demo", "clip", "RN-tiny", "coco"} <= set(run.tags)
     for key in ("map@50", "map", "map@50_s-m", "bytes_per_image"):

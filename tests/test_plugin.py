@@ -47,8 +47,8 @@ def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "[retrieval.retrievers]\ncolour = colour_plugin:ColourRetriever\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.RETRIEVERS, "entry_points_loaded", False)
+    monkeypatch.setattr(registry.RETRIEVERS, "factories", dict(registry.RETRIEVERS.factories))
     yield
     sys.modules.pop("colour_plugin", None)
 

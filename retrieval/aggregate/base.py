@@ -9,8 +9,6 @@ mean of its members, boxed by the bounding box of their cells.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retrieval.registry import Registry
 from retrieval.representatives import Representatives
 
 A = TypeVar("A", bound="type[Aggregator]")
@@ -141,25 +140,21 @@ def check_inputs(
     return mask.to(device=embeddings.device, dtype=torch.bool), cell_boxes
 
 
-_REGISTRY: dict[str, type[Aggregator]] = {}
+AGGREGATORS = Registry(
+    "aggregator",
+    "retriever.aggregate.method",
+    builtin=tuple(f"retrieval.aggregate.{m}" for m in ("kmeans", "agglomerative", "prune")),
+)
 
 
 def register_aggregator(name: str) -> Callable[[A], A]:
     """Class decorator registering an aggregator under ``name`` for :func:`create_aggregator`."""
-
-    def wrap(cls: A) -> A:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"aggregator {name!r} is already registered by {existing!r}")
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+    return AGGREGATORS.register(name)
 
 
 def list_aggregators() -> list[str]:
     """Names accepted by :func:`create_aggregator`."""
-    return sorted(_REGISTRY)
+    return AGGREGATORS.names()
 
 
 def create_aggregator(name: str, **options: Any) -> Aggregator:
@@ -168,22 +163,7 @@ def create_aggregator(name: str, **options: Any) -> Aggregator:
     Unknown names and options end in one message naming what is accepted, since both
     come from user configs.
     """
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(
-            f"unknown aggregator {name!r}.{hint} Registered: {', '.join(list_aggregators())}."
-        ) from None
-    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"aggregator {name!r} got unknown option(s) {', '.join(unknown)}; "
-            f"it accepts: {', '.join(accepted) or 'no options'}."
-        )
-    return cls(**options)
+    return AGGREGATORS.create(name, **options)
 
 
 @register_aggregator("none")

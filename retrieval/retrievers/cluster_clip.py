@@ -1,0 +1,272 @@
+"""Cluster-CLIP and CLIP + Cluster-CLIP: Dense-CLIP's cells aggregated into a few representatives.
+
+Dense-CLIP keeps one embedding per feature-map cell (196 for RN50x64 at 448), and most
+neighbouring cells say the same thing. Cluster-CLIP partitions an image's cells and keeps
+one representative per part, the normalised mean of its member cells, boxed by the
+bounding box of their cells: 10 to 91 vectors per image instead of 196, at about
+Dense-CLIP's accuracy (the paper's table). The clustering itself lives in
+``retrieval.aggregate``; this module only wires it behind Dense-CLIP's features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from retrieval.aggregate import Aggregator, create_aggregator
+from retrieval.representatives import Representatives
+from retrieval.retrievers.clip import FULL_IMAGE_BOX
+from retrieval.retrievers.dense_clip import DenseClipRetriever
+from retrieval.retrievers.dense_features import Grid
+from retrieval.retrievers.registry import register_retriever
+
+# The keys each method reads; any other key must stay null (see AggregateOptions).
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "kmeans": ("k", "iterations", "seed"),
+    "agglomerative": ("n_clusters", "distance_threshold", "linkage", "connectivity"),
+    "prune": ("tau",),
+}
+# The value the paper leaves out and only its representative count pins down.
+CALIBRATED_KEY = {"agglomerative": "distance_threshold", "prune": "tau"}
+
+
+@dataclass
+class AggregateOptions:
+    """How Cluster-CLIP aggregates an image's cells: the ``retriever.aggregate.*`` keys.
+
+    One flat group, so a command line reads ``retriever.aggregate.method=kmeans
+    retriever.aggregate.k=10``. A key left null takes its method's default (the
+    aggregator's own); a key set for a method that does not read it is an error, since
+    silently ignoring it would report a run that did not happen. Every check runs at
+    construction, naming the key.
+
+    Attributes:
+        method: ``kmeans`` (the paper's K.M.), ``agglomerative`` (AG-F with
+            ``n_clusters``, AG-T with ``distance_threshold``), ``prune`` (our reading of
+            R.P.), or ``none`` (every cell is a representative: Dense-CLIP).
+        k: kmeans: clusters per image (default 10, the K.M. row).
+        iterations: kmeans: maximum Lloyd iterations (default 30).
+        seed: kmeans: seed of the k-means++ initialisation (default 0).
+        n_clusters: agglomerative: clusters per image (AG-F: 50).
+        distance_threshold: agglomerative: stop merging at this linkage distance
+            (``1 - cos`` for average / complete / single linkage; AG-T).
+        linkage: agglomerative: ``average`` (default), ``complete``, ``single``, ``ward``.
+        connectivity: agglomerative: merge only grid-adjacent clusters (default false).
+        tau: prune: cosine above which a cell joins a kept representative (default 0.9).
+    """
+
+    method: str = "kmeans"
+    k: int | None = None
+    iterations: int | None = None
+    seed: int | None = None
+    n_clusters: int | None = None
+    distance_threshold: float | None = None
+    linkage: str | None = None
+    connectivity: bool | None = None
+    tau: float | None = None
+
+    def __post_init__(self) -> None:
+        self.build()
+
+    @classmethod
+    def coerce(cls, value: AggregateOptions | Mapping[str, Any]) -> AggregateOptions:
+        """Options from themselves or from a mapping (a config section arrives as a dict)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"retriever.aggregate must be AggregateOptions or a mapping, got "
+                f"{type(value).__name__}"
+            )
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [key for key in value if key not in known]
+        if unknown:
+            raise ValueError(
+                f"retriever.aggregate.{unknown[0]} is not an option; valid: {', '.join(known)}"
+            )
+        return cls(**value)
+
+    def aggregator_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``create_aggregator(method, ...)``: the set keys."""
+        keys = METHOD_KEYS[self.method]
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+
+    def build(self) -> Aggregator:
+        """The aggregator these options describe; raises ValueError naming a bad key."""
+        if self.method not in METHOD_KEYS:
+            raise ValueError(
+                f"retriever.aggregate.method={self.method!r} is not one of "
+                f"{', '.join(METHOD_KEYS)}"
+            )
+        used = METHOD_KEYS[self.method]
+        for method, keys in METHOD_KEYS.items():
+            for key in keys:
+                value = getattr(self, key)
+                if key not in used and value is not None:
+                    raise ValueError(
+                        f"retriever.aggregate.{key}={value!r} applies to method={method} only, "
+                        f"not method={self.method} (which reads: {', '.join(used) or 'nothing'})."
+                        f" Set retriever.aggregate.{key}=null, or swap the whole group "
+                        f"(retriever=cluster_clip_..._rn50x64)."
+                    )
+        if self.method == "agglomerative" and (self.n_clusters is None) == (
+            self.distance_threshold is None
+        ):
+            raise ValueError(
+                "method=agglomerative needs exactly one of retriever.aggregate.n_clusters "
+                "(AG-F, the paper's 50) or retriever.aggregate.distance_threshold (AG-T), got "
+                f"n_clusters={self.n_clusters}, distance_threshold={self.distance_threshold}"
+            )
+        try:
+            return create_aggregator(self.method, **self.aggregator_options())
+        except ValueError as err:
+            raise ValueError(f"retriever.aggregate: {err}") from None
+
+
+DEFAULT_AGGREGATE = AggregateOptions()
+
+
+def append_global(reps: Representatives, global_embedding: Tensor) -> Representatives:
+    """"CLIP + X": the global embedding as one more valid representative, box = whole image.
+
+    It goes after the padded column block, so every image's clusters keep their index.
+    Its ``members`` row (when kept) is empty: it is no mean of cells.
+    """
+    batch = reps.batch_size
+    embeddings = torch.cat([reps.embeddings, global_embedding.unsqueeze(1)], dim=1)
+    mask = torch.cat([reps.mask, reps.mask.new_ones(batch, 1)], dim=1)
+    boxes = None
+    if reps.boxes is not None:
+        whole = reps.boxes.new_tensor(FULL_IMAGE_BOX).expand(batch, 1, 4)
+        boxes = torch.cat([reps.boxes, whole], dim=1)
+    extras = None
+    if reps.extras is not None:
+        extras = {
+            key: torch.cat([value, value.new_zeros(batch, 1, *value.shape[2:])], dim=1)
+            for key, value in reps.extras.items()
+        }
+    return Representatives(embeddings, mask, boxes, extras)
+
+
+@register_retriever("cluster_clip")
+class ClusterClipRetriever(DenseClipRetriever):
+    """Cluster-CLIP: Dense-CLIP cells aggregated per image (+ the global one: CLIP + Cluster-CLIP).
+
+    Each representative is the L2-normalised mean of its member cells' Dense-CLIP
+    embeddings, with the bounding box of those cells as its box. The paper's rows
+    (RN50x64 at 448, 196 cells): K.M. = ``kmeans`` with ``k=10``; AG-T =
+    ``agglomerative`` with a ``distance_threshold`` (about 10 per image); AG-F =
+    ``agglomerative`` with ``n_clusters=50``; R.P. = ``prune`` (about 91 per image).
+
+    Args:
+        backbone, pretrained, resolution, cache_dir, positional, with_global,
+            global_pass: as ``dense_clip`` (the features being clustered, and the
+            appended global embedding).
+        aggregate: the aggregation (:class:`AggregateOptions`, or a mapping of its keys).
+        keep_members: also store ``extras["members"]``, the ``[B, R, N]`` bool mask of
+            each representative's cells (the global one has none), for visualising
+            clusters. Costs ``R x N`` bytes per image, ``N / 2D`` of the fp16 embeddings
+            (RN50x64: 196 / 2048, about +10%); off by default because scoring never
+            reads it.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "RN50",
+        pretrained: str | None = "openai",
+        resolution: int | None = None,
+        cache_dir: str | None = None,
+        positional: bool = False,
+        with_global: bool = False,
+        global_pass: str = "same",
+        aggregate: AggregateOptions = DEFAULT_AGGREGATE,
+        keep_members: bool = False,
+    ) -> None:
+        options = AggregateOptions.coerce(aggregate)  # fail before the slow model load
+        aggregator = options.build()
+        super().__init__(
+            backbone, pretrained, resolution, cache_dir, positional, with_global, global_pass
+        )
+        self.aggregate = options
+        self.aggregator = aggregator
+        self.keep_members = keep_members
+        self.config.update(
+            aggregate=dataclasses.asdict(options),
+            # report.compare reads the method under "aggregator"; the options in force
+            # (defaults filled) make a changed default re-embed instead of reusing shards.
+            aggregator=options.method,
+            aggregator_options=dict(vars(aggregator)),
+            keep_members=keep_members,
+        )
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Representatives:
+        out = self.encode_dense(pixels)
+        reps = self.aggregator(out.embeddings, out.mask, out.grid, out.boxes)
+        members = reps.extras["members"] if self.keep_members else None
+        reps = Representatives(
+            reps.embeddings,
+            reps.mask,
+            reps.boxes.contiguous(),
+            None if members is None else {"members": members},
+        )
+        if out.global_embedding is not None:
+            reps = append_global(reps, out.global_embedding)
+        return reps
+
+
+def calibrate(
+    embeddings: Tensor,
+    mask: Tensor | None,
+    grid: Grid,
+    options: AggregateOptions,
+    target: float,
+    bounds: tuple[float, float],
+    steps: int = 30,
+) -> tuple[AggregateOptions, float]:
+    """Bisects AG-T's ``distance_threshold`` or R.P.'s ``tau`` to a mean count per image.
+
+    The paper gives the counts (about 10 for AG-T, 91 for R.P. on RN50x64 at 448), not
+    the values, so they are found on real features: pass ``encode_dense`` embeddings of
+    a sample of the dataset. The count is monotone in the value (falling with the
+    threshold, rising with ``tau``); the direction is read off the bounds.
+
+    Args:
+        embeddings: ``[B, N, D]`` L2-normalised dense embeddings.
+        mask: ``[B, N]`` valid cells, or None for all.
+        grid: ``(h, w)`` of the cells.
+        options: ``agglomerative`` with a ``distance_threshold`` (any value), or ``prune``.
+        target: wanted mean number of representatives per image.
+        bounds: ``(low, high)`` interval searched.
+        steps: bisection steps.
+
+    Returns:
+        The options with the calibrated value, and the mean count they give.
+    """
+    key = CALIBRATED_KEY.get(options.method)
+    if key is None or (options.method == "agglomerative" and options.n_clusters is not None):
+        raise ValueError(
+            "calibrate tunes agglomerative distance_threshold (AG-T) or prune tau (R.P.), "
+            f"got {options}"
+        )
+
+    def mean_count(value: float) -> float:
+        aggregator = dataclasses.replace(options, **{key: value}).build()
+        return float(aggregator(embeddings, mask, grid).counts.double().mean())
+
+    low, high = bounds
+    rising = mean_count(high) > mean_count(low)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if (mean_count(middle) < target) == rising:
+            low = middle
+        else:
+            high = middle
+    value = (low + high) / 2
+    return dataclasses.replace(options, **{key: value}), mean_count(value)

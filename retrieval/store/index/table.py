@@ -1,0 +1,176 @@
+"""The representative table every index shares: valid representatives, flat, on disk.
+
+A run's shards pad every image to ``R`` slots; an index wants one row per valid
+representative. The table keeps them as a raw fp16 ``[M, D]`` file (memory-mapped, so
+exact search and re-ranking read it without loading it) plus, per row, its image (rows
+of an image are contiguous), its slot in the run's padded layout (``rep_index``, what
+``argmax_representative`` returns) and its box. Backends index the vectors; the table
+turns any backend's matched rows back into image ids, slots and boxes.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrieval.representatives import Representatives
+
+VECTORS = "vectors.f16"
+META = "table.npz"
+
+
+class IndexFileError(ValueError):
+    """An index that cannot be used as it is (corrupt, empty, mismatched); says the fix."""
+
+
+def corrupt(path: Path, why: str) -> IndexFileError:
+    return IndexFileError(
+        f"index file {path} is corrupt ({why}); rebuild the index with "
+        f"`retrieval index build RUN_DIR --out {path.parent}`"
+    )
+
+
+class TableWriter:
+    """Appends batches of images to a table folder, streaming vectors to disk."""
+
+    def __init__(self, folder: Path, dim: int) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.dim = dim
+        self._vectors = open(self.folder / VECTORS, "wb")  # noqa: SIM115 - closed in close()
+        self._ids: list[np.ndarray] = []
+        self._counts: list[np.ndarray] = []
+        self._slots: list[np.ndarray] = []
+        self._boxes: list[np.ndarray] = []
+        self._has_boxes: bool | None = None
+
+    def append(self, image_ids: np.ndarray | torch.Tensor, reps: Representatives) -> None:
+        """Adds a batch of images; only valid representatives are stored."""
+        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        if len(ids) != reps.batch_size:
+            raise ValueError(f"{len(ids)} image ids for {reps.batch_size} images")
+        if reps.embeddings.shape[2] != self.dim:
+            raise IndexFileError(
+                f"representatives have embedding size {reps.embeddings.shape[2]}, "
+                f"this index holds {self.dim}: an index holds one retriever's embeddings"
+            )
+        mask = reps.mask.cpu().bool()
+        vectors = reps.embeddings.cpu()[mask].to(torch.float16).numpy()
+        self._vectors.write(np.ascontiguousarray(vectors).tobytes())
+        self._ids.append(ids)
+        self._counts.append(mask.sum(dim=1).numpy().astype(np.int64))
+        self._slots.append(mask.nonzero()[:, 1].numpy().astype(np.int32))
+        has_boxes = reps.boxes is not None
+        if self._has_boxes is None:
+            self._has_boxes = has_boxes
+        self._has_boxes = self._has_boxes and has_boxes
+        if has_boxes:
+            self._boxes.append(reps.boxes.cpu()[mask].float().numpy())
+
+    def close(self) -> RepTable:
+        """Writes the per-row metadata and returns the table opened for reading."""
+        self._vectors.close()
+        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise IndexFileError("an image id was added twice: each image is added once")
+        counts = np.concatenate(self._counts) if self._counts else np.zeros(0, np.int64)
+        meta = {
+            "image_ids": ids,
+            "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "slots": np.concatenate(self._slots) if self._slots else np.zeros(0, np.int32),
+        }
+        if self._has_boxes:
+            meta["boxes"] = np.concatenate(self._boxes).astype(np.float32)
+        np.savez(self.folder / META, **meta)
+        return RepTable.open(self.folder, self.dim)
+
+
+@dataclass
+class RepTable:
+    """Valid representatives of every indexed image, read back from a table folder.
+
+    Attributes:
+        vectors: ``[M, D]`` fp16, memory-mapped.
+        image_ids: ``[N]`` int64, in the order images were added.
+        offsets: ``[N + 1]``: rows ``offsets[i]:offsets[i + 1]`` belong to image ``i``.
+        owner: ``[M]`` int64 image position of each row.
+        slots: ``[M]`` the row's representative index in the run's padded layout.
+        boxes: ``[M, 4]`` normalised ``xyxy``, or None when the retriever gives no boxes.
+    """
+
+    folder: Path
+    vectors: np.ndarray
+    image_ids: np.ndarray
+    offsets: np.ndarray
+    owner: np.ndarray
+    slots: np.ndarray
+    boxes: np.ndarray | None
+
+    @classmethod
+    def open(cls, folder: Path, dim: int) -> RepTable:
+        """Opens a table, checking its files agree with each other (else a clear error)."""
+        folder = Path(folder)
+        meta_path, vec_path = folder / META, folder / VECTORS
+        for path in (meta_path, vec_path):
+            if not path.exists():
+                raise corrupt(path, "file missing")
+        try:
+            with np.load(meta_path) as meta:
+                arrays = {k: meta[k] for k in meta.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise corrupt(meta_path, f"not a readable .npz: {err}") from None
+        offsets = arrays.get("offsets")
+        if offsets is None or "image_ids" not in arrays or "slots" not in arrays:
+            raise corrupt(meta_path, "arrays missing")
+        rows = int(offsets[-1])
+        expected = rows * dim * 2
+        if vec_path.stat().st_size != expected:
+            raise corrupt(
+                vec_path, f"{vec_path.stat().st_size} bytes, expected {expected} for {rows} x {dim}"
+            )
+        vectors = (
+            np.memmap(vec_path, dtype=np.float16, mode="r", shape=(rows, dim))
+            if rows
+            else np.zeros((0, dim), np.float16)
+        )
+        counts = np.diff(offsets)
+        return cls(
+            folder=folder,
+            vectors=vectors,
+            image_ids=arrays["image_ids"],
+            offsets=offsets,
+            owner=np.repeat(np.arange(len(counts)), counts),
+            slots=arrays["slots"],
+            boxes=arrays.get("boxes"),
+        )
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.owner)
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def rows_of(self, images: np.ndarray) -> np.ndarray:
+        """All table rows of the images at positions ``images``, image after image."""
+        starts, stops = self.offsets[images], self.offsets[images + 1]
+        if not len(images):
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)])
+
+    def files(self) -> list[Path]:
+        return [self.folder / VECTORS, self.folder / META]
+
+    def meta_bytes(self) -> int:
+        """Resident bytes of the per-row metadata (what every backend keeps in memory)."""
+        arrays = [self.image_ids, self.offsets, self.owner, self.slots]
+        return sum(a.nbytes for a in arrays) + (0 if self.boxes is None else self.boxes.nbytes)

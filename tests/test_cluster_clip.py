@@ -1,0 +1,257 @@
+"""Cluster-CLIP: Dense-CLIP cells aggregated into representatives, checked against encode_dense.
+
+Random-weight tiny towers (RN-tiny, ViT-tiny) on a 6 x 6 grid (36 cells), so each
+invariant is checked on every representative of every image in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from torch import Tensor
+
+from retrieval import create_retriever
+from retrieval.config import ConfigError, as_dict, load_config
+from retrieval.engine.evaluate import build_retriever, evaluate
+from retrieval.report.compare import load_paper_table, load_run, paper_method
+from retrieval.retrievers.cluster_clip import AggregateOptions, ClusterClipRetriever, calibrate
+from retrieval.retrievers.registry import factory_parameters
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+pytestmark = pytest.mark.filterwarnings("ignore:retriever.pretrained=null")
+
+SIZES = {"RN-tiny": 192, "ViT-tiny": 96}  # both a 6 x 6 grid
+ROWS = [f"{kind}_{m}_rn50x64" for kind in ("cluster_clip", "clip_cluster_clip")
+        for m in ("km", "agt", "agf", "rp")]
+ROW_METHOD = {"km": "kmeans", "agt": "agglomerative", "agf": "agglomerative", "rp": "prune"}
+METHODS = [
+    {"method": "kmeans", "k": 5},
+    {"method": "agglomerative", "n_clusters": 7},
+    {"method": "agglomerative", "distance_threshold": 0.05, "linkage": "ward"},
+    {"method": "prune", "tau": 0.99},
+]
+
+
+def pair(backbone: str, aggregate: dict, keep_members: bool = False, **options) -> tuple:
+    """A dense_clip and a cluster_clip retriever with the same random weights."""
+    kwargs = dict(backbone=backbone, pretrained=None, resolution=SIZES[backbone], **options)
+    dense = create_retriever("dense_clip", **kwargs)
+    cluster = create_retriever(
+        "cluster_clip", aggregate=aggregate, keep_members=keep_members, **kwargs
+    )
+    cluster.model.load_state_dict(dense.model.state_dict())
+    return dense, cluster
+
+
+def pixels_for(retriever, count: int = 3) -> Tensor:
+    """A batch through the retriever's own transform (two views under global_pass=native)."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40 + 9 * i, 70, 3), dtype=np.uint8))
+              for i in range(count)]
+    return torch.stack([retriever.image_transform(image) for image in images])
+
+
+@pytest.mark.parametrize("backbone", ["RN-tiny", "ViT-tiny"])
+@pytest.mark.parametrize("with_global", [False, True])
+def test_method_none_is_dense_clip_exactly(backbone, with_global):
+    """Invariant: with ``aggregate.method=none`` cluster_clip returns dense_clip's
+    representatives bit for bit (embeddings, mask, boxes; no extras), with and without the
+    global one."""
+    dense, cluster = pair(backbone, {"method": "none"}, with_global=with_global)
+    pixels = pixels_for(dense)
+    expected, actual = dense.encode_images(pixels), cluster.encode_images(pixels)
+    assert actual.embeddings.shape == (3, 36 + with_global, 64)
+    for name in ("embeddings", "mask", "boxes"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+    assert actual.extras is None and expected.extras is None
+
+
+@pytest.mark.parametrize("backbone", ["RN-tiny", "ViT-tiny"])
+@pytest.mark.parametrize("aggregate", METHODS, ids=lambda a: "-".join(map(str, a.values())))
+def test_each_representative_is_its_members_mean_and_box(backbone, aggregate):
+    """Invariant: the members of an image's valid representatives partition its cells; each
+    representative is the L2-normalised mean of its member cells' ``encode_dense``
+    embeddings and its box the bounding box of their cells; padding rows are invalid and
+    memberless; ``keep_members`` stores the ``[B, R, N]`` bool mask."""
+    _, cluster = pair(backbone, aggregate, keep_members=True)
+    pixels = pixels_for(cluster)
+    reps = cluster.encode_images(pixels)
+    dense = cluster.encode_dense(pixels)
+    members = reps.extras["members"]
+    assert members.dtype == torch.bool and members.shape == (*reps.mask.shape, 36)
+    assert torch.equal(members.any(dim=2), reps.mask)
+    assert torch.equal(members.sum(dim=1), torch.ones(3, 36, dtype=torch.long))
+    for b in range(3):
+        for r in reps.mask[b].nonzero().flatten().tolist():
+            cells = members[b, r]
+            mean = F.normalize(dense.embeddings[b, cells].double().mean(dim=0), dim=0)
+            torch.testing.assert_close(reps.embeddings[b, r].double(), mean, atol=1e-6, rtol=0)
+            box = dense.boxes[cells]
+            expected_box = torch.cat([box[:, :2].amin(dim=0), box[:, 2:].amax(dim=0)])
+            assert torch.equal(reps.boxes[b, r], expected_box)
+
+
+@pytest.mark.parametrize("global_pass", ["same", "native"])
+def test_with_global_appends_exactly_dense_clips_global(global_pass):
+    """Invariant: ``with_global`` adds one valid column after the clusters holding exactly
+    dense_clip's global embedding (same-pass and native second pass), box = whole image,
+    no members; the clusters before it are those of ``with_global=false``."""
+    aggregate = {"method": "kmeans", "k": 4}
+    options = dict(with_global=True, global_pass=global_pass, keep_members=True)
+    dense, cluster = pair("RN-tiny", aggregate, **options)
+    plain = create_retriever("cluster_clip", backbone="RN-tiny", pretrained=None,
+                             resolution=192, aggregate=aggregate, keep_members=True)
+    plain.model.load_state_dict(dense.model.state_dict())
+    pixels = pixels_for(dense)
+    reps = cluster.encode_images(pixels)
+    expected = dense.encode_images(pixels)
+    assert torch.equal(reps.embeddings[:, -1], expected.embeddings[:, -1])
+    assert reps.mask[:, -1].all()
+    assert reps.boxes[:, -1].tolist() == [[0.0, 0.0, 1.0, 1.0]] * 3
+    assert not reps.extras["members"][:, -1].any()
+    alone = plain.encode_images(pixels[:, 0] if global_pass == "native" else pixels)
+    assert torch.equal(reps.embeddings[:, :-1], alone.embeddings)
+    assert torch.equal(reps.mask[:, :-1], alone.mask)
+
+
+def test_counts_follow_the_method():
+    """Invariant: k-means with k=10 gives at most 10 valid representatives per image,
+    agglomerative with n_clusters=7 exactly 7 (one more each with the global one), and
+    without ``keep_members`` nothing but embeddings, mask and boxes is stored."""
+    for aggregate, check in [
+        ({"method": "kmeans", "k": 10}, lambda c: bool(((c >= 1) & (c <= 10)).all())),
+        ({"method": "agglomerative", "n_clusters": 7}, lambda c: c.tolist() == [7, 7, 7]),
+    ]:
+        for with_global in (False, True):
+            _, cluster = pair("RN-tiny", aggregate, with_global=with_global)
+            reps = cluster.encode_images(pixels_for(cluster))
+            assert check(reps.counts - with_global), (aggregate, reps.counts)
+            assert reps.extras is None
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_paper_row_configs_validate_and_map_to_their_row(row):
+    """Invariant: each row's experiment config validates; its ``retriever`` section holds
+    only cluster_clip keyword arguments with RN50x64 at 448, the row's method and global
+    flag; built (on RN-tiny) it reports the paper row it reproduces to report.compare."""
+    cfg = load_config(f"{row}_coco")
+    options = as_dict(cfg.retriever)
+    assert options.pop("name") == "cluster_clip"
+    assert set(options) <= set(factory_parameters("cluster_clip"))
+    assert (options["backbone"], options["resolution"]) == ("RN50x64", 448)
+    assert options["with_global"] == row.startswith("clip_")
+    assert options["aggregate"]["method"] == ROW_METHOD[row.split("_")[-2]]
+    assert cfg.run.output_dir == f"runs/{row}_coco"
+
+    retriever = build_retriever(load_config(f"{row}_coco", ["retriever.backbone=RN-tiny",
+                                                            "retriever.pretrained=null"]))
+    method, _ = paper_method({**as_dict(cfg.retriever), **retriever.describe()})
+    reps = {"km": 10, "agt": 10, "agf": 50, "rp": 91}[row.split("_")[-2]]
+    table = {r["method"].rstrip(".").lower(): r for r in load_paper_table()}
+    assert int(table[method.rstrip(".").lower()]["reps_per_image"]) == reps + row.startswith("c")
+
+
+def test_overrides_reach_the_aggregator():
+    """Invariant: ``retriever.aggregate.*`` overrides and a retriever group swap reach the
+    built aggregator."""
+    tiny = ["retriever.backbone=RN-tiny", "retriever.pretrained=null"]
+    cfg = load_config("cluster_clip_km_rn50x64_coco", [*tiny, "retriever.aggregate.k=5"])
+    assert cfg.retriever.aggregate.k == 5
+    assert build_retriever(cfg).aggregator.k == 5
+    cfg = load_config("cluster_clip_km_rn50x64_coco", [*tiny, "retriever=cluster_clip_agf_rn50x64"])
+    aggregator = build_retriever(cfg).aggregator
+    assert (aggregator.n_clusters, aggregator.distance_threshold) == (50, None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["retriever.aggregate.n_clusters=50"], "retriever.aggregate.n_clusters"),
+        (["retriever.aggregate.method=agglomerative", "retriever.aggregate.k=null"],
+         "retriever.aggregate.n_clusters"),
+        (["retriever.aggregate.method=spectral"], "retriever.aggregate.method"),
+        (["retriever.aggregate.k=0"], "k >= 1"),
+        (["retriever.aggregate.kk=5"], "retriever.aggregate.kk"),
+        (["retriever.aggregate.k=ten"], "retriever.aggregate.k"),
+    ],
+)
+def test_bad_aggregate_options_name_the_key(overrides, key):
+    """Invariant: a wrong aggregate key, type, value or combination fails before any model
+    is built (at ``load_config`` or at construction), with the key in the message."""
+    tiny = ["retriever.backbone=RN-tiny", "retriever.pretrained=null"]
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")) as err:
+        build_retriever(load_config("cluster_clip_km_rn50x64_coco", [*tiny, *overrides]))
+    assert isinstance(err.value, ConfigError) or "retriever.aggregate" in str(err.value)
+
+
+def test_options_accept_a_mapping_and_refuse_strays():
+    """Invariant: ``aggregate`` may be a plain mapping (what a config passes); an unknown key
+    or one the method does not read is refused naming it, and both AG-F and AG-T at once
+    are refused."""
+    retriever = create_retriever("cluster_clip", backbone="RN-tiny", pretrained=None,
+                                 aggregate={"method": "prune", "tau": 0.5})
+    assert isinstance(retriever, ClusterClipRetriever) and retriever.aggregator.tau == 0.5
+    with pytest.raises(ValueError, match=r"retriever\.aggregate\.kay"):
+        AggregateOptions.coerce({"method": "kmeans", "kay": 3})
+    with pytest.raises(ValueError, match=r"retriever\.aggregate\.tau"):
+        AggregateOptions(method="kmeans", tau=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        AggregateOptions(method="agglomerative", n_clusters=5, distance_threshold=0.3)
+
+
+@pytest.mark.parametrize(
+    ("options", "target", "bounds"),
+    [
+        (AggregateOptions(method="agglomerative", distance_threshold=0.0), 5.0, (0.0, 2.0)),
+        (AggregateOptions(method="prune", tau=0.0), 12.0, (-1.0, 1.0)),
+    ],
+)
+def test_calibrate_reaches_the_target_count(options, target, bounds):
+    """Invariant: ``calibrate`` finds a distance threshold (count falling with it) or a tau
+    (count rising with it) whose mean representative count is the target, within the
+    granularity of a batch of 8 images."""
+    generator = torch.Generator().manual_seed(0)
+    centers = F.normalize(torch.randn(8, 10, 16, generator=generator), dim=2)
+    pick = torch.randint(0, 10, (8, 36), generator=generator)
+    noise = 0.3 * torch.randn(8, 36, 16, generator=generator)
+    embeddings = F.normalize(centers.gather(1, pick.unsqueeze(2).expand(-1, -1, 16)) + noise, dim=2)
+    tuned, count = calibrate(embeddings, None, (6, 6), options, target, bounds)
+    assert abs(count - target) <= 0.5
+    assert tuned.method == options.method
+
+
+def test_end_to_end_run_has_few_representatives(synthetic_coco, tmp_path: Path):
+    """Invariant: the CLIP + Cluster-CLIP K.M. row config, on RN-tiny with k=4, runs through
+    ``evaluate`` (Lightning predict, shards, scoring) and writes metrics with at most
+    4 + 1 representatives per image, far below Dense-CLIP's 6 x 6 + 1 = 37; shards hold no
+    members; the run folder maps to the paper's K.M. row."""
+    ann, images = synthetic_coco
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "defaults:\n  - experiment: clip_cluster_clip_km_rn50x64_coco\n"
+        "retriever:\n  backbone: RN-tiny\n  pretrained: null\n  resolution: 192\n"
+        "loader:\n  batch_size: 8\n"
+    )
+    out = tmp_path / "run"
+    cfg = load_config(config, [
+        f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={out}",
+        "run.progress=false", "loader.num_workers=0", "logger.wandb.mode=disabled",
+        "retriever.aggregate.k=4",
+    ])
+    result = evaluate(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 24 and result.metrics["images"] == 24
+    assert 2 <= metrics["reps_per_image"]["mean"] <= 5 and metrics["reps_per_image"]["max"] <= 5
+    assert metrics["retriever"]["aggregator_options"] == {"k": 4, "iterations": 30, "seed": 0}
+    for shard in (out / "embeddings").glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            assert set(f.keys()) == {"image_ids", "embeddings", "mask", "boxes"}
+    assert paper_method(load_run(out).retriever) == ("CLIP + Cluster-CLIP, K.M.", "RN-tiny")
