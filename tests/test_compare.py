@@ -295,7 +295,8 @@ def test_offline_wandb_run_holds_summary_table_and_plots(two_runs, synthetic_coc
         elif kind == "summary":
             summary.update({u.key: json.loads(u.value_json) for u in record.summary.update
                             if u.key})
-    assert run is not None, kinds
+    wf = next(sync_dir.glob("*.wandb"))
+    assert run is not None, (kinds, wf.stat().st_size, wf.read_bytes()[:64], sorted(p.name for p in sync_dir.rglob("*")))
     assert run.run_group == "coco"
     assert {"demo", "clip", "RN-tiny", "coco"} <= set(run.tags)
     for key in ("map@50", "map", "map@50_s-m", "bytes_per_image"):

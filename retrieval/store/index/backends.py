@@ -1,0 +1,3 @@
+"""Imports every built-in backend so each registers its name (``--backend``)."""
+
+from retrieval.store.index import exact, faiss_backend  # noqa: F401

@@ -1,0 +1,123 @@
+"""``retrieval index build|info`` and ``retrieval search``: large-scale search from the shell.
+
+The lead CLI (``retrieval/cli.py``) calls :func:`register_cli` with its subparsers; each
+subcommand's ``func`` returns the exit status. User-caused errors are ``ValueError`` /
+``FileNotFoundError`` subclasses, which the lead CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _build(args: argparse.Namespace) -> int:
+    from retrieval.store.index import build_index, open_index
+
+    options = dict(_option(o) for o in args.option)
+    out = build_index(
+        args.run_dir, args.backend, args.out, args.device, args.recall_k, args.recall_target,
+        progress=not args.no_progress, **options,
+    )
+    index = open_index(out, "cpu")
+    m = index.manifest
+    console = Console()
+    console.print(index.describe())
+    console.print(
+        f"built in {m['build_seconds']:.2f} s; {m['disk_bytes_per_image']:.0f} bytes/image "
+        f"on disk, {m['memory_bytes_per_image']:.0f} in memory; settings "
+        f"{json.dumps(m['backend_state'])}"
+    )
+    console.print(f"index folder: {out}")
+    return 0
+
+
+def _option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ValueError(f"--option {text!r} must look like key=value (e.g. nprobe=32)")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _info(args: argparse.Namespace) -> int:
+    from retrieval.store.index.search import read_manifest
+
+    print(json.dumps(read_manifest(args.index), indent=2))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from retrieval.store.index import open_index
+
+    console = Console()
+    index = open_index(args.index, args.device)
+    console.print(index.describe())
+    start = time.perf_counter()
+    vector = index.embed([args.query], args.prompts)
+    encoded = time.perf_counter()
+    hits = index.search_vectors(vector, args.top)[0]
+    searched = time.perf_counter()
+    table = Table(title=f'top {len(hits)} for "{args.query}"')
+    for column in ("rank", "image id", "score", "rep", "box (xyxy, normalised)"):
+        table.add_column(column, justify="right" if column != "box (xyxy, normalised)" else "left")
+    for rank, hit in enumerate(hits, start=1):
+        box = "-" if hit.box is None else ", ".join(f"{v:.2f}" for v in hit.box)
+        table.add_row(str(rank), str(hit.image_id), f"{hit.score:.4f}", str(hit.rep_index), box)
+    console.print(table)
+    console.print(
+        f"text encoding {1000 * (encoded - start):.1f} ms, search "
+        f"{1000 * (searched - encoded):.1f} ms"
+    )
+    if args.gallery or args.sheet:
+        from retrieval.report.gallery import write_gallery
+
+        written = write_gallery(index, args.query, hits, args.gallery, args.sheet, vector[0])
+        for kind, path in written.items():
+            console.print(f"{kind}: {path}")
+    if index.retriever().random_weights:
+        console.print("RANDOM WEIGHTS: this index checks the pipeline; its hits mean nothing.")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``index build RUN_DIR``, ``index info INDEX`` and ``search INDEX QUERY``."""
+    from retrieval.store.index import list_backends
+
+    index = subparsers.add_parser("index", help="build a search index over a run's embeddings")
+    commands = index.add_subparsers(dest="index_command", required=True)
+    build = commands.add_parser("build", help="index a run's stored representatives")
+    build.add_argument("run_dir", help="run folder made by `retrieval eval`")
+    build.add_argument("--backend", default="exact", choices=list_backends())
+    build.add_argument("--out", help="index folder (default RUN_DIR/index/BACKEND)")
+    build.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (exact scoring)")
+    build.add_argument("--recall-k", type=int, default=50, help="K of the recorded recall@K")
+    build.add_argument(
+        "--recall-target", type=float, default=0.95,
+        help="recall approximate backends are tuned to reach (default 0.95)",
+    )
+    build.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="backend setting, e.g. nprobe=32, overfetch=10, nlist=1024 (repeatable)",
+    )
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(func=_build)
+    info = commands.add_parser("info", help="print an index's manifest (recall, sizes, run)")
+    info.add_argument("index")
+    info.set_defaults(func=_info)
+
+    search = subparsers.add_parser("search", help="top images of a text query in an index")
+    search.add_argument("index", help="index folder (`retrieval index build`)")
+    search.add_argument("query", help='text, e.g. "a stroller"')
+    search.add_argument("--top", type=int, default=50, help="images to return (default 50)")
+    search.add_argument("--prompts", help="prompt set (default: the run's text.prompts)")
+    search.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    search.add_argument("--gallery", help="write an HTML gallery of the hits here")
+    search.add_argument("--sheet", help="write a PNG contact sheet of the hits here")
+    search.set_defaults(func=_search)

@@ -1,0 +1,133 @@
+"""``exact``: chunked matrix products over the memory-mapped fp16 table, CPU or GPU.
+
+No approximation: every representative is scored, each image keeps its max (and the
+first representative reaching it, as ``argmax_representative`` does). It is the default
+and the reference every approximate backend's recall is measured against. FIELD_NOTES
+(Search): brute force in torch beats faiss's flat index on these CPUs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from retrieval.store.index.base import Backend, RowHits, register_backend
+from retrieval.store.index.table import RepTable
+from retrieval.store.scoring import resolve_device
+
+CHUNK_BYTES = 64 << 20  # fp32 rows converted and multiplied at once
+
+
+def segment_best(sims: Tensor, local: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per group, the max of ``sims [n, Q]`` over its rows and the first row reaching it.
+
+    Args:
+        sims: scores of ``n`` rows for ``Q`` queries.
+        local: ``[n]`` group of each row, in ``[0, groups)``.
+        groups: number of groups.
+
+    Returns:
+        ``best [groups, Q]`` (``-inf`` for a group without rows) and ``arg [groups, Q]``,
+        the row index (into ``sims``) of the first maximal row.
+    """
+    n, q = sims.shape
+    index = local.unsqueeze(1).expand(n, q)
+    best = sims.new_full((groups, q), float("-inf")).scatter_reduce(0, index, sims, "amax")
+    rows = torch.arange(n, device=sims.device).unsqueeze(1).expand(n, q)
+    at_max = torch.where(sims == best.gather(0, index), rows, n)
+    arg = torch.full((groups, q), n, dtype=torch.long, device=sims.device)
+    return best, arg.scatter_reduce(0, index, at_max, "amin")
+
+
+def top_images(best: Tensor, arg: Tensor, image_ids: np.ndarray, k: int) -> list[RowHits]:
+    """Top ``k`` groups per query from ``best [G, Q]``, ties by ascending image id."""
+    out = []
+    kk = min(k, best.shape[0])
+    scores, groups = best.T.topk(kk, dim=1)
+    rows = arg.T.gather(1, groups)
+    for s, g, r in zip(scores.cpu().numpy(), groups.cpu().numpy(), rows.cpu().numpy(),
+                       strict=True):
+        keep = np.isfinite(s)
+        s, g, r = s[keep], g[keep], r[keep]
+        order = np.lexsort((image_ids[g], -s))
+        out.append((r[order].astype(np.int64), s[order]))
+    return out
+
+
+def chunk_rows(dim: int) -> int:
+    return max(CHUNK_BYTES // (4 * dim), 1)
+
+
+@torch.no_grad()
+def exact_search(table: RepTable, queries: Tensor, k: int, device: str = "auto",
+                 resident: Tensor | None = None) -> list[RowHits]:
+    """Exact top ``k`` images of each query over the whole table.
+
+    Args:
+        table: the representatives.
+        queries: ``[Q, D]`` float.
+        k: images per query.
+        device: where the products run.
+        resident: the table's vectors already on ``device`` (fp16), else read by chunk.
+    """
+    dev = resolve_device(device)
+    q = queries.to(dev, torch.float32)
+    owner = torch.from_numpy(table.owner).to(dev)
+    n = table.num_images
+    best = torch.full((n, len(q)), float("-inf"), device=dev)
+    arg = torch.zeros((n, len(q)), dtype=torch.long, device=dev)
+    step = chunk_rows(table.dim)
+    for start in range(0, table.num_rows, step):
+        stop = min(start + step, table.num_rows)
+        if resident is not None:
+            vectors = resident[start:stop].float()
+        else:
+            vectors = torch.from_numpy(np.array(table.vectors[start:stop])).to(dev).float()
+        sims = vectors @ q.T
+        first = int(owner[start])
+        groups = int(owner[stop - 1]) - first + 1
+        chunk_best, chunk_arg = segment_best(sims, owner[start:stop] - first, groups)
+        view = slice(first, first + groups)
+        better = chunk_best > best[view]
+        best[view] = torch.where(better, chunk_best, best[view])
+        arg[view] = torch.where(better, chunk_arg + start, arg[view])
+    return top_images(best, arg, table.image_ids, k)
+
+
+@torch.no_grad()
+def rerank(table: RepTable, query: Tensor, images: np.ndarray, k: int) -> RowHits:
+    """Exact top ``k`` of the candidate images (table positions) for one query ``[D]``."""
+    images = np.unique(images)
+    rows = table.rows_of(images)
+    if not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    vectors = torch.from_numpy(table.vectors[rows].astype(np.float32))
+    sims = vectors @ query.float().cpu().unsqueeze(1)
+    local = torch.from_numpy(np.searchsorted(images, table.owner[rows]))
+    best, arg = segment_best(sims, local, len(images))
+    (r, s), = top_images(best, arg, table.image_ids[images], k)
+    return rows[r], s
+
+
+@register_backend("exact")
+class ExactBackend(Backend):
+    """Brute force over every representative; on a GPU the vectors stay resident in fp16."""
+
+    def build(self, progress: bool) -> None:
+        """Nothing to build: the table is the index."""
+
+    def _resident(self) -> Tensor | None:
+        dev = resolve_device(self.device)
+        if dev.type != "cuda":
+            return None
+        if getattr(self, "_gpu", None) is None:
+            self._gpu = torch.from_numpy(np.array(self.table.vectors)).to(dev)
+        return self._gpu
+
+    def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
+        return exact_search(self.table, queries, k, self.device, self._resident())
+
+    def memory_bytes(self) -> int:
+        """Every vector is read by every query: the whole table counts as resident."""
+        return super().memory_bytes() + self.table.vectors.nbytes

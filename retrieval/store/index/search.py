@@ -1,0 +1,187 @@
+"""Opening an index and answering text queries with the run's own retriever.
+
+The text encoder is rebuilt from the ``config.yaml`` stored with the index (seeded like
+the run, so even a random-weight pipeline check encodes text as the run did) and checked
+against the fingerprint the index was built from: a query embedded by another retriever
+would return confident nonsense, so it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from retrieval.store.index.base import Backend, Hit, open_backend
+from retrieval.store.index.build import FORMAT, MANIFEST
+from retrieval.store.index.table import IndexFileError, corrupt
+from retrieval.store.shards import ShardStore
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip, so tuples and lists (and numbers as strings) compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """``index.json`` of an index folder, or a clear error saying how to make one."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise FileNotFoundError(f"index folder not found: {folder}")
+    if not path.exists():
+        raise IndexFileError(
+            f"{folder} is not an index (no {MANIFEST}); build one with "
+            f"`retrieval index build RUN_DIR --out {folder}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise corrupt(path, f"not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise corrupt(path, f"not an index manifest of format {FORMAT}")
+    for name, size in manifest.get("files", {}).items():
+        file = folder / name
+        if not file.exists():
+            raise corrupt(file, "file missing")
+        if file.stat().st_size != size:
+            raise corrupt(file, f"{file.stat().st_size} bytes, the manifest says {size}")
+    return manifest
+
+
+class SearchIndex:
+    """A built index, opened for search.
+
+    Args:
+        folder: the index folder (``retrieval index build`` output).
+        device: where exact scoring runs and the text encoder lives.
+    """
+
+    def __init__(self, folder: str | Path, device: str = "auto") -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.device = device
+        self._check_run_unchanged()
+        self.backend: Backend = open_backend(
+            self.manifest["backend"], self.folder, self.embed_dim, device,
+            **self.manifest.get("backend_state", {}),
+        )
+        self._retriever = None
+        self._cfg: DictConfig | None = None
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.manifest["run"])
+
+    @property
+    def recall(self) -> dict[str, Any]:
+        return self.manifest["recall"]
+
+    def describe(self) -> str:
+        """One line: what the index is and the recall it was built with."""
+        m, r = self.manifest, self.recall
+        how = r["method"] if not r.get("queries") else f"{r['queries']} held-out queries"
+        return (
+            f"{m['backend']} index of {m['images']} images ({m['representatives']} "
+            f"representatives, {m['retriever'].get('name')}, D={m['embed_dim']}) from "
+            f"{m['run']}; recall@{r['k']} vs exact {r['value']:.3f} ({how})"
+        )
+
+    def _check_run_unchanged(self) -> None:
+        """Refuses an index whose run was re-embedded with other settings since."""
+        store = ShardStore(self.run_dir / "embeddings")
+        now = store.read_manifest().get("fingerprint")
+        if now is not None and _plain(now) != _plain(self.manifest["fingerprint"]):
+            raise IndexFileError(
+                f"{self.run_dir} was re-embedded with other settings after index "
+                f"{self.folder} was built; rebuild it: `retrieval index build {self.run_dir} "
+                f"--backend {self.manifest['backend']} --out {self.folder}`"
+            )
+
+    @property
+    def config(self) -> DictConfig:
+        """The run's configuration (stored with the index)."""
+        if self._cfg is None:
+            from retrieval.config import load_config
+
+            path = self.folder / "config.yaml"
+            if not path.exists():
+                raise IndexFileError(
+                    f"{path} is missing: text queries need the run's config to rebuild its "
+                    f"retriever; search with vectors (search_vectors) or rebuild the index"
+                )
+            self._cfg = load_config(path)
+        return self._cfg
+
+    def retriever(self):
+        """The run's retriever, built and seeded as the run built it, checked against the
+        fingerprint the index was made from."""
+        if self._retriever is None:
+            from retrieval.config import as_dict
+            from retrieval.retrievers.registry import create_retriever
+            from retrieval.store.scoring import resolve_device
+
+            cfg = self.config
+            seed = int(cfg.run.seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            options = as_dict(cfg.retriever)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                retriever = create_retriever(options.pop("name"), **options)
+            self.check_retriever(retriever, cfg.retriever.name)
+            self._retriever = retriever.eval().to(resolve_device(self.device))
+        return self._retriever
+
+    def check_retriever(self, retriever: Any, name: str) -> None:
+        """Raises unless ``retriever`` made this index's embeddings (same fingerprint)."""
+        built = {"name": name, **retriever.describe()}
+        stored = self.manifest["retriever"]
+        if _plain(built) != _plain(stored) or retriever.embed_dim != self.embed_dim:
+            raise IndexFileError(
+                f"index {self.folder} holds embeddings of retriever {stored} "
+                f"(D={self.embed_dim}); the query encoder is {built} "
+                f"(D={retriever.embed_dim}). Query it with the retriever that built it, or "
+                f"build an index from a run of this retriever"
+            )
+
+    def embed(self, texts: list[str], prompts: str | None = None) -> Tensor:
+        """``[Q, D]`` query embeddings with the run's prompt ensemble (``text.prompts``)."""
+        from retrieval.text import embed_queries
+
+        cfg = self.config
+        retriever = self.retriever()
+        return embed_queries(
+            retriever.encode_text, texts, prompts or cfg.text.prompts, cfg.text.batch_size
+        ).cpu()
+
+    def search_vectors(self, queries: Tensor | np.ndarray, top: int = 50) -> list[list[Hit]]:
+        """Top images of each query embedding ``[Q, D]``."""
+        return self.backend.search(queries, top)
+
+    def search(self, query: str, top: int = 50, prompts: str | None = None) -> list[Hit]:
+        """Top images for one text query, best first."""
+        return self.search_vectors(self.embed([query], prompts), top)[0]
+
+
+def open_index(folder: str | Path, device: str = "auto") -> SearchIndex:
+    """Opens an index folder for search (clear errors for a missing or corrupt one)."""
+    return SearchIndex(folder, device)
+
+
+def search(index: str | Path | SearchIndex, query: str, top: int = 50) -> list[Hit]:
+    """Top ``top`` images of ``query`` in ``index``: ``Hit(image_id, score, rep_index, box)``."""
+    index = index if isinstance(index, SearchIndex) else open_index(index)
+    return index.search(query, top)
