@@ -299,7 +299,22 @@ def _validated(raw: DictConfig) -> DictConfig:
         message = getattr(err, "msg", str(err))
         raise ConfigError(f"config key {key!r}: {message}") from None
     _check_choices(cfg)
+    retriever_options(cfg)  # runs the option dataclasses' own checks before any work
     return cfg
+
+
+def retriever_options(cfg: DictConfig) -> dict[str, Any]:
+    """The retriever's keyword arguments, nested option groups as their dataclasses.
+
+    Raises:
+        ConfigError: an option group rejects its values (its message names the key).
+    """
+    try:
+        options = OmegaConf.to_object(cfg.retriever)
+    except (ValueError, TypeError, OmegaConfBaseException) as err:
+        raise ConfigError(f"retriever: {err}") from None
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if f.name != "name"}
 
 
 def load_config(config: str | Path, overrides: list[str] | None = None) -> DictConfig:

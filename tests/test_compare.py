@@ -6,14 +6,17 @@ import argparse
 import csv
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+import wandb
+import yaml
 from PIL import Image
 
-from retrieval.config import load_config
+from retrieval.config import CONFIG_DIR, load_config
 from retrieval.data.registry import create_dataset
 from retrieval.engine.evaluate import evaluate
 from retrieval.report.compare import (
@@ -93,39 +96,47 @@ def test_category_deltas_are_per_category_differences(two_runs) -> None:
 
 
 PAPER_METHODS = [
-    ({"name": "clip", "backbone": "RN50"}, ("CLIP", "RN50")),
     ({"name": "clip", "backbone": "RN50x64-quickgelu"}, ("CLIP", "RN50x64")),
-    ({"name": "dense_clip", "backbone": "RN50x4", "with_global": False}, ("Dense-CLIP", "RN50x4")),
-    ({"name": "dense_clip", "backbone": "RN50", "with_global": True},
-     ("CLIP + Dense-CLIP", "RN50")),
-    ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": "kmeans"},
-     ("Cluster-CLIP, K.M.", "RN50x64")),
     ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": "agglomerative",
-      "aggregator_options": {"n_clusters": 50}}, ("Cluster-CLIP, AG-F", "RN50x64")),
-    ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": {"name": "agglomerative",
-      "distance_threshold": 0.3}}, ("Cluster-CLIP, AG-T", "RN50x64")),
-    ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": "prune",
-      "with_global": True}, ("CLIP + Cluster-CLIP, R.P.", "RN50x64")),
-    ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": "none"},
+      "aggregator_options": {"n_clusters": 50, "distance_threshold": None}},
+     ("Cluster-CLIP, AG-F", "RN50x64")),  # metrics.json's retriever block
+    ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": "agglomerative",
+      "aggregator_options": {"n_clusters": None, "distance_threshold": 0.3}},
+     ("Cluster-CLIP, AG-T", "RN50x64")),
+    ({"name": "cluster_clip", "backbone": "RN50x64", "aggregate": {"method": "none"}},
      ("Dense-CLIP", "RN50x64")),
-    ({"name": "owlvit", "backbone": "google/owlvit-base-patch32"}, ("OwlViT", "ViT-B/32")),
-    ({"name": "owlvit", "backbone": "google/owlvit-large-patch14"}, ("OwlViT", "ViT-L/14")),
+    ({"name": "owlvit", "checkpoint": "/cache/models--google--owlvit-large-patch14"},
+     ("OwlViT", "ViT-L/14")),
+    ({"name": "owlvit", "checkpoint": "google/owlv2-base-patch16"},
+     ("OwlViT", "google/owlv2-base-patch16")),  # OWLv2: no paper row (backbone unmatched)
     ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": "spectral"}, None),
     ({"name": "my_plugin", "backbone": "RN50"}, None),
 ]
+PAPER_ROW_CONFIGS = sorted(
+    p for p in (CONFIG_DIR / "retriever").glob("*.yaml") if "Paper row" in p.read_text()
+)
 
 
 @pytest.mark.parametrize(("retriever", "expected"), PAPER_METHODS)
 def test_paper_method_mapping(retriever: dict, expected) -> None:
-    """Each retriever config maps to the paper row it reproduces (method, backbone), and
-    every mapped row exists in the packaged paper table; unknown methods map to None."""
+    """Each retriever config maps to the (method, backbone) it reproduces, whether read
+    from config.yaml or metrics.json; unknown methods map to None."""
     got = paper_method(retriever)
     assert (got is None) == (expected is None)
     if expected is not None:
         assert got[1] == expected[1] and got[0].rstrip(".") == expected[0].rstrip(".")
-        table = load_paper_table()
-        assert any(r["method"].rstrip(".") == got[0].rstrip(".") and r["backbone"] == got[1]
-                   for r in table)
+
+
+@pytest.mark.parametrize("path", PAPER_ROW_CONFIGS, ids=lambda p: p.stem)
+def test_every_paper_row_config_maps_to_its_row(path: Path) -> None:
+    """A retriever config whose header names a paper row ('Paper row "CLIP + Dense-CLIP,
+    RN50"') maps to exactly that row of the packaged table, at the row's resolution."""
+    method, backbone = re.search(r'Paper row "(.+), ([^,"]+)"', path.read_text()).groups()
+    retriever = yaml.safe_load(path.read_text())["retriever"]
+    got = paper_method(retriever)
+    assert got is not None and got[0].rstrip(".") == method.rstrip(".") and got[1] == backbone
+    run = _fake_run("coco", 5000, **retriever)
+    assert reference_for(run, load_paper_table()).values, path.name
 
 
 def _fake_run(dataset: str, images: int, **retriever) -> Run:
@@ -285,18 +296,16 @@ def test_offline_wandb_run_holds_summary_table_and_plots(two_runs, synthetic_coc
     cfg = load_config("demo", _overrides(synthetic_coco, tmp_path, "logger.wandb.mode=offline"))
     plots = plot_run(tmp_path, rows)
     sync_dir = log_to_wandb(cfg, tmp_path, metrics, rows, plots)
+    wandb.teardown()  # finish() returns before wandb-core flushes the offline log; exit does
     assert sync_dir.name.startswith("offline-run-")
-    summary, run, kinds = {}, None, []
+    summary, run = {}, None
     for record in _wandb_records(next(sync_dir.glob("*.wandb"))):
-        kinds.append(record.WhichOneof("record_type"))
-        kind = kinds[-1]
+        kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
         elif kind == "summary":
             summary.update({u.key: json.loads(u.value_json) for u in record.summary.update
                             if u.key})
-    wf = next(sync_dir.glob("*.wandb"))
-    assert run is not None, (kinds, wf.stat().st_size, wf.read_bytes()[:64], sorted(p.name for p in sync_dir.rglob("*")))
     assert run.run_group == "coco"
     assert {"demo", "clip", "RN-tiny", "coco"} <= set(run.tags)
     for key in ("map@50", "map", "map@50_s-m", "bytes_per_image"):

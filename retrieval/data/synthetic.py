@@ -4,14 +4,28 @@ Tests and pipeline checks need a dataset with real files, real annotations and e
 COCO size bucket, made offline in milliseconds. Every object is drawn from exactly the
 polygon that is written as its segmentation, so ``area`` and ``bbox`` are exact.
 
+Two category modes:
+
+- ``shape`` (default): a category is a shape ("circle"); colour is an attribute.
+- ``colour_shape``: a category is a colour-shape pair ("red circle"), the scenes
+  benchmark's queries. Some pairs can be held out (:data:`HELD_OUT_PAIRS`): a training
+  set never draws them (``draw_held_out=False``), an evaluation set draws them and
+  marks their categories ``"held_out": true``, so retrieving them needs a model that
+  composes a colour and a shape it only ever saw apart: open vocabulary.
+
+Every image carries a caption naming its objects (``images[i]["captions"]``), e.g.
+"a photo of a large red circle, a small blue star and a green square.".
+
 Usage::
 
     python -m retrieval.data.synthetic OUT_DIR [--num-images N] [--seed S]
+    python -m retrieval.data.synthetic data/scenes --preset scenes   # the benchmark set
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -107,6 +121,35 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 """Object colours by name; each annotation records its colour under ``"colour"``."""
 
+CATEGORY_MODES = ("shape", "colour_shape")
+SIZE_MODES = ("buckets", "log_uniform")
+
+HELD_OUT_PAIRS: tuple[str, ...] = (
+    "blue circle",
+    "yellow square",
+    "orange triangle",
+    "purple star",
+    "white ring",
+    "black cross",
+    "red hexagon",
+    "green diamond",
+)
+"""The scenes benchmark's held-out pairs: one per shape and one per colour (a shifted
+diagonal of colours x shapes), so every colour and every shape is still seen in training
+with seven partners, never with this one."""
+
+SMALL_CAPTION_FRACTION = 0.015
+"""An object under this fraction of the image area is "small" in a caption (at 256x256
+that is about COCO's 32², at 64x64 about 8²)."""
+LARGE_CAPTION_FRACTION = 0.14
+"""An object at or over this fraction of the image area is "large" in a caption (at
+256x256 about COCO's 96²)."""
+
+
+def pair_name(colour: str, shape: str) -> str:
+    """The category name of a colour-shape pair: ``"red circle"``."""
+    return f"{colour} {shape}"
+
 
 @dataclass(frozen=True)
 class SyntheticOptions:
@@ -130,6 +173,20 @@ class SyntheticOptions:
         bad_images: extra images (ids N+1..) whose files are truncated or not images,
             annotated like the rest, for testing the bad-file policies.
         jpeg_quality: JPEG quality of the written files.
+        category_mode: ``shape`` (categories are shapes) or ``colour_shape``
+            (categories are the pairs of ``colours`` x ``categories``, named
+            ``"red circle"``, ids 1..K colour-major).
+        held_out: pair names (``colour_shape`` mode) marked ``"held_out": true`` in the
+            categories; see :data:`HELD_OUT_PAIRS`.
+        draw_held_out: False for a training set: held-out pairs are never drawn (their
+            categories are still listed, with no annotation).
+        size_mode: ``buckets`` (COCO's small / medium / large mix, see ``size_mix``) or
+            ``log_uniform`` (area log-uniform between ``min_area`` and the cap, for
+            images too small for COCO's absolute buckets, e.g. 64x64 training scenes).
+        clutter: distractor strokes per image (thin lines, outlines, scribbles in muted,
+            desaturated colours of the background: no vocabulary shape or colour).
+        caption_size_words: name objects "small" / "large" in the captions (relative to
+            the image: :data:`SMALL_CAPTION_FRACTION`, :data:`LARGE_CAPTION_FRACTION`).
     """
 
     num_images: int = 12
@@ -143,6 +200,12 @@ class SyntheticOptions:
     size_mix: tuple[float, float, float] = (0.45, 0.4, 0.15)
     bad_images: int = 0
     jpeg_quality: int = 90
+    category_mode: str = "shape"
+    held_out: tuple[str, ...] = ()
+    draw_held_out: bool = True
+    size_mode: str = "buckets"
+    clutter: int = 0
+    caption_size_words: bool = True
 
     def __post_init__(self) -> None:
         for key, given, known in (
@@ -154,10 +217,58 @@ class SyntheticOptions:
                 raise ValueError(f"{key} must be a non-empty subset of {list(known)}, got {given}")
         if self.num_images < 1 or self.bad_images < 0:
             raise ValueError("num_images must be >= 1 and bad_images >= 0")
+        for key, value, known in (
+            ("category_mode", self.category_mode, CATEGORY_MODES),
+            ("size_mode", self.size_mode, SIZE_MODES),
+        ):
+            if value not in known:
+                raise ValueError(f"{key} must be one of {', '.join(known)}, got {value!r}")
+        low, high = self.objects_per_image
+        if not 0 <= low <= high:
+            raise ValueError(
+                f"objects_per_image must be (low, high), 0 <= low <= high: {low, high}"
+            )
+        if self.clutter < 0:
+            raise ValueError(f"clutter must be >= 0, got {self.clutter}")
+        if self.held_out and self.category_mode != "colour_shape":
+            raise ValueError("held_out pairs need category_mode='colour_shape'")
+        names = {pair_name(c, s) for c, s in self.pairs}
+        unknown = [name for name in self.held_out if name not in names]
+        if unknown:
+            raise ValueError(
+                f"held_out pairs {unknown} are not colour-shape pairs of these colours and "
+                f"categories (e.g. {sorted(names)[0]!r})"
+            )
+        if not self.drawable_pairs:
+            raise ValueError("draw_held_out=False holds out every pair: nothing left to draw")
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (colour, shape) pair, colour-major: the ``colour_shape`` categories' order."""
+        return [(c, s) for c in self.colours for s in self.categories]
+
+    @property
+    def drawable_pairs(self) -> list[tuple[str, str]]:
+        """The pairs an object may be drawn as (held-out ones left out unless drawn)."""
+        held = set(self.held_out)
+        return [(c, s) for c, s in self.pairs if self.draw_held_out or pair_name(c, s) not in held]
+
+    @property
+    def category_names(self) -> list[str]:
+        """Category names in id order (ids 1..K)."""
+        if self.category_mode == "shape":
+            return list(self.categories)
+        return [pair_name(c, s) for c, s in self.pairs]
+
+    def category_of(self, colour: str, shape: str) -> str:
+        """The category name an object of this colour and shape belongs to."""
+        return shape if self.category_mode == "shape" else pair_name(colour, shape)
 
 
 @dataclass
-class _Object:
+class SceneObject:
+    """One drawn object: its shape, colour name and polygon in pixels."""
+
     shape: Shape
     colour: str
     polygon: np.ndarray  # [P, 2] pixels
@@ -173,6 +284,9 @@ class _Object:
         return float(x0), float(y0), float(x1), float(y1)
 
 
+_Object = SceneObject  # the name before the scenes benchmark
+
+
 def _largest_area(shape: Shape, options: SyntheticOptions) -> float:
     """The largest area ``shape`` can have and still fit in the image, within the cap."""
     width, height = options.image_size
@@ -181,22 +295,34 @@ def _largest_area(shape: Shape, options: SyntheticOptions) -> float:
     return min(fit**2 * shape.area, options.max_area_fraction * width * height)
 
 
-def _plan_objects(rng: np.random.Generator, index: int, options: SyntheticOptions) -> list[_Object]:
+def _plan_objects(
+    rng: np.random.Generator, index: int, options: SyntheticOptions
+) -> list[SceneObject]:
     """Shapes, colours and sizes of one image's objects, not yet placed."""
     shapes = [SHAPES[name] for name in options.categories]
+    pairs = [(c, SHAPES[s]) for c, s in options.drawable_pairs]
+    by_pair = options.category_mode == "colour_shape"
     bounds = ((options.min_area, SMALL_AREA), (SMALL_AREA, LARGE_AREA), (LARGE_AREA, math.inf))
     low, high = options.objects_per_image
     objects = []
     for k in range(int(rng.integers(low, high + 1))):
-        bucket = 2 - (index - 1) % 3 if k == 0 else int(rng.choice(3, p=options.size_mix))
-        candidates = [s for s in shapes if _largest_area(s, options) >= bounds[bucket][0]]
-        shape = candidates[rng.integers(len(candidates))] if candidates else shapes[0]
-        colour = options.colours[rng.integers(len(options.colours))]
-        lo = min(bounds[bucket][0], _largest_area(shape, options))
-        hi = min(bounds[bucket][1], _largest_area(shape, options))
+        if options.size_mode == "log_uniform":
+            colour, shape = pairs[rng.integers(len(pairs))]
+            lo, hi = options.min_area, _largest_area(shape, options)
+        else:
+            bucket = 2 - (index - 1) % 3 if k == 0 else int(rng.choice(3, p=options.size_mix))
+            if by_pair:
+                fits = [p for p in pairs if _largest_area(p[1], options) >= bounds[bucket][0]]
+                colour, shape = fits[rng.integers(len(fits))] if fits else pairs[0]
+            else:
+                candidates = [s for s in shapes if _largest_area(s, options) >= bounds[bucket][0]]
+                shape = candidates[rng.integers(len(candidates))] if candidates else shapes[0]
+                colour = options.colours[rng.integers(len(options.colours))]
+            lo = min(bounds[bucket][0], _largest_area(shape, options))
+            hi = min(bounds[bucket][1], _largest_area(shape, options))
         area = math.exp(rng.uniform(math.log(lo), math.log(hi))) if lo < hi else hi
         scale = math.sqrt(area / shape.area)
-        objects.append(_Object(shape, colour, shape.outline * scale))
+        objects.append(SceneObject(shape, colour, shape.outline * scale))
     return objects
 
 
@@ -207,7 +333,7 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return max(w, 0.0) * max(h, 0.0)
 
 
-def _place(rng: np.random.Generator, objects: list[_Object], size: tuple[int, int]) -> None:
+def _place(rng: np.random.Generator, objects: list[SceneObject], size: tuple[int, int]) -> None:
     """Moves each object into the image where it overlaps earlier ones least (of a few tries).
 
     Largest first, so that where small objects must overlap they are drawn on top and
@@ -248,18 +374,108 @@ def _background(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def _draw_image(index: int, options: SyntheticOptions) -> tuple[bytes, list[_Object]]:
-    """JPEG bytes and objects of image ``index``; a function of the options and index only."""
+def _muted(rng: np.random.Generator, base: np.ndarray) -> tuple[int, int, int]:
+    """A clutter colour: near the background, two thirds desaturated, never white or black."""
+    tint = np.clip(base + rng.normal(0, 45, size=3), 0, 255)
+    grey = float(np.clip(tint.mean(), 60, 200))
+    return tuple(int(round(grey + 0.35 * (t - grey))) for t in tint)
+
+
+def _clutter(rng: np.random.Generator, image: Image.Image, count: int) -> None:
+    """Draws ``count`` distractors: lines, outlines and scribbles in muted colours.
+
+    None is filled and none is a vocabulary colour, so no distractor is an object; they
+    only make the background harder to tell from small objects.
+    """
+    width, height = image.size
+    side = min(width, height)
+    base = np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+    draw = ImageDraw.Draw(image)
+    for _ in range(count):
+        kind = int(rng.integers(3))
+        colour = _muted(rng, base)
+        line = max(1, int(round(rng.uniform(0.5, 1.5) * side / 128)))
+        x, y = rng.uniform(0, width), rng.uniform(0, height)
+        if kind == 0:  # a straight stroke
+            length, angle = rng.uniform(0.1, 0.5) * side, rng.uniform(0, np.pi)
+            end = (x + length * math.cos(angle), y + length * math.sin(angle))
+            draw.line([(x, y), end], fill=colour, width=line)
+        elif kind == 1:  # an ellipse outline
+            rx, ry = rng.uniform(0.02, 0.12, size=2) * side
+            draw.ellipse([x - rx, y - ry, x + rx, y + ry], outline=colour, width=line)
+        else:  # a scribble
+            steps = rng.normal(0, 0.08 * side, size=(int(rng.integers(3, 7)), 2))
+            points = np.array([x, y]) + np.cumsum(steps, axis=0)
+            draw.line([tuple(p) for p in points.tolist()], fill=colour, width=line)
+
+
+def render_scene(index: int, options: SyntheticOptions) -> tuple[Image.Image, list[SceneObject]]:
+    """Image ``index`` before JPEG encoding, and its objects (largest first).
+
+    A function of the options and index only: the training script renders scenes in
+    memory with it, :func:`write_synthetic_coco` writes the same scenes as JPEG files.
+    """
     rng = np.random.default_rng([options.seed, index])
     objects = sorted(_plan_objects(rng, index, options), key=lambda o: -o.area)
     _place(rng, objects, options.image_size)
     image = Image.fromarray(_background(rng, options.image_size))
+    if options.clutter:
+        _clutter(rng, image, options.clutter)
     draw = ImageDraw.Draw(image)
     for obj in objects:
         draw.polygon([tuple(p) for p in obj.polygon.tolist()], fill=COLOURS[obj.colour])
+    return image, objects
+
+
+def _draw_image(index: int, options: SyntheticOptions) -> tuple[bytes, list[SceneObject]]:
+    """JPEG bytes and objects of image ``index``; a function of the options and index only."""
+    image, objects = render_scene(index, options)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=options.jpeg_quality)
     return buffer.getvalue(), objects
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def object_phrase(colour: str, shape: str, size: str | None = None) -> str:
+    """``"a small red circle"``, ``"an orange star"`` (size: ``small``, ``large`` or None)."""
+    words = " ".join(w for w in (size, colour, shape) if w)
+    return f"{_article(words)} {words}"
+
+
+def size_word(area: float, image_area: float) -> str | None:
+    """``small`` / ``large`` / None: an object's size relative to its image, for captions."""
+    if area < SMALL_CAPTION_FRACTION * image_area:
+        return "small"
+    if area >= LARGE_CAPTION_FRACTION * image_area:
+        return "large"
+    return None
+
+
+def caption(phrases: Sequence[str], template: str = "a photo of {}.") -> str:
+    """Joins object phrases into one caption: ``"a photo of a red circle, a blue star and
+    a green square."``."""
+    if not phrases:
+        return template.format("nothing")
+    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return template.format(listed)
+
+
+def scene_caption(objects: Sequence[SceneObject], options: SyntheticOptions) -> str:
+    """The caption written for an image: every object, largest first, sizes named when
+    ``caption_size_words``."""
+    width, height = options.image_size
+    phrases = [
+        object_phrase(
+            o.colour,
+            o.shape.name,
+            size_word(o.area, width * height) if options.caption_size_words else None,
+        )
+        for o in objects
+    ]
+    return caption(phrases)
 
 
 def _break(data: bytes, index: int) -> bytes:
@@ -269,8 +485,31 @@ def _break(data: bytes, index: int) -> bytes:
     return b"this is not an image\n" * 8
 
 
+def _category_records(options: SyntheticOptions) -> list[dict[str, Any]]:
+    if options.category_mode == "shape":
+        return [
+            {"id": k + 1, "name": name, "supercategory": "shape"}
+            for k, name in enumerate(options.categories)
+        ]
+    held = set(options.held_out)
+    return [
+        {
+            "id": k + 1,
+            "name": pair_name(colour, shape),
+            "supercategory": shape,
+            "colour": colour,
+            "shape": shape,
+            "held_out": pair_name(colour, shape) in held,
+        }
+        for k, (colour, shape) in enumerate(options.pairs)
+    ]
+
+
 def write_synthetic_coco(out_dir: str | Path, options: SyntheticOptions) -> tuple[Path, Path]:
     """Writes ``out_dir/images/*.jpg`` and ``out_dir/annotations.json``.
+
+    Each image record carries ``captions`` (one caption naming its objects); in
+    ``colour_shape`` mode each category carries ``colour``, ``shape`` and ``held_out``.
 
     Returns:
         (annotation file, images folder): the ``data.annotations`` and ``data.images``
@@ -279,7 +518,7 @@ def write_synthetic_coco(out_dir: str | Path, options: SyntheticOptions) -> tupl
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    category_id = {name: k + 1 for k, name in enumerate(options.categories)}
+    category_id = {name: k + 1 for k, name in enumerate(options.category_names)}
     width, height = options.image_size
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
@@ -289,31 +528,43 @@ def write_synthetic_coco(out_dir: str | Path, options: SyntheticOptions) -> tupl
             data = _break(data, image_id)
         file_name = f"{image_id:012d}.jpg"
         (images_dir / file_name).write_bytes(data)
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "width": width,
+                "height": height,
+                "captions": [scene_caption(objects, options)],
+            }
+        )
         for obj in objects:
             x0, y0, x1, y1 = obj.box
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id[obj.shape.name],
-                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                    "area": round(obj.area, 2),
-                    "iscrowd": 0,
-                    "segmentation": [obj.polygon.reshape(-1).tolist()],
-                    "colour": obj.colour,
-                }
-            )
+            record = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": category_id[options.category_of(obj.colour, obj.shape.name)],
+                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                "area": round(obj.area, 2),
+                "iscrowd": 0,
+                "segmentation": [obj.polygon.reshape(-1).tolist()],
+                "colour": obj.colour,
+            }
+            if options.category_mode == "colour_shape":
+                record["shape"] = obj.shape.name
+            annotations.append(record)
+    info: dict[str, Any] = {
+        "description": "synthetic shapes (retrieval.data.synthetic)",
+        "seed": options.seed,
+    }
+    if options.category_mode != "shape" or options.clutter or options.size_mode != "buckets":
+        info["options"] = {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(options).items()
+        }
     dataset = {
-        "info": {
-            "description": "synthetic shapes (retrieval.data.synthetic)",
-            "seed": options.seed,
-        },
+        "info": info,
         "images": images,
-        "categories": [
-            {"id": category_id[name], "name": name, "supercategory": "shape"}
-            for name in options.categories
-        ],
+        "categories": _category_records(options),
         "annotations": annotations,
     }
     annotation_file = out_dir / "annotations.json"
@@ -353,24 +604,90 @@ def make_synthetic_coco(
     return write_synthetic_coco(out_dir, options)
 
 
+def scenes_options(
+    split: str = "eval", num_images: int | None = None, seed: int | None = None, **changes: Any
+) -> SyntheticOptions:
+    """The scenes benchmark's generator settings (:data:`SCENES_PRESETS`), with changes.
+
+    Args:
+        split: ``eval`` (the held-out evaluation scenes) or ``train`` (what
+            ``tools/train_scenes_clip.py`` renders: small images, held-out pairs never
+            drawn).
+        num_images, seed: override the preset's.
+        changes: any other :class:`SyntheticOptions` field.
+    """
+    if split not in SCENES_PRESETS:
+        raise ValueError(f"split must be one of {', '.join(SCENES_PRESETS)}, got {split!r}")
+    options = SCENES_PRESETS[split]
+    if num_images is not None:
+        changes["num_images"] = num_images
+    if seed is not None:
+        changes["seed"] = seed
+    return dataclasses.replace(options, **changes)
+
+
+SCENES_PRESETS: dict[str, SyntheticOptions] = {
+    "eval": SyntheticOptions(
+        num_images=400,
+        image_size=(256, 256),
+        seed=2023,
+        objects_per_image=(1, 6),
+        category_mode="colour_shape",
+        held_out=HELD_OUT_PAIRS,
+        draw_held_out=True,
+        clutter=8,
+    ),
+    "train": SyntheticOptions(
+        num_images=100_000,
+        image_size=(64, 64),
+        seed=0,
+        objects_per_image=(1, 4),
+        min_area=36.0,
+        max_area_fraction=0.45,
+        category_mode="colour_shape",
+        held_out=HELD_OUT_PAIRS,
+        draw_held_out=False,
+        size_mode="log_uniform",
+        clutter=2,
+    ),
+}
+"""``eval``: 256x256 scenes, 1-6 objects from a few pixels to half the image (every
+COCO size bucket), 64 colour-shape categories of which :data:`HELD_OUT_PAIRS` are held
+out, cluttered. ``train``: 64x64 scenes of 1-4 objects, sizes log-uniform, held-out
+pairs never drawn."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m retrieval.data.synthetic OUT_DIR [--num-images N] [--seed S] ...``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--num-images", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--preset",
+        choices=["scenes", "scenes-train"],
+        help="the scenes benchmark's evaluation (scenes) or training (scenes-train) set; "
+        "--num-images and --seed still apply (defaults: the preset's)",
+    )
+    parser.add_argument("--num-images", type=int, default=None, help="default 12 (or preset)")
+    parser.add_argument("--seed", type=int, default=None, help="default 0 (or preset)")
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--bad-images", type=int, default=0)
     args = parser.parse_args(argv)
-    annotations, images = make_synthetic_coco(
-        args.out_dir,
-        args.num_images,
-        (args.width, args.height),
-        args.seed,
-        bad_images=args.bad_images,
-    )
-    print(f"wrote {args.num_images + args.bad_images} images to {images}")
+    if args.preset:
+        split = "eval" if args.preset == "scenes" else "train"
+        options = scenes_options(split, args.num_images, args.seed, bad_images=args.bad_images)
+        annotations, images = write_synthetic_coco(args.out_dir, options)
+        count = options.num_images
+    else:
+        count = 12 if args.num_images is None else args.num_images
+        annotations, images = make_synthetic_coco(
+            args.out_dir,
+            count,
+            (args.width, args.height),
+            0 if args.seed is None else args.seed,
+            bad_images=args.bad_images,
+        )
+    print(f"wrote {count + args.bad_images} images to {images}")
     print(f"wrote annotations to {annotations}")
     print(f"use: data.name=coco data.annotations={annotations} data.images={images}")
 

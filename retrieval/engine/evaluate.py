@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 import retrieval
-from retrieval.config import ConfigError, as_dict, to_yaml
+from retrieval.config import ConfigError, as_dict, retriever_options, to_yaml
 from retrieval.data.registry import create_dataset, dataset_parameters
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.writer import ShardWriter
@@ -48,8 +48,8 @@ class RunResult:
 
 
 def build_retriever(cfg: DictConfig) -> Retriever:
-    options = as_dict(cfg.retriever)
-    return create_retriever(options.pop("name"), **options)
+    """The configured retriever; typed option groups arrive as their dataclasses."""
+    return create_retriever(cfg.retriever.name, **retriever_options(cfg))
 
 
 def build_dataset(cfg: DictConfig, transform: Any):

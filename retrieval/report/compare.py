@@ -166,10 +166,11 @@ def _find(options: Mapping[str, Any], key: str) -> Any:
 
 
 def _aggregator(retriever: Mapping[str, Any]) -> str | None:
-    for key in ("aggregator", "aggregate", "aggregation"):
+    """The aggregation method: ``aggregator`` (metrics.json) or ``aggregate.method`` (config)."""
+    for key in ("aggregator", "aggregate"):
         value = retriever.get(key)
         if isinstance(value, Mapping):
-            value = value.get("name")
+            value = value.get("method") or value.get("name")
         if value:
             return str(value)
     return None
@@ -181,11 +182,13 @@ def paper_method(retriever: Mapping[str, Any]) -> tuple[str, str] | None:
     This is the one place that maps our configs onto the paper's table: ``clip`` is
     "CLIP", ``dense_clip`` "Dense-CLIP" (``with_global``: "CLIP + Dense-CLIP"),
     ``cluster_clip`` "Cluster-CLIP, <aggregator>" (K.M., AG-F, AG-T with a
-    ``distance_threshold``, R.P.), ``owlvit`` "OwlViT". Resolution and dataset are
-    checked by :func:`reference_for`.
+    ``distance_threshold``, R.P.), ``owlvit`` "OwlViT" (backbone from its
+    ``checkpoint``). Resolution and dataset are checked by :func:`reference_for`.
     """
     name = retriever.get("name")
-    backbone = canonical_backbone(retriever.get("backbone") or retriever.get("model"))
+    backbone = canonical_backbone(
+        retriever.get("backbone") or retriever.get("checkpoint") or retriever.get("model")
+    )
     prefix = "CLIP + " if retriever.get("with_global") else ""
     if name == "clip":
         return "CLIP", backbone
@@ -228,7 +231,7 @@ def reference_for(run: Run, table: Sequence[Mapping[str, str]]) -> Reference:
                 and r["backbone"].lower() == method[1].lower()), None)
     if row is None:
         return Reference({}, f"no reference: the paper has no {method[0]} {method[1]} row")
-    resolution = run.retriever.get("resolution")
+    resolution = run.retriever.get("resolution") or run.retriever.get("image_size")
     if resolution is not None and int(resolution) != int(row["resolution"]):
         return Reference({}, f"no reference: resolution {resolution}, the paper's "
                              f"{method[0]} {method[1]} uses {row['resolution']}")

@@ -76,9 +76,10 @@ class AggregateOptions:
 
     @classmethod
     def coerce(cls, value: AggregateOptions | Mapping[str, Any]) -> AggregateOptions:
-        """Options from themselves or from a mapping (a config section arrives as a dict)."""
+        """A fresh copy of the options, or options from a mapping (a config section arrives
+        as a dict); never the caller's object, so the shared default stays untouched."""
         if isinstance(value, cls):
-            return value
+            return dataclasses.replace(value)
         if not isinstance(value, Mapping):
             raise TypeError(
                 f"retriever.aggregate must be AggregateOptions or a mapping, got "
@@ -133,7 +134,7 @@ DEFAULT_AGGREGATE = AggregateOptions()
 
 
 def append_global(reps: Representatives, global_embedding: Tensor) -> Representatives:
-    """"CLIP + X": the global embedding as one more valid representative, box = whole image.
+    """The "CLIP + X" step: the global embedding as one more valid representative (whole box).
 
     It goes after the padded column block, so every image's clusters keep their index.
     Its ``members`` row (when kept) is empty: it is no mean of cells.
@@ -171,9 +172,9 @@ class ClusterClipRetriever(DenseClipRetriever):
         aggregate: the aggregation (:class:`AggregateOptions`, or a mapping of its keys).
         keep_members: also store ``extras["members"]``, the ``[B, R, N]`` bool mask of
             each representative's cells (the global one has none), for visualising
-            clusters. Costs ``R x N`` bytes per image, ``N / 2D`` of the fp16 embeddings
-            (RN50x64: 196 / 2048, about +10%); off by default because scoring never
-            reads it.
+            clusters. Costs ``R x N`` bytes per image (``R`` padded to the batch's largest
+            count), ``N / 2D`` of the fp16 embeddings (RN50x64: 196 / 2048, about +10%);
+            off by default because scoring never reads it.
     """
 
     def __init__(

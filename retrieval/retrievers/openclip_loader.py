@@ -7,6 +7,7 @@ fails at once with a message naming the missing file, instead of retrying for ~4
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import warnings
@@ -127,6 +128,12 @@ def _raise_missing(
     )
 
 
+@functools.lru_cache(maxsize=8)
+def tokenizer_for(model_name: str) -> object:
+    """open_clip's tokenizer, built once per model name (reading the BPE file is slow)."""
+    return open_clip.get_tokenizer(model_name)
+
+
 def load_open_clip(
     backbone: str,
     pretrained: str | None,
@@ -182,7 +189,7 @@ def load_open_clip(
         model=model,
         model_name=model_name,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(model_name),
+        tokenizer=tokenizer_for(model_name),
         random_weights=pretrained is None,
         weights=weights,
     )

@@ -83,7 +83,7 @@ class Backend(ABC):
         """Top ``k`` images of each query ``[Q, D]`` (or one ``[D]``), best first."""
         q = torch.as_tensor(queries).float()
         q = q.unsqueeze(0) if q.ndim == 1 else q
-        table = self.require_table()
+        self.require_table()
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise IndexFileError(
                 f"query embedding size {tuple(q.shape)[-1]} does not match this index's "
@@ -118,7 +118,9 @@ class Backend(ABC):
         """Options to store in the index manifest so :meth:`open` rebuilds this backend."""
         return dict(self.options)
 
-    def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
+    def tune(  # noqa: B027 - an optional hook: exact backends have nothing to tune
+        self, queries: Tensor, truth: list[np.ndarray], k: int, target: float
+    ) -> None:
         """Chooses settings that reach ``target`` recall@k against exact image lists
         ``truth`` (table image positions); exact backends need none."""
 
@@ -137,7 +139,7 @@ class Backend(ABC):
     def build(self, progress: bool) -> None:
         """Builds (and saves) the backend's structure from :attr:`table`."""
 
-    def load(self) -> None:
+    def load(self) -> None:  # noqa: B027 - an optional hook: not every backend has files
         """Loads the backend's saved structure (after :attr:`table` is set)."""
 
     @abstractmethod

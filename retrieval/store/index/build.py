@@ -167,10 +167,12 @@ def build_index(
         index.finish(progress)
         table = index.table
         if table.num_rows == 0:
-            raise IndexFileError(f"{run_dir}: no image has a valid representative; nothing to index")
+            raise IndexFileError(f"{run_dir}: no image has a valid representative to index")
         build_s = time.perf_counter() - start
         queries, source = recall_queries(run_dir, table, num_queries, seed=0)
-        recall = {**measure(index, queries, recall_k, recall_target, device), "source": source}
+        recall = measure(index, queries, recall_k, recall_target, device)
+        if recall["queries"]:
+            recall["source"] = source
         config = run_dir / "config.yaml"
         if config.exists():
             shutil.copy(config, tmp / "config.yaml")

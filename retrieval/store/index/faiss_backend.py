@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -29,9 +30,24 @@ from retrieval.store.index.table import IndexFileError, corrupt
 FAISS_FILE = "faiss.index"
 FLAT_MAX_ROWS = 2_000_000
 ADD_ROWS = 65_536
+SMALL_TRAIN = 20_000
 KINDS = ("auto", "flat", "ivfpq")
 OVERFETCH = (2, 4, 10, 20, 50)
 NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@contextmanager
+def omp_threads(threads: int | None) -> Iterator[None]:
+    """Runs faiss with ``threads`` OpenMP threads (None: unchanged). Small trainings run
+    on one: on a busy 2-core machine OpenMP's waiting made a 2,000-vector IVF-PQ train
+    take 4.5 s on two threads against 0.06 s on one."""
+    before = faiss.omp_get_max_threads()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def pq_layout(rows: int, dim: int) -> tuple[int, int, int]:
@@ -98,7 +114,8 @@ class FaissBackend(Backend):
             rng = np.random.default_rng(0)
             size = min(self.options["train_size"], table.num_rows)
             sample = np.sort(rng.choice(table.num_rows, size, replace=False))
-            index.train(table.vectors[sample].astype(np.float32))
+            with omp_threads(1 if size < SMALL_TRAIN else None):
+                index.train(table.vectors[sample].astype(np.float32))
         starts = range(0, table.num_rows, ADD_ROWS)
         for start in tqdm(starts, desc=f"faiss {self.options['kind']}", unit="chunk",
                           disable=not progress):

@@ -162,10 +162,10 @@ class RepTable:
 
     def rows_of(self, images: np.ndarray) -> np.ndarray:
         """All table rows of the images at positions ``images``, image after image."""
-        starts, stops = self.offsets[images], self.offsets[images + 1]
-        if not len(images):
-            return np.zeros(0, np.int64)
-        return np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)])
+        starts = self.offsets[images]
+        counts = self.offsets[images + 1] - starts
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        return np.arange(int(counts.sum())) - first + np.repeat(starts, counts)
 
     def files(self) -> list[Path]:
         return [self.folder / VECTORS, self.folder / META]

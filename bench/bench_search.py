@@ -1,0 +1,166 @@
+"""Search backends side by side: build and query time, memory, recall@K against exact.
+
+Every backend indexes the same synthetic clustered representatives in one run (concepts
+on the sphere with a Zipf frequency, so some are rare, as in mining; each image holds
+``--reps`` noisy concept vectors), and answers the same queries (concepts plus a larger
+noise, standing in for text). Half the queries tune approximate backends to
+``--target``; recall@K is measured on the other half against the exact backend, whose
+times every ratio divides. Query time is one query at a time (the latency a user sees).
+
+    python bench/bench_search.py --sizes 10000 100000 1000000 --dim 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retrieval.representatives import Representatives
+from retrieval.store.index import Backend, create_backend
+from retrieval.store.index.exact import exact_search
+from retrieval.store.index.faiss_backend import recall_at_k
+
+BATCH_IMAGES = 4096
+
+
+def concepts(count: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concept centres and their Zipf(1.1) frequencies."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(count, dim, generator=g), dim=1)
+    freq = 1.0 / torch.arange(1, count + 1).double() ** 1.1
+    return centres, freq / freq.sum()
+
+
+def batches(rows: int, reps: int, centres: torch.Tensor, freq: torch.Tensor, seed: int
+            ) -> Iterator[tuple[np.ndarray, Representatives]]:
+    """The same images every call: ``rows // reps`` images of ``reps`` representatives."""
+    images = rows // reps
+    for start in range(0, images, BATCH_IMAGES):
+        n = min(BATCH_IMAGES, images - start)
+        g = torch.Generator().manual_seed(seed + start)
+        pick = torch.multinomial(freq, n * reps, replacement=True, generator=g)
+        noise = F.normalize(torch.randn(n * reps, centres.shape[1], generator=g), dim=1)
+        emb = F.normalize(centres[pick] + 0.8 * noise, dim=1).view(n, reps, -1)
+        yield np.arange(start, start + n), Representatives.dense(emb.half())
+
+
+def make_queries(count: int, centres: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(centres), (count,), generator=g)
+    noise = F.normalize(torch.randn(count, centres.shape[1], generator=g), dim=1)
+    return F.normalize(centres[pick] + 1.0 * noise, dim=1)
+
+
+def build(name: str, folder: Path, data: Iterator, dim: int, device: str) -> tuple[Backend, float]:
+    start = time.perf_counter()
+    backend = create_backend(name, folder, dim, device)
+    for ids, reps in data:
+        backend.add(ids, reps)
+    backend.finish(progress=False)
+    return backend, time.perf_counter() - start
+
+
+def latency_ms(backend: Backend, queries: torch.Tensor, k: int) -> float:
+    """Median time of one single-query search, in milliseconds."""
+    backend.search_rows(queries[:1], k)  # warm-up (page cache, GPU upload)
+    times = []
+    for q in queries:
+        start = time.perf_counter()
+        backend.search_rows(q.unsqueeze(0), k)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
+    centres, freq = concepts(args.concepts, args.dim, seed=0)
+    queries = make_queries(args.queries, centres, seed=1)
+    half = len(queries) // 2
+    tune_q, held_q = queries[:half], queries[half:]
+    results, exact = [], None
+    for name in args.backends:
+        folder = root / f"{rows}-{name}"
+        data = batches(rows, args.reps, centres, freq, seed=2)
+        backend, build_s = build(name, folder, data, args.dim, args.device)
+        table = backend.table
+        k = min(args.k, table.num_images)
+        truth = [table.owner[r] for r, _ in exact_search(table, queries, k, args.device)]
+        start = time.perf_counter()
+        backend.tune(tune_q, truth[:half], k, args.target)
+        tune_s = time.perf_counter() - start
+        recall = recall_at_k(backend.search_rows(held_q, k), truth[half:], table.owner)
+        disk = sum(p.stat().st_size for p in backend.files())
+        row = {
+            "representatives": table.num_rows,
+            "images": table.num_images,
+            "backend": name,
+            "build_s": build_s,
+            "tune_s": tune_s,
+            "query_ms": latency_ms(backend, held_q, k),
+            f"recall@{k}": recall,
+            "memory_bytes_per_image": backend.memory_bytes() / table.num_images,
+            "disk_bytes_per_image": disk / table.num_images,
+            "settings": {k_: v for k_, v in backend.state().items() if k_ != "train_size"},
+        }
+        exact = exact or row
+        row["query_speedup_vs_exact"] = exact["query_ms"] / row["query_ms"]
+        row["memory_vs_exact"] = row["memory_bytes_per_image"] / exact["memory_bytes_per_image"]
+        row["build_vs_exact"] = row["build_s"] / exact["build_s"]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del backend
+        shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+def markdown(rows: list[dict], k: int) -> str:
+    head = ("| reps | backend | build s | query ms | x exact | recall@%d | mem B/img | "
+            "x exact | disk B/img | settings |" % k)
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        recall = next(v for key, v in r.items() if key.startswith("recall@"))
+        lines.append(
+            f"| {r['representatives']:,} | {r['backend']} | {r['build_s']:.2f} | "
+            f"{r['query_ms']:.2f} | {r['query_speedup_vs_exact']:.1f} | {recall:.3f} | "
+            f"{r['memory_bytes_per_image']:,.0f} | {r['memory_vs_exact']:.2f} | "
+            f"{r['disk_bytes_per_image']:,.0f} | {json.dumps(r['settings'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--backends", nargs="+", default=["exact", "faiss-flat", "faiss-ivfpq"],
+                        help="exact first: the others' ratios divide by it")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=16, help="representatives per image")
+    parser.add_argument("--concepts", type=int, default=2000)
+    parser.add_argument("--queries", type=int, default=100, help="half tune, half measure")
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--target", type=float, default=0.95, help="recall to tune for")
+    parser.add_argument("--device", default="cpu", help="exact backend's device")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    if args.backends[0] != "exact":
+        parser.error("--backends must start with exact (the reference)")
+    torch.set_grad_enabled(False)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
+        for size in args.sizes:
+            rows += measure_size(size, args, Path(tmp))
+    print(markdown(rows, args.k))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

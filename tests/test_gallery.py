@@ -1,0 +1,132 @@
+"""Text search over a real run folder, and the gallery that explains its hits."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from retrieval.aggregate import grid_cell_boxes, representatives_from_labels
+from retrieval.report.gallery import GalleryItem, cell_maps, explain, panels, write_gallery
+from retrieval.representatives import Representatives
+from retrieval.store.index import Hit, build_index, open_index
+
+
+@pytest.fixture(scope="module")
+def dense_run(synthetic_coco, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Dense-CLIP run (tiny random-weight backbone, 4 x 4 cells) made by `evaluate`."""
+    from retrieval.config import load_config
+    from retrieval.engine.evaluate import evaluate
+
+    ann, images = synthetic_coco
+    out = tmp_path_factory.mktemp("dense_run")
+    cfg = load_config("demo", [
+        f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={out}",
+        "run.progress=false", "loader.num_workers=0", "logger.wandb.mode=disabled",
+        "retriever=dense_clip_rn50", "retriever.backbone=RN-tiny", "retriever.pretrained=null",
+        "retriever.resolution=128", "text.prompts=single",
+    ])
+    evaluate(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense_index(dense_run: Path):
+    return open_index(build_index(dense_run, "exact", device="cpu", progress=False), "cpu")
+
+
+def test_text_search_returns_what_eval_scored(dense_run: Path, dense_index) -> None:
+    """Searching a category's query text through the index (retriever rebuilt from the
+    run's config.yaml, same seed and prompts) ranks and scores every image exactly as
+    the evaluation did (scores.npz, ties by ascending image id)."""
+    saved = np.load(dense_run / "scores.npz")
+    key = json.loads(torch.load(dense_run / "text_embeddings.pt", weights_only=True)["key"])
+    for q, text in enumerate(key["queries"][:3]):
+        hits = dense_index.search(text, top=len(saved["image_ids"]))
+        order = np.lexsort((saved["image_ids"], -saved["scores"][q]))
+        assert [h.image_id for h in hits] == saved["image_ids"][order].tolist()
+        np.testing.assert_allclose([h.score for h in hits], saved["scores"][q][order], atol=1e-5)
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_gallery_html_and_sheet_render(dense_index, tmp_path: Path) -> None:
+    """The HTML is a complete page with one decodable embedded picture per hit (match +
+    heatmap panels, so twice as wide as tall for square images); the PNG sheet opens."""
+    import base64
+    import io
+
+    hits = dense_index.search("square", top=5)
+    written = write_gallery(
+        dense_index, "square", hits, tmp_path / "g.html", tmp_path / "g.png"
+    )
+    page = written["html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    parser = _Images()
+    parser.feed(page)
+    assert len(parser.sources) == len(hits) == 5
+    for src in parser.sources:
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert image.width > image.height  # heatmap panel beside the matched image
+    sheet = Image.open(written["sheet"])
+    assert sheet.format == "PNG" and sheet.width >= 2 * 240 and sheet.height > 240
+
+
+def test_dense_cells_give_a_heatmap() -> None:
+    """Dense-CLIP representatives on a 3 x 3 grid (plus a whole-image one) give the
+    query's cosine per cell in raster order, and no cluster mask."""
+    emb = F.normalize(torch.randn(1, 10, 8), dim=-1)
+    boxes = torch.cat([grid_cell_boxes((3, 3)), torch.tensor([[0.0, 0, 1, 1]])]).unsqueeze(0)
+    query = F.normalize(torch.randn(8), dim=0)
+    members, heat = cell_maps(query, Representatives.dense(emb, boxes), 4)
+    assert members is None
+    np.testing.assert_allclose(heat, (emb[0, :9] @ query).reshape(3, 3).numpy(), atol=1e-6)
+
+
+def test_cluster_members_give_mask_and_heatmap() -> None:
+    """Cluster-CLIP representatives with stored members: the matched one's cells form the
+    mask, and every cell's heat is its cluster's cosine."""
+    cells = F.normalize(torch.randn(1, 16, 8), dim=-1)
+    labels = torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]])
+    reps = representatives_from_labels(cells, labels, grid_cell_boxes((4, 4)))
+    query = F.normalize(torch.randn(8), dim=0)
+    members, heat = cell_maps(query, reps, 1)
+    assert members.tolist() == (labels[0] == 1).reshape(4, 4).tolist()
+    sims = reps.embeddings[0] @ query
+    np.testing.assert_allclose(heat, sims[labels[0]].reshape(4, 4).numpy(), atol=1e-6)
+
+
+def test_global_embedding_has_no_cells() -> None:
+    """One whole-image embedding (CLIP): nothing to map, the panel is the image alone."""
+    reps = Representatives.dense(F.normalize(torch.randn(1, 1, 8), dim=-1),
+                                 torch.tensor([[[0.0, 0, 1, 1]]]))
+    assert cell_maps(F.normalize(torch.randn(8), dim=0), reps, 0) == (None, None)
+
+
+def test_missing_image_file_draws_a_placeholder(tmp_path: Path) -> None:
+    """A hit whose file is gone still renders (a grey tile saying so), never a crash."""
+    item = GalleryItem(1, Hit(5, 0.3, 0, (0.1, 0.1, 0.5, 0.5)), tmp_path / "gone.jpg")
+    tile = panels(item)
+    assert tile.size[0] > 0 and tile.getpixel((1, 1)) == (90, 90, 90)
+
+
+def test_explain_reads_the_run(dense_index) -> None:
+    """Gallery items carry the dataset's file path and the run's cell heatmap."""
+    hits = dense_index.search("circle", top=2)
+    items = explain(dense_index, dense_index.embed(["circle"])[0], hits)
+    assert all(i.path is not None and i.path.exists() for i in items)
+    assert all(i.heatmap is not None and i.heatmap.shape == (4, 4) for i in items)
