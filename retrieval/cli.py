@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered retrievers, datasets and configs")
     ls.set_defaults(func=_list)
     from retrieval.data.cli import register_cli as register_data
+    from retrieval.report.compare import register_cli as register_compare
 
     register_data(sub)
+    register_compare(sub)
     return parser
 
 

@@ -82,6 +82,7 @@ class StoreConfig:
     dtype: str = "float16"
     shard_size: int = 1024
     shard_mb: float = 512.0
+    dense_from: str | None = None
 
 
 @dataclass

@@ -51,6 +51,11 @@ class Representatives:
         mask = torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
         return cls(embeddings, mask, boxes)
 
+    @classmethod
+    def empty(cls) -> Representatives:
+        """No images (a shard that only records unreadable files)."""
+        return cls(torch.zeros(0, 0, 0), torch.zeros(0, 0, dtype=torch.bool))
+
     @property
     def batch_size(self) -> int:
         return self.embeddings.shape[0]

@@ -27,12 +27,12 @@ import retrieval
 from retrieval.config import ConfigError, as_dict, retriever_options, to_yaml
 from retrieval.data.registry import create_dataset, dataset_parameters
 from retrieval.engine.module import EmbedModule
+from retrieval.engine.reaggregate import dense_source, reaggregate
 from retrieval.engine.writer import ShardWriter
 from retrieval.metrics import RetrievalEvaluation
 from retrieval.retrievers.base import Retriever
 from retrieval.retrievers.registry import create_retriever
 from retrieval.store import ScoreResult, ShardStore, score_store
-from retrieval.store.shards import ShardReader
 from retrieval.text import embed_queries
 
 log = logging.getLogger("retrieval")
@@ -78,17 +78,8 @@ def embedding_fingerprint(cfg: DictConfig, retriever: Retriever) -> dict:
             "images": str(Path(cfg.data.images).resolve()),
         },
         "precision": cfg.trainer.precision,
+        "dense_from": str(Path(cfg.store.dense_from).resolve()) if cfg.store.dense_from else None,
     }
-
-
-def stored_image_ids(store: ShardStore) -> np.ndarray:
-    """Ids of every image the shards account for (embedded or recorded as unreadable)."""
-    ids = []
-    for path in store.shard_paths():
-        with ShardReader(path) as shard:
-            ids.append(shard.image_ids)
-            ids.append(np.array([f["image_id"] for f in shard.failures], dtype=np.int64))
-    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
 def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -131,7 +122,7 @@ def plan_embedding(
         )
     for line in diff:
         log.warning("run.resume=force: reusing shards despite %s", line)
-    stored = stored_image_ids(store)
+    stored = store.accounted_ids()
     if len(np.unique(stored)) != len(stored):
         raise ConfigError(f"{store.root}: an image appears in two shards; delete the folder")
     return image_ids[~np.isin(image_ids, stored)]
@@ -192,6 +183,7 @@ def evaluate(cfg: DictConfig) -> RunResult | None:
     writer = ShardWriter(store, cfg.store.shard_size, cfg.store.shard_mb)
     trainer = make_trainer(cfg, writer)
 
+    source = dense_source(cfg.store.dense_from) if cfg.store.dense_from else None
     extract_s = 0.0
     if len(todo):
         if trainer.is_global_zero:
@@ -199,6 +191,14 @@ def evaluate(cfg: DictConfig) -> RunResult | None:
             store.write_manifest(
                 fingerprint=fingerprint, format=1, code_version=retrieval.__version__
             )
+    if len(todo) and source is not None:
+        if not trainer.is_global_zero:
+            return None
+        start = time.perf_counter()
+        reaggregate(*source, store, retriever, todo, cfg.score.device, cfg.loader.batch_size,
+                    cfg.run.progress)
+        extract_s = time.perf_counter() - start
+    elif len(todo):
         position = {int(i): k for k, i in enumerate(dataset.image_ids)}
         subset = Subset(dataset, [position[int(i)] for i in todo])
         loader = DataLoader(
@@ -214,8 +214,8 @@ def evaluate(cfg: DictConfig) -> RunResult | None:
         return None
     reused = len(dataset.image_ids) - len(todo)
     log.info(
-        "embeddings in %s: %d images embedded now, %d reused from stored shards",
-        store.root, len(todo), reused,
+        "embeddings in %s: %d images embedded now%s, %d reused from stored shards",
+        store.root, len(todo), f" (aggregated from {source[0].root})" if source else "", reused,
     )
     if len(todo):
         store.record_checksums()

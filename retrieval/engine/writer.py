@@ -70,7 +70,7 @@ class ShardWriter(BasePredictionWriter):
             reps = Representatives.concat(self._reps)
         else:  # only failures: an empty shard still records them
             ids = torch.zeros(0, dtype=torch.int64)
-            reps = Representatives(torch.zeros(0, 0, 0), torch.zeros(0, 0, dtype=torch.bool))
+            reps = Representatives.empty()
         self.store.write_shard(f"rank{self._rank:03d}-{self._index:05d}", ids, reps, self._failures)
         self.images_written += len(ids)
         self._index += 1

@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 
 from retrieval.data.ground_truth import GroundTruth
 from retrieval.report.console import print_summary, summary_markdown
+from retrieval.report.plots import plot_run
+from retrieval.report.sizes import PER_SIZE_FILE, ap_by_size, size_bins
 from retrieval.report.wandb_log import log_to_wandb
 from retrieval.store import ScoreResult
 
@@ -83,6 +85,12 @@ def write_run(
         (run_dir / "skipped_images.txt").write_text(
             "".join(f"{f['path']}\t{f['reason']}\n" for f in summary["skipped_images"])
         )
+    per_size = ap_by_size(
+        scored.scores, gt.relevant, gt.ignore, gt.max_area, gt.image_ids,
+        size_bins(large_area=cfg.protocol.large_area), top_k=top_k,
+    )
+    (run_dir / PER_SIZE_FILE).write_text(json.dumps(_clean(per_size), indent=2))
+    plots = plot_run(run_dir, rows, per_size, top_k)
     (run_dir / "summary.md").write_text(summary_markdown(cfg, summary, rows))
     print_summary(cfg, summary, rows)
-    log_to_wandb(cfg, run_dir, summary, rows)
+    log_to_wandb(cfg, run_dir, summary, rows, plots)

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.aggregate import Aggregator, create_aggregator
 from retrieval.representatives import Representatives
 from retrieval.retrievers.clip import FULL_IMAGE_BOX
-from retrieval.retrievers.dense_clip import DenseClipRetriever
+from retrieval.retrievers.dense_clip import DenseClipRetriever, DenseOutput
 from retrieval.retrievers.dense_features import Grid
 from retrieval.retrievers.registry import register_retriever
 
@@ -155,6 +156,11 @@ def append_global(reps: Representatives, global_embedding: Tensor) -> Representa
     return Representatives(embeddings, mask, boxes, extras)
 
 
+# What fixes the Dense-CLIP features a Cluster-CLIP run may re-aggregate.
+DENSE_FEATURE_KEYS = ("model", "pretrained", "resolution", "positional")
+GLOBAL_KEYS = ("with_global", "global_pass")
+
+
 @register_retriever("cluster_clip")
 class ClusterClipRetriever(DenseClipRetriever):
     """Cluster-CLIP: Dense-CLIP cells aggregated per image (+ the global one: CLIP + Cluster-CLIP).
@@ -208,7 +214,10 @@ class ClusterClipRetriever(DenseClipRetriever):
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Representatives:
-        out = self.encode_dense(pixels)
+        return self.aggregate_dense(self.encode_dense(pixels))
+
+    def aggregate_dense(self, out: DenseOutput) -> Representatives:
+        """Dense-CLIP output -> this retriever's representatives (no backbone involved)."""
         reps = self.aggregator(out.embeddings, out.mask, out.grid, out.boxes)
         members = reps.extras["members"] if self.keep_members else None
         reps = Representatives(
@@ -220,6 +229,44 @@ class ClusterClipRetriever(DenseClipRetriever):
         if out.global_embedding is not None:
             reps = append_global(reps, out.global_embedding)
         return reps
+
+    def check_dense_source(self, dense_config: dict[str, Any]) -> None:
+        """Refuses stored Dense-CLIP embeddings made with other feature settings.
+
+        Raises:
+            ValueError: naming each setting that differs (a missing global included).
+        """
+        keys = DENSE_FEATURE_KEYS + (GLOBAL_KEYS if self.with_global else ())
+        diff = [
+            f"{k}: stored {dense_config.get(k)!r}, wanted {self.config.get(k)!r}"
+            for k in keys
+            if dense_config.get(k) != self.config.get(k)
+        ]
+        if diff:
+            raise ValueError(
+                "the stored Dense-CLIP embeddings were made with other settings: "
+                + "; ".join(diff)
+            )
+
+    def from_dense(self, stored: Representatives, dense_config: dict[str, Any]) -> Representatives:
+        """Re-aggregates a ``dense_clip`` run's stored representatives (cells in raster
+        order, then the global one when that run had ``with_global``)."""
+        if stored.boxes is None:
+            raise ValueError("stored Dense-CLIP shards have no cell boxes")
+        cells = stored.embeddings.shape[1] - int(bool(dense_config.get("with_global")))
+        boxes = stored.boxes[0, :cells].float()
+        grid = (len(torch.unique(boxes[:, 1])), len(torch.unique(boxes[:, 0])))
+        global_embedding = None
+        if self.with_global:
+            global_embedding = F.normalize(stored.embeddings[:, cells].float(), dim=-1)
+        out = DenseOutput(
+            F.normalize(stored.embeddings[:, :cells].float(), dim=-1),
+            stored.mask[:, :cells],
+            grid,
+            boxes,
+            global_embedding,
+        )
+        return self.aggregate_dense(out)
 
 
 def calibrate(

@@ -126,6 +126,15 @@ class ShardStore:
         for tmp in self.root.glob(f".*{SHARD_SUFFIX}.tmp"):
             tmp.unlink(missing_ok=True)
 
+    def accounted_ids(self) -> np.ndarray:
+        """Ids of every image the shards account for (embedded or recorded as unreadable)."""
+        ids = [np.zeros(0, np.int64)]
+        for path in self.shard_paths():
+            with ShardReader(path) as shard:
+                ids.append(shard.image_ids)
+                ids.append(np.array([f["image_id"] for f in shard.failures], dtype=np.int64))
+        return np.concatenate(ids)
+
     def write_shard(
         self,
         name: str,
