@@ -27,6 +27,7 @@ import retrieval
 from retrieval.config import ConfigError, as_dict, retriever_options, to_yaml
 from retrieval.data.registry import create_dataset, dataset_parameters
 from retrieval.engine.module import EmbedModule
+from retrieval.engine.progress import ImageProgress
 from retrieval.engine.reaggregate import dense_source, reaggregate
 from retrieval.engine.writer import ShardWriter
 from retrieval.metrics import RetrievalEvaluation
@@ -137,8 +138,8 @@ def make_trainer(cfg: DictConfig, writer: ShardWriter) -> L.Trainer:
         num_nodes=t.num_nodes,
         precision=t.precision,
         logger=False,
-        callbacks=[writer],
-        enable_progress_bar=cfg.run.progress,
+        callbacks=[writer, ImageProgress()] if cfg.run.progress else [writer],
+        enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         inference_mode=True,
