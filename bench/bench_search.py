@@ -122,8 +122,8 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict], k: int) -> str:
-    head = ("| reps | backend | build s | query ms | x exact | recall@%d | mem B/img | "
-            "x exact | disk B/img | settings |" % k)
+    head = (f"| reps | backend | build s | query ms | x exact | recall@{k} | mem B/img | "
+            "x exact | disk B/img | settings |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         recall = next(v for key, v in r.items() if key.startswith("recall@"))

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.sparse.csgraph import connected_components
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.feature_extraction.image import grid_to_graph
 from sklearn.metrics import adjusted_rand_score
@@ -17,7 +20,9 @@ from retrieval.aggregate import (
     list_aggregators,
     prune_labels,
 )
+from retrieval.aggregate.agglomerative import LINKAGES
 from retrieval.representatives import Representatives
+from retrieval.retrievers.base import argmax_representative, max_cosine
 
 GRID = (5, 6)
 N = GRID[0] * GRID[1]
@@ -31,6 +36,17 @@ VARIANTS = [
     ("agglomerative", {"distance_threshold": 0.5, "linkage": "single", "connectivity": True}),
     ("prune", {"tau": 0.3}),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Runs this module on one torch thread: its tensors are tiny, and on a busy machine
+    each small reduction with indices or matmul waits ~15 ms for the thread pool to wake.
+    Clustering results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_embeddings(b: int, d: int = 8, seed: int = 0) -> torch.Tensor:
@@ -136,6 +152,109 @@ def separated_clusters(b: int, k: int, seed: int) -> torch.Tensor:
     return F.normalize(centers.gather(1, owner.unsqueeze(2).expand(-1, -1, 16)) + noise, dim=2)
 
 
+def spatial_objects(b: int, seed: int, objects: int = 3, regions: int = 6) -> tuple:
+    """Cells with spatial structure: the grid's Voronoi regions around ``regions`` random
+    sites, region ``r`` showing object ``r % objects`` (a far-apart direction) plus noise,
+    so one object can cover several regions that do not touch.
+
+    Returns ``[B, N, 16]`` embeddings and the ``[B, N]`` object shown by each cell.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    h, w = GRID
+    centers = F.normalize(
+        torch.randn(b, objects, 16, generator=generator, dtype=torch.float64), dim=2
+    )
+    sites = torch.rand(b, regions, 2, generator=generator, dtype=torch.float64)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    cells = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1).double() + 0.5
+    region = torch.cdist(cells.expand(b, -1, -1), sites * torch.tensor([h, w])).argmin(dim=2)
+    owner = region.remainder(objects)
+    noise = 0.05 * torch.randn(b, N, 16, generator=generator, dtype=torch.float64)
+    x = centers.gather(1, owner.unsqueeze(2).expand(-1, -1, 16)) + noise
+    return F.normalize(x, dim=2), owner
+
+
+def scattered_objects(b: int, seed: int, objects: int = 4) -> tuple:
+    """Well-separated blobs scattered over the grid: ``separated_clusters`` and its owners."""
+    generator = torch.Generator().manual_seed(seed)
+    owner = torch.randint(0, objects, (b, N), generator=generator)
+    owner[:, :objects] = torch.arange(objects)
+    centers = F.normalize(
+        torch.randn(b, objects, 16, generator=generator, dtype=torch.float64), dim=2
+    )
+    noise = 0.05 * torch.randn(b, N, 16, generator=generator, dtype=torch.float64)
+    x = centers.gather(1, owner.unsqueeze(2).expand(-1, -1, 16)) + noise
+    return F.normalize(x, dim=2), owner
+
+
+CLUSTERED = {"blobs": (scattered_objects, 4), "spatial": (spatial_objects, 3)}
+# Linkage distances in the gap between merges inside an object (cosine distance < 0.08,
+# ward < 0.5 here) and merges across objects (> 0.35, ward > 1.6), and inside objects.
+GAP_THRESHOLD = {"average": 0.2, "complete": 0.2, "single": 0.2, "ward": 0.7}
+INSIDE_THRESHOLD = {"average": 0.03, "complete": 0.04, "single": 0.02, "ward": 0.25}
+
+
+def object_parts(owner: np.ndarray, valid: np.ndarray, connectivity: bool) -> np.ndarray:
+    """The partition a gap cut must find: cells by object, and with ``connectivity`` split
+    into the 4-neighbour-connected parts of each object (canonical, valid cells only)."""
+    if not connectivity:
+        return canonical(owner[valid])
+    graph = grid_to_graph(*GRID).tocsr()[valid][:, valid].tocoo()
+    same = owner[valid][graph.row] == owner[valid][graph.col]
+    graph.data = same.astype(np.int8)
+    graph.eliminate_zeros()
+    return canonical(connected_components(graph, directed=False)[1])
+
+
+@pytest.mark.parametrize("data", sorted(CLUSTERED))
+@pytest.mark.parametrize("linkage", LINKAGES)
+@pytest.mark.parametrize("mode", ["n_clusters", "distance_threshold"])
+def test_agglomerative_matches_sklearn_on_clustered_data(
+    mode: str, linkage: str, data: str
+) -> None:
+    """Invariant: on clustered data (well-separated blobs scattered over the grid, and
+    objects covering spatial regions of the grid) every image's partition equals sklearn
+    AgglomerativeClustering's with the same linkage, metric and cluster count or
+    threshold, with and without the grid connectivity; a threshold in the gap between
+    within- and across-object merges recovers exactly the objects (with connectivity:
+    each object's connected parts)."""
+    make, objects = CLUSTERED[data]
+    x, owner = make(3, seed=13 + len(data))
+    graph = grid_to_graph(*GRID).tocsr()
+    if mode == "n_clusters":
+        values = [objects, objects + 3]
+    else:
+        values = [GAP_THRESHOLD[linkage], INSIDE_THRESHOLD[linkage]]
+    for connectivity in (False, True):
+        mask = prefix_masks([N, 21, 12]) if connectivity else random_masks(3, seed=13)
+        if not connectivity:
+            mask[:, :objects] = True
+        for value in values:
+            options = {"n_clusters": value} if mode == "n_clusters" else {
+                "n_clusters": None, "distance_threshold": value
+            }
+            reps = create_aggregator(
+                "agglomerative", linkage=linkage, connectivity=connectivity, **options
+            )(x, mask, GRID)
+            for image in range(3):
+                valid = mask[image].numpy()
+                if mode == "n_clusters":
+                    options["n_clusters"] = min(value, int(valid.sum()))
+                expected = AgglomerativeClustering(
+                    metric="euclidean" if linkage == "ward" else "cosine",
+                    linkage=linkage,
+                    connectivity=graph[valid][:, valid] if connectivity else None,
+                    **options,
+                ).fit_predict(x[image, valid].numpy())
+                got = partition(reps, image)
+                assert np.array_equal(got, canonical(expected)), (connectivity, value, image)
+                if mode == "distance_threshold" and value == GAP_THRESHOLD[linkage]:
+                    parts = object_parts(owner[image].numpy(), valid, connectivity)
+                    assert np.array_equal(got, parts), (connectivity, image)
+            if mode == "distance_threshold" and value == INSIDE_THRESHOLD[linkage]:
+                assert int(reps.counts[0]) > objects + 3  # the cut splits the objects
+
+
 def test_kmeans_matches_sklearn_on_separated_clusters() -> None:
     """Same partition as sklearn KMeans (adjusted Rand index 1) on well-separated clusters."""
     x = separated_clusters(4, 4, seed=3)
@@ -148,6 +267,56 @@ def test_kmeans_matches_sklearn_on_separated_clusters() -> None:
             x[image, valid].numpy()
         )
         assert adjusted_rand_score(expected, partition(reps, image)) == 1.0
+
+
+def test_kmeans_from_the_same_centres_matches_sklearn_lloyd() -> None:
+    """Invariant: started from the same initial centres, our spherical k-means and sklearn
+    KMeans(init=centres, n_init=1, algorithm="lloyd") end in the same partition with the
+    same numbering (cluster j grows from centre j), on unit vectors in separated clusters.
+
+    Why they agree there and not in general: for a unit vector x, ``|x - c|^2 = 1 - 2 x.c
+    + |c|^2``, so euclidean k-means assigns x to the largest ``x.c - |c|^2 / 2`` over its
+    un-normalised centroids (means of unit vectors, shorter the more spread a cluster is)
+    while spherical k-means takes the largest ``x.c / |c|``. From the same unit centres
+    the first assignment is identical; afterwards the rules differ only for points whose
+    best and second-best cosines are closer than the centroid norms differ. In separated
+    clusters (cosine > 0.9 to the own centroid, about 0 to the others) no point is that
+    close, so every Lloyd step assigns alike, each centroid pair is parallel and both
+    stop at the same partition. Overlapping clusters can end in different partitions.
+    """
+    k = 4
+    x = separated_clusters(4, k, seed=21)
+    mask = random_masks(4, seed=21)
+    mask[:, :k] = True  # the first k cells show the k clusters
+    generator = torch.Generator().manual_seed(21)
+    centres = torch.empty(4, k, x.shape[2], dtype=x.dtype)
+    for image in range(4):
+        # A random cell of each cluster (not its centre), the clusters in a random order,
+        # one centre pushed towards another cluster: Lloyd has to move the centres.
+        order = torch.randperm(k, generator=generator)
+        for j, cluster in enumerate(order.tolist()):
+            cells = torch.nonzero(mask[image] & (cluster_of(x[image], k) == cluster))[:, 0]
+            pick = cells[torch.randint(len(cells), (1,), generator=generator)]
+            centres[image, j] = x[image, pick]
+        centres[image, 0] = F.normalize(centres[image, 0] + 0.5 * centres[image, 1], dim=0)
+    labels = kmeans_labels(x, mask, k, init=centres)
+    for image in range(4):
+        valid = mask[image].numpy()
+        expected = KMeans(
+            n_clusters=k, init=centres[image].numpy(), n_init=1, algorithm="lloyd", tol=0
+        ).fit_predict(x[image, valid].numpy())
+        assert np.array_equal(labels[image].numpy()[valid], expected)
+        assert (labels[image].numpy()[~valid] == -1).all()
+    shared = kmeans_labels(x[:1], mask[:1], k, init=centres[0])  # [k, D]: every image
+    assert torch.equal(shared, labels[:1])
+    with pytest.raises(ValueError, match="kmeans init"):
+        kmeans_labels(x, mask, k + 1, init=centres)
+
+
+def cluster_of(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Cluster of each cell of ``separated_clusters`` data: the first k cells are one per
+    cluster, and every cell is far closer to its own cluster's cell than to the others."""
+    return (x @ x[:k].T).argmax(dim=1)
 
 
 def test_kmeans_is_deterministic_for_a_seed() -> None:

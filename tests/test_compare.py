@@ -222,8 +222,8 @@ def test_ap_by_size_matches_a_numpy_loop() -> None:
 
 def test_size_bins_agree_with_the_engine(two_runs, synthetic_coco) -> None:
     """One bin over all sizes gives the engine's AP@50 per category and the bin below
-    96² gives its s-m AP@50, from scores.npz and the dataset's ground truth; a run folder
-    without per_size.json gets its bins recomputed the same way."""
+    96² gives its s-m AP@50, from scores.npz and the dataset's ground truth; the engine's
+    per_size.json equals the bins recomputed for a run folder without it."""
     run_dir = two_runs[0]
     saved = np.load(run_dir / "scores.npz")
     ann, images = synthetic_coco
@@ -235,8 +235,16 @@ def test_size_bins_agree_with_the_engine(two_runs, synthetic_coco) -> None:
     for key, bin_name in (("ap@50", "all"), ("ap@50_s-m", "s-m")):
         want = [math.nan if r[key] is None else r[key] for r in rows]
         assert got["bins"][bin_name]["per_category"]["ap@50"] == pytest.approx(want, nan_ok=True)
-    per_size, source = load_per_size(run_dir)
-    assert "recomputed" in source and set(per_size["bins"]) == {"small", "medium", "large"}
+    written, source = load_per_size(run_dir)
+    assert source == "per_size.json" and set(written["bins"]) == {"small", "medium", "large"}
+    (run_dir / "per_size.json").rename(run_dir / "per_size.json.bak")
+    try:
+        recomputed, source = load_per_size(run_dir)
+    finally:
+        (run_dir / "per_size.json.bak").rename(run_dir / "per_size.json")
+    assert "recomputed" in source
+    as_json = json.dumps(recomputed).replace("NaN", "null")  # run files store NaN as null
+    assert json.loads(as_json) == written
 
 
 def _assert_png(path: Path) -> None:

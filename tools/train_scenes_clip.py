@@ -313,9 +313,9 @@ def train(recipe: Recipe, args: argparse.Namespace) -> dict:
             model.logit_scale.clamp_(0, math.log(100))
         record = {
             "step": step + 1,
-            "loss": round(float(loss), 4),
+            "loss": round(loss.item(), 4),
             "lr": lr_at(step, recipe),
-            "logit_scale": round(float(scale), 2),
+            "logit_scale": round(scale.item(), 2),
             "seconds": round(time.perf_counter() - train_start, 1),
         }
         if (step + 1) % args.probe_every == 0 or step + 1 == recipe.steps:
@@ -324,7 +324,7 @@ def train(recipe: Recipe, args: argparse.Namespace) -> dict:
         log.append(record)
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-        bar.set_postfix(loss=f"{float(loss):.3f}", scale=f"{float(scale):.1f}")
+        bar.set_postfix(loss=f"{float(loss):.3f}", scale=f"{float(scale):.1f}", refresh=False)
     train_s = time.perf_counter() - train_start
     log_file.close()
     model.eval()
@@ -430,7 +430,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="where the rendered training scenes are cached",
     )
     parser.add_argument("--probe-every", type=int, default=250)
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="register another open_clip model config (JSON) to try a variant")
     args = parser.parse_args(argv)
+    if args.model_config:
+        open_clip.add_model_config(args.model_config)
     recipe = Recipe(**{f: getattr(args, f) for f in asdict(defaults)})
     stem = args.out.with_suffix("")
     args.log = args.log or stem.with_name(stem.name + "-train.jsonl")

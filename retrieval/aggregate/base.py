@@ -51,7 +51,9 @@ def representatives_from_labels(
 
     Clusters are ordered by their first member cell (raster order), so the result does
     not depend on how an aggregator numbers its clusters, and the batch is padded to
-    its largest cluster count.
+    its largest cluster count, at least one slot: a batch whose images are all padding
+    keeps one masked representative per image, so scoring it gives ``-inf`` instead of
+    reducing over an empty dimension.
 
     Args:
         embeddings: ``[B, N, D]`` dense embeddings.
@@ -68,7 +70,7 @@ def representatives_from_labels(
     cells = torch.arange(n, device=labels.device)
     first = torch.where(onehot, cells, n).amin(dim=2)  # n where the label is unused
     order = first.argsort(dim=1, stable=True)
-    r = int((first < n).sum(dim=1).max()) if b else 0
+    r = max(int((first < n).sum(dim=1).max()), 1) if b else 0
     order = order[:, :r]
     members = onehot.gather(1, order.unsqueeze(2).expand(-1, -1, n))
     mask = first.gather(1, order) < n

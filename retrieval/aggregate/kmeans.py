@@ -60,7 +60,12 @@ def kmeans_plus_plus(x: Tensor, mask: Tensor, k: int, seed: int) -> tuple[Tensor
 
 
 def kmeans_labels(
-    embeddings: Tensor, mask: Tensor, k: int, iterations: int = 30, seed: int = 0
+    embeddings: Tensor,
+    mask: Tensor,
+    k: int,
+    iterations: int = 30,
+    seed: int = 0,
+    init: Tensor | None = None,
 ) -> Tensor:
     """Spherical k-means: assign by largest cosine, centroid = normalised mean of members.
 
@@ -70,19 +75,39 @@ def kmeans_labels(
     in order, when several are empty), as scikit-learn does. Images with fewer valid
     cells than ``k`` get one cluster per distinct cell.
 
+    With ``init`` the Lloyd iterations start from the given centres instead of the
+    k-means++ seeds, and cluster ``j`` is the one grown from ``init[j]``, so a run can
+    be compared with scikit-learn's euclidean ``KMeans(init=...)`` from the same point.
+    The two need not agree: on unit vectors euclidean k-means assigns a point to the
+    largest ``cos * |c| - |c|^2 / 2`` of its un-normalised centres ``c``, spherical
+    k-means to the largest cosine; they agree where each point's own centre wins by
+    more than the centres' norms differ (well-separated clusters).
+
     Args:
         embeddings: ``[B, N, D]`` L2-normalised embeddings.
         mask: ``[B, N]`` valid cells.
         k: clusters per image.
         iterations: maximum Lloyd iterations.
-        seed: seed of the k-means++ initialisation.
+        seed: seed of the k-means++ initialisation (unused with ``init``).
+        init: ``[B, k, D]`` initial centres, or ``[k, D]`` shared by every image; they
+            are L2-normalised like every centroid. None: greedy k-means++ seeding.
 
     Returns:
         ``[B, N]`` cluster id in ``[0, k)`` per cell, ``-1`` for invalid cells.
     """
     x = F.normalize(embeddings.to(compute_dtype(embeddings)), dim=2)
-    b, n, _ = x.shape
-    centers, center_valid = kmeans_plus_plus(x, mask, min(k, n), seed)
+    b, n, d = x.shape
+    if init is None:
+        centers, center_valid = kmeans_plus_plus(x, mask, min(k, n), seed)
+    else:
+        if init.ndim == 2:
+            init = init.unsqueeze(0).expand(b, -1, -1)
+        if init.shape != (b, k, d):
+            raise ValueError(
+                f"kmeans init must be [B, k, D] = {(b, k, d)} or [k, D], got {tuple(init.shape)}"
+            )
+        centers = F.normalize(init.to(device=x.device, dtype=x.dtype), dim=2)
+        center_valid = torch.ones(b, k, dtype=torch.bool, device=x.device)
     labels = torch.full((b, n), -1, dtype=torch.long, device=x.device)
     for _ in range(iterations):
         similarity = (x @ centers.transpose(1, 2)).masked_fill(

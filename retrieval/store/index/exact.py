@@ -69,7 +69,8 @@ def exact_search(table: RepTable, queries: Tensor, k: int, device: str = "auto",
         queries: ``[Q, D]`` float.
         k: images per query.
         device: where the products run.
-        resident: the table's vectors already on ``device`` (fp16), else read by chunk.
+        resident: the table's vectors already on ``device`` (fp16 or fp32), else read
+            from the table by chunk.
     """
     dev = resolve_device(device)
     q = queries.to(dev, torch.float32)
@@ -112,22 +113,28 @@ def rerank(table: RepTable, query: Tensor, images: np.ndarray, k: int) -> RowHit
 
 @register_backend("exact")
 class ExactBackend(Backend):
-    """Brute force over every representative; on a GPU the vectors stay resident in fp16."""
+    """Brute force over every representative, the vectors kept resident when they fit
+    ``max_memory_gb``: fp16 on a GPU, fp32 on a CPU (converting fp16 costs ~2 ns per
+    number here, 8x the product itself), otherwise streamed from the table by chunk."""
 
     def build(self, progress: bool) -> None:
         """Nothing to build: the table is the index."""
 
     def _resident(self) -> Tensor | None:
-        dev = resolve_device(self.device)
-        if dev.type != "cuda":
-            return None
-        if getattr(self, "_gpu", None) is None:
-            self._gpu = torch.from_numpy(np.array(self.table.vectors)).to(dev)
-        return self._gpu
+        if getattr(self, "_vectors", None) is None:
+            dev = resolve_device(self.device)
+            dtype = torch.float16 if dev.type == "cuda" else torch.float32
+            nbytes = self.table.vectors.size * dtype.itemsize
+            if nbytes > self.options.get("max_memory_gb", 4.0) * 1024**3:
+                return None
+            self._vectors = torch.from_numpy(np.array(self.table.vectors)).to(dev, dtype)
+        return self._vectors
 
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
         return exact_search(self.table, queries, k, self.device, self._resident())
 
     def memory_bytes(self) -> int:
-        """Every vector is read by every query: the whole table counts as resident."""
-        return super().memory_bytes() + self.table.vectors.nbytes
+        """Every vector is read by every query: the resident copy (or the table) counts."""
+        resident = self._resident()
+        held = self.table.vectors.nbytes if resident is None else resident.nbytes
+        return super().memory_bytes() + held

@@ -1,0 +1,262 @@
+"""The offline benchmark: global CLIP vs Dense-CLIP vs Cluster-CLIP on generated scenes.
+
+Needs no download: it generates the held-out evaluation scenes (``--preset scenes`` of
+``retrieval.data.synthetic``: 256 x 256 images, 64 colour-shape categories, 8 of them
+never seen in training) and evaluates the shipped RN-scenes model
+(``retrieval/weights/RN-scenes.safetensors``) four ways, one run folder each:
+
+- ``clip``: one global embedding per image (the 64 px native view);
+- ``dense_clip``: one embedding per cell of the 8 x 8 grid at 256 px (64 per image);
+- ``cluster_clip_km`` / ``cluster_clip_agf``: those cells aggregated per image by
+  k-means / agglomerative clustering into a few representatives.
+
+Then it prints one table (mAP@50, mAP@50 small-medium, mAP, the same on the held-out
+pairs, representatives per image) and writes it, with ``retrieval compare``'s files,
+under ``--results``.
+
+Usage (from the repository root)::
+
+    python tools/run_scenes_benchmark.py                 # data/scenes, runs/scenes, results/scenes
+    python tools/run_scenes_benchmark.py --weights random   # the same with random weights
+    python tools/run_scenes_benchmark.py --card          # also update the model card's table
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from retrieval.data.synthetic import (  # noqa: E402
+    HELD_OUT_PAIRS,
+    SyntheticOptions,
+    scenes_options,
+    write_synthetic_coco,
+)
+
+EXPERIMENTS = {
+    "clip": "scenes_clip",
+    "dense_clip": "scenes_dense_clip",
+    "cluster_clip_km": "scenes_cluster_clip_km",
+    "cluster_clip_agf": "scenes_cluster_clip_agf",
+}
+"""Run name -> experiment config (configs/experiment/)."""
+WEIGHTS = ROOT / "retrieval" / "weights" / "RN-scenes.safetensors"
+CARD = ROOT / "retrieval" / "weights" / "RN-scenes.md"
+COLUMNS = (
+    ("map@50", "mAP@50"),
+    ("map@50_s-m", "mAP@50 s-m"),
+    ("map", "mAP"),
+    ("held_out.map@50", "held-out mAP@50"),
+    ("held_out.map@50_s-m", "held-out mAP@50 s-m"),
+)
+
+
+def _jsonable(options: SyntheticOptions) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(options)))
+
+
+def ensure_dataset(data_dir: Path, options: SyntheticOptions) -> tuple[Path, Path]:
+    """The evaluation scenes under ``data_dir``, generated unless already there with
+    exactly these options."""
+    annotations, images = data_dir / "annotations.json", data_dir / "images"
+    if annotations.is_file():
+        info = json.loads(annotations.read_text()).get("info", {})
+        if info.get("options") == _jsonable(options):
+            return annotations, images
+        shutil.rmtree(images, ignore_errors=True)
+    return write_synthetic_coco(data_dir, options)
+
+
+def held_out_means(metrics: dict[str, Any], names: Sequence[str] = HELD_OUT_PAIRS) -> dict:
+    """Means of the per-category APs over the held-out pairs (skipped ones left out)."""
+    rows = [r for r in metrics["per_category"] if r["name"] in set(names)]
+    out = {}
+    for key in ("ap@50", "ap@50_s-m", "ap"):
+        values = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+        out["held_out.m" + key] = sum(values) / len(values) if values else math.nan
+    return out
+
+
+def run_benchmark(
+    data_dir: str | Path = ROOT / "data" / "scenes",
+    out_dir: str | Path = ROOT / "runs" / "scenes",
+    num_images: int | None = None,
+    seed: int | None = None,
+    pretrained: str | None = str(WEIGHTS),
+    runs: Sequence[str] = tuple(EXPERIMENTS),
+    overrides: Sequence[str] = (),
+    reuse: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Generates the scenes (if needed) and evaluates each retriever in-process.
+
+    Args:
+        data_dir: where the evaluation scenes live (generated when missing).
+        out_dir: parent of the run folders (``out_dir/<run>``).
+        num_images, seed: override the ``scenes`` preset's (400 images, seed 2023).
+        pretrained: weights for every retriever (None: random weights).
+        runs: which of :data:`EXPERIMENTS` to run.
+        overrides: more ``key=value`` config overrides for every run.
+        reuse: keep run folders (and their embeddings) from an earlier run; by default
+            each is deleted first, so retrained weights at the same path are re-embedded.
+
+    Returns:
+        run name -> its metrics (``metrics.json``'s content) plus the ``held_out.*`` means.
+    """
+    from retrieval.config import load_config
+    from retrieval.engine.evaluate import evaluate
+
+    annotations, images = ensure_dataset(Path(data_dir), scenes_options("eval", num_images, seed))
+    results = {}
+    for name in runs:
+        run_dir = Path(out_dir) / name
+        if not reuse:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = load_config(
+            EXPERIMENTS[name],
+            [
+                f"data.annotations={annotations}",
+                f"data.images={images}",
+                f"run.output_dir={run_dir}",
+                f"retriever.pretrained={'null' if pretrained is None else pretrained}",
+                *overrides,
+            ],
+        )
+        result = evaluate(cfg)
+        metrics = json.loads((result.run_dir / "metrics.json").read_text())
+        results[name] = {**metrics, **held_out_means(metrics), "run_dir": str(result.run_dir)}
+    return results
+
+
+def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run: the table's metrics (fractions) and representatives per image."""
+    rows = []
+    for name, m in results.items():
+        row = {"run": name, **{key: m.get(key) for key, _ in COLUMNS}}
+        row["reps_per_image"] = m["reps_per_image"]["mean"]
+        row["random_weights"] = m.get("random_weights", False)
+        rows.append(row)
+    return rows
+
+
+def _pct(value: Any) -> str:
+    return "" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = ["retriever", *(title for _, title in COLUMNS), "reps / image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            row["run"],
+            *(_pct(row[key]) for key, _ in COLUMNS),
+            f"{row['reps_per_image']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | None = None) -> None:
+    table = Table(title=title)
+    table.add_column("retriever")
+    for _, name in COLUMNS:
+        table.add_column(name, justify="right")
+    table.add_column("reps / image", justify="right")
+    for row in rows:
+        table.add_row(
+            row["run"], *(_pct(row[key]) for key, _ in COLUMNS), f"{row['reps_per_image']:.1f}"
+        )
+    (console or Console()).print(table)
+
+
+def update_card(card: Path, markdown: str) -> None:
+    """Replaces the card's block between ``<!-- benchmark -->`` markers."""
+    text = card.read_text()
+    block = f"<!-- benchmark -->\n{markdown}\n<!-- /benchmark -->"
+    new, count = re.subn(r"<!-- benchmark -->.*?<!-- /benchmark -->", block, text, flags=re.S)
+    card.write_text(new if count else text + "\n" + block + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "scenes")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "runs" / "scenes", help="parent of the run folders"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "results" / "scenes",
+        help="where the comparison table goes",
+    )
+    parser.add_argument("--num-images", type=int, default=None, help="default: 400")
+    parser.add_argument("--seed", type=int, default=None, help="default: 2023")
+    parser.add_argument(
+        "--weights", default=str(WEIGHTS), help="a checkpoint for every retriever, or 'random'"
+    )
+    parser.add_argument("--runs", nargs="+", choices=list(EXPERIMENTS), default=list(EXPERIMENTS))
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse run folders (embeddings) of an earlier run"
+    )
+    parser.add_argument(
+        "--card",
+        action="store_true",
+        help=f"write the table into the model card ({CARD.relative_to(ROOT)})",
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    args = parser.parse_args(argv)
+    pretrained = None if args.weights in ("random", "null", "none") else args.weights
+    options = scenes_options("eval", args.num_images, args.seed)
+    results = run_benchmark(
+        args.data,
+        args.out,
+        args.num_images,
+        args.seed,
+        pretrained,
+        args.runs,
+        args.overrides,
+        args.reuse,
+    )
+    rows = summary_rows(results)
+    weights = "RANDOM weights" if pretrained is None else f"weights {Path(pretrained).name}"
+    title = (
+        f"{options.num_images} held-out scenes (256 x 256, seed {options.seed}), "
+        f"64 colour-shape queries ({len(HELD_OUT_PAIRS)} held out), {weights}; percent"
+    )
+    print_table(rows, title)
+    table = markdown_table(rows)
+    args.results.mkdir(parents=True, exist_ok=True)
+    suffix = "" if pretrained is not None else "_random"
+    (args.results / f"benchmark{suffix}.md").write_text(
+        f"# Scenes benchmark\n\n{title}.\n\n{table}\n"
+    )
+    (args.results / f"benchmark{suffix}.json").write_text(json.dumps(rows, indent=2))
+    from retrieval.report.compare import build_comparison, write_comparison
+
+    comparison = build_comparison([Path(r["run_dir"]) for r in results.values()], "none")
+    write_comparison(comparison, args.results / f"compare{suffix}", plots=False)
+    if args.card and pretrained is not None:
+        update_card(
+            CARD,
+            f"## Benchmark\n\n{title}.\n\n{table}\n\n"
+            f"Reproduce: `python tools/run_scenes_benchmark.py`.",
+        )
+    print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
