@@ -22,7 +22,7 @@ from retrieval.data import (
     load_image,
     query_name,
 )
-from retrieval.data.coco import pil_to_uint8_tensor
+from retrieval.data.base import pil_to_uint8_tensor
 from retrieval.data.synthetic import make_synthetic_coco
 
 

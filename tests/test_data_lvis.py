@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from retrieval.data import create_dataset, list_datasets
-from retrieval.data.coco import pil_to_uint8_tensor
+from retrieval.data.base import pil_to_uint8_tensor
 from retrieval.data.lvis import LvisDataset, _lvis_loader, image_root
 from retrieval.metrics import evaluate_rankings
 

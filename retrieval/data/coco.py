@@ -9,23 +9,18 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 from pycocotools.coco import COCO
-from torch.utils.data import Dataset
 
+from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
 from retrieval.data.ground_truth import Category, GroundTruth
-from retrieval.data.images import BAD_IMAGE_FIX, BadImageError, load_image
+from retrieval.data.images import BAD_IMAGE_FIX
 from retrieval.data.names import query_name
 from retrieval.data.registry import register_dataset
-
-Transform = Callable[[Image.Image], torch.Tensor]
-OnBadImage = Literal["error", "skip"]
 
 _MISSING_LISTED = 5
 _REQUIRED_FIELDS = {
@@ -33,12 +28,6 @@ _REQUIRED_FIELDS = {
     "categories": ("id", "name"),
     "annotations": ("image_id", "category_id"),
 }
-
-
-def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """``[3, H, W]`` uint8, the exact pixels (what ``__getitem__`` gives without a transform)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def _read_annotations(path: Path) -> dict[str, Any]:
@@ -95,7 +84,7 @@ def _check_references(data: dict[str, Any], path: Path) -> None:
 
 
 @register_dataset("coco")
-class CocoDataset(Dataset):
+class CocoDataset(RetrievalDataset):
     """A COCO-format dataset as a torch ``Dataset`` plus its retrieval ground truth.
 
     Items are ``dict(image_id, pixels, error, path)``; ``pixels`` is
@@ -132,16 +121,7 @@ class CocoDataset(Dataset):
         max_images: int | None = None,
         query_names: Mapping[str, str] | None = None,
     ) -> None:
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-        if max_images is not None and max_images < 1:
-            raise ValueError(
-                f"data.max_images must be a positive integer or null, got {max_images}"
-            )
-        self.annotations_path = Path(annotations)
-        self.images_dir = Path(images)
-        self.transform = transform
-        self.on_bad_image = on_bad_image
+        super().__init__(annotations, images, transform, on_bad_image, max_images)
         self.include_crowd = include_crowd
 
         data = _read_annotations(self.annotations_path)
@@ -192,55 +172,6 @@ class CocoDataset(Dataset):
     def image_path(self, image_id: int) -> Path:
         """Where the image lives: its ``file_name`` under the images folder."""
         return self.images_dir / self.coco.imgs[image_id]["file_name"]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """``dict(image_id, pixels, error, path)``; under ``skip`` a bad file gives
-        ``pixels=None`` and the reason in ``error``.
-
-        Raises:
-            BadImageError: the file is bad and ``on_bad_image`` is ``error``.
-        """
-        image_id = int(self.image_ids[index])
-        path = self.image_path(image_id)
-        try:
-            image = load_image(path)
-        except BadImageError as err:
-            if self.on_bad_image == "error":
-                raise
-            return {"image_id": image_id, "pixels": None, "error": err.reason, "path": str(path)}
-        pixels = self.transform(image) if self.transform is not None else pil_to_uint8_tensor(image)
-        return {"image_id": image_id, "pixels": pixels, "error": None, "path": str(path)}
-
-    @staticmethod
-    def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Stacks the good items, reports the bad ones (the DataLoader's ``collate_fn``).
-
-        Returns:
-            ``pixels``: ``[b, 3, H, W]`` of the b good items, or None when every item
-            failed; ``image_ids``: ``[b]`` int64; ``failures``: one
-            ``dict(image_id, path, reason)`` per failed item.
-        """
-        good = [item for item in batch if item["pixels"] is not None]
-        failures = [
-            {"image_id": item["image_id"], "path": item.get("path"), "reason": item["error"]}
-            for item in batch
-            if item["pixels"] is None
-        ]
-        pixels = None
-        if good:
-            shapes = {tuple(item["pixels"].shape) for item in good}
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"images of different sizes {sorted(shapes)} cannot be stacked into one "
-                    "batch: give the dataset a transform that resizes (the retriever's "
-                    "image_transform), or use loader.batch_size=1"
-                )
-            pixels = torch.stack([item["pixels"] for item in good])
-        image_ids = torch.tensor([item["image_id"] for item in good], dtype=torch.int64)
-        return {"pixels": pixels, "image_ids": image_ids, "failures": failures}
 
     def ground_truth(self) -> GroundTruth:
         """Relevance and largest-instance area per (category, image), for :attr:`image_ids`.

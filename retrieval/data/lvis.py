@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.data.coco import CocoDataset, OnBadImage, Transform
+from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
+from retrieval.data.coco import CocoDataset
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import find_missing_images, missing_images_error
 from retrieval.data.names import clean_category_name
@@ -200,16 +201,7 @@ class LvisDataset(CocoDataset):
         max_images: int | None = None,
         query_names: Mapping[str, str] | None = None,
     ) -> None:
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-        if max_images is not None and max_images < 1:
-            raise ValueError(
-                f"data.max_images must be a positive integer or null, got {max_images}"
-            )
-        self.annotations_path = Path(annotations)
-        self.images_dir = Path(images)
-        self.transform = transform
-        self.on_bad_image = on_bad_image
+        RetrievalDataset.__init__(self, annotations, images, transform, on_bad_image, max_images)
         self.federated = bool(federated)
         self.include_crowd = include_crowd
 

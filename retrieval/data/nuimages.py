@@ -27,9 +27,8 @@ from typing import Any
 
 import numpy as np
 import yaml
-from torch.utils.data import Dataset
 
-from retrieval.data.coco import CocoDataset, OnBadImage, Transform
+from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import find_missing_images, missing_images_error
 from retrieval.data.names import query_name
@@ -90,7 +89,7 @@ def read_tables(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
 
 
 @register_dataset("nuimages")
-class NuImagesDataset(Dataset):
+class NuImagesDataset(RetrievalDataset):
     """nuImages key frames as a torch ``Dataset`` plus their retrieval ground truth.
 
     Items, batches and the bad-file policy are the same as :class:`CocoDataset`'s.
@@ -115,11 +114,6 @@ class NuImagesDataset(Dataset):
 
     dataset_name = "nuimages"
 
-    # The same items, batches and failure records as the COCO-format datasets.
-    __len__ = CocoDataset.__len__
-    __getitem__ = CocoDataset.__getitem__
-    collate = staticmethod(CocoDataset.collate)
-
     def __init__(
         self,
         annotations: str | Path,
@@ -130,16 +124,7 @@ class NuImagesDataset(Dataset):
         max_images: int | None = None,
         query_names: Mapping[str, str] | None = None,
     ) -> None:
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-        if max_images is not None and max_images < 1:
-            raise ValueError(
-                f"data.max_images must be a positive integer or null, got {max_images}"
-            )
-        self.annotations_path = Path(annotations)
-        self.images_dir = Path(images)
-        self.transform = transform
-        self.on_bad_image = on_bad_image
+        super().__init__(annotations, images, transform, on_bad_image, max_images)
 
         tables = read_tables(self.annotations_path)
         if not self.images_dir.is_dir():

@@ -1,0 +1,118 @@
+"""What every dataset shares: items, batches and the bad-file policy.
+
+A dataset gives the engine ``image_ids``, ``categories``, ``failures_at_start``,
+``image_path(id)`` and ``ground_truth()``; this base turns those into DataLoader items
+and batches, so COCO, LVIS and nuImages read and report images the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from retrieval.data.images import BadImageError, load_image
+
+Transform = Callable[[Image.Image], torch.Tensor]
+OnBadImage = Literal["error", "skip"]
+
+
+def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """``[3, H, W]`` uint8, the exact pixels (what ``__getitem__`` gives without a transform)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class RetrievalDataset(Dataset):
+    """Base of the datasets: validated common options, ``__getitem__`` and ``collate``.
+
+    Subclasses set :attr:`image_ids`, :attr:`categories` and :attr:`failures_at_start`
+    and implement :meth:`image_path` and ``ground_truth()``.
+
+    Args:
+        annotations: the annotation file or folder (config ``data.annotations``).
+        images: the image root (config ``data.images``).
+        transform: PIL image -> tensor, normally the retriever's ``image_transform``.
+        on_bad_image: ``error`` stops at a missing, truncated or corrupt file;
+            ``skip`` leaves it out and reports it (config ``data.on_bad_image``).
+        max_images: keep only the first N image ids (ascending), for quick runs.
+    """
+
+    image_ids: np.ndarray
+    failures_at_start: list[dict[str, Any]]
+
+    def __init__(
+        self,
+        annotations: str | Path,
+        images: str | Path,
+        transform: Transform | None,
+        on_bad_image: OnBadImage,
+        max_images: int | None,
+    ) -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        if max_images is not None and max_images < 1:
+            raise ValueError(
+                f"data.max_images must be a positive integer or null, got {max_images}"
+            )
+        self.annotations_path = Path(annotations)
+        self.images_dir = Path(images)
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+
+    def image_path(self, image_id: int) -> Path:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """``dict(image_id, pixels, error, path)``; under ``skip`` a bad file gives
+        ``pixels=None`` and the reason in ``error``.
+
+        Raises:
+            BadImageError: the file is bad and ``on_bad_image`` is ``error``.
+        """
+        image_id = int(self.image_ids[index])
+        path = self.image_path(image_id)
+        try:
+            image = load_image(path)
+        except BadImageError as err:
+            if self.on_bad_image == "error":
+                raise
+            return {"image_id": image_id, "pixels": None, "error": err.reason, "path": str(path)}
+        pixels = self.transform(image) if self.transform is not None else pil_to_uint8_tensor(image)
+        return {"image_id": image_id, "pixels": pixels, "error": None, "path": str(path)}
+
+    @staticmethod
+    def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Stacks the good items, reports the bad ones (the DataLoader's ``collate_fn``).
+
+        Returns:
+            ``pixels``: ``[b, 3, H, W]`` of the b good items, or None when every item
+            failed; ``image_ids``: ``[b]`` int64; ``failures``: one
+            ``dict(image_id, path, reason)`` per failed item.
+        """
+        good = [item for item in batch if item["pixels"] is not None]
+        failures = [
+            {"image_id": item["image_id"], "path": item.get("path"), "reason": item["error"]}
+            for item in batch
+            if item["pixels"] is None
+        ]
+        pixels = None
+        if good:
+            shapes = {tuple(item["pixels"].shape) for item in good}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"images of different sizes {sorted(shapes)} cannot be stacked into one "
+                    "batch: give the dataset a transform that resizes (the retriever's "
+                    "image_transform), or use loader.batch_size=1"
+                )
+            pixels = torch.stack([item["pixels"] for item in good])
+        image_ids = torch.tensor([item["image_id"] for item in good], dtype=torch.int64)
+        return {"pixels": pixels, "image_ids": image_ids, "failures": failures}
