@@ -139,7 +139,8 @@ def markdown(rows: list[dict], k: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--backends", nargs="+", default=["exact", "faiss-flat", "faiss-ivfpq"],
+    parser.add_argument("--backends", nargs="+",
+                        default=["exact", "faiss-flat", "faiss-ivfpq", "lancedb"],
                         help="exact first: the others' ratios divide by it")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--reps", type=int, default=16, help="representatives per image")

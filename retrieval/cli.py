@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_list)
     from retrieval.data.cli import register_cli as register_data
     from retrieval.report.compare import register_cli as register_compare
+    from retrieval.store.index.cli import register_cli as register_index
 
     register_data(sub)
     register_compare(sub)
+    register_index(sub)
     return parser
 
 

@@ -130,3 +130,27 @@ def test_explain_reads_the_run(dense_index) -> None:
     items = explain(dense_index, dense_index.embed(["circle"])[0], hits)
     assert all(i.path is not None and i.path.exists() for i in items)
     assert all(i.heatmap is not None and i.heatmap.shape == (4, 4) for i in items)
+
+
+def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> None:
+    """`index build` then `search ... --sheet` through the subcommands the lead CLI
+    registers: prints the recall the index was built with, the hits and the sheet path."""
+    import argparse
+
+    from retrieval.store.index.cli import register_cli
+
+    parser = argparse.ArgumentParser(prog="retrieval")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> str:
+        args = parser.parse_args(list(argv))
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    out = tmp_path / "ix"
+    built = run("index", "build", str(dense_run), "--backend", "faiss-flat", "--out", str(out),
+                "--no-progress")
+    assert "recall@" in built and "bytes/image" in built
+    assert json.loads(run("index", "info", str(out)))["backend"] == "faiss-flat"
+    found = run("search", str(out), "circle", "--top", "3", "--sheet", str(tmp_path / "s.png"))
+    assert "recall@" in found and "top 3" in found and Image.open(tmp_path / "s.png").width > 0

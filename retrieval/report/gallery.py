@@ -33,7 +33,7 @@ from retrieval.store.shards import ShardReader, ShardStore
 PANEL = 240  # side of one picture panel, pixels
 BOX_COLOUR = (255, 214, 0)
 MEMBER_COLOUR = (0, 200, 255, 90)
-HEAT_ALPHA = 0.6
+HEAT_ALPHA = 0.75
 CAPTION_H = 44
 LEGEND = (
     "Yellow box: the representative that gave the image its score; cyan cells: its "
@@ -187,7 +187,7 @@ def match_panel(item: GalleryItem, side: int = PANEL) -> Image.Image:
 
 
 def heat_panel(item: GalleryItem, side: int = PANEL) -> Image.Image | None:
-    """The image dimmed under the query's cosine per cell (inferno: low dark, high bright)."""
+    """The image in grey under the query's cosine per cell (inferno: low dark, high bright)."""
     if item.heatmap is None or item.path is None or not item.path.exists():
         return None
     image = _load(item.path, side)
@@ -197,7 +197,9 @@ def heat_panel(item: GalleryItem, side: int = PANEL) -> Image.Image | None:
     scaled = np.where(finite, (heat - low) / max(high - low, 1e-8), 0.0)
     colours = matplotlib.colormaps["inferno"](_cells_to_pixels(scaled, image.size))[..., :3]
     alpha = HEAT_ALPHA * _cells_to_pixels(finite, image.size)[..., None]
-    blended = (1 - alpha) * np.asarray(image) / 255 + alpha * colours
+    grey = np.asarray(image.convert("L"), dtype=np.float64)[..., None] / 255
+    base = 0.35 + 0.5 * grey  # mid greys: the colour is the heat's, black objects included
+    blended = (1 - alpha) * base + alpha * colours
     out = Image.fromarray((blended * 255).astype(np.uint8))
     if item.hit.box is not None:
         _draw_box(out, item.hit.box)

@@ -63,7 +63,9 @@ def add_run(backend: Backend, store: ShardStore, progress: bool) -> None:
                 backend.add(shard.image_ids[start : start + READ_IMAGES], reps)
 
 
-def recall_queries(run_dir: Path | None, table: RepTable, count: int, seed: int) -> tuple:
+def recall_queries(
+    run_dir: Path | None, table: RepTable, count: int, seed: int
+) -> tuple[torch.Tensor, dict[str, int]]:
     """Queries to measure recall with: the run's own text queries (its categories), topped
     up with stored representatives (each with noise, so it is not its own exact match).
 
@@ -120,8 +122,9 @@ def measure(
     }
 
 
-def folder_bytes(paths: list[Path]) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in paths}
+def folder_bytes(folder: Path, paths: list[Path]) -> dict[str, int]:
+    """Size of each file, keyed by its path inside the index folder."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in paths}
 
 
 def build_index(
@@ -176,7 +179,7 @@ def build_index(
         config = run_dir / "config.yaml"
         if config.exists():
             shutil.copy(config, tmp / "config.yaml")
-        files = folder_bytes(index.files())
+        files = folder_bytes(tmp, index.files())
         fingerprint = store.read_manifest()["fingerprint"]
         manifest = {
             "format": FORMAT,

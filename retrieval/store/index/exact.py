@@ -120,21 +120,25 @@ class ExactBackend(Backend):
     def build(self, progress: bool) -> None:
         """Nothing to build: the table is the index."""
 
+    def _resident_dtype(self) -> torch.dtype | None:
+        """The dtype the vectors stay in memory as, or None when they do not fit."""
+        dtype = torch.float16 if resolve_device(self.device).type == "cuda" else torch.float32
+        nbytes = self.table.vectors.size * dtype.itemsize
+        return None if nbytes > self.options.get("max_memory_gb", 4.0) * 1024**3 else dtype
+
     def _resident(self) -> Tensor | None:
-        if getattr(self, "_vectors", None) is None:
-            dev = resolve_device(self.device)
-            dtype = torch.float16 if dev.type == "cuda" else torch.float32
-            nbytes = self.table.vectors.size * dtype.itemsize
-            if nbytes > self.options.get("max_memory_gb", 4.0) * 1024**3:
-                return None
-            self._vectors = torch.from_numpy(np.array(self.table.vectors)).to(dev, dtype)
-        return self._vectors
+        dtype = self._resident_dtype()
+        if dtype is not None and getattr(self, "_vectors", None) is None:
+            self._vectors = torch.from_numpy(np.array(self.table.vectors)).to(
+                resolve_device(self.device), dtype
+            )
+        return None if dtype is None else self._vectors
 
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
         return exact_search(self.table, queries, k, self.device, self._resident())
 
     def memory_bytes(self) -> int:
         """Every vector is read by every query: the resident copy (or the table) counts."""
-        resident = self._resident()
-        held = self.table.vectors.nbytes if resident is None else resident.nbytes
+        dtype = self._resident_dtype()
+        held = self.table.vectors.size * (2 if dtype is None else dtype.itemsize)
         return super().memory_bytes() + held

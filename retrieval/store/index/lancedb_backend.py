@@ -1,0 +1,160 @@
+"""``lancedb``: embedded and persistent; one row per image with a multivector column.
+
+LanceDB scores a row of several vectors against one query vector by MaxSim, which for a
+single query vector is the max cosine over the row's vectors: the engine itself ranks
+images as the paper does, with no over-fetch. Vectors are stored in fp16; the index is
+IVF_FLAT up to ``HNSW_MIN_ROWS`` representatives and IVF_HNSW_SQ above (chosen by size,
+``index_type`` overrides). Hits are re-scored from the fp16 table, which also names the
+matched representative (LanceDB returns only the row's distance).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from retrieval.store.index.base import Backend, RowHits, register_backend
+from retrieval.store.index.exact import rerank
+from retrieval.store.index.table import IndexFileError, corrupt
+
+LANCE_DIR = "lance"
+TABLE = "images"
+WRITE_IMAGES = 50_000
+HNSW_MIN_ROWS = 1_000_000
+INDEX_TYPES = ("auto", "none", "IVF_FLAT", "IVF_HNSW_SQ")
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def _import_lancedb() -> Any:
+    try:
+        import lancedb
+    except ImportError:
+        raise IndexFileError(
+            "the lancedb backend needs the lancedb package: pip install lancedb==0.40.0"
+        ) from None
+    return lancedb
+
+
+@register_backend("lancedb", index_type="auto")
+class LanceBackend(Backend):
+    """LanceDB behind the backend interface (options: ``index_type``, ``num_partitions``,
+    ``nprobes``, ``refine_factor``)."""
+
+    def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
+        if options.get("index_type", "auto") not in INDEX_TYPES:
+            raise ValueError(
+                f"lancedb index_type {options['index_type']!r} is not one of "
+                f"{', '.join(INDEX_TYPES)}"
+            )
+        options.setdefault("nprobes", 20)
+        super().__init__(folder, dim, device, **options)
+        self.lance_table = None
+
+    @property
+    def approximate(self) -> bool:  # type: ignore[override]
+        return self.options["index_type"] != "none"
+
+    def _batches(self) -> list[Any]:
+        """Arrow tables of the images that have representatives: ``pos`` (the image's
+        table position) and ``vector`` (its fp16 vectors), ``WRITE_IMAGES`` at a time."""
+        import pyarrow as pa
+
+        table = self.require_table()
+        offsets = table.offsets
+        images = np.flatnonzero(np.diff(offsets) > 0)
+        out = []
+        for start in range(0, len(images), WRITE_IMAGES):
+            part = images[start : start + WRITE_IMAGES]
+            rows = table.rows_of(part)
+            values = pa.array(np.asarray(table.vectors[rows], dtype=np.float16).reshape(-1))
+            vectors = pa.FixedSizeListArray.from_arrays(values, self.dim)
+            counts = np.diff(offsets)[part]
+            local = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            out.append(pa.table({
+                "pos": pa.array(part.astype(np.int64)),
+                "vector": pa.ListArray.from_arrays(pa.array(local), vectors),
+            }))
+        return out
+
+    def build(self, progress: bool) -> None:
+        lancedb = _import_lancedb()
+        from lancedb.index import IvfFlat, IvfHnswSq
+
+        shutil.rmtree(self.folder / LANCE_DIR, ignore_errors=True)
+        db = lancedb.connect(str(self.folder / LANCE_DIR))
+        batches = self._batches()
+        table = db.create_table(TABLE, batches[0])
+        for batch in batches[1:]:
+            table.add(batch)
+        rows = self.table.num_rows
+        kind = self.options["index_type"]
+        if kind == "auto":
+            kind = "IVF_HNSW_SQ" if rows >= HNSW_MIN_ROWS else "IVF_FLAT"
+            self.options["index_type"] = kind
+        if kind != "none":
+            images = table.count_rows()
+            partitions = self.options.setdefault(
+                "num_partitions", max(1, min(int(math.sqrt(rows)), images // 16))
+            )
+            config = (IvfFlat if kind == "IVF_FLAT" else IvfHnswSq)(
+                distance_type="cosine", num_partitions=partitions
+            )
+            table.create_index("vector", config=config)
+        self.lance_table = table
+
+    def load(self) -> None:
+        lancedb = _import_lancedb()
+        path = self.folder / LANCE_DIR
+        if not path.is_dir():
+            raise corrupt(path, "folder missing")
+        try:
+            self.lance_table = lancedb.connect(str(path)).open_table(TABLE)
+            self.lance_table.count_rows()
+        except (OSError, ValueError, RuntimeError) as err:
+            raise corrupt(path, f"lancedb cannot open it: {str(err).splitlines()[0]}") from None
+
+    def own_files(self) -> list[Path]:
+        return sorted(p for p in (self.folder / LANCE_DIR).rglob("*") if p.is_file())
+
+    def memory_bytes(self) -> int:
+        """The index files (LanceDB caches them) plus the table's metadata."""
+        indices = [p for p in self.own_files() if "_indices" in p.parts]
+        return super().memory_bytes() + sum(p.stat().st_size for p in indices)
+
+    def _query(self, q: np.ndarray, k: int) -> np.ndarray:
+        search = self.lance_table.search(q).distance_type("cosine").limit(k)
+        search = search.select(["pos", "_distance"])
+        if self.options["index_type"] != "none":
+            search = search.nprobes(self.options["nprobes"])
+            if self.options.get("refine_factor"):
+                search = search.refine_factor(self.options["refine_factor"])
+        return search.to_arrow()["pos"].to_numpy()
+
+    def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
+        if self.lance_table is None:
+            raise IndexFileError(f"index {self.folder}: the lancedb table is not built")
+        q = queries.float().cpu()
+        return [rerank(self.table, v, self._query(v.numpy(), k), k) for v in q]
+
+    def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
+        """The fewest ``nprobes`` reaching ``target`` recall (cost grows with probes),
+        else the most tried; HNSW_SQ also re-ranks ``refine_factor x k`` rows exactly."""
+        if self.options["index_type"] == "none":
+            return
+        if self.options["index_type"] == "IVF_HNSW_SQ":
+            self.options.setdefault("refine_factor", 4)
+        partitions = self.options["num_partitions"]
+        for nprobes in (p for p in NPROBES if p < partitions * 2):
+            self.options["nprobes"] = min(nprobes, partitions)
+            found = self.search_rows(queries, k)
+            recall = np.mean([
+                len(np.intersect1d(self.table.owner[r], t)) / max(len(t), 1)
+                for (r, _), t in zip(found, truth, strict=True)
+            ])
+            if recall >= target:
+                return
