@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo demo-random train-scenes test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,14 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
+	$(PY) tools/run_scenes_benchmark.py
+
+demo-random: setup
 	$(PY) -m retrieval.data.synthetic data/synthetic --num-images 48
 	$(VENV)/bin/retrieval eval demo
+
+train-scenes: setup
+	$(PY) tools/train_scenes_clip.py --card retrieval/weights/RN-scenes.md
 
 test: setup
 	WANDB_MODE=offline $(PY) -m pytest -q
@@ -28,4 +34,4 @@ lint: setup
 	$(VENV)/bin/ruff check retrieval tests bench tools
 
 clean:
-	rm -rf runs data/synthetic .pytest_cache
+	rm -rf runs data/synthetic data/scenes data/scenes-train-cache .pytest_cache

@@ -11,8 +11,9 @@ never seen in training) and evaluates the shipped RN-scenes model
   k-means / agglomerative clustering into a few representatives.
 
 Then it prints one table (mAP@50, mAP@50 small-medium, mAP, the same on the held-out
-pairs, representatives per image) and writes it, with ``retrieval compare``'s files,
-under ``--results``.
+pairs, representatives per image) and writes it (``benchmark.md``) with ``retrieval
+compare``'s tables under ``--results`` (``results/scenes``; random weights:
+``results/scenes/random``).
 
 Usage (from the repository root)::
 
@@ -171,7 +172,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | None = None) -> None:
     table = Table(title=title)
-    table.add_column("retriever")
+    table.add_column("retriever", no_wrap=True, min_width=16)
     for _, name in COLUMNS:
         table.add_column(name, justify="right")
     table.add_column("reps / image", justify="right")
@@ -182,12 +183,14 @@ def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | N
     (console or Console()).print(table)
 
 
-def update_card(card: Path, markdown: str) -> None:
-    """Replaces the card's block between ``<!-- benchmark -->`` markers."""
+def update_card(card: Path, markdown: str, marker: str = "benchmark") -> None:
+    """Replaces the card's block between ``<!-- marker -->`` and ``<!-- /marker -->``
+    (appends one when there is none)."""
     text = card.read_text()
-    block = f"<!-- benchmark -->\n{markdown}\n<!-- /benchmark -->"
-    new, count = re.subn(r"<!-- benchmark -->.*?<!-- /benchmark -->", block, text, flags=re.S)
-    card.write_text(new if count else text + "\n" + block + "\n")
+    block = f"<!-- {marker} -->\n{markdown}\n<!-- /{marker} -->"
+    pattern = rf"<!-- {re.escape(marker)} -->.*?<!-- /{re.escape(marker)} -->"
+    new, count = re.subn(pattern, lambda _: block, text, flags=re.S)
+    card.write_text(new if count else text.rstrip("\n") + "\n\n" + block + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,23 +241,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print_table(rows, title)
     table = markdown_table(rows)
-    args.results.mkdir(parents=True, exist_ok=True)
-    suffix = "" if pretrained is not None else "_random"
-    (args.results / f"benchmark{suffix}.md").write_text(
-        f"# Scenes benchmark\n\n{title}.\n\n{table}\n"
-    )
-    (args.results / f"benchmark{suffix}.json").write_text(json.dumps(rows, indent=2))
+    # results/scenes/ (shipped weights) or results/scenes/random/: the one table and
+    # `retrieval compare`'s tables, no plots (results/README.md)
+    results_dir = args.results if pretrained is not None else args.results / "random"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "benchmark.md").write_text(f"# Scenes benchmark\n\n{title}.\n\n{table}\n")
     from retrieval.report.compare import build_comparison, write_comparison
 
     comparison = build_comparison([Path(r["run_dir"]) for r in results.values()], "none")
-    write_comparison(comparison, args.results / f"compare{suffix}", plots=False)
-    if args.card and pretrained is not None:
+    write_comparison(comparison, results_dir, plots=False)
+    if args.card:
+        command = "python tools/run_scenes_benchmark.py" + (
+            " --weights random" if pretrained is None else ""
+        )
+        heading = "## Benchmark" if pretrained is not None else "### The same with random weights"
         update_card(
             CARD,
-            f"## Benchmark\n\n{title}.\n\n{table}\n\n"
-            f"Reproduce: `python tools/run_scenes_benchmark.py`.",
+            f"{heading}\n\n{title}.\n\n{table}\n\nReproduce: `{command}`.",
+            "benchmark" if pretrained is not None else "benchmark-random",
         )
-    print(f"wrote {args.results}")
+    print(f"wrote {results_dir}")
     return 0
 
 

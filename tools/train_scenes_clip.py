@@ -20,7 +20,9 @@ Usage::
     python tools/train_scenes_clip.py --steps 200 --out /tmp/try.safetensors  # a quick try
 
 Outputs: the weights (fp16 safetensors), a JSON-lines log, the loss curve PNG and the
-model card (``--card``). Same seed, same thread count: same weights.
+model card (``--card``). Every random choice is seeded (torch, the caption sampler, the
+scene renderer), so a rerun with the same seed and thread count should give the same
+weights (not checked bit for bit: a full run takes ~25 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import io
 import json
 import math
 import multiprocessing
+import os
 import platform
 import random
 import sys
@@ -39,12 +42,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from safetensors.torch import save_file
-from tqdm import tqdm
+# Sleep, don't spin, at OpenMP barriers: on a shared 2-core machine a busy neighbour
+# process makes spinning threads 3x slower than one thread (measured); waiting passively
+# costs nothing when the cores are free. Must be set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -81,16 +89,17 @@ class Recipe:
     """Everything that decides the trained weights (with the torch version and threads)."""
 
     model: str = "RN-scenes"
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 256
     lr: float = 2e-3
     min_lr: float = 2e-5
     warmup: int = 100
     weight_decay: float = 0.1
-    pool_size: int = 60_000
+    pool_size: int = 50_000
     pool_seed: int = 0
     seed: int = 0
     size_words: float = 0.5
+    hard_negatives: bool = True
     flip: bool = True
     threads: int = 2
 
@@ -151,14 +160,47 @@ def sample_caption(objects: Sequence, image_area: float, rng: random.Random, siz
     return caption(phrases, rng.choice(TEMPLATES))
 
 
-def soft_targets(objects: Sequence) -> torch.Tensor:
-    """``[B, B]`` row-stochastic targets: scenes with the same multiset of objects share
-    their captions' probability, so identical captions are not pushed apart."""
-    keys = [tuple(sorted((c, s) for c, s, _ in objs)) for objs in objects]
-    ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    labels = torch.tensor([ids[k] for k in keys])
-    same = (labels[:, None] == labels[None, :]).float()
-    return same / same.sum(dim=1, keepdim=True)
+def scene_key(objects: Sequence) -> tuple:
+    """What a caption says about a scene: the multiset of its (colour, shape) pairs."""
+    return tuple(sorted((c, s) for c, s, *_ in objects))
+
+
+def match_targets(images: Sequence, texts: Sequence) -> torch.Tensor:
+    """``[I, T]`` 1 where text ``t`` describes image ``i`` exactly (same objects)."""
+    ids: dict[tuple, int] = {}
+    a = torch.tensor([ids.setdefault(scene_key(o), len(ids)) for o in images])
+    b = torch.tensor([ids.setdefault(scene_key(o), len(ids)) for o in texts])
+    return (a[:, None] == b[None, :]).float()
+
+
+def hard_negative(
+    objects: Sequence, rng: random.Random, colours: Sequence[str], shapes: Sequence[str]
+) -> list | None:
+    """The scene's objects with one thing changed: a shape (half the time), a colour, or
+    the colours of two objects swapped (binding). Never a held-out pair (those are never
+    captioned in training); None when no change is possible.
+
+    As NegCLIP's hard negatives: a caption that differs from the true one only in one
+    shape or one binding, so colour alone cannot win the contrastive loss.
+    """
+    objs = [list(o) for o in objects]
+    held = set(HELD_OUT_PAIRS)
+    for _ in range(10):
+        out = [o[:] for o in objs]
+        kind = rng.random()
+        k = rng.randrange(len(out))
+        if kind < 0.5:
+            out[k][1] = rng.choice([s for s in shapes if s != out[k][1]])
+        elif kind < 0.75 or len(out) < 2:
+            out[k][0] = rng.choice([c for c in colours if c != out[k][0]])
+        else:
+            j = rng.choice([j for j in range(len(out)) if j != k])
+            out[k][0], out[j][0] = out[j][0], out[k][0]
+        if scene_key(out) != scene_key(objs) and all(
+            pair_name(c, s) not in held for c, s, _ in out
+        ):
+            return out
+    return None
 
 
 # ---------------------------------------------------------------- a quick probe
@@ -286,6 +328,7 @@ def train(recipe: Recipe, args: argparse.Namespace) -> dict:
         param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
     )
     width, height = pool_options.image_size
+    colours, shapes = pool_options.colours, pool_options.categories
     log: list[dict] = []
     args.log.parent.mkdir(parents=True, exist_ok=True)
     log_file = args.log.open("w")
@@ -301,11 +344,20 @@ def train(recipe: Recipe, args: argparse.Namespace) -> dict:
             x[flip] = x[flip].flip(-1)
         x = (x - mean) / std
         batch_objects = [objects[i] for i in index.tolist()]
-        texts = [sample_caption(o, width * height, rng, recipe.size_words) for o in batch_objects]
+        text_objects = list(batch_objects)
+        if recipe.hard_negatives:
+            negatives = [hard_negative(o, rng, colours, shapes) for o in batch_objects]
+            text_objects += [n for n in negatives if n is not None]
+        texts = [sample_caption(o, width * height, rng, recipe.size_words) for o in text_objects]
         image, text, scale = model(x, tokenizer(texts))[:3]
-        logits = scale * image @ text.T
-        target = soft_targets(batch_objects)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
+        logits = scale * image @ text.T  # [B, B + negatives]
+        match = match_targets(batch_objects, text_objects)
+        # image -> text over every caption (the hard negatives too); text -> image over
+        # the true captions; scenes with the same objects share the probability
+        i2t = F.cross_entropy(logits, match / match.sum(dim=1, keepdim=True))
+        pos = match[:, : len(batch_objects)].T
+        t2i = F.cross_entropy(logits[:, : len(batch_objects)].T, pos / pos.sum(dim=1, keepdim=True))
+        loss = (i2t + t2i) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -320,11 +372,13 @@ def train(recipe: Recipe, args: argparse.Namespace) -> dict:
         }
         if (step + 1) % args.probe_every == 0 or step + 1 == recipe.steps:
             record["probe"] = probe(model, tokenizer, probe_pixels, probe_pairs, mean, std)
-            tqdm.write(f"step {step + 1}: loss {float(loss):.3f} probe {record['probe']}")
+            tqdm.write(f"step {step + 1}: loss {record['loss']:.3f} probe {record['probe']}")
         log.append(record)
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-        bar.set_postfix(loss=f"{float(loss):.3f}", scale=f"{float(scale):.1f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{record['loss']:.3f}", scale=f"{record['logit_scale']:.1f}", refresh=False
+        )
     train_s = time.perf_counter() - train_start
     log_file.close()
     model.eval()
@@ -336,6 +390,13 @@ def train(recipe: Recipe, args: argparse.Namespace) -> dict:
         "final_probe": log[-1]["probe"],
         "final_loss": float(np.mean([r["loss"] for r in log[-50:]])),
     }
+
+
+def render_note(seconds: float) -> str:
+    """How the training scenes were obtained, for the card."""
+    if seconds < 30:
+        return "came from the render cache (rendering them takes minutes; see the log)"
+    return f"took {seconds / 60:.1f} min to render"
 
 
 def write_card(path: Path, recipe: Recipe, result: dict, weights: Path, curve: Path) -> None:
@@ -373,15 +434,18 @@ green square."), size words (small / large) in half of the captions. Left-right 
 `python tools/train_scenes_clip.py` (defaults = this recipe):
 {recipe.steps} steps x batch {recipe.batch_size} ({recipe.steps * recipe.batch_size:,} \
 samples, {recipe.steps * recipe.batch_size / recipe.pool_size:.1f} passes over the \
-scenes); symmetric InfoNCE with soft targets for scenes holding the same objects;
+scenes); symmetric InfoNCE with soft targets for scenes holding the same objects, plus \
+one hard-negative caption per scene (one shape or colour changed, or two objects' \
+colours swapped; never a held-out pair) among the image's candidates;
 AdamW (betas 0.9 / 0.98, weight decay {recipe.weight_decay} on weights only), lr \
 {recipe.lr} after {recipe.warmup} warm-up steps, cosine to {recipe.min_lr}; learnable \
 temperature (clamped at 100); seed {recipe.seed}, {recipe.threads} CPU threads.
 
 Trained on {platform.processor() or platform.machine()} ({recipe.threads} threads, \
-torch {torch.__version__}): {result["train_seconds"] / 60:.1f} min training + \
-{result["render_seconds"] / 60:.1f} min rendering the scenes. Final loss (mean of the \
-last 50 steps) {result["final_loss"]:.3f}.
+torch {torch.__version__}): {result["train_seconds"] / 60:.1f} min training \
+({result["train_seconds"] / recipe.steps:.2f} s per step); the scenes \
+{render_note(result["render_seconds"])}. Final loss (mean of the last 50 steps) \
+{result["final_loss"]:.3f}.
 
 ![loss curve]({curve.name})
 
@@ -394,6 +458,10 @@ last 50 steps) {result["final_loss"]:.3f}.
 <!-- benchmark -->
 (benchmark not run yet: `python tools/run_scenes_benchmark.py --card`)
 <!-- /benchmark -->
+
+<!-- benchmark-random -->
+(`python tools/run_scenes_benchmark.py --weights random --card`)
+<!-- /benchmark-random -->
 
 ## Limits
 Knows only its 64 colour-shape pairs, flat-coloured polygons, and backgrounds like the
@@ -430,8 +498,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="where the rendered training scenes are cached",
     )
     parser.add_argument("--probe-every", type=int, default=250)
-    parser.add_argument("--model-config", type=Path, default=None,
-                        help="register another open_clip model config (JSON) to try a variant")
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        default=None,
+        help="register another open_clip model config (JSON) to try a variant",
+    )
     args = parser.parse_args(argv)
     if args.model_config:
         open_clip.add_model_config(args.model_config)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from retrieval.representatives import Representatives
 from retrieval.retrievers.base import Retriever
-from retrieval.retrievers.openclip_loader import load_open_clip
+from retrieval.retrievers.openclip_loader import file_sha256, load_open_clip
 from retrieval.retrievers.registry import register_retriever
 
 FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
@@ -37,6 +37,8 @@ class OpenClipRetriever(Retriever):
             "model": loaded.model_name,
             "pretrained": pretrained,
             "resolution": resolution,
+            # retrained weights at the same path must not reuse stored embeddings
+            "weights_sha256": file_sha256(loaded.weights),
         }
 
     @property

@@ -22,6 +22,10 @@ from torch import nn
 MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)  # RN-tiny, ViT-tiny: seconds-fast pipeline checks
 
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+# pretrained names of weights shipped inside the package: name -> (model, file)
+BUNDLED = {"scenes": ("RN-scenes", BUNDLED_WEIGHTS / "RN-scenes.safetensors")}
+
 HF_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 RANDOM_WEIGHTS_WARNING = (
@@ -128,6 +132,16 @@ def _raise_missing(
     )
 
 
+@functools.lru_cache(maxsize=16)
+def file_sha256(path: str | None) -> str | None:
+    """sha256 of a local checkpoint (None for tags still to download and random weights)."""
+    if path is None or not Path(path).is_file():
+        return None
+    from retrieval.store.shards import sha256
+
+    return sha256(Path(path))
+
+
 @functools.lru_cache(maxsize=8)
 def tokenizer_for(model_name: str) -> object:
     """open_clip's tokenizer, built once per model name (reading the BPE file is slow)."""
@@ -157,7 +171,20 @@ def load_open_clip(
         )
     extra: dict = {}
     weights: str | None = pretrained
-    if pretrained is None:
+    if pretrained in BUNDLED:
+        model, path = BUNDLED[pretrained]
+        if model_name != model:
+            raise ValueError(
+                f"retriever.pretrained={pretrained!r} holds weights for backbone {model}, "
+                f"not {backbone}: set retriever.backbone={model}"
+            )
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"bundled weights missing: {path}; reinstall the package or retrain them "
+                f"with tools/train_scenes_clip.py"
+            )
+        weights = str(path)
+    elif pretrained is None:
         warnings.warn(RANDOM_WEIGHTS_WARNING.format(model=model_name), stacklevel=2)
     elif is_checkpoint_path(pretrained):
         if not Path(pretrained).is_file():
