@@ -15,6 +15,7 @@ import pytest
 import wandb
 import yaml
 from PIL import Image
+from reference import reference_ap
 
 from retrieval.config import CONFIG_DIR, load_config
 from retrieval.data.registry import create_dataset
@@ -179,23 +180,6 @@ def test_paper_table_ships_with_the_package() -> None:
     assert canonical_backbone("ViT-B-16") == "ViT-B/16"
 
 
-def _ap_loop(scores, positive, keep, ids, k: int | None) -> float:
-    """AP@K by PROTOCOL.md's formula: rank kept images by (-score, id), sum precision at
-    the positives in the top K, divide by min(K, P)."""
-    idx = [j for j in range(len(scores)) if keep[j]]
-    idx.sort(key=lambda j: (-scores[j], ids[j]))
-    p = sum(positive[j] for j in idx)
-    if p == 0:
-        return math.nan
-    cut = len(idx) if k is None else k
-    hits, total = 0, 0.0
-    for rank, j in enumerate(idx[:cut], start=1):
-        if positive[j]:
-            hits += 1
-            total += hits / rank
-    return total / min(cut, p)
-
-
 def test_ap_by_size_matches_a_numpy_loop() -> None:
     """Per bin, a category's AP keeps as positives only images whose largest instance is
     in the bin, drops the other positives and keeps every negative (checked against a
@@ -215,7 +199,7 @@ def test_ap_by_size_matches_a_numpy_loop() -> None:
             inside = relevant[c] & (area[c] >= lo) & (area[c] < hi)
             keep = ~ignore[c] & (inside | ~relevant[c])
             for key, k in (("ap@5", 5), ("ap", None)):
-                want = _ap_loop(scores[c], inside, keep, ids, k)
+                want = reference_ap(scores[c], inside, ~keep, ids, k)
                 assert per_cat[key][c] == pytest.approx(want, nan_ok=True), (name, c, key)
         assert got["bins"][name]["categories"] == int((np.array(per_cat["positives"]) > 0).sum())
 
