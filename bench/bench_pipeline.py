@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from retrieval.config import load_config
+from retrieval.config import build_retriever, load_config
 from retrieval.data.synthetic import make_synthetic_coco
-from retrieval.engine.evaluate import build_dataset, build_retriever, make_trainer
+from retrieval.engine.evaluate import build_dataset, make_trainer
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.writer import ShardWriter
 from retrieval.representatives import Representatives

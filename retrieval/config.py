@@ -339,3 +339,13 @@ def as_dict(node: Any) -> Any:
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def build_retriever(cfg: DictConfig) -> Any:
+    """The configured retriever; typed option groups arrive as their dataclasses.
+
+    Lightning-free, so the engine and the search side build retrievers the same way.
+    """
+    from retrieval.retrievers.registry import create_retriever
+
+    return create_retriever(cfg.retriever.name, **retriever_options(cfg))

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from retrieval import create_retriever
-from retrieval.config import ConfigError, as_dict, load_config
-from retrieval.engine.evaluate import build_retriever, evaluate
+from retrieval.config import ConfigError, as_dict, build_retriever, load_config
+from retrieval.engine.evaluate import evaluate
 from retrieval.report.compare import load_paper_table, load_run, paper_method
 from retrieval.retrievers.base import Retriever
 from retrieval.retrievers.cluster_clip import AggregateOptions, ClusterClipRetriever, calibrate

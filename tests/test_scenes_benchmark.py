@@ -22,8 +22,8 @@ from retrieval.config import load_config
 from retrieval.retrievers.openclip_loader import BUNDLED, load_open_clip
 
 ROOT = Path(__file__).resolve().parent.parent
-WEIGHTS = ROOT / "retrieval" / "weights" / "RN-scenes.safetensors"
-CARD = ROOT / "retrieval" / "weights" / "RN-scenes.md"
+WEIGHTS = BUNDLED["scenes"][1]
+CARD = WEIGHTS.with_suffix(".md")
 EXPERIMENTS = (
     "scenes_clip",
     "scenes_dense_clip",
@@ -117,7 +117,8 @@ def test_scenes_configs_point_at_the_shipped_weights() -> None:
         cfg = load_config(name)
         assert cfg.retriever.backbone == "RN-scenes"
         assert cfg.retriever.pretrained == "scenes"
-        assert BUNDLED["scenes"] == ("RN-scenes", WEIGHTS.resolve())
+        shipped = ROOT / "retrieval" / "weights" / "RN-scenes.safetensors"
+        assert BUNDLED["scenes"] == ("RN-scenes", shipped)
         assert cfg.text.prompts == "single"
         assert cfg.data.annotations == "data/scenes/annotations.json"
 

@@ -59,7 +59,6 @@ sys.path.insert(0, str(ROOT))
 
 import open_clip  # noqa: E402
 
-import retrieval.retrievers.openclip_loader  # noqa: E402,F401  (registers RN-scenes)
 from retrieval.data.synthetic import (  # noqa: E402
     HELD_OUT_PAIRS,
     SyntheticOptions,
@@ -70,9 +69,10 @@ from retrieval.data.synthetic import (  # noqa: E402
     scenes_options,
     size_word,
 )
+from retrieval.retrievers.openclip_loader import BUNDLED  # noqa: E402  (registers RN-scenes)
 
-WEIGHTS = ROOT / "retrieval" / "weights" / "RN-scenes.safetensors"
-CARD = ROOT / "retrieval" / "weights" / "RN-scenes.md"
+WEIGHTS = BUNDLED["scenes"][1]
+CARD = WEIGHTS.with_suffix(".md")
 TEMPLATES = (
     "a photo of {}.",
     "a photo of {}.",

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 import retrieval
-from retrieval.config import ConfigError, as_dict, retriever_options, to_yaml
+from retrieval.config import ConfigError, as_dict, build_retriever, to_yaml
 from retrieval.data.registry import create_dataset, dataset_parameters
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.progress import ImageProgress
@@ -32,7 +32,6 @@ from retrieval.engine.reaggregate import dense_source, reaggregate
 from retrieval.engine.writer import ShardWriter
 from retrieval.metrics import RetrievalEvaluation
 from retrieval.retrievers.base import Retriever
-from retrieval.retrievers.registry import create_retriever
 from retrieval.store import ScoreResult, ShardStore, score_store
 from retrieval.text import embed_queries
 
@@ -46,11 +45,6 @@ class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
     embedded: int  # images embedded by this run; 0 when it only re-scored stored shards
-
-
-def build_retriever(cfg: DictConfig) -> Retriever:
-    """The configured retriever; typed option groups arrive as their dataclasses."""
-    return create_retriever(cfg.retriever.name, **retriever_options(cfg))
 
 
 def build_dataset(cfg: DictConfig, transform: Any):

@@ -128,8 +128,7 @@ class SearchIndex:
         """The run's retriever, built and seeded as the run built it, checked against the
         fingerprint the index was made from."""
         if self._retriever is None:
-            from retrieval.config import as_dict
-            from retrieval.retrievers.registry import create_retriever
+            from retrieval.config import build_retriever
             from retrieval.store.scoring import resolve_device
 
             cfg = self.config
@@ -137,10 +136,9 @@ class SearchIndex:
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
-            options = as_dict(cfg.retriever)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                retriever = create_retriever(options.pop("name"), **options)
+                retriever = build_retriever(cfg)
             self.check_retriever(retriever, cfg.retriever.name)
             self._retriever = retriever.eval().to(resolve_device(self.device))
         return self._retriever
