@@ -97,7 +97,7 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
         backend.tune(tune_q, truth[:half], k, args.target)
         tune_s = time.perf_counter() - start
         recall = recall_at_k(backend.search_rows(held_q, k), truth[half:], table.owner)
-        disk = sum(p.stat().st_size for p in backend.files())
+        disk = backend.disk_bytes()
         row = {
             "representatives": table.num_rows,
             "images": table.num_images,
@@ -116,6 +116,7 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
         row["build_vs_exact"] = row["build_s"] / exact["build_s"]
         results.append(row)
         print(json.dumps(row), flush=True)
+        backend.close()
         del backend
         shutil.rmtree(folder, ignore_errors=True)
     return results
@@ -140,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--backends", nargs="+",
-                        default=["exact", "faiss-flat", "faiss-ivfpq", "lancedb"],
+                        default=["exact", "faiss-flat", "faiss-ivfpq", "lancedb", "milvus"],
                         help="exact first: the others' ratios divide by it")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--reps", type=int, default=16, help="representatives per image")

@@ -3,8 +3,9 @@
 ``build_index(run_dir, backend)`` writes an index folder; ``open_index(folder)`` reads
 it back; ``SearchIndex.search("a stroller", top=50)`` returns ``Hit(image_id, score,
 rep_index, box)``, an image's score being the max cosine over its representatives.
-Backends (``exact``, ``faiss``, ``faiss-flat``, ``faiss-ivfpq``) share one interface
-(:class:`Backend`); approximate ones record their recall against exact search.
+Backends (``exact``, ``faiss``, ``faiss-flat``, ``faiss-ivfpq``, ``lancedb``, ``milvus``)
+share one interface (:class:`Backend`); approximate ones record their recall against
+exact search.
 """
 
 from retrieval.store.index.base import (

@@ -131,6 +131,13 @@ class Backend(ABC):
     def own_files(self) -> list[Path]:
         return []
 
+    def disk_bytes(self) -> int:
+        """Bytes this index takes on disk."""
+        return sum(p.stat().st_size for p in self.files())
+
+    def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold no session
+        """Releases what the backend holds open (a client, an embedded server)."""
+
     def memory_bytes(self) -> int:
         """Bytes resident in memory while searching (memory-mapped vectors not counted)."""
         return self.require_table().meta_bytes()

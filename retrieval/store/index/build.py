@@ -24,10 +24,9 @@ import retrieval
 from retrieval.store.index.base import Backend, create_backend
 from retrieval.store.index.exact import ExactBackend, exact_search
 from retrieval.store.index.faiss_backend import recall_at_k
-from retrieval.store.index.table import IndexFileError, RepTable
+from retrieval.store.index.table import MANIFEST, IndexFileError, RepTable
 from retrieval.store.shards import ShardReader, ShardStore
 
-MANIFEST = "index.json"
 FORMAT = 1
 READ_IMAGES = 1024  # images read from a shard at once
 SCORE_RULE = "max cosine over an image's representatives"
@@ -162,6 +161,7 @@ def build_index(
         raise IndexFileError(f"{out} is a non-empty folder that is not an index: choose --out")
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
+    index: Backend | None = None
     try:
         start = time.perf_counter()
         dim = embed_dim(store)
@@ -196,15 +196,18 @@ def build_index(
             "representatives": table.num_rows,
             "recall": recall,
             "build_seconds": build_s,
-            "disk_bytes_per_image": sum(files.values()) / table.num_images,
+            "disk_bytes_per_image": index.disk_bytes() / table.num_images,
             "memory_bytes_per_image": index.memory_bytes() / table.num_images,
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     except BaseException:
+        if index is not None:
+            index.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    index.close()  # before the rename: an embedded engine holds the folder open
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)

@@ -32,6 +32,13 @@ def _build(args: argparse.Namespace) -> int:
         f"on disk, {m['memory_bytes_per_image']:.0f} in memory; settings "
         f"{json.dumps(m['backend_state'])}"
     )
+    recall = m["recall"]
+    if recall.get("queries") and recall["value"] < recall["target"]:
+        console.print(
+            f"[yellow]recall@{recall['k']} on held-out queries is {recall['value']:.3f}, below "
+            f"the target {recall['target']}: tuned on the other half, it fell short here; "
+            f"rebuild with a higher --recall-target or set the backend's knobs by --option"
+        )
     console.print(f"index folder: {out}")
     return 0
 
@@ -96,7 +103,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("run_dir", help="run folder made by `retrieval eval`")
     build.add_argument(
         "--backend", default="exact",
-        help="exact (default), faiss (flat or ivfpq by size), faiss-flat, faiss-ivfpq, lancedb",
+        help="exact (default), faiss (flat or ivfpq by size), faiss-flat, faiss-ivfpq, lancedb, "
+        "milvus (milvus-lite in the index folder, or --option uri=... collection=...)",
     )
     build.add_argument("--out", help="index folder (default RUN_DIR/index/BACKEND)")
     build.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (exact scoring)")
@@ -107,7 +115,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
-        help="backend setting, e.g. nprobe=32, overfetch=10, nlist=1024 (repeatable)",
+        help="backend setting, e.g. nprobe=32, overfetch=10, nlist=1024, uri=http://host:19530 "
+        "(repeatable)",
     )
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)

@@ -108,15 +108,19 @@ class LanceBackend(Backend):
         self.lance_table = table
 
     def load(self) -> None:
+        """Opens the table and answers one probe query, so a damaged data or index file is
+        reported here, naming the folder, rather than at the first search."""
         lancedb = _import_lancedb()
         path = self.folder / LANCE_DIR
         if not path.is_dir():
             raise corrupt(path, "folder missing")
         try:
             self.lance_table = lancedb.connect(str(path)).open_table(TABLE)
-            self.lance_table.count_rows()
         except (OSError, ValueError, RuntimeError) as err:
             raise corrupt(path, f"lancedb cannot open it: {str(err).splitlines()[0]}") from None
+        probe = np.zeros(self.dim, np.float32)
+        probe[0] = 1.0
+        self._query(probe, 1)
 
     def own_files(self) -> list[Path]:
         return sorted(p for p in (self.folder / LANCE_DIR).rglob("*") if p.is_file())
@@ -133,7 +137,11 @@ class LanceBackend(Backend):
             search = search.nprobes(self.options["nprobes"])
             if self.options.get("refine_factor"):
                 search = search.refine_factor(self.options["refine_factor"])
-        return search.to_arrow()["pos"].to_numpy()
+        try:
+            return search.to_arrow()["pos"].to_numpy()
+        except (OSError, ValueError, RuntimeError) as err:
+            reason = f"lancedb cannot read it: {str(err).splitlines()[0]}"
+            raise corrupt(self.folder / LANCE_DIR, reason) from None
 
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
         if self.lance_table is None:

@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from retrieval.store.index.base import Backend, Hit, open_backend
-from retrieval.store.index.build import FORMAT, MANIFEST
-from retrieval.store.index.table import IndexFileError, corrupt
+from retrieval.store.index.build import FORMAT
+from retrieval.store.index.table import MANIFEST, IndexFileError, corrupt
 from retrieval.store.shards import ShardStore
 
 
@@ -172,6 +172,17 @@ class SearchIndex:
     def search(self, query: str, top: int = 50, prompts: str | None = None) -> list[Hit]:
         """Top images for one text query, best first."""
         return self.search_vectors(self.embed([query], prompts), top)[0]
+
+
+    def close(self) -> None:
+        """Releases the backend's client or embedded engine (milvus, lancedb)."""
+        self.backend.close()
+
+    def __enter__(self) -> SearchIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def open_index(folder: str | Path, device: str = "auto") -> SearchIndex:

@@ -21,6 +21,7 @@ from retrieval.representatives import Representatives
 
 VECTORS = "vectors.f16"
 META = "table.npz"
+MANIFEST = "index.json"
 
 
 class IndexFileError(ValueError):
@@ -28,9 +29,12 @@ class IndexFileError(ValueError):
 
 
 def corrupt(path: Path, why: str) -> IndexFileError:
+    """The error for a damaged index file, naming it and the rebuild command (with the
+    index folder: the nearest parent holding the manifest)."""
+    folder = next((p for p in path.parents if (p / MANIFEST).exists()), path.parent)
     return IndexFileError(
         f"index file {path} is corrupt ({why}); rebuild the index with "
-        f"`retrieval index build RUN_DIR --out {path.parent}`"
+        f"`retrieval index build RUN_DIR --out {folder}`"
     )
 
 

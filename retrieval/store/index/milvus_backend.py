@@ -1,0 +1,244 @@
+"""``milvus``: one row per representative in a Milvus collection, grouped by image.
+
+Milvus's group-by search (``group_by_field="image"``) returns each top image once, with
+its best representative, so the engine itself ranks images by max cosine. Hits are
+re-scored from the fp16 table, which also names the matched representative exactly.
+
+``uri`` picks the engine: unset (the default), the index uses milvus-lite in
+``INDEX/milvus.db`` (embedded, in this process); ``http://host:19530`` a Milvus server
+or cluster, for collections that outgrow one machine. The same client code drives both;
+milvus-lite is a pure-Python stand-in: slow to insert (~10^4 rows/s here), without fp16
+vectors (``vector_type`` falls back to float32 there) and its group-by over-fetches a
+fixed 10x, so its recall is measured, not assumed. A server is shared, so its collection
+is named by the user (``collection=...``) and its token comes from ``MILVUS_TOKEN``,
+never from the index manifest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from retrieval.store.index.base import Backend, RowHits, register_backend
+from retrieval.store.index.exact import rerank
+from retrieval.store.index.table import IndexFileError, corrupt
+
+LITE_DIR = "milvus.db"
+LITE_COLLECTION = "representatives"
+INSERT_ROWS = 10_000
+SEARCH_QUERIES = 64
+VECTOR_TYPES = ("auto", "float16", "float")
+INDEX_PARAMS = {
+    "HNSW": {"M": 16, "efConstruction": 200},
+    "IVF_FLAT": {},
+    "FLAT": {},
+    "AUTOINDEX": {},
+}
+EF = (64, 128, 256, 512, 1024, 2048)
+NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _import_pymilvus() -> Any:
+    try:
+        import pymilvus
+    except ImportError:
+        raise IndexFileError(
+            "the milvus backend needs pymilvus (and milvus-lite for a local index): "
+            "pip install 'object-retrieval[milvus]'"
+        ) from None
+    return pymilvus
+
+
+@register_backend("milvus", index_type="HNSW", vector_type="auto")
+class MilvusBackend(Backend):
+    """Milvus behind the backend interface (options: ``uri``, ``collection``,
+    ``index_type`` HNSW | IVF_FLAT | FLAT | AUTOINDEX, ``vector_type``, ``ef``,
+    ``nprobe``, ``nlist``)."""
+
+    def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
+        if options["index_type"] not in INDEX_PARAMS:
+            raise ValueError(
+                f"milvus index_type {options['index_type']!r} is not one of "
+                f"{', '.join(INDEX_PARAMS)}"
+            )
+        if options["vector_type"] not in VECTOR_TYPES:
+            raise ValueError(
+                f"milvus vector_type {options['vector_type']!r} is not one of "
+                f"{', '.join(VECTOR_TYPES)}"
+            )
+        if options.get("uri") and not options.get("collection"):
+            raise ValueError(
+                f"a Milvus server ({options['uri']}) is shared: name the collection this "
+                f"index owns with --option collection=NAME (it is replaced on rebuild)"
+            )
+        options.setdefault("uri", None)
+        options.setdefault("collection", LITE_COLLECTION)
+        super().__init__(folder, dim, device, **options)
+        self.client = None
+
+    @property
+    def lite(self) -> bool:
+        return not self.options["uri"]
+
+    @property
+    def approximate(self) -> bool:  # type: ignore[override]
+        return self.options["index_type"] != "FLAT"
+
+    def _connect(self) -> Any:
+        """A client of this index's engine (milvus-lite starts in this process)."""
+        pymilvus = _import_pymilvus()
+        if self.lite:
+            try:
+                import milvus_lite  # noqa: F401 - pymilvus starts it for a .db uri
+            except ImportError:
+                raise IndexFileError(
+                    "a local milvus index needs milvus-lite: pip install milvus-lite==3.2.2, "
+                    "or pass --option uri=http://HOST:19530 for a Milvus server"
+                ) from None
+            uri = str((self.folder / LITE_DIR).resolve())
+        else:
+            uri = self.options["uri"]
+        try:
+            return pymilvus.MilvusClient(uri=uri, token=os.environ.get("MILVUS_TOKEN", ""))
+        except pymilvus.MilvusException as err:
+            raise IndexFileError(f"cannot connect to Milvus at {uri}: {err}") from None
+
+    @property
+    def np_type(self) -> type:
+        """The numpy type of stored and query vectors (``vector_type`` resolved)."""
+        if self.options["vector_type"] == "auto":  # milvus-lite has no fp16 vectors
+            self.options["vector_type"] = "float" if self.lite else "float16"
+        return np.float16 if self.options["vector_type"] == "float16" else np.float32
+
+    def build(self, progress: bool) -> None:
+        pymilvus = _import_pymilvus()
+        table = self.require_table()
+        client = self.client = self._connect()
+        name = self.options["collection"]
+        if client.has_collection(name):
+            client.drop_collection(name)
+        np_type = self.np_type
+        vector_type = pymilvus.DataType.FLOAT16_VECTOR if np_type == np.float16 else (
+            pymilvus.DataType.FLOAT_VECTOR
+        )
+        schema = pymilvus.MilvusClient.create_schema(auto_id=False)
+        schema.add_field("row", pymilvus.DataType.INT64, is_primary=True)
+        schema.add_field("image", pymilvus.DataType.INT64)
+        schema.add_field("vector", vector_type, dim=self.dim)
+        kind = self.options["index_type"]
+        params = dict(INDEX_PARAMS[kind])
+        if kind == "IVF_FLAT":
+            params["nlist"] = self.options.setdefault(
+                "nlist", max(1, min(int(math.sqrt(table.num_rows)), table.num_rows // 39))
+            )
+        index_params = client.prepare_index_params()
+        index_params.add_index(
+            field_name="vector", index_type=kind, metric_type="IP", params=params
+        )
+        client.create_collection(name, schema=schema, index_params=index_params)
+        starts = range(0, table.num_rows, INSERT_ROWS)
+        for start in tqdm(starts, desc="milvus insert", unit="chunk", disable=not progress):
+            stop = min(start + INSERT_ROWS, table.num_rows)
+            vectors = np.asarray(table.vectors[start:stop], dtype=np_type)
+            client.insert(name, [
+                {"row": row, "image": int(image), "vector": vector}
+                for row, image, vector in zip(
+                    range(start, stop), table.owner[start:stop], vectors, strict=True
+                )
+            ])
+        client.flush(name)
+        client.load_collection(name)
+
+    def load(self) -> None:
+        if self.lite and not (self.folder / LITE_DIR).is_dir():
+            raise corrupt(self.folder / LITE_DIR, "folder missing")
+        client = self.client = self._connect()
+        name = self.options["collection"]
+        where = self.folder / LITE_DIR if self.lite else f"{self.options['uri']}"
+        if not client.has_collection(name):
+            raise IndexFileError(
+                f"Milvus collection {name!r} is missing from {where}; rebuild the index "
+                f"with `retrieval index build RUN_DIR --backend milvus --out {self.folder}`"
+            )
+        client.load_collection(name)
+        rows = int(client.get_collection_stats(name)["row_count"])
+        if rows != self.require_table().num_rows:
+            raise IndexFileError(
+                f"Milvus collection {name!r} at {where} holds {rows} representatives, the "
+                f"index table {self.table.num_rows}: it was changed since the build; rebuild "
+                f"with `retrieval index build RUN_DIR --backend milvus --out {self.folder}`"
+            )
+
+    def close(self) -> None:
+        """Closes the client (and stops this index's milvus-lite server)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.lite:
+            from milvus_lite import server_manager_instance
+
+            server_manager_instance.release_server(str((self.folder / LITE_DIR).resolve()))
+
+    def disk_bytes(self) -> int:
+        """The table plus milvus-lite's folder (not listed in :meth:`files`: it rewrites
+        its files as it runs, so the collection's row count is checked at open instead)."""
+        if not self.lite:
+            return super().disk_bytes()
+        files = [p for p in (self.folder / LITE_DIR).rglob("*") if p.is_file()]
+        return super().disk_bytes() + sum(p.stat().st_size for p in files)
+
+    def memory_bytes(self) -> int:
+        """milvus-lite holds its collection in this process (its folder's size counts);
+        a server holds it elsewhere, so only the table's metadata counts here."""
+        return super().memory_bytes() + (self.disk_bytes() - super().disk_bytes())
+
+    def _search_params(self) -> dict[str, Any]:
+        params = {}
+        if "ef" in self.options:
+            params["ef"] = self.options["ef"]
+        if "nprobe" in self.options:
+            params["nprobe"] = self.options["nprobe"]
+        return {"metric_type": "IP", "params": params}
+
+    def _images(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
+        """Per query, the table positions of the top ``k`` images Milvus groups."""
+        out = []
+        for start in range(0, len(queries), SEARCH_QUERIES):
+            batch = queries[start : start + SEARCH_QUERIES].astype(self.np_type)
+            result = self.client.search(
+                self.options["collection"], data=list(batch),
+                limit=k, group_by_field="image", output_fields=["image"],
+                search_params=self._search_params(),
+            )
+            out += [np.array([h["entity"]["image"] for h in hits], np.int64) for hits in result]
+        return out
+
+    def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
+        if self.client is None:
+            raise IndexFileError(f"index {self.folder}: the milvus collection is not open")
+        q = queries.float().cpu()
+        images = self._images(q.numpy(), k)
+        return [rerank(self.table, v, found, k) for v, found in zip(q, images, strict=True)]
+
+    def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
+        """HNSW: the least ``ef`` reaching ``target`` recall; IVF_FLAT: the least
+        ``nprobe``; else the most tried. FLAT and AUTOINDEX have nothing to tune here."""
+        kind = self.options["index_type"]
+        key, values = {"HNSW": ("ef", EF), "IVF_FLAT": ("nprobe", NPROBE)}.get(kind, (None, ()))
+        if key == "nprobe":
+            values = tuple(v for v in values if v <= self.options["nlist"])
+        for value in values:
+            self.options[key] = max(value, k) if key == "ef" else value
+            found = self._images(queries.float().cpu().numpy(), k)
+            recall = np.mean([
+                len(np.intersect1d(f, t)) / max(len(t), 1)
+                for f, t in zip(found, truth, strict=True)
+            ])
+            if recall >= target:
+                return
