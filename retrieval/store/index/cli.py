@@ -80,6 +80,13 @@ def _search(args: argparse.Namespace) -> int:
         box = "-" if hit.box is None else ", ".join(f"{v:.2f}" for v in hit.box)
         table.add_row(str(rank), str(hit.image_id), f"{hit.score:.4f}", str(hit.rep_index), box)
     console.print(table)
+    recall = index.recall
+    if index.manifest["approximate"] and args.top > recall["k"]:
+        console.print(
+            f"[yellow]recall was measured for the top {recall['k']}; a top {args.top} at the "
+            f"same settings recalls less (fewer probes per result): rebuild with "
+            f"--recall-k {args.top} to tune and measure it there"
+        )
     console.print(
         f"model load {loaded - begin:.1f} s; text encoding "
         f"{1000 * (encoded - loaded):.1f} ms, search {1000 * (searched - encoded):.1f} ms"

@@ -151,9 +151,10 @@ class FaissBackend(Backend):
         """The faiss index lives in memory; ivfpq re-ranking reads few table rows."""
         return super().memory_bytes() + (self.folder / FAISS_FILE).stat().st_size
 
-    def _fetch(self, queries: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+    def _fetch(self, queries: np.ndarray, kp: int, nprobe: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(self.index, faiss.IndexIVF):
-            self.index.nprobe = min(self.options["nprobe"], self.index.nlist)
+            self.index.nprobe = min(nprobe or self.options["nprobe"], self.index.nlist)
         return self.index.search(queries, min(kp, self.index.ntotal))
 
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
@@ -162,9 +163,25 @@ class FaissBackend(Backend):
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
         kp = math.ceil(self.options["overfetch"] * k)
         if self.options["kind"] == "ivfpq":
-            _, rows = self._fetch(q, kp)
-            return [self._rerank(queries[i], r, k) for i, r in enumerate(rows)]
+            return self._ivfpq(queries, q, k, kp)
         return self._flat(q, k, kp)
+
+    def _ivfpq(self, queries: Tensor, q: np.ndarray, k: int, kp: int) -> list[RowHits]:
+        """Re-ranked candidates; a query short of ``k`` images (its probed lists held too
+        few) is asked again with twice the probes and fetch, up to the whole index."""
+        wanted = min(k, int((np.diff(self.table.offsets) > 0).sum()))
+        out: list[RowHits | None] = [None] * len(q)
+        todo, nprobe = np.arange(len(q)), self.options["nprobe"]
+        while len(todo):
+            _, rows = self._fetch(q[todo], kp, nprobe)
+            again = []
+            for i, r in zip(todo, rows, strict=True):
+                out[i] = self._rerank(queries[i], r, k)
+                exhausted = nprobe >= self.index.nlist and kp >= self.index.ntotal
+                if len(out[i][0]) < wanted and not exhausted:
+                    again.append(i)
+            todo, nprobe, kp = np.array(again, dtype=np.int64), nprobe * 2, kp * 2
+        return out
 
     def _rerank(self, query: Tensor, rows: np.ndarray, k: int) -> RowHits:
         """Exact top ``k`` of the images whose fetched ``rows`` score best exactly."""

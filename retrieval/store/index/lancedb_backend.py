@@ -28,6 +28,9 @@ WRITE_IMAGES = 50_000
 HNSW_MIN_ROWS = 1_000_000
 INDEX_TYPES = ("auto", "none", "IVF_FLAT", "IVF_HNSW_SQ")
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# HNSW candidates per fetched row: lancedb's default (1.5 x limit) fails on multivector
+# rows (it asks ef >= ~8 x limit) and 1,000 were needed for a limit of 50 at 2M vectors
+EF_FACTORS = (5, 10, 20)
 
 
 def _import_lancedb() -> Any:
@@ -43,7 +46,7 @@ def _import_lancedb() -> Any:
 @register_backend("lancedb", index_type="auto")
 class LanceBackend(Backend):
     """LanceDB behind the backend interface (options: ``index_type``, ``num_partitions``,
-    ``nprobes``, ``refine_factor``)."""
+    ``nprobes``, ``refine_factor``, ``ef_factor``: HNSW candidates per fetched row)."""
 
     def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
         if options.get("index_type", "auto") not in INDEX_TYPES:
@@ -54,6 +57,7 @@ class LanceBackend(Backend):
         options.setdefault("nprobes", 20)
         super().__init__(folder, dim, device, **options)
         self.lance_table = None
+        self._rows: int | None = None  # images in the lance table (read once)
 
     @property
     def approximate(self) -> bool:  # type: ignore[override]
@@ -120,7 +124,11 @@ class LanceBackend(Backend):
             raise corrupt(path, f"lancedb cannot open it: {str(err).splitlines()[0]}") from None
         probe = np.zeros(self.dim, np.float32)
         probe[0] = 1.0
-        self._query(probe, 1)
+        try:
+            self._query(probe, 1)
+        except (OSError, ValueError, RuntimeError) as err:
+            reason = f"lancedb cannot read it: {str(err).splitlines()[0]}"
+            raise corrupt(path, reason) from None
 
     def own_files(self) -> list[Path]:
         return sorted(p for p in (self.folder / LANCE_DIR).rglob("*") if p.is_file())
@@ -130,39 +138,57 @@ class LanceBackend(Backend):
         indices = [p for p in self.own_files() if "_indices" in p.parts]
         return super().memory_bytes() + sum(p.stat().st_size for p in indices)
 
-    def _query(self, q: np.ndarray, k: int) -> np.ndarray:
+    def _query(self, q: np.ndarray, k: int, nprobes: int = 1) -> np.ndarray:
         search = self.lance_table.search(q).distance_type("cosine").limit(k)
         search = search.select(["pos", "_distance"])
         if self.options["index_type"] != "none":
-            search = search.nprobes(self.options["nprobes"])
+            search = search.nprobes(nprobes)
             if self.options.get("refine_factor"):
                 search = search.refine_factor(self.options["refine_factor"])
-        try:
-            return search.to_arrow()["pos"].to_numpy()
-        except (OSError, ValueError, RuntimeError) as err:
-            reason = f"lancedb cannot read it: {str(err).splitlines()[0]}"
-            raise corrupt(self.folder / LANCE_DIR, reason) from None
+            if self.options["index_type"] == "IVF_HNSW_SQ":
+                # lance asks ef >= the rows it fetches (refine_factor x k)
+                fetched = k * self.options.get("refine_factor", 1)
+                search = search.ef(self.options.get("ef_factor", EF_FACTORS[0]) * fetched)
+        return search.to_arrow()["pos"].to_numpy()
 
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
         if self.lance_table is None:
             raise IndexFileError(f"index {self.folder}: the lancedb table is not built")
         q = queries.float().cpu()
-        return [rerank(self.table, v, self._query(v.numpy(), k), k) for v in q]
+        return [rerank(self.table, v, self._images(v.numpy(), k), k) for v in q]
+
+    def _images(self, q: np.ndarray, k: int) -> np.ndarray:
+        """Top ``k`` images of one query; probes more partitions while fewer come back
+        (a partition of a small table can hold fewer than ``k`` images)."""
+        if self._rows is None:
+            self._rows = self.lance_table.count_rows()
+        wanted = min(k, self._rows)
+        nprobes = self.options.get("nprobes", 1)
+        found = self._query(q, k, nprobes)
+        while len(found) < wanted and nprobes < self.options.get("num_partitions", 0):
+            nprobes *= 2
+            found = self._query(q, k, nprobes)
+        return found
 
     def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
-        """The fewest ``nprobes`` reaching ``target`` recall (cost grows with probes),
-        else the most tried; HNSW_SQ also re-ranks ``refine_factor x k`` rows exactly."""
+        """The fewest ``nprobes`` reaching ``target`` recall (cost grows with probes), and
+        for HNSW_SQ the least ``ef_factor`` with it (it also re-ranks ``refine_factor x
+        k`` rows exactly); else the most tried."""
         if self.options["index_type"] == "none":
             return
-        if self.options["index_type"] == "IVF_HNSW_SQ":
+        hnsw = self.options["index_type"] == "IVF_HNSW_SQ"
+        if hnsw:
             self.options.setdefault("refine_factor", 4)
         partitions = self.options["num_partitions"]
         for nprobes in (p for p in NPROBES if p < partitions * 2):
             self.options["nprobes"] = min(nprobes, partitions)
-            found = self.search_rows(queries, k)
-            recall = np.mean([
-                len(np.intersect1d(self.table.owner[r], t)) / max(len(t), 1)
-                for (r, _), t in zip(found, truth, strict=True)
-            ])
-            if recall >= target:
-                return
+            for ef_factor in EF_FACTORS if hnsw else (None,):
+                if ef_factor:
+                    self.options["ef_factor"] = ef_factor
+                found = self.search_rows(queries, k)
+                recall = np.mean([
+                    len(np.intersect1d(self.table.owner[r], t)) / max(len(t), 1)
+                    for (r, _), t in zip(found, truth, strict=True)
+                ])
+                if recall >= target:
+                    return

@@ -40,7 +40,7 @@ INDEX_PARAMS = {
     "FLAT": {},
     "AUTOINDEX": {},
 }
-EF = (64, 128, 256, 512, 1024, 2048)
+EF_FACTORS = (1, 2, 4, 8, 16, 32)  # HNSW ef per result asked (Milvus needs ef >= limit)
 NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -58,8 +58,8 @@ def _import_pymilvus() -> Any:
 @register_backend("milvus", index_type="HNSW", vector_type="auto")
 class MilvusBackend(Backend):
     """Milvus behind the backend interface (options: ``uri``, ``collection``,
-    ``index_type`` HNSW | IVF_FLAT | FLAT | AUTOINDEX, ``vector_type``, ``ef``,
-    ``nprobe``, ``nlist``)."""
+    ``index_type`` HNSW | IVF_FLAT | FLAT | AUTOINDEX, ``vector_type``, ``ef_factor``
+    (HNSW ef = ef_factor x top), ``nprobe``, ``nlist``)."""
 
     def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
         if options["index_type"] not in INDEX_PARAMS:
@@ -198,10 +198,10 @@ class MilvusBackend(Backend):
         a server holds it elsewhere, so only the table's metadata counts here."""
         return super().memory_bytes() + (self.disk_bytes() - super().disk_bytes())
 
-    def _search_params(self) -> dict[str, Any]:
-        params = {}
-        if "ef" in self.options:
-            params["ef"] = self.options["ef"]
+    def _search_params(self, k: int) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if self.options["index_type"] == "HNSW":
+            params["ef"] = max(self.options.get("ef_factor", 2) * k, 16)
         if "nprobe" in self.options:
             params["nprobe"] = self.options["nprobe"]
         return {"metric_type": "IP", "params": params}
@@ -214,7 +214,7 @@ class MilvusBackend(Backend):
             result = self.client.search(
                 self.options["collection"], data=list(batch),
                 limit=k, group_by_field="image", output_fields=["image"],
-                search_params=self._search_params(),
+                search_params=self._search_params(k),
             )
             out += [np.array([h["entity"]["image"] for h in hits], np.int64) for hits in result]
         return out
@@ -227,14 +227,17 @@ class MilvusBackend(Backend):
         return [rerank(self.table, v, found, k) for v, found in zip(q, images, strict=True)]
 
     def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
-        """HNSW: the least ``ef`` reaching ``target`` recall; IVF_FLAT: the least
+        """HNSW: the least ``ef_factor`` reaching ``target`` recall; IVF_FLAT: the least
         ``nprobe``; else the most tried. FLAT and AUTOINDEX have nothing to tune here."""
         kind = self.options["index_type"]
-        key, values = {"HNSW": ("ef", EF), "IVF_FLAT": ("nprobe", NPROBE)}.get(kind, (None, ()))
-        if key == "nprobe":
-            values = tuple(v for v in values if v <= self.options["nlist"])
+        if kind == "HNSW":
+            key, values = "ef_factor", EF_FACTORS
+        elif kind == "IVF_FLAT":
+            key, values = "nprobe", tuple(v for v in NPROBE if v <= self.options["nlist"])
+        else:
+            return
         for value in values:
-            self.options[key] = max(value, k) if key == "ef" else value
+            self.options[key] = value
             found = self._images(queries.float().cpu().numpy(), k)
             recall = np.mean([
                 len(np.intersect1d(f, t)) / max(len(t), 1)
