@@ -7,9 +7,10 @@ re-scored from the fp16 table, which also names the matched representative exact
 ``uri`` picks the engine: unset (the default), the index uses milvus-lite in
 ``INDEX/milvus.db`` (embedded, in this process); ``http://host:19530`` a Milvus server
 or cluster, for collections that outgrow one machine. The same client code drives both;
-milvus-lite is a pure-Python stand-in: slow to insert (~10^4 rows/s here), without fp16
-vectors (``vector_type`` falls back to float32 there) and its group-by over-fetches a
-fixed 10x, so its recall is measured, not assumed. A server is shared, so its collection
+milvus-lite is a pure-Python stand-in: slow to insert (~2,000 rows/s here, indexing
+included), without fp16 vectors (``vector_type`` falls back to float32 there), it
+re-indexes in a background thread after inserts (closing waits for it), and its group-by
+over-fetches a fixed 10x, so its recall is measured, not assumed. A server is shared, so its collection
 is named by the user (``collection=...``) and its token comes from ``MILVUS_TOKEN``,
 never from the index manifest.
 """
