@@ -10,9 +10,9 @@ or cluster, for collections that outgrow one machine. The same client code drive
 milvus-lite is a pure-Python stand-in: slow to insert (~2,000 rows/s here, indexing
 included), without fp16 vectors (``vector_type`` falls back to float32 there), it
 re-indexes in a background thread after inserts (closing waits for it), and its group-by
-over-fetches a fixed 10x, so its recall is measured, not assumed. A server is shared, so its collection
-is named by the user (``collection=...``) and its token comes from ``MILVUS_TOKEN``,
-never from the index manifest.
+over-fetches a fixed 10x, so its recall is measured, not assumed. A server is shared,
+so its collection is named by the user (``collection=...``) and its token comes from
+``MILVUS_TOKEN``, never from the index manifest.
 """
 
 from __future__ import annotations
