@@ -2,8 +2,10 @@
 
 No approximation: every representative is scored, each image keeps its max (and the
 first representative reaching it, as ``argmax_representative`` does). It is the default
-and the reference every approximate backend's recall is measured against. FIELD_NOTES
-(Search): brute force in torch beats faiss's flat index on these CPUs.
+and the reference every approximate backend's recall is measured against. On these CPUs
+torch beat faiss's fp32 IndexFlatIP on batches of 100 queries (FIELD_NOTES, Search), but
+one query at a time faiss's fp16 flat codes are 2-3x faster (results/bench/search_cpu.md):
+``faiss`` is the exact choice for interactive search on a CPU.
 """
 
 from __future__ import annotations
