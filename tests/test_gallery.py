@@ -134,7 +134,9 @@ def test_explain_reads_the_run(dense_index) -> None:
 
 def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> None:
     """`index build` then `search ... --sheet` through the subcommands the lead CLI
-    registers: prints the recall the index was built with, the hits and the sheet path."""
+    registers: prints the recall the index was built with, the hits and the sheet path;
+    an approximate index searched for more than the K its recall was measured at says
+    so; a recall target given as a percentage is refused."""
     import argparse
 
     from retrieval.store.index.cli import register_cli
@@ -154,3 +156,10 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
     assert json.loads(run("index", "info", str(out)))["backend"] == "faiss-flat"
     found = run("search", str(out), "circle", "--top", "3", "--sheet", str(tmp_path / "s.png"))
     assert "recall@" in found and "top 3" in found and Image.open(tmp_path / "s.png").width > 0
+    ivfpq = tmp_path / "ivfpq"
+    run("index", "build", str(dense_run), "--backend", "faiss-ivfpq", "--out", str(ivfpq),
+        "--recall-k", "3", "--no-progress")
+    assert "recall was measured for the top 3" in run("search", str(ivfpq), "circle",
+                                                       "--top", "5")
+    with pytest.raises(ValueError, match="the target is a fraction in"):
+        run("index", "build", str(dense_run), "--recall-target", "95", "--out", str(ivfpq))

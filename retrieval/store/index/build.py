@@ -154,6 +154,11 @@ def build_index(
     Returns:
         The index folder.
     """
+    if not 0 < recall_target <= 1 or recall_k < 1:
+        raise ValueError(
+            f"recall target {recall_target} / K {recall_k}: the target is a fraction in "
+            f"(0, 1] (e.g. --recall-target 0.95) and K at least 1 (e.g. --recall-k 50)"
+        )
     run_dir = Path(run_dir).resolve()
     store = run_store(run_dir)
     out = Path(out) if out else run_dir / "index" / backend
