@@ -134,7 +134,8 @@ def test_explain_reads_the_run(dense_index) -> None:
 
 def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> None:
     """`index build` then `search ... --sheet` through the subcommands the lead CLI
-    registers: prints the recall the index was built with, the hits and the sheet path;
+    registers: prints the recall the index was built with, the hits and the sheet path,
+    and writes the hits as JSON (the API's answer, with each image's file);
     an approximate index searched for more than the K its recall was measured at says
     so; a recall target given as a percentage is refused."""
     import argparse
@@ -154,8 +155,15 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
                 "--no-progress")
     assert "recall@" in built and "bytes/image" in built
     assert json.loads(run("index", "info", str(out)))["backend"] == "faiss-flat"
-    found = run("search", str(out), "circle", "--top", "3", "--sheet", str(tmp_path / "s.png"))
+    found = run("search", str(out), "circle", "--top", "3", "--sheet", str(tmp_path / "s.png"),
+                "--json", str(tmp_path / "hits.json"))
     assert "recall@" in found and "top 3" in found and Image.open(tmp_path / "s.png").width > 0
+    record = json.loads((tmp_path / "hits.json").read_text())
+    index = open_index(out, "cpu")
+    expected = index.search("circle", top=3)
+    assert [h["image_id"] for h in record["hits"]] == [h.image_id for h in expected]
+    assert all(Path(h["file"]).is_file() for h in record["hits"])
+    assert record["recall"] == index.recall and record["hits"][0]["rank"] == 1
     ivfpq = tmp_path / "ivfpq"
     run("index", "build", str(dense_run), "--backend", "faiss-ivfpq", "--out", str(ivfpq),
         "--recall-k", "3", "--no-progress")

@@ -101,7 +101,7 @@ def _locate(store: ShardStore, image_ids: list[int]) -> dict[int, Representative
     return found
 
 
-def _image_paths(index: SearchIndex, image_ids: list[int]) -> dict[int, Path | None]:
+def image_paths(index: SearchIndex, image_ids: list[int]) -> dict[int, Path | None]:
     """Image files of the run's dataset (None each where the dataset cannot be opened)."""
     try:
         from retrieval.engine.evaluate import build_dataset
@@ -124,7 +124,7 @@ def explain(index: SearchIndex, query: Tensor, hits: list[Hit]) -> list[GalleryI
     """Gallery items of ``hits`` for the query embedding ``[D]``: image files from the
     run's dataset, cluster members and cell heatmaps from the run's shards when there."""
     ids = [h.image_id for h in hits]
-    paths = _image_paths(index, ids)
+    paths = image_paths(index, ids)
     store = ShardStore(index.run_dir / "embeddings")
     reps = _locate(store, ids) if store.shard_paths() else {}
     items = []

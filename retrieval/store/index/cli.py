@@ -91,6 +91,9 @@ def _search(args: argparse.Namespace) -> int:
         f"model load {loaded - begin:.1f} s; text encoding "
         f"{1000 * (encoded - loaded):.1f} ms, search {1000 * (searched - encoded):.1f} ms"
     )
+    if args.json:
+        write_hits_json(index, args.query, hits, args.json)
+        console.print(f"json: {args.json}")
     if args.gallery or args.sheet:
         from retrieval.report.gallery import write_gallery
 
@@ -100,6 +103,30 @@ def _search(args: argparse.Namespace) -> int:
     if index.retriever().random_weights:
         console.print("RANDOM WEIGHTS: this index checks the pipeline; its hits mean nothing.")
     return 0
+
+
+def write_hits_json(index, query: str, hits: list, path: str) -> None:
+    """The hits as JSON for other tools: rank, image id, score, matched representative,
+    its box and the image file, with the index and the recall it was built with."""
+    from pathlib import Path
+
+    from retrieval.report.gallery import image_paths
+
+    files = image_paths(index, [h.image_id for h in hits])
+    record = {
+        "query": query,
+        "index": str(index.folder),
+        "backend": index.manifest["backend"],
+        "recall": index.recall,
+        "hits": [
+            {"rank": rank, "image_id": h.image_id, "score": h.score, "rep_index": h.rep_index,
+             "box_xyxy_normalised": h.box,
+             "file": None if files[h.image_id] is None else str(files[h.image_id])}
+            for rank, h in enumerate(hits, start=1)
+        ],
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2))
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -139,4 +166,5 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     search.add_argument("--gallery", help="write an HTML gallery of the hits here")
     search.add_argument("--sheet", help="write a PNG contact sheet of the hits here")
+    search.add_argument("--json", help="write the hits (ids, scores, boxes, files) as JSON here")
     search.set_defaults(func=_search)
