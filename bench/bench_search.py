@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from retrieval.representatives import Representatives
 from retrieval.store.index import Backend, create_backend
+from retrieval.store.index.base import recall_at_k
 from retrieval.store.index.exact import exact_search
-from retrieval.store.index.faiss_backend import recall_at_k
 
 BATCH_IMAGES = 4096
 

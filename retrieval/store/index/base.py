@@ -167,6 +167,19 @@ def first_per_image(rows: np.ndarray, scores: np.ndarray, owner: np.ndarray, k: 
     return rows[first], scores[first]
 
 
+def image_recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    """Mean fraction of each exact top-k image list found (both as table image positions)."""
+    fractions = [
+        len(np.intersect1d(f, t)) / max(len(t), 1) for f, t in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(fractions)) if fractions else 1.0
+
+
+def recall_at_k(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> float:
+    """:func:`image_recall` of backend answers (rows, mapped to images by ``owner``)."""
+    return image_recall([owner[rows] for rows, _ in found], truth)
+
+
 _BACKENDS: dict[str, tuple[type[Backend], dict[str, Any]]] = {}
 
 

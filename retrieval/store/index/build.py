@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import retrieval
-from retrieval.store.index.base import Backend, create_backend
+from retrieval.store.index.base import Backend, create_backend, recall_at_k
 from retrieval.store.index.exact import ExactBackend, exact_search
-from retrieval.store.index.faiss_backend import recall_at_k
 from retrieval.store.index.table import MANIFEST, IndexFileError, RepTable
 from retrieval.store.shards import ShardReader, ShardStore
 
@@ -96,7 +95,7 @@ def measure(
 ) -> dict[str, Any]:
     """Tunes ``backend`` on half the queries, then measures recall@k on the other half."""
     table = backend.require_table()
-    k = min(k, int((np.diff(table.offsets) > 0).sum()))
+    k = min(k, table.searchable_images)
     if isinstance(backend, ExactBackend):
         return {"k": k, "value": 1.0, "queries": 0, "method": "exact search (by construction)"}
     truth = [table.owner[rows] for rows, _ in exact_search(table, queries, k, device)]

@@ -25,7 +25,13 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.store.index.base import Backend, RowHits, first_per_image, register_backend
+from retrieval.store.index.base import (
+    Backend,
+    RowHits,
+    first_per_image,
+    recall_at_k,
+    register_backend,
+)
 from retrieval.store.index.exact import rerank
 from retrieval.store.index.table import IndexFileError, corrupt
 
@@ -64,15 +70,6 @@ def pq_layout(rows: int, dim: int) -> tuple[int, int, int]:
     m = max(d for d in range(1, max(dim // 16, 1) + 1) if dim % d == 0)
     nbits = 8 if rows >= 256 * 39 else max(4, min(8, int(math.log2(max(rows // 39, 16)))))
     return nlist, m, nbits
-
-
-def recall_at_k(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> float:
-    """Mean fraction of each exact top-k image list (table positions) that was found."""
-    fractions = [
-        len(np.intersect1d(owner[rows], t)) / max(len(t), 1)
-        for (rows, _), t in zip(found, truth, strict=True)
-    ]
-    return float(np.mean(fractions)) if fractions else 1.0
 
 
 @register_backend("faiss", kind="auto")
@@ -169,7 +166,7 @@ class FaissBackend(Backend):
     def _ivfpq(self, queries: Tensor, q: np.ndarray, k: int, kp: int) -> list[RowHits]:
         """Re-ranked candidates; a query short of ``k`` images (its probed lists held too
         few) is asked again with twice the probes and fetch, up to the whole index."""
-        wanted = min(k, int((np.diff(self.table.offsets) > 0).sum()))
+        wanted = min(k, self.table.searchable_images)
         out: list[RowHits | None] = [None] * len(q)
         todo, nprobe = np.arange(len(q)), self.options["nprobe"]
         while len(todo):
@@ -220,12 +217,9 @@ class FaissBackend(Backend):
             self.options["nprobe"] = nprobe
             _, rows = self._fetch(q, OVERFETCH[-1] * k)
             for overfetch in OVERFETCH:  # a smaller fetch is a prefix of a larger one
-                found = [self._rerank(v, r[: overfetch * k], k)[0]
+                found = [self._rerank(v, r[: overfetch * k], k)
                          for v, r in zip(queries, rows, strict=True)]
-                recall = float(np.mean([
-                    len(np.intersect1d(self.table.owner[f], t)) / max(len(t), 1)
-                    for f, t in zip(found, truth, strict=True)
-                ]))
+                recall = recall_at_k(found, truth, self.table.owner)
                 best = max(best, (recall, nprobe, overfetch))
                 if recall >= target:
                     meeting.append((nprobe, overfetch))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from retrieval.store.index.base import Backend, RowHits, register_backend
+from retrieval.store.index.base import Backend, RowHits, recall_at_k, register_backend
 from retrieval.store.index.exact import rerank
 from retrieval.store.index.table import IndexFileError, corrupt
 
@@ -57,7 +57,6 @@ class LanceBackend(Backend):
         options.setdefault("nprobes", 20)
         super().__init__(folder, dim, device, **options)
         self.lance_table = None
-        self._rows: int | None = None  # images in the lance table (read once)
 
     @property
     def approximate(self) -> bool:  # type: ignore[override]
@@ -160,9 +159,7 @@ class LanceBackend(Backend):
     def _images(self, q: np.ndarray, k: int) -> np.ndarray:
         """Top ``k`` images of one query; probes more partitions while fewer come back
         (a partition of a small table can hold fewer than ``k`` images)."""
-        if self._rows is None:
-            self._rows = self.lance_table.count_rows()
-        wanted = min(k, self._rows)
+        wanted = min(k, self.table.searchable_images)  # the lance table's rows
         nprobes = self.options.get("nprobes", 1)
         found = self._query(q, k, nprobes)
         while len(found) < wanted and nprobes < self.options.get("num_partitions", 0):
@@ -186,9 +183,5 @@ class LanceBackend(Backend):
                 if ef_factor:
                     self.options["ef_factor"] = ef_factor
                 found = self.search_rows(queries, k)
-                recall = np.mean([
-                    len(np.intersect1d(self.table.owner[r], t)) / max(len(t), 1)
-                    for (r, _), t in zip(found, truth, strict=True)
-                ])
-                if recall >= target:
+                if recall_at_k(found, truth, self.table.owner) >= target:
                     return

@@ -26,7 +26,7 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.store.index.base import Backend, RowHits, register_backend
+from retrieval.store.index.base import Backend, RowHits, image_recall, register_backend
 from retrieval.store.index.exact import rerank
 from retrieval.store.index.table import IndexFileError, corrupt
 
@@ -240,9 +240,5 @@ class MilvusBackend(Backend):
         for value in values:
             self.options[key] = value
             found = self._images(queries.float().cpu().numpy(), k)
-            recall = np.mean([
-                len(np.intersect1d(f, t)) / max(len(t), 1)
-                for f, t in zip(found, truth, strict=True)
-            ])
-            if recall >= target:
+            if image_recall(found, truth) >= target:
                 return

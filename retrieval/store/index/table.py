@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,11 @@ class RepTable:
     @property
     def num_images(self) -> int:
         return len(self.image_ids)
+
+    @cached_property  # read on every query by backends that probe until k images come
+    def searchable_images(self) -> int:
+        """Images with at least one representative: the most any search can return."""
+        return int((np.diff(self.offsets) > 0).sum())
 
     @property
     def num_rows(self) -> int:
