@@ -186,18 +186,19 @@ class MilvusBackend(Backend):
 
             server_manager_instance.release_server(str((self.folder / LITE_DIR).resolve()))
 
+    def _lite_bytes(self) -> int:
+        """Size of milvus-lite's folder (0 for a server). Not listed in :meth:`files`: it
+        rewrites its files as it runs, so the collection's row count is checked at open."""
+        folder = self.folder / LITE_DIR
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if self.lite else 0
+
     def disk_bytes(self) -> int:
-        """The table plus milvus-lite's folder (not listed in :meth:`files`: it rewrites
-        its files as it runs, so the collection's row count is checked at open instead)."""
-        if not self.lite:
-            return super().disk_bytes()
-        files = [p for p in (self.folder / LITE_DIR).rglob("*") if p.is_file()]
-        return super().disk_bytes() + sum(p.stat().st_size for p in files)
+        return super().disk_bytes() + self._lite_bytes()
 
     def memory_bytes(self) -> int:
         """milvus-lite holds its collection in this process (its folder's size counts);
         a server holds it elsewhere, so only the table's metadata counts here."""
-        return super().memory_bytes() + (self.disk_bytes() - super().disk_bytes())
+        return super().memory_bytes() + self._lite_bytes()
 
     def _search_params(self, k: int) -> dict[str, Any]:
         params: dict[str, Any] = {}
