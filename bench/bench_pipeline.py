@@ -31,20 +31,29 @@ from retrieval.store import ShardStore, score_store
 
 def bench_extraction(args: argparse.Namespace, root: Path) -> tuple[float, float]:
     ann, images = make_synthetic_coco(root / "data", num_images=args.images, seed=0)
-    cfg = load_config("demo", [
-        f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={root / 'run'}",
-        f"retriever.backbone={args.backbone}", f"loader.batch_size={args.batch}",
-        f"loader.num_workers={args.workers}", f"trainer.accelerator={args.accelerator}",
-        f"trainer.precision={args.precision}", "run.progress=false",
-    ])
+    cfg = load_config(
+        "demo",
+        [
+            f"data.annotations={ann}",
+            f"data.images={images}",
+            f"run.output_dir={root / 'run'}",
+            f"retriever.backbone={args.backbone}",
+            f"loader.batch_size={args.batch}",
+            f"loader.num_workers={args.workers}",
+            f"trainer.accelerator={args.accelerator}",
+            f"trainer.precision={args.precision}",
+            "run.progress=false",
+        ],
+    )
     retriever = build_retriever(cfg)
     dataset = build_dataset(cfg, retriever.image_transform)
     batches = [
         dataset.collate([dataset[i] for i in range(s, min(s + args.batch, len(dataset)))])
         for s in range(0, len(dataset), args.batch)
     ]
-    device = torch.device("cuda" if args.accelerator != "cpu" and torch.cuda.is_available()
-                          else "cpu")
+    device = torch.device(
+        "cuda" if args.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+    )
     model = retriever.to(device).eval()
     dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(args.precision)
     start = time.perf_counter()
@@ -117,8 +126,10 @@ def main() -> None:
     print(f"{'phase':<44}{'framework img/s':>16}{'plain img/s':>14}{'ratio':>8}")
     rows = [
         (f"extraction {args.backbone} x{args.images} b{args.batch} {args.precision}", ext),
-        (f"scoring {args.score_images} img x {args.reps} reps x {args.dim}d, "
-         f"{args.queries} q", sco),
+        (
+            f"scoring {args.score_images} img x {args.reps} reps x {args.dim}d, {args.queries} q",
+            sco,
+        ),
     ]
     for name, (framework, plain) in rows:
         print(f"{name:<44}{framework:>16.1f}{plain:>14.1f}{framework / plain:>8.2f}")

@@ -40,8 +40,9 @@ def concepts(count: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return centres, freq / freq.sum()
 
 
-def batches(rows: int, reps: int, centres: torch.Tensor, freq: torch.Tensor, seed: int
-            ) -> Iterator[tuple[np.ndarray, Representatives]]:
+def batches(
+    rows: int, reps: int, centres: torch.Tensor, freq: torch.Tensor, seed: int
+) -> Iterator[tuple[np.ndarray, Representatives]]:
     """The same images every call: ``rows // reps`` images of ``reps`` representatives."""
     images = rows // reps
     for start in range(0, images, BATCH_IMAGES):
@@ -123,8 +124,10 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict], k: int) -> str:
-    head = (f"| reps | backend | build s | query ms | x exact | recall@{k} | mem B/img | "
-            "x exact | disk B/img | settings |")
+    head = (
+        f"| reps | backend | build s | query ms | x exact | recall@{k} | mem B/img | "
+        "x exact | disk B/img | settings |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         recall = next(v for key, v in r.items() if key.startswith("recall@"))
@@ -140,9 +143,12 @@ def markdown(rows: list[dict], k: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--backends", nargs="+",
-                        default=["exact", "faiss-flat", "faiss-ivfpq", "lancedb", "milvus"],
-                        help="exact first: the others' ratios divide by it")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["exact", "faiss-flat", "faiss-ivfpq", "lancedb", "milvus"],
+        help="exact first: the others' ratios divide by it",
+    )
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--reps", type=int, default=16, help="representatives per image")
     parser.add_argument("--concepts", type=int, default=2000)

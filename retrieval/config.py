@@ -314,8 +314,9 @@ def retriever_options(cfg: DictConfig) -> dict[str, Any]:
         options = OmegaConf.to_object(cfg.retriever)
     except (ValueError, TypeError, OmegaConfBaseException) as err:
         raise ConfigError(f"retriever: {err}") from None
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
-            if f.name != "name"}
+    return {
+        f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "name"
+    }
 
 
 def load_config(config: str | Path, overrides: list[str] | None = None) -> DictConfig:

@@ -32,8 +32,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.filterwarnings("ignore:retriever.pretrained=null")
 
 SIZES = {"RN-tiny": 192, "ViT-tiny": 96}  # both a 6 x 6 grid
-ROWS = [f"{kind}_{m}_rn50x64" for kind in ("cluster_clip", "clip_cluster_clip")
-        for m in ("km", "agt", "agf", "rp")]
+ROWS = [
+    f"{kind}_{m}_rn50x64"
+    for kind in ("cluster_clip", "clip_cluster_clip")
+    for m in ("km", "agt", "agf", "rp")
+]
 ROW_METHOD = {"km": "kmeans", "agt": "agglomerative", "agf": "agglomerative", "rp": "prune"}
 METHODS = [
     {"method": "kmeans", "k": 10},
@@ -71,8 +74,10 @@ def build(name: str, backbone: str = "RN-tiny", aggregate: dict | None = None, *
 def pixels_for(retriever, count: int = 3) -> Tensor:
     """A batch through the retriever's own transform (two views under global_pass=native)."""
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (40 + 9 * i, 70, 3), dtype=np.uint8))
-              for i in range(count)]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (40 + 9 * i, 70, 3), dtype=np.uint8))
+        for i in range(count)
+    ]
     return torch.stack([retriever.image_transform(image) for image in images])
 
 
@@ -195,8 +200,10 @@ def test_overrides_reach_the_aggregator():
     ("overrides", "key"),
     [
         (["retriever.aggregate.n_clusters=50"], "retriever.aggregate.n_clusters"),
-        (["retriever.aggregate.method=agglomerative", "retriever.aggregate.k=null"],
-         "retriever.aggregate.n_clusters"),
+        (
+            ["retriever.aggregate.method=agglomerative", "retriever.aggregate.k=null"],
+            "retriever.aggregate.n_clusters",
+        ),
         (["retriever.aggregate.method=prune"], "retriever.aggregate.k"),
         (["retriever.aggregate.method=spectral"], "retriever.aggregate.method"),
         (["retriever.aggregate.k=0"], "k >= 1"),
@@ -266,11 +273,18 @@ def test_end_to_end_run_has_few_representatives(synthetic_coco, tmp_path: Path):
         "loader:\n  batch_size: 8\n"
     )
     out = tmp_path / "run"
-    cfg = load_config(config, [
-        f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={out}",
-        "run.progress=false", "loader.num_workers=0", "logger.wandb.mode=disabled",
-        "retriever.aggregate.k=4",
-    ])
+    cfg = load_config(
+        config,
+        [
+            f"data.annotations={ann}",
+            f"data.images={images}",
+            f"run.output_dir={out}",
+            "run.progress=false",
+            "loader.num_workers=0",
+            "logger.wandb.mode=disabled",
+            "retriever.aggregate.k=4",
+        ],
+    )
     result = evaluate(cfg)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 24 and result.metrics["images"] == 24

@@ -38,8 +38,14 @@ from retrieval.report.wandb_log import PER_CATEGORY_TABLE, log_to_wandb
 
 def _overrides(data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     ann, images = data
-    return [f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={out}",
-            "run.progress=false", "loader.num_workers=0", *extra]
+    return [
+        f"data.annotations={ann}",
+        f"data.images={images}",
+        f"run.output_dir={out}",
+        "run.progress=false",
+        "loader.num_workers=0",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +55,17 @@ def two_runs(synthetic_coco, tmp_path_factory: pytest.TempPathFactory) -> list[P
     runs = []
     for name, backbone in (("rn_tiny", "RN-tiny"), ("vit_tiny", "ViT-tiny")):
         out = root / name
-        evaluate(load_config("demo", _overrides(
-            synthetic_coco, out, f"retriever.backbone={backbone}", "logger.wandb.mode=disabled"
-        )))
+        evaluate(
+            load_config(
+                "demo",
+                _overrides(
+                    synthetic_coco,
+                    out,
+                    f"retriever.backbone={backbone}",
+                    "logger.wandb.mode=disabled",
+                ),
+            )
+        )
         runs.append(out)
     return runs
 
@@ -74,7 +88,8 @@ def test_table_numbers_are_the_runs_metrics(two_runs, tmp_path: Path) -> None:
         assert float(table["reps / image"][label]) == m["reps_per_image"]["mean"]
         assert float(table["bytes / image"][label]) == m["bytes_per_image"]
         assert float(table["images / s"][label]) == pytest.approx(
-            m["timing"]["extract_images_per_second"])
+            m["timing"]["extract_images_per_second"]
+        )
         assert f"{label} paper" not in table["map@50"]
         assert comp.references[label].note.startswith("no reference")
     md = (tmp_path / "compare.md").read_text()
@@ -98,18 +113,36 @@ def test_category_deltas_are_per_category_differences(two_runs) -> None:
 
 PAPER_METHODS = [
     ({"name": "clip", "backbone": "RN50x64-quickgelu"}, ("CLIP", "RN50x64")),
-    ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": "agglomerative",
-      "aggregator_options": {"n_clusters": 50, "distance_threshold": None}},
-     ("Cluster-CLIP, AG-F", "RN50x64")),  # metrics.json's retriever block
-    ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": "agglomerative",
-      "aggregator_options": {"n_clusters": None, "distance_threshold": 0.3}},
-     ("Cluster-CLIP, AG-T", "RN50x64")),
-    ({"name": "cluster_clip", "backbone": "RN50x64", "aggregate": {"method": "none"}},
-     ("Dense-CLIP", "RN50x64")),
-    ({"name": "owlvit", "checkpoint": "/cache/models--google--owlvit-large-patch14"},
-     ("OwlViT", "ViT-L/14")),
-    ({"name": "owlvit", "checkpoint": "google/owlv2-base-patch16"},
-     ("OwlViT", "google/owlv2-base-patch16")),  # OWLv2: no paper row (backbone unmatched)
+    (
+        {
+            "name": "cluster_clip",
+            "backbone": "RN50x64",
+            "aggregator": "agglomerative",
+            "aggregator_options": {"n_clusters": 50, "distance_threshold": None},
+        },
+        ("Cluster-CLIP, AG-F", "RN50x64"),
+    ),  # metrics.json's retriever block
+    (
+        {
+            "name": "cluster_clip",
+            "backbone": "RN50x64",
+            "aggregator": "agglomerative",
+            "aggregator_options": {"n_clusters": None, "distance_threshold": 0.3},
+        },
+        ("Cluster-CLIP, AG-T", "RN50x64"),
+    ),
+    (
+        {"name": "cluster_clip", "backbone": "RN50x64", "aggregate": {"method": "none"}},
+        ("Dense-CLIP", "RN50x64"),
+    ),
+    (
+        {"name": "owlvit", "checkpoint": "/cache/models--google--owlvit-large-patch14"},
+        ("OwlViT", "ViT-L/14"),
+    ),
+    (
+        {"name": "owlvit", "checkpoint": "google/owlv2-base-patch16"},
+        ("OwlViT", "google/owlv2-base-patch16"),
+    ),  # OWLv2: no paper row (backbone unmatched)
     ({"name": "cluster_clip", "backbone": "RN50x64", "aggregator": "spectral"}, None),
     ({"name": "my_plugin", "backbone": "RN50"}, None),
 ]
@@ -146,12 +179,22 @@ def _fake_run(dataset: str, images: int, **retriever) -> Run:
 
 
 REFERENCES = [
-    (_fake_run("coco", 5000, name="clip", backbone="RN50"),
-     {"map@50": 0.5670, "map": 0.5080, "map@50_s-m": 0.2191, "reps / image": 1.0}),
-    (_fake_run("lvis", 19809, name="dense_clip", backbone="RN50x64", resolution=448,
-               with_global=True),
-     {"map@50": 0.7224, "map": 0.7336, "rare.map@50": 0.6168, "rare.map": 0.6233,
-      "reps / image": 197.0}),
+    (
+        _fake_run("coco", 5000, name="clip", backbone="RN50"),
+        {"map@50": 0.5670, "map": 0.5080, "map@50_s-m": 0.2191, "reps / image": 1.0},
+    ),
+    (
+        _fake_run(
+            "lvis", 19809, name="dense_clip", backbone="RN50x64", resolution=448, with_global=True
+        ),
+        {
+            "map@50": 0.7224,
+            "map": 0.7336,
+            "rare.map@50": 0.6168,
+            "rare.map": 0.6233,
+            "reps / image": 197.0,
+        },
+    ),
     (_fake_run("coco", 5000, name="dense_clip", backbone="RN50", resolution=224), None),
     (_fake_run("coco", 24, name="clip", backbone="RN50"), None),
     (_fake_run("nuimages", 16445, name="clip", backbone="RN50"), None),
@@ -192,8 +235,11 @@ def test_ap_by_size_matches_a_numpy_loop() -> None:
     area = np.where(relevant, rng.choice([100.0, 2000.0, 20000.0], size=(q, n)), 0.0)
     ids = rng.permutation(1000)[:n]
     got = ap_by_size(scores, relevant, ignore, area, ids, top_k=5)
-    for name, (lo, hi) in {"small": (0, 1024), "medium": (1024, 9216),
-                           "large": (9216, math.inf)}.items():
+    for name, (lo, hi) in {
+        "small": (0, 1024),
+        "medium": (1024, 9216),
+        "large": (9216, math.inf),
+    }.items():
         per_cat = got["bins"][name]["per_category"]
         for c in range(q):
             inside = relevant[c] & (area[c] >= lo) & (area[c] < hi)
@@ -213,8 +259,14 @@ def test_size_bins_agree_with_the_engine(two_runs, synthetic_coco) -> None:
     ann, images = synthetic_coco
     gt = create_dataset("coco", annotations=ann, images=images).ground_truth()
     gt = gt.select_images(saved["image_ids"])
-    got = ap_by_size(saved["scores"], gt.relevant, gt.ignore, gt.max_area, gt.image_ids,
-                     {"all": (0.0, math.inf), "s-m": (0.0, 96.0**2)})
+    got = ap_by_size(
+        saved["scores"],
+        gt.relevant,
+        gt.ignore,
+        gt.max_area,
+        gt.image_ids,
+        {"all": (0.0, math.inf), "s-m": (0.0, 96.0**2)},
+    )
     rows = _metrics(run_dir)["per_category"]
     for key, bin_name in (("ap@50", "all"), ("ap@50_s-m", "s-m")):
         want = [math.nan if r[key] is None else r[key] for r in rows]
@@ -244,14 +296,14 @@ def test_plots_are_valid_pngs(two_runs, tmp_path: Path) -> None:
     run's own plots land in its folder; each is a PNG PIL opens, of a readable size."""
     written = write_comparison(build_comparison(two_runs), tmp_path / "cmp")
     pngs = [p for p in written.values() if p.suffix == ".png"]
-    assert {p.name for p in pngs} == {"per_category_ap.png", "ap_by_size.png",
-                                      "cost_accuracy.png"}
+    assert {p.name for p in pngs} == {"per_category_ap.png", "ap_by_size.png", "cost_accuracy.png"}
     per_size, _ = load_per_size(two_runs[1])
     own = plot_run(tmp_path / "own", _metrics(two_runs[1])["per_category"], per_size)
     for path in [*pngs, *own.values()]:
         _assert_png(path)
-    front = pareto_front([CostPoint("a", 10, 0.5), CostPoint("b", 100, 0.4),
-                          CostPoint("c", 1000, 0.7)])
+    front = pareto_front(
+        [CostPoint("a", 10, 0.5), CostPoint("b", 100, 0.4), CostPoint("c", 1000, 0.7)]
+    )
     assert [p.label for p in front] == ["a", "c"]
 
 
@@ -267,8 +319,8 @@ def _wandb_records(path: Path):
         if block - pos % block < 7:
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf += data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a whole record
             record = pb.Record()
@@ -277,8 +329,9 @@ def _wandb_records(path: Path):
             yield record
 
 
-def test_offline_wandb_run_holds_summary_table_and_plots(two_runs, synthetic_coco,
-                                                         tmp_path: Path) -> None:
+def test_offline_wandb_run_holds_summary_table_and_plots(
+    two_runs, synthetic_coco, tmp_path: Path
+) -> None:
     """An offline wandb run is grouped by dataset, tagged with retriever, backbone and
     dataset, has the headline numbers in its summary, the per-category table under
     "per_category" and the plots as images."""
@@ -296,8 +349,9 @@ def test_offline_wandb_run_holds_summary_table_and_plots(two_runs, synthetic_coc
         if kind == "run":
             run = record.run
         elif kind == "summary":
-            summary.update({u.key: json.loads(u.value_json) for u in record.summary.update
-                            if u.key})
+            summary.update(
+                {u.key: json.loads(u.value_json) for u in record.summary.update if u.key}
+            )
     assert run.run_group == "coco"
     assert {"demo", "clip", "RN-tiny", "coco"} <= set(run.tags)
     for key in ("map@50", "map", "map@50_s-m", "bytes_per_image"):
@@ -323,4 +377,3 @@ def test_cli_writes_tables_and_plots(two_runs, tmp_path: Path) -> None:
     bad = parser.parse_args(["compare", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="not a finished run folder"):
         bad.func(bad)
-

@@ -23,10 +23,20 @@ pytestmark = pytest.mark.slow
 def _cli(data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     ann, images = data
     return [
-        sys.executable, "-m", "retrieval.cli", "eval", "demo",
-        f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={out}",
-        "run.progress=false", "loader.num_workers=0", "loader.batch_size=1",
-        "store.dtype=float32", "logger.wandb.mode=disabled", "trainer.accelerator=cpu",
+        sys.executable,
+        "-m",
+        "retrieval.cli",
+        "eval",
+        "demo",
+        f"data.annotations={ann}",
+        f"data.images={images}",
+        f"run.output_dir={out}",
+        "run.progress=false",
+        "loader.num_workers=0",
+        "loader.batch_size=1",
+        "store.dtype=float32",
+        "logger.wandb.mode=disabled",
+        "trainer.accelerator=cpu",
         *extra,
     ]
 
@@ -52,8 +62,9 @@ def _metrics(run: Path) -> dict:
 
 
 def _stored_ids(run: Path) -> list[int]:
-    return [int(i) for shard in ShardStore(run / "embeddings").iter_shards()
-            for i in shard.image_ids]
+    return [
+        int(i) for shard in ShardStore(run / "embeddings").iter_shards() for i in shard.image_ids
+    ]
 
 
 def test_two_processes_equal_one(synthetic_coco, tmp_path: Path) -> None:
@@ -82,8 +93,9 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
     _run(_cli(data, full, *slow))
 
-    proc = subprocess.Popen(_cli(data, killed, *slow), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(
+        _cli(data, killed, *slow), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if len(list((killed / "embeddings").glob("*.safetensors"))) >= 3:

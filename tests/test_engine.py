@@ -42,16 +42,30 @@ def test_cli_subprocess_writes_the_run_folder(synthetic_coco, tmp_path: Path) ->
     """`retrieval eval` as users run it writes every promised file and key, and the
     scores in scores.npz reproduce metrics.json's per-category AP under scikit-learn."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "retrieval.cli", "eval", "demo",
-           *_overrides(synthetic_coco, out, "retriever.pretrained=null")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retrieval.cli",
+        "eval",
+        "demo",
+        *_overrides(synthetic_coco, out, "retriever.pretrained=null"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "RANDOM WEIGHTS" in done.stdout
     for name in ("config.yaml", "metrics.json", "per_category.csv", "scores.npz", "summary.md"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("map@50", "map", "map@50_s-m", "map@50_hits", "per_category", "protocol",
-                "reps_per_image", "bytes_per_image"):
+    for key in (
+        "map@50",
+        "map",
+        "map@50_s-m",
+        "map@50_hits",
+        "per_category",
+        "protocol",
+        "reps_per_image",
+        "bytes_per_image",
+    ):
         assert key in metrics, key
     assert metrics["random_weights"] is True and metrics["reps_per_image"]["max"] == 1
 
@@ -71,8 +85,10 @@ def test_cli_subprocess_writes_the_run_folder(synthetic_coco, tmp_path: Path) ->
 def test_bad_image_skip_lists_it_everywhere(bad_coco, tmp_path: Path) -> None:
     """Under data.on_bad_image=skip the corrupt files are left out of the ranking and
     listed in metrics.json, summary.md and skipped_images.txt."""
-    cfg = load_config("demo", _overrides(bad_coco, tmp_path, "data.on_bad_image=skip",
-                                         "logger.wandb.mode=disabled"))
+    cfg = load_config(
+        "demo",
+        _overrides(bad_coco, tmp_path, "data.on_bad_image=skip", "logger.wandb.mode=disabled"),
+    )
     result = evaluate(cfg)
     skipped = result.metrics["skipped_images"]
     assert len(skipped) == 2 and result.metrics["images"] == 16
@@ -85,8 +101,13 @@ def test_bad_image_skip_lists_it_everywhere(bad_coco, tmp_path: Path) -> None:
 def test_bad_image_error_names_the_file(bad_coco, tmp_path: Path, capsys) -> None:
     """Under the default policy the run stops with one message naming the corrupt file
     and the fix (exit status 2), and keeps the shards it already wrote."""
-    code = main(["eval", "demo", *_overrides(bad_coco, tmp_path, "loader.batch_size=4",
-                                             "logger.wandb.mode=disabled")])
+    code = main(
+        [
+            "eval",
+            "demo",
+            *_overrides(bad_coco, tmp_path, "loader.batch_size=4", "logger.wandb.mode=disabled"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "error:" in err and ".jpg" in err and "data.on_bad_image=skip" in err

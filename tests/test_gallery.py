@@ -26,12 +26,22 @@ def dense_run(synthetic_coco, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     ann, images = synthetic_coco
     out = tmp_path_factory.mktemp("dense_run")
-    cfg = load_config("demo", [
-        f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={out}",
-        "run.progress=false", "loader.num_workers=0", "logger.wandb.mode=disabled",
-        "retriever=dense_clip_rn50", "retriever.backbone=RN-tiny", "retriever.pretrained=null",
-        "retriever.resolution=128", "text.prompts=single",
-    ])
+    cfg = load_config(
+        "demo",
+        [
+            f"data.annotations={ann}",
+            f"data.images={images}",
+            f"run.output_dir={out}",
+            "run.progress=false",
+            "loader.num_workers=0",
+            "logger.wandb.mode=disabled",
+            "retriever=dense_clip_rn50",
+            "retriever.backbone=RN-tiny",
+            "retriever.pretrained=null",
+            "retriever.resolution=128",
+            "text.prompts=single",
+        ],
+    )
     evaluate(cfg)
     return out
 
@@ -71,9 +81,7 @@ def test_gallery_html_and_sheet_render(dense_index, tmp_path: Path) -> None:
     import io
 
     hits = dense_index.search("square", top=5)
-    written = write_gallery(
-        dense_index, "square", hits, tmp_path / "g.html", tmp_path / "g.png"
-    )
+    written = write_gallery(dense_index, "square", hits, tmp_path / "g.html", tmp_path / "g.png")
     page = written["html"].read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     parser = _Images()
@@ -112,8 +120,9 @@ def test_cluster_members_give_mask_and_heatmap() -> None:
 
 def test_global_embedding_has_no_cells() -> None:
     """One whole-image embedding (CLIP): nothing to map, the panel is the image alone."""
-    reps = Representatives.dense(F.normalize(torch.randn(1, 1, 8), dim=-1),
-                                 torch.tensor([[[0.0, 0, 1, 1]]]))
+    reps = Representatives.dense(
+        F.normalize(torch.randn(1, 1, 8), dim=-1), torch.tensor([[[0.0, 0, 1, 1]]])
+    )
     assert cell_maps(F.normalize(torch.randn(8), dim=0), reps, 0) == (None, None)
 
 
@@ -151,12 +160,29 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
         return capsys.readouterr().out
 
     out = tmp_path / "ix"
-    built = run("index", "build", str(dense_run), "--backend", "faiss-flat", "--out", str(out),
-                "--no-progress")
+    built = run(
+        "index",
+        "build",
+        str(dense_run),
+        "--backend",
+        "faiss-flat",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert "recall@" in built and "bytes/image" in built
     assert json.loads(run("index", "info", str(out)))["backend"] == "faiss-flat"
-    found = run("search", str(out), "circle", "--top", "3", "--sheet", str(tmp_path / "s.png"),
-                "--json", str(tmp_path / "hits.json"))
+    found = run(
+        "search",
+        str(out),
+        "circle",
+        "--top",
+        "3",
+        "--sheet",
+        str(tmp_path / "s.png"),
+        "--json",
+        str(tmp_path / "hits.json"),
+    )
     assert "recall@" in found and "top 3" in found and Image.open(tmp_path / "s.png").width > 0
     record = json.loads((tmp_path / "hits.json").read_text())
     index = open_index(out, "cpu")
@@ -165,9 +191,18 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
     assert all(Path(h["file"]).is_file() for h in record["hits"])
     assert record["recall"] == index.recall and record["hits"][0]["rank"] == 1
     ivfpq = tmp_path / "ivfpq"
-    run("index", "build", str(dense_run), "--backend", "faiss-ivfpq", "--out", str(ivfpq),
-        "--recall-k", "3", "--no-progress")
-    assert "recall was measured for the top 3" in run("search", str(ivfpq), "circle",
-                                                       "--top", "5")
+    run(
+        "index",
+        "build",
+        str(dense_run),
+        "--backend",
+        "faiss-ivfpq",
+        "--out",
+        str(ivfpq),
+        "--recall-k",
+        "3",
+        "--no-progress",
+    )
+    assert "recall was measured for the top 3" in run("search", str(ivfpq), "circle", "--top", "5")
     with pytest.raises(ValueError, match="the target is a fraction in"):
         run("index", "build", str(dense_run), "--recall-target", "95", "--out", str(ivfpq))

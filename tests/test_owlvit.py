@@ -216,10 +216,17 @@ def test_end_to_end_run_writes_metrics(synthetic_coco, tmp_path: Path) -> None:
         "logger: {wandb: {mode: disabled}}\n"
     )
     out = tmp_path / "run"
-    result = evaluate(load_config(config, [
-        f"data.annotations={ann}", f"data.images={image_dir}",
-        f"run.output_dir={out}", "run.progress=false",
-    ]))
+    result = evaluate(
+        load_config(
+            config,
+            [
+                f"data.annotations={ann}",
+                f"data.images={image_dir}",
+                f"run.output_dir={out}",
+                "run.progress=false",
+            ],
+        )
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["random_weights"] is True and metrics["retriever"]["family"] == "owlvit"
     assert metrics["reps_per_image"] == {"mean": 36.0, "max": 36}

@@ -21,22 +21,33 @@ retriever:
   resolution: 128
   with_global: true
 """
-CLUSTER = DENSE.replace("name: dense_clip", "name: cluster_clip") + """
+CLUSTER = (
+    DENSE.replace("name: dense_clip", "name: cluster_clip")
+    + """
   aggregate:
     method: kmeans
     k: 3
 """
+)
 
 
 def _cfg(tmp_path: Path, text: str, data, out: str, *extra: str):
     path = tmp_path / f"{out}.yaml"
     path.write_text(text)
     ann, images = data
-    return load_config(path, [
-        f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={tmp_path / out}",
-        "run.progress=false", "loader.num_workers=0", "store.dtype=float32",
-        "logger.wandb.mode=disabled", *extra,
-    ])
+    return load_config(
+        path,
+        [
+            f"data.annotations={ann}",
+            f"data.images={images}",
+            f"run.output_dir={tmp_path / out}",
+            "run.progress=false",
+            "loader.num_workers=0",
+            "store.dtype=float32",
+            "logger.wandb.mode=disabled",
+            *extra,
+        ],
+    )
 
 
 def test_reaggregation_equals_embedding_from_pixels(synthetic_coco, tmp_path, monkeypatch):
@@ -49,8 +60,9 @@ def test_reaggregation_equals_embedding_from_pixels(synthetic_coco, tmp_path, mo
         raise AssertionError("backbone ran during re-aggregation")
 
     monkeypatch.setattr(DenseClipRetriever, "encode_dense", boom)
-    swept = evaluate(_cfg(tmp_path, CLUSTER, synthetic_coco, "swept",
-                          f"store.dense_from={tmp_path / 'dense'}"))
+    swept = evaluate(
+        _cfg(tmp_path, CLUSTER, synthetic_coco, "swept", f"store.dense_from={tmp_path / 'dense'}")
+    )
     assert swept.embedded == 24
     assert swept.metrics["reps_per_image"] == direct.metrics["reps_per_image"]
     a = np.load(tmp_path / "direct" / "scores.npz")["scores"]
@@ -62,8 +74,23 @@ def test_incompatible_dense_source_is_refused(synthetic_coco, tmp_path):
     """A dense run with other feature settings, or a non-dense run, is refused by name."""
     evaluate(_cfg(tmp_path, DENSE, synthetic_coco, "dense"))
     with pytest.raises(ConfigError, match="resolution: stored 128, wanted 64"):
-        evaluate(_cfg(tmp_path, CLUSTER, synthetic_coco, "other",
-                      f"store.dense_from={tmp_path / 'dense'}", "retriever.resolution=64"))
+        evaluate(
+            _cfg(
+                tmp_path,
+                CLUSTER,
+                synthetic_coco,
+                "other",
+                f"store.dense_from={tmp_path / 'dense'}",
+                "retriever.resolution=64",
+            )
+        )
     with pytest.raises(ConfigError, match="no dense_clip embeddings"):
-        evaluate(_cfg(tmp_path, CLUSTER, synthetic_coco, "none",
-                      f"store.dense_from={tmp_path / 'nothing'}"))
+        evaluate(
+            _cfg(
+                tmp_path,
+                CLUSTER,
+                synthetic_coco,
+                "none",
+                f"store.dense_from={tmp_path / 'nothing'}",
+            )
+        )

@@ -66,8 +66,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def indexes(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("indexes")
     return {
-        name: build_index(run, name, out / name, "cpu", recall_k=10, recall_target=0.9,
-                          num_queries=200, progress=False)
+        name: build_index(
+            run,
+            name,
+            out / name,
+            "cpu",
+            recall_k=10,
+            recall_target=0.9,
+            num_queries=200,
+            progress=False,
+        )
         for name in BACKENDS
     }
 
@@ -177,8 +185,17 @@ def test_lancedb_hnsw_answers_any_top(run: Path, tmp_path: Path) -> None:
     ef scales with the requested top (lance refuses an ef below the rows it fetches, so a
     top of 30 after tuning at 10 must still answer), and top-10 answers hold the recorded
     recall within noise."""
-    out = build_index(run, "lancedb", tmp_path / "hnsw", "cpu", recall_k=10, recall_target=0.9,
-                      num_queries=100, progress=False, index_type="IVF_HNSW_SQ")
+    out = build_index(
+        run,
+        "lancedb",
+        tmp_path / "hnsw",
+        "cpu",
+        recall_k=10,
+        recall_target=0.9,
+        num_queries=100,
+        progress=False,
+        index_type="IVF_HNSW_SQ",
+    )
     index = open_index(out, "cpu")
     assert index.manifest["backend_state"]["index_type"] == "IVF_HNSW_SQ"
     q = near_queries(index.backend.table, 40, seed=16)
@@ -239,8 +256,11 @@ def test_empty_inputs_give_clear_messages(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", [(range(4), 2)])
     store = ShardStore(run / "embeddings")
     reps = clustered_reps(4, 2, seed=0)
-    store.write_shard("rank000-00000", torch.arange(4), Representatives(
-        reps.embeddings, torch.zeros(4, 2, dtype=torch.bool), reps.boxes))
+    store.write_shard(
+        "rank000-00000",
+        torch.arange(4),
+        Representatives(reps.embeddings, torch.zeros(4, 2, dtype=torch.bool), reps.boxes),
+    )
     with pytest.raises(IndexFileError, match="no image has a valid representative"):
         build_index(run, out=tmp_path / "ix", progress=False)
     assert not (tmp_path / "ix").exists() and not list(tmp_path.glob(".ix*"))
@@ -273,6 +293,7 @@ def _garbage(pattern: str):
     def damage(folder: Path) -> None:
         for path in folder.rglob(pattern):
             path.write_bytes(b"x" * path.stat().st_size)
+
     return damage
 
 
@@ -327,9 +348,23 @@ def test_milvus_lite_round_trips_through_fresh_processes(run: Path, tmp_path: Pa
     approximate: the recall tests above cover them.)"""
     out = tmp_path / "milvus"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    build = [sys.executable, "-m", "retrieval.cli", "index", "build", str(run), "--backend",
-             "milvus", "--option", "index_type=FLAT", "--out", str(out), "--recall-k", "10",
-             "--no-progress"]
+    build = [
+        sys.executable,
+        "-m",
+        "retrieval.cli",
+        "index",
+        "build",
+        str(run),
+        "--backend",
+        "milvus",
+        "--option",
+        "index_type=FLAT",
+        "--out",
+        str(out),
+        "--recall-k",
+        "10",
+        "--no-progress",
+    ]
     done = subprocess.run(build, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "milvus index of 400 images" in done.stdout
@@ -345,8 +380,13 @@ def test_milvus_lite_round_trips_through_fresh_processes(run: Path, tmp_path: Pa
     )
     q = queries(4, seed=15)
     torch.save(q, tmp_path / "q.pt")
-    searched = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "q.pt")],
-                              capture_output=True, text=True, env=env, timeout=300)
+    searched = subprocess.run(
+        [sys.executable, "-c", script, str(out), str(tmp_path / "q.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert searched.returncode == 0, searched.stderr
     found = json.loads(searched.stdout.strip().splitlines()[-1])
     top, scores = exact_top(run, q, 20)

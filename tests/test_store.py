@@ -77,8 +77,9 @@ def test_max_cosine_matches_numpy_loop() -> None:
     emb, mask, t = reps.embeddings.numpy(), reps.mask.numpy(), text.numpy()
     for q in range(3):
         for b in range(4):
-            assert np.isclose(got[q, b], max(t[q] @ emb[b, r] for r in range(6) if mask[b, r]),
-                              atol=1e-6)
+            assert np.isclose(
+                got[q, b], max(t[q] @ emb[b, r] for r in range(6) if mask[b, r]), atol=1e-6
+            )
 
 
 def test_concat_pads_with_invalid_reps() -> None:

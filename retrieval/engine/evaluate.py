@@ -190,8 +190,15 @@ def evaluate(cfg: DictConfig) -> RunResult | None:
         if not trainer.is_global_zero:
             return None
         start = time.perf_counter()
-        reaggregate(*source, store, retriever, todo, cfg.score.device, cfg.loader.batch_size,
-                    cfg.run.progress)
+        reaggregate(
+            *source,
+            store,
+            retriever,
+            todo,
+            cfg.score.device,
+            cfg.loader.batch_size,
+            cfg.run.progress,
+        )
         extract_s = time.perf_counter() - start
     elif len(todo):
         position = {int(i): k for k, i in enumerate(dataset.image_ids)}
@@ -210,7 +217,10 @@ def evaluate(cfg: DictConfig) -> RunResult | None:
     reused = len(dataset.image_ids) - len(todo)
     log.info(
         "embeddings in %s: %d images embedded now%s, %d reused from stored shards",
-        store.root, len(todo), f" (aggregated from {source[0].root})" if source else "", reused,
+        store.root,
+        len(todo),
+        f" (aggregated from {source[0].root})" if source else "",
+        reused,
     )
     if len(todo):
         store.record_checksums()
@@ -222,7 +232,11 @@ def evaluate(cfg: DictConfig) -> RunResult | None:
     gt_all = dataset.ground_truth()
     text = query_embeddings(cfg, retriever, [c.query for c in gt_all.categories], run_dir)
     scored = score_store(
-        store, text, retriever.score, cfg.score.device, cfg.score.max_memory_gb,
+        store,
+        text,
+        retriever.score,
+        cfg.score.device,
+        cfg.score.max_memory_gb,
         only=dataset.image_ids,
     )
     gt = gt_all.select_images(scored.image_ids)

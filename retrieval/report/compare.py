@@ -88,8 +88,10 @@ class Run:
         r = self.retriever
         annotations = Path(str(self.config.get("data", {}).get("annotations", ""))).name
         weights = ", RANDOM WEIGHTS" if self.metrics.get("random_weights") else ""
-        return (f"{r.get('name')} {r.get('backbone', '')} on {self.dataset} ({annotations}, "
-                f"{self.metrics.get('images')} images){weights}")
+        return (
+            f"{r.get('name')} {r.get('backbone', '')} on {self.dataset} ({annotations}, "
+            f"{self.metrics.get('images')} images){weights}"
+        )
 
 
 @dataclass(frozen=True)
@@ -225,23 +227,36 @@ def reference_for(run: Run, table: Sequence[Mapping[str, str]]) -> Reference:
     """The paper's numbers for this run's method, backbone, resolution and dataset."""
     method = paper_method(run.retriever)
     if method is None:
-        return Reference({}, f"no reference: retriever {run.retriever.get('name')!r} "
-                             "matches no row of the paper")
-    row = next((r for r in table if _same_method(r["method"], method[0])
-                and r["backbone"].lower() == method[1].lower()), None)
+        return Reference(
+            {}, f"no reference: retriever {run.retriever.get('name')!r} matches no row of the paper"
+        )
+    row = next(
+        (
+            r
+            for r in table
+            if _same_method(r["method"], method[0]) and r["backbone"].lower() == method[1].lower()
+        ),
+        None,
+    )
     if row is None:
         return Reference({}, f"no reference: the paper has no {method[0]} {method[1]} row")
     resolution = run.retriever.get("resolution") or run.retriever.get("image_size")
     if resolution is not None and int(resolution) != int(row["resolution"]):
-        return Reference({}, f"no reference: resolution {resolution}, the paper's "
-                             f"{method[0]} {method[1]} uses {row['resolution']}")
+        return Reference(
+            {},
+            f"no reference: resolution {resolution}, the paper's "
+            f"{method[0]} {method[1]} uses {row['resolution']}",
+        )
     columns = PAPER_COLUMNS.get(run.dataset)
     if columns is None:
         return Reference({}, f"no reference: the paper reports no {run.dataset} numbers")
     seen = int(run.metrics.get("images") or 0) + len(run.metrics.get("skipped_images") or [])
     if seen != PAPER_IMAGES[run.dataset]:
-        return Reference({}, f"no reference: {seen} images, the paper's {run.dataset} "
-                             f"split has {PAPER_IMAGES[run.dataset]:,}")
+        return Reference(
+            {},
+            f"no reference: {seen} images, the paper's {run.dataset} "
+            f"split has {PAPER_IMAGES[run.dataset]:,}",
+        )
     values = {key: float(row[col]) / 100 for key, col in columns.items()}
     values[REPS] = float(row["reps_per_image"])
     return Reference(values, f"paper: {row['method']}, {row['backbone']} on {run.dataset}")
@@ -288,8 +303,12 @@ def comparison_table(
             columns += [f"{run.label} paper", f"{run.label} diff"]
     rows = []
     metric_rows = [(k, "%", 100.0) for k in _metric_keys(runs)]
-    cost_rows = [(REPS, "count", 1.0), (BYTES, "bytes", 1.0), (IMAGES_PER_S, "1/s", 1.0),
-                 (SCORE_MS, "ms", 1.0)]
+    cost_rows = [
+        (REPS, "count", 1.0),
+        (BYTES, "bytes", 1.0),
+        (IMAGES_PER_S, "1/s", 1.0),
+        (SCORE_MS, "ms", 1.0),
+    ]
     for key, unit, scale in metric_rows + cost_rows:
         row: dict[str, Any] = {"metric": key, "unit": unit}
         for run in runs:
@@ -320,15 +339,17 @@ def category_deltas(
         b = before.get(int(r["category_id"]))
         if b is None or _num(b.get(key)) is None or _num(r.get(key)) is None:
             continue
-        out.append({
-            "category_id": int(r["category_id"]),
-            "name": r["name"],
-            "split": r.get("split", ""),
-            "positives": r.get("positives"),
-            "base": b[key],
-            "other": r[key],
-            "delta": r[key] - b[key],
-        })
+        out.append(
+            {
+                "category_id": int(r["category_id"]),
+                "name": r["name"],
+                "split": r.get("split", ""),
+                "positives": r.get("positives"),
+                "base": b[key],
+                "other": r[key],
+                "delta": r[key] - b[key],
+            }
+        )
     return sorted(out, key=lambda d: (-d["delta"], d["category_id"]))
 
 
@@ -350,7 +371,8 @@ def build_comparison(
     key = key or f"ap@{runs[0].top_k}"
     table = load_paper_table() if reference == "paper" else []
     references = {
-        run.label: reference_for(run, table) if reference == "paper"
+        run.label: reference_for(run, table)
+        if reference == "paper"
         else Reference({}, "reference not requested")
         for run in runs
     }
@@ -399,19 +421,25 @@ def _gains_losses(deltas: list[dict[str, Any]], top: int) -> list[dict[str, Any]
 def comparison_markdown(comp: Comparison, top: int = 5, plots: Sequence[Path] = ()) -> str:
     """``compare.md``: runs, the side-by-side table, sizes, per-category gains and losses."""
     lines = ["# Run comparison", "", "| run | what | paper row |", "|---|---|---|"]
-    lines += [f"| {r.label} | {r.describe()} | {comp.references[r.label].note} |"
-              for r in comp.runs]
+    lines += [
+        f"| {r.label} | {r.describe()} | {comp.references[r.label].note} |" for r in comp.runs
+    ]
     with_paper = any(ref.values for ref in comp.references.values())
     note = "Metrics in percent" + ("; `diff` = run minus paper, in points." if with_paper else ".")
     lines += ["", note, ""]
     lines += _markdown_table(
         comp.columns,
-        [[row["metric"], row["unit"], *(_cell(row, c) for c in comp.columns[2:])]
-         for row in comp.table],
+        [
+            [row["metric"], row["unit"], *(_cell(row, c) for c in comp.columns[2:])]
+            for row in comp.table
+        ],
     )
     if any(r.metrics.get("random_weights") for r in comp.runs):
-        lines += ["", "> Runs with RANDOM WEIGHTS check the pipeline only; their numbers say "
-                      "nothing about the method."]
+        lines += [
+            "",
+            "> Runs with RANDOM WEIGHTS check the pipeline only; their numbers say "
+            "nothing about the method.",
+        ]
     if comp.sizes:
         first = next(iter(comp.sizes.values()))
         k = first.get("top_k", 50)
@@ -419,21 +447,45 @@ def comparison_markdown(comp: Comparison, top: int = 5, plots: Sequence[Path] = 
         lines += ["", f"## mAP@{k} by object size (largest instance area)", ""]
         lines += _markdown_table(
             ["run", *bins],
-            [[label, *(_fmt(100 * v if (v := _num(s["bins"][b].get(f"map@{k}"))) is not None
-                            else None) for b in bins)]
-             for label, s in comp.sizes.items()],
+            [
+                [
+                    label,
+                    *(
+                        _fmt(
+                            100 * v
+                            if (v := _num(s["bins"][b].get(f"map@{k}"))) is not None
+                            else None
+                        )
+                        for b in bins
+                    ),
+                ]
+                for label, s in comp.sizes.items()
+            ],
         )
     missing = {label: note for label, note in comp.size_notes.items() if label not in comp.sizes}
     lines += [f"- no size bins for {label}: {note}" for label, note in missing.items()]
     base_label = comp.runs[0].label
     for other_label, deltas in comp.deltas.items():
         shown = _gains_losses(deltas, top)
-        lines += ["", f"## {comp.key.upper()} per category: {other_label} vs {base_label}", "",
-                  f"Largest gains and losses (points) of {len(deltas)} categories.", ""]
+        lines += [
+            "",
+            f"## {comp.key.upper()} per category: {other_label} vs {base_label}",
+            "",
+            f"Largest gains and losses (points) of {len(deltas)} categories.",
+            "",
+        ]
         lines += _markdown_table(
             ["category", "P", base_label, other_label, "diff"],
-            [[d["name"], str(d["positives"]), _fmt(100 * d["base"]), _fmt(100 * d["other"]),
-              f"{100 * d['delta']:+.2f}"] for d in shown],
+            [
+                [
+                    d["name"],
+                    str(d["positives"]),
+                    _fmt(100 * d["base"]),
+                    _fmt(100 * d["other"]),
+                    f"{100 * d['delta']:+.2f}",
+                ]
+                for d in shown
+            ],
         )
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -455,14 +507,29 @@ def write_comparison(
     written["compare.csv"] = out / "compare.csv"
     if comp.deltas:
         with open(out / "category_deltas.csv", "w", newline="") as f:
-            fields = ["base_run", "run", "category_id", "name", "split", "positives", "base",
-                      "other", "delta"]
+            fields = [
+                "base_run",
+                "run",
+                "category_id",
+                "name",
+                "split",
+                "positives",
+                "base",
+                "other",
+                "delta",
+            ]
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             for label, deltas in comp.deltas.items():  # percent, like compare.csv
-                writer.writerows({"base_run": comp.runs[0].label, "run": label, **d,
-                                  **{k: 100 * d[k] for k in ("base", "other", "delta")}}
-                                 for d in deltas)
+                writer.writerows(
+                    {
+                        "base_run": comp.runs[0].label,
+                        "run": label,
+                        **d,
+                        **{k: 100 * d[k] for k in ("base", "other", "delta")},
+                    }
+                    for d in deltas
+                )
         written["category_deltas.csv"] = out / "category_deltas.csv"
     pngs = [p for p in written.values() if p.suffix == ".png"]
     (out / "compare.md").write_text(comparison_markdown(comp, top, pngs))
@@ -478,8 +545,14 @@ def write_plots(comp: Comparison, out: Path) -> dict[str, Path]:
             {r.label: r.rows for r in comp.runs}, out / PER_CATEGORY_PNG, key=comp.key
         ),
         "cost_accuracy": cost_accuracy_plot(
-            [CostPoint(r.label, float(r.metrics.get("bytes_per_image") or 0),
-                       _num(r.metrics.get(f"map@{k}")) or math.nan) for r in comp.runs],
+            [
+                CostPoint(
+                    r.label,
+                    float(r.metrics.get("bytes_per_image") or 0),
+                    _num(r.metrics.get(f"map@{k}")) or math.nan,
+                )
+                for r in comp.runs
+            ],
             out / COST_PNG,
             metric=f"mAP@{k}",
         ),
@@ -493,11 +566,13 @@ def print_comparison(comp: Comparison, console: Console | None = None, top: int 
     """The side-by-side table and the largest per-category changes, in the terminal."""
     console = console or Console()
     for run in comp.runs:
-        console.print(f"[bold]{run.label}[/bold]: {run.describe()}; "
-                      f"{comp.references[run.label].note}")
+        console.print(
+            f"[bold]{run.label}[/bold]: {run.describe()}; {comp.references[run.label].note}"
+        )
     with_paper = any(ref.values for ref in comp.references.values())
-    table = Table(title="metrics in percent" + ("; diff = run - paper (points)" if with_paper
-                                                 else ""))
+    table = Table(
+        title="metrics in percent" + ("; diff = run - paper (points)" if with_paper else "")
+    )
     for i, column in enumerate(comp.columns):
         table.add_column(column, justify="left" if i < 2 else "right")
     for row in comp.table:
@@ -506,14 +581,18 @@ def print_comparison(comp: Comparison, console: Console | None = None, top: int 
     for label, deltas in comp.deltas.items():
         shown = _gains_losses(deltas, top)
         changes = ", ".join(f"{d['name']} {100 * d['delta']:+.1f}" for d in shown)
-        console.print(f"{comp.key.upper()} largest changes, {label} vs {comp.runs[0].label} "
-                      f"(points): {changes or 'none'}")
+        console.print(
+            f"{comp.key.upper()} largest changes, {label} vs {comp.runs[0].label} "
+            f"(points): {changes or 'none'}"
+        )
 
 
 def _run_cli(args: argparse.Namespace) -> int:
     comp = build_comparison(args.run_dirs, args.reference, args.metric)
-    out = Path(args.out) if args.out else (
-        comp.runs[0].run_dir if len(comp.runs) == 1 else Path("compare")
+    out = (
+        Path(args.out)
+        if args.out
+        else (comp.runs[0].run_dir if len(comp.runs) == 1 else Path("compare"))
     )
     written = write_comparison(comp, out, args.top, plots=not args.no_plots)
     print_comparison(comp, top=args.top)
@@ -530,21 +609,39 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     parser = subparsers.add_parser(
         "compare", help="run folders side by side (tables, plots), with the paper's numbers"
     )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="run folders (run.output_dir); the first is the baseline")
-    parser.add_argument("--reference", choices=("paper", "none"), default="paper",
-                        help="add the paper's numbers where a run matches a row (default)")
-    parser.add_argument("--out", default=None,
-                        help="folder for compare.md/.csv and plots (default: the run folder "
-                             "for one run, ./compare for several)")
-    parser.add_argument("--metric", default=None,
-                        help="per-category metric for deltas and bars (default ap@K)")
-    parser.add_argument("--top", type=int, default=5,
-                        help="largest gains and losses shown per pair (default 5)")
-    parser.add_argument("--no-plots", action="store_true",
-                        help="tables only (small files, e.g. for results/)")
-    parser.add_argument("--wandb", choices=("disabled", "offline", "online"),
-                        default="disabled", help="also log the comparison as a wandb run")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders (run.output_dir); the first is the baseline",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=("paper", "none"),
+        default="paper",
+        help="add the paper's numbers where a run matches a row (default)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for compare.md/.csv and plots (default: the run folder "
+        "for one run, ./compare for several)",
+    )
+    parser.add_argument(
+        "--metric", default=None, help="per-category metric for deltas and bars (default ap@K)"
+    )
+    parser.add_argument(
+        "--top", type=int, default=5, help="largest gains and losses shown per pair (default 5)"
+    )
+    parser.add_argument(
+        "--no-plots", action="store_true", help="tables only (small files, e.g. for results/)"
+    )
+    parser.add_argument(
+        "--wandb",
+        choices=("disabled", "offline", "online"),
+        default="disabled",
+        help="also log the comparison as a wandb run",
+    )
     parser.add_argument("--wandb-project", default="object-retrieval")
     parser.set_defaults(func=_run_cli)
     return parser

@@ -54,8 +54,11 @@ def summary_markdown(cfg: DictConfig, summary: dict[str, Any], rows: list[dict])
         f"{summary['bytes_per_image']:.0f}",
         f"- extraction: {timing['extract_seconds']:.1f} s"
         + f" for {timing['images_embedded']} images"
-        + (f", {timing['reused_embeddings']} reused from stored shards"
-           if timing["reused_embeddings"] else "")
+        + (
+            f", {timing['reused_embeddings']} reused from stored shards"
+            if timing["reused_embeddings"]
+            else ""
+        )
         + f"; scoring: {timing['score_ms_per_image']:.3f} ms per image",
         "",
         "## Protocol",
@@ -67,8 +70,13 @@ def summary_markdown(cfg: DictConfig, summary: dict[str, Any], rows: list[dict])
         key=lambda r: r[f"ap@{top_k}"],
     )
     if ranked:
-        lines += ["", f"## Hardest and easiest categories (AP@{top_k}, %)", "",
-                  "| category | P | AP@K | AP |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Hardest and easiest categories (AP@{top_k}, %)",
+            "",
+            "| category | P | AP@K | AP |",
+            "|---|---|---|---|",
+        ]
         shown = ranked[:5] + ranked[-5:] if len(ranked) > 10 else ranked
         lines += [
             f"| {r['name']} | {r['positives']} | {pct(r[f'ap@{top_k}'])} | {pct(r['ap'])} |"
@@ -93,8 +101,10 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any], rows: list[dict]) ->
     table.add_row("bytes / image", f"{summary['bytes_per_image']:.0f}")
     console.print(table)
     if summary.get("skipped_images"):
-        console.print(f"[yellow]{len(summary['skipped_images'])} images skipped; "
-                      f"listed in skipped_images.txt[/yellow]")
+        console.print(
+            f"[yellow]{len(summary['skipped_images'])} images skipped; "
+            f"listed in skipped_images.txt[/yellow]"
+        )
     if summary.get("random_weights"):
         console.print(f"[bold red]{RANDOM_WEIGHTS_BANNER}[/bold red]")
     console.print(f"run folder: {cfg.run.output_dir}")

@@ -86,8 +86,13 @@ def write_run(
             "".join(f"{f['path']}\t{f['reason']}\n" for f in summary["skipped_images"])
         )
     per_size = ap_by_size(
-        scored.scores, gt.relevant, gt.ignore, gt.max_area, gt.image_ids,
-        size_bins(large_area=cfg.protocol.large_area), top_k=top_k,
+        scored.scores,
+        gt.relevant,
+        gt.ignore,
+        gt.max_area,
+        gt.image_ids,
+        size_bins(large_area=cfg.protocol.large_area),
+        top_k=top_k,
     )
     (run_dir / PER_SIZE_FILE).write_text(json.dumps(_clean(per_size), indent=2))
     plots = plot_run(run_dir, rows, per_size, top_k)

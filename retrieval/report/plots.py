@@ -151,8 +151,10 @@ def ap_by_size_plot(
     for label, per_size in runs.items():
         ys = [100 * _num(per_size["bins"].get(b, {}).get(key)) for b in bins]
         ax.plot(range(len(bins)), ys, marker="o", label=label)
-    ticks = [f"{_bin_label(b, spec)}\n({spec.get('categories', 0)} categories)"
-             for b, spec in first["bins"].items()]
+    ticks = [
+        f"{_bin_label(b, spec)}\n({spec.get('categories', 0)} categories)"
+        for b, spec in first["bins"].items()
+    ]
     ax.set_xticks(range(len(bins)), ticks, fontsize=8)
     ax.set_xlim(-0.3, len(bins) - 0.7)
     ax.set_ylim(0, 100)
@@ -185,8 +187,10 @@ def human_bytes(value: float) -> str:
 
 def _close(p: CostPoint, q: CostPoint) -> bool:
     """Two points whose labels would overlap (within ~5% in x and 4 points in y)."""
-    return (abs(math.log10(p.bytes_per_image / q.bytes_per_image)) < 0.03
-            and abs(p.value - q.value) < 0.04)
+    return (
+        abs(math.log10(p.bytes_per_image / q.bytes_per_image)) < 0.03
+        and abs(p.value - q.value) < 0.04
+    )
 
 
 def cost_accuracy_plot(
@@ -202,14 +206,26 @@ def cost_accuracy_plot(
     ax.set_xscale("log")
     front = pareto_front(points)
     if len(front) > 1:
-        ax.plot([p.bytes_per_image for p in front], [100 * p.value for p in front],
-                ls="--", color="0.6", zorder=1, label="Pareto front")
+        ax.plot(
+            [p.bytes_per_image for p in front],
+            [100 * p.value for p in front],
+            ls="--",
+            color="0.6",
+            zorder=1,
+            label="Pareto front",
+        )
         ax.legend(fontsize=8, loc="lower right")
     ax.scatter([p.bytes_per_image for p in points], [100 * p.value for p in points], zorder=2)
     for i, p in enumerate(points):
         nth = sum(_close(p, q) for q in points[:i])  # stack the labels of nearby points
-        ax.annotate(p.label, (p.bytes_per_image, 100 * p.value), xytext=(7, 2 - 11 * nth),
-                    textcoords="offset points", fontsize=8, va="center")
+        ax.annotate(
+            p.label,
+            (p.bytes_per_image, 100 * p.value),
+            xytext=(7, 2 - 11 * nth),
+            textcoords="offset points",
+            fontsize=8,
+            va="center",
+        )
     if points:
         lo = min(p.bytes_per_image for p in points)
         hi = max(p.bytes_per_image for p in points)
@@ -239,9 +255,13 @@ def plot_run(
     """
     run_dir = Path(run_dir)
     label = run_dir.name
-    plots = {"per_category_ap": per_category_bars({label: rows}, run_dir / PER_CATEGORY_PNG,
-                                                  key=f"ap@{top_k}")}
+    plots = {
+        "per_category_ap": per_category_bars(
+            {label: rows}, run_dir / PER_CATEGORY_PNG, key=f"ap@{top_k}"
+        )
+    }
     if per_size is not None:
-        plots["ap_by_size"] = ap_by_size_plot({label: per_size}, run_dir / SIZE_PNG,
-                                              key=f"map@{top_k}")
+        plots["ap_by_size"] = ap_by_size_plot(
+            {label: per_size}, run_dir / SIZE_PNG, key=f"map@{top_k}"
+        )
     return plots

@@ -36,8 +36,12 @@ PLOTS_PREFIX = "plots/"
 
 def run_tags(cfg: DictConfig) -> list[str]:
     """The config's tags, then retriever name, backbone and dataset (no repeats)."""
-    wanted = [*cfg.logger.wandb.tags, cfg.retriever.get("name"), cfg.retriever.get("backbone"),
-              cfg.data.name]
+    wanted = [
+        *cfg.logger.wandb.tags,
+        cfg.retriever.get("name"),
+        cfg.retriever.get("backbone"),
+        cfg.data.name,
+    ]
     tags: list[str] = []
     for tag in wanted:
         if tag not in (None, "") and str(tag) not in tags:
@@ -48,7 +52,8 @@ def run_tags(cfg: DictConfig) -> list[str]:
 def summary_scalars(summary: Mapping[str, Any]) -> dict[str, Any]:
     """What goes into ``run.summary``: every scalar metric plus the cost figures."""
     scalars = {
-        k: v for k, v in summary.items()
+        k: v
+        for k, v in summary.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
     }
     reps = summary.get("reps_per_image") or {}
@@ -154,8 +159,9 @@ def log_comparison(
         reinit="finish_previous",
     )
     try:
-        logged = _images({k.removesuffix(".png"): p for k, p in written.items()
-                          if p.suffix == ".png"})
+        logged = _images(
+            {k.removesuffix(".png"): p for k, p in written.items() if p.suffix == ".png"}
+        )
         logged[COMPARISON_TABLE] = _table(comp.table)
         run.log(logged)
         return Path(run.settings.sync_dir)

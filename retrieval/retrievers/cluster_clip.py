@@ -103,8 +103,7 @@ class AggregateOptions:
         """The aggregator these options describe; raises ValueError naming a bad key."""
         if self.method not in METHOD_KEYS:
             raise ValueError(
-                f"retriever.aggregate.method={self.method!r} is not one of "
-                f"{', '.join(METHOD_KEYS)}"
+                f"retriever.aggregate.method={self.method!r} is not one of {', '.join(METHOD_KEYS)}"
             )
         used = METHOD_KEYS[self.method]
         for method, keys in METHOD_KEYS.items():
@@ -244,8 +243,7 @@ class ClusterClipRetriever(DenseClipRetriever):
         ]
         if diff:
             raise ValueError(
-                "the stored Dense-CLIP embeddings were made with other settings: "
-                + "; ".join(diff)
+                "the stored Dense-CLIP embeddings were made with other settings: " + "; ".join(diff)
             )
 
     def from_dense(self, stored: Representatives, dense_config: dict[str, Any]) -> Representatives:

@@ -52,9 +52,11 @@ class LoadedClip:
 
 def is_checkpoint_path(pretrained: str) -> bool:
     """A value naming a file rather than a tag (``openai``, ``laion2b_s34b_b79k``)."""
-    return os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES) or Path(
-        pretrained
-    ).exists()
+    return (
+        os.sep in pretrained
+        or pretrained.endswith(CHECKPOINT_SUFFIXES)
+        or Path(pretrained).exists()
+    )
 
 
 def model_name_for(backbone: str, pretrained: str | None) -> str:

@@ -114,7 +114,7 @@ def _raise_not_cached(repo_id: str, missing: list[str], cache_dir: str | None) -
         f"{cache_dir or HF_HUB_CACHE}.\n"
         f"Fix it one of two ways:\n"
         f"  1. on a machine with network run\n"
-        f"       python -c \"from transformers import AutoModelForZeroShotObjectDetection as M; "
+        f'       python -c "from transformers import AutoModelForZeroShotObjectDetection as M; '
         f"M.from_pretrained('{repo_id}')\"\n"
         f"     and copy its Hugging Face cache folder here (set HF_HUB_CACHE or "
         f"retriever.cache_dir to it);\n"
@@ -316,9 +316,7 @@ class OwlViTRetriever(Retriever):
         scale = head.elu(head.logit_scale(feats))[..., 0] + 1
         boxes = cxcywh_to_xyxy(self.model.box_predictor(feats, feature_map))
         mask = torch.ones(b, h * w, dtype=torch.bool, device=pixels.device)
-        return Representatives(
-            embeds, mask, boxes, {"logit_shift": shift, "logit_scale": scale}
-        )
+        return Representatives(embeds, mask, boxes, {"logit_shift": shift, "logit_scale": scale})
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:

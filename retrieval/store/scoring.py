@@ -77,8 +77,8 @@ def score_store(
         nbytes += path.stat().st_size
         with ShardReader(path) as shard:
             failures += shard.failures
-            keep = np.ones(shard.num_images, bool) if only is None else np.isin(
-                shard.image_ids, only
+            keep = (
+                np.ones(shard.num_images, bool) if only is None else np.isin(shard.image_ids, only)
             )
             step = images_per_chunk(len(text), shard.num_reps, max_memory_gb)
             for i in range(0, shard.num_images, step):

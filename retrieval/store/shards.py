@@ -173,6 +173,7 @@ class ShardStore:
     def record_checksums(self) -> None:
         """Stores each shard's sha256 in the manifest (run once all shards exist)."""
         self.write_manifest(
-            shards={p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
-                    for p in self.shard_paths()}
+            shards={
+                p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in self.shard_paths()
+            }
         )

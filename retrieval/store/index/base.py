@@ -109,8 +109,9 @@ class Backend(ABC):
         for row, score in zip(rows.tolist(), scores.tolist(), strict=True):
             box = None if table.boxes is None else tuple(float(v) for v in table.boxes[row])
             out.append(
-                Hit(int(table.image_ids[table.owner[row]]), float(score),
-                    int(table.slots[row]), box)
+                Hit(
+                    int(table.image_ids[table.owner[row]]), float(score), int(table.slots[row]), box
+                )
             )
         return out
 

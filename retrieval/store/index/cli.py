@@ -20,8 +20,14 @@ def _build(args: argparse.Namespace) -> int:
 
     options = dict(_option(o) for o in args.option)
     out = build_index(
-        args.run_dir, args.backend, args.out, args.device, args.recall_k, args.recall_target,
-        progress=not args.no_progress, **options,
+        args.run_dir,
+        args.backend,
+        args.out,
+        args.device,
+        args.recall_k,
+        args.recall_target,
+        progress=not args.no_progress,
+        **options,
     )
     index = open_index(out, "cpu")
     m = index.manifest
@@ -119,9 +125,14 @@ def write_hits_json(index, query: str, hits: list, path: str) -> None:
         "backend": index.manifest["backend"],
         "recall": index.recall,
         "hits": [
-            {"rank": rank, "image_id": h.image_id, "score": h.score, "rep_index": h.rep_index,
-             "box_xyxy_normalised": h.box,
-             "file": None if files[h.image_id] is None else str(files[h.image_id])}
+            {
+                "rank": rank,
+                "image_id": h.image_id,
+                "score": h.score,
+                "rep_index": h.rep_index,
+                "box_xyxy_normalised": h.box,
+                "file": None if files[h.image_id] is None else str(files[h.image_id]),
+            }
             for rank, h in enumerate(hits, start=1)
         ],
     }
@@ -136,7 +147,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     build = commands.add_parser("build", help="index a run's stored representatives")
     build.add_argument("run_dir", help="run folder made by `retrieval eval`")
     build.add_argument(
-        "--backend", default="exact",
+        "--backend",
+        default="exact",
         help="exact (default), faiss (flat or ivfpq by size), faiss-flat, faiss-ivfpq, lancedb, "
         "milvus (milvus-lite in the index folder, or --option uri=... collection=...)",
     )
@@ -144,11 +156,16 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (exact scoring)")
     build.add_argument("--recall-k", type=int, default=50, help="K of the recorded recall@K")
     build.add_argument(
-        "--recall-target", type=float, default=0.95,
+        "--recall-target",
+        type=float,
+        default=0.95,
         help="recall approximate backends are tuned to reach (default 0.95)",
     )
     build.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="backend setting, e.g. nprobe=32, overfetch=10, nlist=1024, uri=http://host:19530 "
         "(repeatable)",
     )

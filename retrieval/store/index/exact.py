@@ -48,8 +48,7 @@ def top_images(best: Tensor, arg: Tensor, image_ids: np.ndarray, k: int) -> list
     kk = min(k, best.shape[0])
     scores, groups = best.T.topk(kk, dim=1)
     rows = arg.T.gather(1, groups)
-    for s, g, r in zip(scores.cpu().numpy(), groups.cpu().numpy(), rows.cpu().numpy(),
-                       strict=True):
+    for s, g, r in zip(scores.cpu().numpy(), groups.cpu().numpy(), rows.cpu().numpy(), strict=True):
         keep = np.isfinite(s)
         s, g, r = s[keep], g[keep], r[keep]
         order = np.lexsort((image_ids[g], -s))
@@ -62,8 +61,9 @@ def chunk_rows(dim: int) -> int:
 
 
 @torch.no_grad()
-def exact_search(table: RepTable, queries: Tensor, k: int, device: str = "auto",
-                 resident: Tensor | None = None) -> list[RowHits]:
+def exact_search(
+    table: RepTable, queries: Tensor, k: int, device: str = "auto", resident: Tensor | None = None
+) -> list[RowHits]:
     """Exact top ``k`` images of each query over the whole table.
 
     Args:
@@ -109,7 +109,7 @@ def rerank(table: RepTable, query: Tensor, images: np.ndarray, k: int) -> RowHit
     sims = vectors @ query.float().cpu().unsqueeze(1)
     local = torch.from_numpy(np.searchsorted(images, table.owner[rows]))
     best, arg = segment_best(sims, local, len(images))
-    (r, s), = top_images(best, arg, table.image_ids[images], k)
+    ((r, s),) = top_images(best, arg, table.image_ids[images], k)
     return rows[r], s
 
 

@@ -124,8 +124,9 @@ class FaissBackend(Backend):
             with omp_threads(1 if size < SMALL_TRAIN else None):
                 index.train(table.vectors[sample].astype(np.float32))
         starts = range(0, table.num_rows, ADD_ROWS)
-        for start in tqdm(starts, desc=f"faiss {self.options['kind']}", unit="chunk",
-                          disable=not progress):
+        for start in tqdm(
+            starts, desc=f"faiss {self.options['kind']}", unit="chunk", disable=not progress
+        ):
             index.add(table.vectors[start : start + ADD_ROWS].astype(np.float32))
         self.index = index
         faiss.write_index(index, str(self.folder / FAISS_FILE))
@@ -148,8 +149,9 @@ class FaissBackend(Backend):
         """The faiss index lives in memory; ivfpq re-ranking reads few table rows."""
         return super().memory_bytes() + (self.folder / FAISS_FILE).stat().st_size
 
-    def _fetch(self, queries: np.ndarray, kp: int, nprobe: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def _fetch(
+        self, queries: np.ndarray, kp: int, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(self.index, faiss.IndexIVF):
             self.index.nprobe = min(nprobe or self.options["nprobe"], self.index.nlist)
         return self.index.search(queries, min(kp, self.index.ntotal))
@@ -217,8 +219,10 @@ class FaissBackend(Backend):
             self.options["nprobe"] = nprobe
             _, rows = self._fetch(q, OVERFETCH[-1] * k)
             for overfetch in OVERFETCH:  # a smaller fetch is a prefix of a larger one
-                found = [self._rerank(v, r[: overfetch * k], k)
-                         for v, r in zip(queries, rows, strict=True)]
+                found = [
+                    self._rerank(v, r[: overfetch * k], k)
+                    for v, r in zip(queries, rows, strict=True)
+                ]
                 recall = recall_at_k(found, truth, self.table.owner)
                 best = max(best, (recall, nprobe, overfetch))
                 if recall >= target:

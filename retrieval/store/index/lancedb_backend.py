@@ -78,10 +78,14 @@ class LanceBackend(Backend):
             vectors = pa.FixedSizeListArray.from_arrays(values, self.dim)
             counts = np.diff(offsets)[part]
             local = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-            out.append(pa.table({
-                "pos": pa.array(part.astype(np.int64)),
-                "vector": pa.ListArray.from_arrays(pa.array(local), vectors),
-            }))
+            out.append(
+                pa.table(
+                    {
+                        "pos": pa.array(part.astype(np.int64)),
+                        "vector": pa.ListArray.from_arrays(pa.array(local), vectors),
+                    }
+                )
+            )
         return out
 
     def build(self, progress: bool) -> None:

@@ -125,8 +125,10 @@ class MilvusBackend(Backend):
         if client.has_collection(name):
             client.drop_collection(name)
         np_type = self.np_type
-        vector_type = pymilvus.DataType.FLOAT16_VECTOR if np_type == np.float16 else (
-            pymilvus.DataType.FLOAT_VECTOR
+        vector_type = (
+            pymilvus.DataType.FLOAT16_VECTOR
+            if np_type == np.float16
+            else (pymilvus.DataType.FLOAT_VECTOR)
         )
         schema = pymilvus.MilvusClient.create_schema(auto_id=False)
         schema.add_field("row", pymilvus.DataType.INT64, is_primary=True)
@@ -147,12 +149,15 @@ class MilvusBackend(Backend):
         for start in tqdm(starts, desc="milvus insert", unit="chunk", disable=not progress):
             stop = min(start + INSERT_ROWS, table.num_rows)
             vectors = np.asarray(table.vectors[start:stop], dtype=np_type)
-            client.insert(name, [
-                {"row": row, "image": int(image), "vector": vector}
-                for row, image, vector in zip(
-                    range(start, stop), table.owner[start:stop], vectors, strict=True
-                )
-            ])
+            client.insert(
+                name,
+                [
+                    {"row": row, "image": int(image), "vector": vector}
+                    for row, image, vector in zip(
+                        range(start, stop), table.owner[start:stop], vectors, strict=True
+                    )
+                ],
+            )
         client.flush(name)
         client.load_collection(name)
 
@@ -214,8 +219,11 @@ class MilvusBackend(Backend):
         for start in range(0, len(queries), SEARCH_QUERIES):
             batch = queries[start : start + SEARCH_QUERIES].astype(self.np_type)
             result = self.client.search(
-                self.options["collection"], data=list(batch),
-                limit=k, group_by_field="image", output_fields=["image"],
+                self.options["collection"],
+                data=list(batch),
+                limit=k,
+                group_by_field="image",
+                output_fields=["image"],
                 search_params=self._search_params(k),
             )
             out += [np.array([h["entity"]["image"] for h in hits], np.int64) for hits in result]

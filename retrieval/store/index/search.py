@@ -70,7 +70,10 @@ class SearchIndex:
         self.device = device
         self._check_run_unchanged()
         self.backend: Backend = open_backend(
-            self.manifest["backend"], self.folder, self.embed_dim, device,
+            self.manifest["backend"],
+            self.folder,
+            self.embed_dim,
+            device,
             **self.manifest.get("backend_state", {}),
         )
         self._retriever = None
@@ -172,7 +175,6 @@ class SearchIndex:
     def search(self, query: str, top: int = 50, prompts: str | None = None) -> list[Hit]:
         """Top images for one text query, best first."""
         return self.search_vectors(self.embed([query], prompts), top)[0]
-
 
     def close(self) -> None:
         """Releases the backend's client or embedded engine (milvus, lancedb)."""
