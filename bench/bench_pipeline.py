@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from retrieval.config import build_retriever, load_config
+from retrieval.config import load_config
+from retrieval.factory import build_retriever
 from retrieval.data.synthetic import make_synthetic_coco
-from retrieval.engine.evaluate import build_dataset, make_trainer
+from retrieval.engine.embedding import make_trainer
+from retrieval.factory import build_dataset
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.writer import ShardWriter
 from retrieval.representatives import Representatives

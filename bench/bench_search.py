@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.representatives import Representatives
-from retrieval.store.index import Backend, create_backend
-from retrieval.store.index.base import recall_at_k
-from retrieval.store.index.exact import exact_search
+from retrieval.index import Backend, create_backend
+from retrieval.index.base import recall_at_k
+from retrieval.index.exact import exact_search
 
 BATCH_IMAGES = 4096
 

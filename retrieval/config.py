@@ -11,18 +11,19 @@ way as the resolved ``config.yaml`` of a run. On the command line, ``key=value``
 key and ``group=name`` (``retriever=dense_clip_rn50x64``) swaps a group's file.
 
 Every key is checked before any work starts: an unknown key fails naming the closest
-valid one, a wrong type names the expected one. The ``retriever`` section is checked
-against the keyword arguments of the chosen retriever (see ``retrievers.registry``).
+valid one, a wrong type names the expected one. The ``retriever`` and ``data`` sections
+are derived from the typed keyword arguments of the chosen retriever and dataset (see
+``retrieval.registry``), so a plugin's options are config keys like the built-ins'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +31,11 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from retrieval.errors import ConfigError, did_you_mean
+from retrieval.registry import DATASETS, RETRIEVERS, Registry, keyword_parameters
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel
 GROUPS = {"dataset": "data", "retriever": "retriever"}
-
-
-class ConfigError(ValueError):
-    """A user-caused configuration problem; its message names the key and the fix."""
-
-
-@dataclass
-class DataConfig:
-    name: str = "coco"
-    annotations: str | None = None
-    images: str | None = None
-    on_bad_image: str = "error"
-    include_crowd: bool = True
-    max_images: int | None = None
-    query_names: dict[str, str] | None = None
 
 
 @dataclass
@@ -115,7 +104,7 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = None
     retriever: Any = None
     text: TextConfig = field(default_factory=TextConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
@@ -128,7 +117,6 @@ class EvalConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.on_bad_image": ("error", "skip"),
     "text.prompts": ("imagenet80", "single"),
     "store.dtype": ("float16", "float32"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
@@ -146,9 +134,8 @@ def find_config(name: str | Path, group: str | None = None) -> Path:
         if candidate.exists():
             return candidate
     known = sorted(p.stem for p in base.glob("*.yaml")) if base.exists() else []
-    close = difflib.get_close_matches(str(path.stem), known, n=1)
     where = f"group {group!r}" if group else "configs/ or as a file path"
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(str(path.stem), known)
     raise ConfigError(f"config {str(name)!r} not found in {where}.{hint} Known: {', '.join(known)}")
 
 
@@ -244,55 +231,120 @@ def _annotation(hint: Any) -> Any:
     return Any
 
 
-def retriever_schema(name: str) -> DictConfig:
-    """A structured config of the keyword arguments the retriever ``name`` accepts."""
-    from retrieval.retrievers.registry import factory_parameters, get_factory
+def options_schema(
+    registry: Registry, name: str, skip: Collection[str] = (), required_default: Any = MISSING
+) -> DictConfig:
+    """A structured config of the keyword arguments the factory ``name`` accepts.
 
-    try:
-        factory = get_factory(name)
-    except KeyError as err:
-        raise ConfigError(f"retriever.name: {err.args[0]}") from None
-    target = factory.__init__ if inspect.isclass(factory) else factory
+    Args:
+        registry: where ``name`` is registered.
+        skip: arguments supplied by the code, not the config (a dataset's ``transform``).
+        required_default: the value of an argument without a default (``MISSING``: the
+            config must set it; ``None``: checked when the component is built, so a
+            config can leave data paths to the command line).
+    """
+    factory = registry.get(name)
+    target = factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
     hints = typing.get_type_hints(target)
-    fields = [("name", str, field(default=name))]
-    for key, param in factory_parameters(name).items():
+    fields: list[tuple[str, Any, Any]] = [("name", str, field(default=name))]
+    for key, param in keyword_parameters(factory).items():
+        if key in skip:
+            continue
         default = param.default
         if default is inspect.Parameter.empty:
-            default = dataclasses.MISSING
-        elif isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+            default = required_default
+        if default is MISSING:
+            fields.append((key, _annotation(hints.get(key, Any)), MISSING))
+            continue
+        if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
             default = field(default_factory=lambda d=default: d)
         else:
             default = field(default=default)
-        fields.append((key, _annotation(hints.get(key, Any)), default))
+        annotation = _annotation(hints.get(key, Any))
+        fields.append((key, annotation if default is not None else Any, default))
     schema = dataclasses.make_dataclass(f"{name}_options", fields)
     return OmegaConf.structured(schema)
 
 
+def literal_choices(registry: Registry, name: str) -> dict[str, tuple[Any, ...]]:
+    """The options of ``name`` typed ``Literal[...]``, with their allowed values."""
+    factory = registry.get(name)
+    target = factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
+    choices = {}
+    for key, hint in typing.get_type_hints(target).items():
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is typing.Literal:
+            choices[key] = typing.get_args(hint)
+        elif len(rest) == 1 and typing.get_origin(rest[0]) is typing.Literal:
+            choices[key] = (*typing.get_args(rest[0]), None)
+    return choices
+
+
+def protocol_options(name: str) -> dict[str, str]:
+    """The dataset's arguments that are protocol options: argument -> config key.
+
+    A dataset declares them (``PROTOCOL_OPTIONS = {"federated": "protocol.lvis_federated"}``)
+    so that the protocol keeps its own config section and no dataset is special-cased.
+    """
+    return dict(getattr(DATASETS.get(name), "PROTOCOL_OPTIONS", {}))
+
+
+def retriever_schema(name: str) -> DictConfig:
+    """The ``retriever.*`` schema of retriever ``name`` (its typed keyword arguments)."""
+    return options_schema(RETRIEVERS, name)
+
+
+def data_schema(name: str) -> DictConfig:
+    """The ``data.*`` schema of dataset ``name``: its typed keyword arguments, less the
+    transform (the retriever's) and its protocol options (``protocol.*`` keys)."""
+    return options_schema(
+        DATASETS, name, skip={"transform", *protocol_options(name)}, required_default=None
+    )
+
+
 def _check_choices(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
+    allowed_values = dict(CHOICES)
+    for section, registry in (("retriever", RETRIEVERS), ("data", DATASETS)):
+        for key, allowed in literal_choices(registry, str(cfg[section].name)).items():
+            allowed_values[f"{section}.{key}"] = allowed
+    for key, allowed in allowed_values.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            names = ", ".join(str(a) for a in allowed)
+            raise ConfigError(f"{key}={value!r} is not one of {names}")
+
+
+def _section(raw: DictConfig, section: str, default_name: str | None) -> str:
+    node = raw.get(section)
+    if isinstance(node, DictConfig) and "name" in node:
+        return str(node.name)
+    if default_name is None:
+        raise ConfigError(f"{section}.name is missing: pick one from `retrieval list`")
+    return default_name
 
 
 def _validated(raw: DictConfig) -> DictConfig:
-    problems = _unknown_keys(raw, OmegaConf.structured(EvalConfig))
-    retriever = raw.get("retriever")
-    if not isinstance(retriever, DictConfig) or "name" not in retriever:
-        raise ConfigError("retriever.name is missing: pick one from `retrieval list`")
-    rschema = retriever_schema(str(retriever.name))
-    problems = [p for p in problems if not p[0].startswith("retriever.")]
-    problems += _unknown_keys(retriever, rschema, "retriever.")
+    schemas = {
+        "retriever": retriever_schema(_section(raw, "retriever", None)),
+        "data": data_schema(_section(raw, "data", "coco")),
+    }
+    problems = [
+        p
+        for p in _unknown_keys(raw, OmegaConf.structured(EvalConfig))
+        if p[0].split(".")[0] not in schemas
+    ]
+    for section, section_schema in schemas.items():
+        problems += _unknown_keys(raw.get(section), section_schema, f"{section}.")
     if problems:
         key, valid = problems[0]
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(sorted(valid))}"
+            f"unknown config key {key!r}.{did_you_mean(key, valid, cutoff=0.5)} "
+            f"Valid keys here: {', '.join(sorted(valid))}"
         )
     try:
         schema = OmegaConf.structured(EvalConfig)
-        schema.retriever = rschema
+        for section, section_schema in schemas.items():
+            schema[section] = section_schema
         cfg = OmegaConf.merge(schema, raw)
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
@@ -340,13 +392,3 @@ def as_dict(node: Any) -> Any:
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True)
     return node
-
-
-def build_retriever(cfg: DictConfig) -> Any:
-    """The configured retriever; typed option groups arrive as their dataclasses.
-
-    Lightning-free, so the engine and the search side build retrievers the same way.
-    """
-    from retrieval.retrievers.registry import create_retriever
-
-    return create_retriever(cfg.retriever.name, **retriever_options(cfg))

@@ -21,6 +21,7 @@ from retrieval.aggregate import (
     prune_labels,
 )
 from retrieval.aggregate.agglomerative import LINKAGES
+from retrieval.errors import ConfigError
 from retrieval.representatives import Representatives
 from retrieval.retrievers.base import argmax_representative, max_cosine
 
@@ -434,9 +435,9 @@ def test_grid_cell_boxes_and_half_precision() -> None:
 def test_create_aggregator_errors_name_the_fix() -> None:
     """Bad names and options from a config end in a message that names what is accepted."""
     assert list_aggregators() == ["agglomerative", "kmeans", "none", "prune"]
-    with pytest.raises(KeyError, match="Did you mean 'kmeans'"):
+    with pytest.raises(ConfigError, match="Did you mean 'kmeans'"):
         create_aggregator("kmean")
-    with pytest.raises(TypeError, match="Options: k, iterations, seed"):
+    with pytest.raises(ConfigError, match="Options: k, iterations, seed"):
         create_aggregator("kmeans", clusters=3)
     with pytest.raises(ValueError, match="exactly one of n_clusters"):
         create_aggregator("agglomerative")

@@ -21,12 +21,13 @@ from safetensors import safe_open
 from torch import Tensor
 
 from retrieval import create_retriever
-from retrieval.config import ConfigError, as_dict, build_retriever, load_config
-from retrieval.engine.evaluate import evaluate
+from retrieval.config import ConfigError, as_dict, load_config
+from retrieval.engine import evaluate
+from retrieval.factory import build_retriever
+from retrieval.registry import RETRIEVERS
 from retrieval.report.compare import load_paper_table, load_run, paper_method
 from retrieval.retrievers.base import Retriever
 from retrieval.retrievers.cluster_clip import AggregateOptions, ClusterClipRetriever, calibrate
-from retrieval.retrievers.registry import factory_parameters
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.filterwarnings("ignore:retriever.pretrained=null")
@@ -165,7 +166,7 @@ def test_paper_row_configs_validate_and_map_to_their_row(row):
     cfg = load_config(f"{row}_coco")
     options = as_dict(cfg.retriever)
     assert options.pop("name") == "cluster_clip"
-    assert set(options) <= set(factory_parameters("cluster_clip"))
+    assert set(options) <= set(RETRIEVERS.parameters("cluster_clip"))
     assert (options["backbone"], options["resolution"]) == ("RN50x64", 448)
     assert options["with_global"] == row.startswith("clip_")
     short = row.split("_")[-2]

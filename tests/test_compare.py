@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -17,9 +16,10 @@ import yaml
 from PIL import Image
 from reference import reference_ap
 
+from retrieval.cli import build_parser
 from retrieval.config import CONFIG_DIR, load_config
-from retrieval.data.registry import create_dataset
-from retrieval.engine.evaluate import evaluate
+from retrieval.engine import evaluate
+from retrieval.factory import create_dataset
 from retrieval.report.compare import (
     PAPER_TABLE,
     Run,
@@ -28,7 +28,6 @@ from retrieval.report.compare import (
     load_paper_table,
     paper_method,
     reference_for,
-    register_cli,
     write_comparison,
 )
 from retrieval.report.plots import CostPoint, pareto_front, plot_run
@@ -368,8 +367,7 @@ def test_offline_wandb_run_holds_summary_table_and_plots(
 def test_cli_writes_tables_and_plots(two_runs, tmp_path: Path) -> None:
     """`retrieval compare A B --out DIR` exits 0 and writes compare.md/.csv, the deltas
     and the plots; a folder that is no run folder fails with a message naming it."""
-    parser = argparse.ArgumentParser(prog="retrieval")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["compare", *map(str, two_runs), "--out", str(tmp_path / "o")])
     assert args.func(args) == 0
     for name in ("compare.md", "compare.csv", "category_deltas.csv", "cost_accuracy.png"):

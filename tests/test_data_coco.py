@@ -24,6 +24,7 @@ from retrieval.data import (
 )
 from retrieval.data.base import pil_to_uint8_tensor
 from retrieval.data.synthetic import make_synthetic_coco
+from retrieval.errors import ConfigError
 
 
 def resize16(image: Image.Image) -> torch.Tensor:
@@ -388,7 +389,7 @@ def test_registry(handmade) -> None:
     annotations, images = handmade
     dataset = create_dataset("coco", annotations=annotations, images=images, max_images=1)
     assert isinstance(dataset, CocoDataset) and len(dataset) == 1
-    with pytest.raises(KeyError, match="Did you mean 'coco'"):
+    with pytest.raises(ConfigError, match="Did you mean 'coco'"):
         create_dataset("cocoo")
-    with pytest.raises(TypeError, match="Did you mean 'max_images'"):
+    with pytest.raises(ConfigError, match="Did you mean 'max_images'"):
         create_dataset("coco", annotations=annotations, images=images, max_image=3)

@@ -16,6 +16,7 @@ from retrieval.data.nuimages import (
     NuImagesDataset,
     default_query_names,
 )
+from retrieval.errors import ConfigError
 
 OBJECT_CLASSES = (
     "animal",
@@ -370,7 +371,8 @@ def test_missing_images(handmade) -> None:
 
 
 def test_registry(handmade) -> None:
-    """Invariant: 'nuimages' is registered and takes every data.* key the engine passes."""
+    """Invariant: 'nuimages' is registered, takes its own data.* keys and no dummy ones
+    (include_crowd means nothing without crowd annotations, so it is not a nuimages key)."""
     assert "nuimages" in list_datasets()
     annotations, images, _ = handmade
     dataset = create_dataset(
@@ -378,8 +380,9 @@ def test_registry(handmade) -> None:
         annotations=annotations,
         images=images,
         on_bad_image="skip",
-        include_crowd=True,
         max_images=None,
         query_names=None,
     )
     assert isinstance(dataset, NuImagesDataset) and len(dataset) == 4
+    with pytest.raises(ConfigError, match="no option 'include_crowd'"):
+        create_dataset("nuimages", annotations=annotations, images=images, include_crowd=True)

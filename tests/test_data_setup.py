@@ -21,9 +21,9 @@ from test_data_lvis import HANDMADE as LVIS_HANDMADE
 from test_data_lvis import write_lvis
 from test_data_nuimages import handmade_tables
 
+from retrieval.cli import build_parser, main
 from retrieval.config import CONFIG_DIR
 from retrieval.data import download as dl
-from retrieval.data.cli import register_cli
 from retrieval.data.synthetic import make_synthetic_coco
 
 # --- a local HTTP server: the only network these tests use ---------------------------
@@ -322,9 +322,7 @@ def test_fetch_files_reports_failures(tmp_path: Path, server: Server) -> None:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="retrieval")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_cli_check(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -343,8 +341,7 @@ def test_cli_download_offline(tmp_path: Path, capsys, monkeypatch) -> None:
     traceback; unknown dataset names are refused by argparse."""
     archive = dl.Archive("http://images.example.invalid/a.zip", "md5:0", "a", "coco")
     monkeypatch.setitem(dl.ARCHIVES, "coco", (archive,))
-    args = parse(["data", "download", "coco", "--root", str(tmp_path), "--no-progress"])
-    assert args.func(args) == 2
+    assert main(["data", "download", "coco", "--root", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot download coco") and "Traceback" not in err
     with pytest.raises(SystemExit):

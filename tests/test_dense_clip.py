@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from retrieval import create_retriever
 from retrieval.config import load_config
+from retrieval.registry import RETRIEVERS
 from retrieval.retrievers.dense_clip import DenseClipRetriever, default_resolution
 from retrieval.retrievers.dense_features import (
     interpolate_positions,
@@ -33,7 +34,6 @@ from retrieval.retrievers.dense_features import (
     resnet_feature_map,
     vit_dense_features,
 )
-from retrieval.retrievers.registry import factory_parameters
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.filterwarnings("ignore:retriever.pretrained=null")
@@ -278,7 +278,7 @@ def test_create_retriever_round_trip_with_every_keyword(tmp_path):
         with_global=True,
         global_pass="native",
     )
-    assert set(kwargs) == set(factory_parameters("dense_clip"))
+    assert set(kwargs) == set(RETRIEVERS.parameters("dense_clip"))
     retriever = create_retriever("dense_clip", **kwargs)
     assert isinstance(retriever, DenseClipRetriever)
     described = retriever.describe()
@@ -313,7 +313,7 @@ def test_paper_row_configs_build_the_retriever_options(row):
     cfg = load_config(f"{row}_coco")
     options = {k: v for k, v in cfg.retriever.items() if k != "name"}
     assert cfg.retriever.name == "dense_clip"
-    assert set(options) <= set(factory_parameters("dense_clip"))
+    assert set(options) <= set(RETRIEVERS.parameters("dense_clip"))
     assert options["resolution"] == (448 if row.endswith("x64") else 512)
     assert options["with_global"] == row.startswith("clip_")
     assert cfg.run.output_dir == f"runs/{row}_coco"

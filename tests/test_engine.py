@@ -15,7 +15,7 @@ from sklearn.metrics import average_precision_score
 from retrieval.cli import main
 from retrieval.config import ConfigError, load_config
 from retrieval.data.synthetic import make_synthetic_coco
-from retrieval.engine.evaluate import evaluate
+from retrieval.engine import evaluate
 from retrieval.retrievers.clip import ClipRetriever
 
 

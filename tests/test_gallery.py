@@ -13,16 +13,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from retrieval.aggregate import grid_cell_boxes, representatives_from_labels
+from retrieval.index import Hit, build_index, open_index
 from retrieval.report.gallery import GalleryItem, cell_maps, explain, panels, write_gallery
 from retrieval.representatives import Representatives
-from retrieval.store.index import Hit, build_index, open_index
 
 
 @pytest.fixture(scope="module")
 def dense_run(synthetic_coco, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Dense-CLIP run (tiny random-weight backbone, 4 x 4 cells) made by `evaluate`."""
     from retrieval.config import load_config
-    from retrieval.engine.evaluate import evaluate
+    from retrieval.engine import evaluate
 
     ann, images = synthetic_coco
     out = tmp_path_factory.mktemp("dense_run")
@@ -147,12 +147,10 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
     and writes the hits as JSON (the API's answer, with each image's file);
     an approximate index searched for more than the K its recall was measured at says
     so; a recall target given as a percentage is refused."""
-    import argparse
 
-    from retrieval.store.index.cli import register_cli
+    from retrieval.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="retrieval")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
 
     def run(*argv: str) -> str:
         args = parser.parse_args(list(argv))

@@ -204,7 +204,7 @@ def test_local_folder_and_hub_cache_load_identically(
 def test_end_to_end_run_writes_metrics(synthetic_coco, tmp_path: Path) -> None:
     """`evaluate` on generated COCO-format data with the tiny OWL-ViT writes metrics.json,
     scores.npz and shards holding the per-box extras, one representative per box."""
-    from retrieval.engine.evaluate import evaluate
+    from retrieval.engine import evaluate
 
     ann, image_dir = synthetic_coco
     config = tmp_path / "owlvit_tiny.yaml"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from retrieval import registry
 from retrieval.config import ConfigError, load_config
-from retrieval.retrievers import registry
 
 PLUGIN = '''
 import torch

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from retrieval.config import ConfigError, load_config
-from retrieval.engine.evaluate import evaluate
+from retrieval.engine import evaluate
 from retrieval.retrievers.dense_clip import DenseClipRetriever
 
 DENSE = """
@@ -73,7 +73,7 @@ def test_reaggregation_equals_embedding_from_pixels(synthetic_coco, tmp_path, mo
 def test_incompatible_dense_source_is_refused(synthetic_coco, tmp_path):
     """A dense run with other feature settings, or a non-dense run, is refused by name."""
     evaluate(_cfg(tmp_path, DENSE, synthetic_coco, "dense"))
-    with pytest.raises(ConfigError, match="resolution: stored 128, wanted 64"):
+    with pytest.raises(ConfigError, match="resolution: stored 128, now 64"):
         evaluate(
             _cfg(
                 tmp_path,

@@ -15,15 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval.representatives import Representatives
-from retrieval.retrievers.base import argmax_representative, max_cosine
-from retrieval.store import ShardStore, score_store
-from retrieval.store.index import (
+from retrieval.index import (
     IndexFileError,
     build_index,
     create_backend,
     open_index,
 )
+from retrieval.representatives import Representatives
+from retrieval.retrievers.base import argmax_representative, max_cosine
+from retrieval.store import ShardStore, score_store
 
 DIM = 32
 BACKENDS = ("exact", "faiss-flat", "faiss-ivfpq", "lancedb", "milvus")  # milvus: milvus-lite
@@ -372,7 +372,7 @@ def test_milvus_lite_round_trips_through_fresh_processes(run: Path, tmp_path: Pa
     assert manifest["approximate"] is False and manifest["recall"]["value"] == 1.0
     script = (
         "import json, sys, torch\n"
-        "from retrieval.store.index import open_index\n"
+        "from retrieval.index import open_index\n"
         "q = torch.load(sys.argv[2])\n"
         "with open_index(sys.argv[1], 'cpu') as index:\n"
         "    hits = index.search_vectors(q, 20)\n"

@@ -118,7 +118,7 @@ def run_benchmark(
         run name -> its metrics (``metrics.json``'s content) plus the ``held_out.*`` means.
     """
     from retrieval.config import load_config
-    from retrieval.engine.evaluate import evaluate
+    from retrieval.engine import evaluate
 
     annotations, images = ensure_dataset(Path(data_dir), scenes_options("eval", num_images, seed))
     results = {}

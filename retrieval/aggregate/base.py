@@ -10,14 +10,13 @@ mean of its members, boxed by the bounding box of their cells.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retrieval.registry import Registry
+from retrieval.factory import register_aggregator
 from retrieval.representatives import Representatives
 
 A = TypeVar("A", bound="type[Aggregator]")
@@ -140,32 +139,6 @@ def check_inputs(
     elif cell_boxes.shape != (n, 4):
         raise ValueError(f"cell_boxes must be [N, 4] = {(n, 4)}, got {tuple(cell_boxes.shape)}")
     return mask.to(device=embeddings.device, dtype=torch.bool), cell_boxes
-
-
-AGGREGATORS = Registry(
-    "aggregator",
-    "retriever.aggregate.method",
-    builtin=tuple(f"retrieval.aggregate.{m}" for m in ("kmeans", "agglomerative", "prune")),
-)
-
-
-def register_aggregator(name: str) -> Callable[[A], A]:
-    """Class decorator registering an aggregator under ``name`` for :func:`create_aggregator`."""
-    return AGGREGATORS.register(name)
-
-
-def list_aggregators() -> list[str]:
-    """Names accepted by :func:`create_aggregator`."""
-    return AGGREGATORS.names()
-
-
-def create_aggregator(name: str, **options: Any) -> Aggregator:
-    """Builds a registered aggregator, e.g. ``create_aggregator("kmeans", k=10)``.
-
-    Unknown names and options end in one message naming what is accepted, since both
-    come from user configs.
-    """
-    return AGGREGATORS.create(name, **options)
 
 
 @register_aggregator("none")

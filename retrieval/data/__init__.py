@@ -8,7 +8,7 @@ from retrieval.data.coco import CocoDataset
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import BadImageError, load_image
 from retrieval.data.names import clean_category_name, query_name
-from retrieval.data.registry import create_dataset, list_datasets, register_dataset
+from retrieval.factory import create_dataset, list_datasets, register_dataset
 
 __all__ = [
     "BadImageError",

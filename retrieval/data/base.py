@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ class RetrievalDataset(Dataset):
 
     image_ids: np.ndarray
     failures_at_start: list[dict[str, Any]]
+    #: constructor arguments that are protocol options, with their config keys; the
+    #: factory passes those keys' values (no dataset needs a special case there)
+    PROTOCOL_OPTIONS: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,

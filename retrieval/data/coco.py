@@ -20,7 +20,7 @@ from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import BAD_IMAGE_FIX
 from retrieval.data.names import query_name
-from retrieval.data.registry import register_dataset
+from retrieval.factory import register_dataset
 
 _MISSING_LISTED = 5
 _REQUIRED_FIELDS = {

@@ -40,13 +40,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from retrieval.errors import RetrievalError
+
 DATASETS = ("coco", "lvis", "nuimages")
 DEFAULT_ROOT = Path("data")
 PROBE_TIMEOUT_S = 3.0
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(RetrievalError, RuntimeError):
     """A download that cannot go on (no network, a file that keeps failing); the message
     says what to do."""
 
@@ -447,7 +449,7 @@ class CheckReport:
 
 def _open_dataset(name: str, annotations: Path, images: Path) -> Any:
     """The dataset as an evaluation would build it, missing files listed, not raised."""
-    from retrieval.data.registry import create_dataset
+    from retrieval.factory import create_dataset
 
     return create_dataset(name, annotations=annotations, images=images, on_bad_image="skip")
 

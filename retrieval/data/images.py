@@ -9,13 +9,15 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from retrieval.errors import DataError
+
 BAD_IMAGE_FIX = (
     "fix or remove the file, or set data.on_bad_image=skip to leave it out "
     "and list it in the run folder"
 )
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An image file that cannot be read: missing, not an image, truncated or corrupt.
 
     Attributes:

@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from retrieval.data.coco import CocoDataset
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import find_missing_images, missing_images_error
 from retrieval.data.names import clean_category_name
-from retrieval.data.registry import register_dataset
+from retrieval.factory import register_dataset
 
 FREQUENCY_SPLITS = {"r": "rare", "c": "common", "f": "frequent"}
 """LVIS ``frequency`` letter -> :attr:`Category.split` (the metric averages each split)."""
@@ -177,7 +177,7 @@ class LvisDataset(CocoDataset):
         images: see above (config ``data.images``).
         transform: PIL image -> tensor, normally the retriever's ``image_transform``.
         on_bad_image: ``error`` or ``skip`` (config ``data.on_bad_image``).
-        federated: PROTOCOL.md's LVIS reading (config ``protocol.lvis_federated``):
+        federated: docs/protocol.md's LVIS reading (config ``protocol.lvis_federated``):
             True leaves an image out of category c's ranking unless c is annotated in it
             or listed in its ``neg_category_ids``; False makes every image without an
             annotation of c a negative.
@@ -189,6 +189,7 @@ class LvisDataset(CocoDataset):
     """
 
     dataset_name = "lvis"
+    PROTOCOL_OPTIONS: ClassVar[dict[str, str]] = {"federated": "protocol.lvis_federated"}
 
     def __init__(
         self,

@@ -32,7 +32,7 @@ from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import find_missing_images, missing_images_error
 from retrieval.data.names import query_name
-from retrieval.data.registry import register_dataset
+from retrieval.factory import register_dataset
 
 SURFACE_CATEGORIES = ("flat.driveable_surface", "vehicle.ego")
 """nuImages classes annotated only as surface masks (``surface_ann.json``). They are
@@ -104,8 +104,6 @@ class NuImagesDataset(RetrievalDataset):
             is relative to (config ``data.images``), e.g. ``data/nuimages``.
         transform: PIL image -> tensor, normally the retriever's ``image_transform``.
         on_bad_image: ``error`` or ``skip`` (config ``data.on_bad_image``).
-        include_crowd: accepted so every dataset takes the same ``data.*`` keys;
-            nuImages has no crowd annotations, so it changes nothing.
         max_images: keep only the first N image ids, for quick runs.
         query_names: class name -> query text, overriding single entries of the
             shipped ``nuimages_names.yaml`` (config ``data.query_names``); names in
@@ -120,7 +118,6 @@ class NuImagesDataset(RetrievalDataset):
         images: str | Path,
         transform: Transform | None = None,
         on_bad_image: OnBadImage = "error",
-        include_crowd: bool = True,
         max_images: int | None = None,
         query_names: Mapping[str, str] | None = None,
     ) -> None:

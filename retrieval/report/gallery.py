@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from retrieval.aggregate import grid_cell_boxes
+from retrieval.index import Hit, SearchIndex
 from retrieval.representatives import Representatives
-from retrieval.store.index import Hit, SearchIndex
 from retrieval.store.shards import ShardReader, ShardStore
 
 PANEL = 240  # side of one picture panel, pixels
@@ -104,7 +104,7 @@ def _locate(store: ShardStore, image_ids: list[int]) -> dict[int, Representative
 def image_paths(index: SearchIndex, image_ids: list[int]) -> dict[int, Path | None]:
     """Image files of the run's dataset (None each where the dataset cannot be opened)."""
     try:
-        from retrieval.engine.evaluate import build_dataset
+        from retrieval.factory import build_dataset
 
         cfg = index.config.copy()
         cfg.data.on_bad_image = "skip"  # a missing file shows as a placeholder tile

@@ -116,7 +116,7 @@ def _recompute(run_dir: Path, top_k: int) -> dict[str, Any]:
     as the engine built it (same data and protocol options)."""
     from omegaconf import OmegaConf
 
-    from retrieval.engine.evaluate import build_dataset
+    from retrieval.factory import build_dataset
 
     cfg = OmegaConf.create(yaml.safe_load((run_dir / "config.yaml").read_text()))
     cfg.data.on_bad_image = "skip"  # only the annotations matter here

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.base import Retriever
 from retrieval.retrievers.openclip_loader import file_sha256, load_open_clip
-from retrieval.retrievers.registry import register_retriever
 
 FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
 

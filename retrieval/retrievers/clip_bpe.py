@@ -22,6 +22,8 @@ import torch
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from torch import Tensor
 
+from retrieval.errors import RetrievalError
+
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
@@ -34,7 +36,7 @@ Vocab = dict[str, int]
 Merges = list[tuple[str, str]]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(RetrievalError, ValueError):
     """The tokenizer files are unusable; the message names them and the fix."""
 
 

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.aggregate import Aggregator, create_aggregator
+from retrieval.errors import ConfigError, differences
+from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.clip import FULL_IMAGE_BOX
 from retrieval.retrievers.dense_clip import DenseClipRetriever, DenseOutput
 from retrieval.retrievers.dense_features import Grid
-from retrieval.retrievers.registry import register_retriever
 
 # The keys each method reads; any other key must stay null (see AggregateOptions).
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
@@ -233,16 +234,14 @@ class ClusterClipRetriever(DenseClipRetriever):
         """Refuses stored Dense-CLIP embeddings made with other feature settings.
 
         Raises:
-            ValueError: naming each setting that differs (a missing global included).
+            ConfigError: naming each setting that differs (a missing global included).
         """
         keys = DENSE_FEATURE_KEYS + (GLOBAL_KEYS if self.with_global else ())
-        diff = [
-            f"{k}: stored {dense_config.get(k)!r}, wanted {self.config.get(k)!r}"
-            for k in keys
-            if dense_config.get(k) != self.config.get(k)
-        ]
+        diff = differences(
+            {k: dense_config.get(k) for k in keys}, {k: self.config.get(k) for k in keys}
+        )
         if diff:
-            raise ValueError(
+            raise ConfigError(
                 "the stored Dense-CLIP embeddings were made with other settings: " + "; ".join(diff)
             )
 

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from retrieval.aggregate import grid_cell_boxes
+from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.clip import FULL_IMAGE_BOX, OpenClipRetriever
 from retrieval.retrievers.dense_features import (
@@ -26,7 +27,6 @@ from retrieval.retrievers.dense_features import (
     dense_features,
     is_resnet,
 )
-from retrieval.retrievers.registry import register_retriever
 
 # The paper's inputs: 512 gives RN50 / RN50x4 a 16 x 16 grid, 448 gives RN50x64 14 x 14.
 DEFAULT_RESOLUTION = {"RN50": 512, "RN50x4": 512, "RN50x64": 448}

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import open_clip
 from torch import nn
 
+from retrieval.errors import WeightsNotFoundError
+
 MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)  # RN-tiny, ViT-tiny: seconds-fast pipeline checks
 
@@ -32,10 +34,6 @@ RANDOM_WEIGHTS_WARNING = (
     "retriever.pretrained=null: {model} has RANDOM weights. Every metric of this run is "
     "meaningless; use it to check the pipeline only."
 )
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Pretrained weights are neither cached nor downloadable; the message says how to fix."""
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.base import NEG_INF, Retriever
 from retrieval.retrievers.clip_bpe import load_tokenizer, tokenize
@@ -39,7 +40,6 @@ from retrieval.retrievers.openclip_loader import (
     cached_hub_file,
     hub_reachable,
 )
-from retrieval.retrievers.registry import register_retriever
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -9,25 +9,20 @@ would return confident nonsense, so it is refused.
 from __future__ import annotations
 
 import json
-import random
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from retrieval.store.index.base import Backend, Hit, open_backend
-from retrieval.store.index.build import FORMAT
-from retrieval.store.index.table import MANIFEST, IndexFileError, corrupt
+from retrieval.errors import IndexFileError, differences
+from retrieval.factory import open_backend
+from retrieval.index.base import Backend, Hit
+from retrieval.index.build import FORMAT
+from retrieval.index.table import MANIFEST, corrupt
 from retrieval.store.shards import ShardStore
-
-
-def _plain(value: Any) -> Any:
-    """JSON round trip, so tuples and lists (and numbers as strings) compare equal."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -105,11 +100,12 @@ class SearchIndex:
         """Refuses an index whose run was re-embedded with other settings since."""
         store = ShardStore(self.run_dir / "embeddings")
         now = store.read_manifest().get("fingerprint")
-        if now is not None and _plain(now) != _plain(self.manifest["fingerprint"]):
+        diff = differences(self.manifest["fingerprint"], now) if now is not None else []
+        if diff:
             raise IndexFileError(
                 f"{self.run_dir} was re-embedded with other settings after index "
-                f"{self.folder} was built; rebuild it: `retrieval index build {self.run_dir} "
-                f"--backend {self.manifest['backend']} --out {self.folder}`"
+                f"{self.folder} was built ({'; '.join(diff)}); rebuild it: `retrieval index "
+                f"build {self.run_dir} --backend {self.manifest['backend']} --out {self.folder}`"
             )
 
     @property
@@ -131,14 +127,10 @@ class SearchIndex:
         """The run's retriever, built and seeded as the run built it, checked against the
         fingerprint the index was made from."""
         if self._retriever is None:
-            from retrieval.config import build_retriever
+            from retrieval.factory import build_retriever
             from retrieval.store.scoring import resolve_device
 
             cfg = self.config
-            seed = int(cfg.run.seed)
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 retriever = build_retriever(cfg)
@@ -150,7 +142,7 @@ class SearchIndex:
         """Raises unless ``retriever`` made this index's embeddings (same fingerprint)."""
         built = {"name": name, **retriever.describe()}
         stored = self.manifest["retriever"]
-        if _plain(built) != _plain(stored) or retriever.embed_dim != self.embed_dim:
+        if differences(stored, built) or retriever.embed_dim != self.embed_dim:
             raise IndexFileError(
                 f"index {self.folder} holds embeddings of retriever {stored} "
                 f"(D={self.embed_dim}); the query encoder is {built} "

@@ -18,15 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrieval.errors import IndexFileError
 from retrieval.representatives import Representatives
 
 VECTORS = "vectors.f16"
 META = "table.npz"
 MANIFEST = "index.json"
-
-
-class IndexFileError(ValueError):
-    """An index that cannot be used as it is (corrupt, empty, mismatched); says the fix."""
 
 
 def corrupt(path: Path, why: str) -> IndexFileError:

@@ -1,24 +1,15 @@
-"""``retrieval data download|check NAME [--root DIR]``: dataset set-up from the shell.
-
-The lead CLI (``retrieval/cli.py``) calls :func:`register_cli` with its subparsers;
-each subcommand's ``func`` returns the exit status.
-"""
+"""``retrieval data download|check NAME [--root DIR]``: dataset set-up from the shell."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from retrieval.data.download import DATASETS, DEFAULT_ROOT, DownloadError, check, download
+from retrieval.data.download import DATASETS, DEFAULT_ROOT, check, download
 
 
 def _download(args: argparse.Namespace) -> int:
-    try:
-        download(args.name, args.root, progress=not args.no_progress)
-    except DownloadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    download(args.name, args.root, progress=not args.no_progress)
     return 0
 
 
@@ -26,12 +17,8 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if check(args.name, args.root).ok else 1
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds ``data download NAME`` and ``data check NAME`` (both with ``--root DIR``).
-
-    Returns:
-        The ``data`` parser.
-    """
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``data download NAME`` and ``data check NAME`` (both with ``--root DIR``)."""
     data = subparsers.add_parser("data", help="download and check the benchmark datasets")
     commands = data.add_subparsers(dest="data_command", required=True)
     root_help = f"data root holding coco/, lvis/, nuimages/ (default: {DEFAULT_ROOT})"
@@ -51,4 +38,3 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     verify.add_argument("name", choices=DATASETS)
     verify.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=root_help)
     verify.set_defaults(func=_check)
-    return data

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import retrieval
-from retrieval.store.index.base import Backend, create_backend, recall_at_k
-from retrieval.store.index.exact import ExactBackend, exact_search
-from retrieval.store.index.table import MANIFEST, IndexFileError, RepTable
+from retrieval.errors import IndexFileError
+from retrieval.factory import create_backend
+from retrieval.index.base import Backend, recall_at_k
+from retrieval.index.exact import ExactBackend, exact_search
+from retrieval.index.table import MANIFEST, RepTable
 from retrieval.store.shards import ShardReader, ShardStore
 
 FORMAT = 1

@@ -8,17 +8,12 @@ share one interface (:class:`Backend`); approximate ones record their recall aga
 exact search.
 """
 
-from retrieval.store.index.base import (
-    Backend,
-    Hit,
-    create_backend,
-    list_backends,
-    open_backend,
-    register_backend,
-)
-from retrieval.store.index.build import build_index
-from retrieval.store.index.search import SearchIndex, open_index, search
-from retrieval.store.index.table import IndexFileError, RepTable
+from retrieval.errors import IndexFileError
+from retrieval.factory import create_backend, list_backends, open_backend, register_backend
+from retrieval.index.base import Backend, Hit
+from retrieval.index.build import build_index
+from retrieval.index.search import SearchIndex, open_index, search
+from retrieval.index.table import RepTable
 
 __all__ = [
     "Backend",

@@ -9,9 +9,7 @@ index, box). Backends register under a name with :func:`register_backend`.
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -19,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from retrieval.errors import IndexFileError
+from retrieval.index.table import RepTable, TableWriter
 from retrieval.representatives import Representatives
-from retrieval.store.index.table import IndexFileError, RepTable, TableWriter
 
 RowHits = tuple[np.ndarray, np.ndarray]  # (table rows, scores), best first
 
@@ -179,52 +178,3 @@ def image_recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
 def recall_at_k(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> float:
     """:func:`image_recall` of backend answers (rows, mapped to images by ``owner``)."""
     return image_recall([owner[rows] for rows, _ in found], truth)
-
-
-_BACKENDS: dict[str, tuple[type[Backend], dict[str, Any]]] = {}
-
-
-def register_backend(name: str, **defaults: Any) -> Callable[[type[Backend]], type[Backend]]:
-    """Class decorator: makes a backend available as ``--backend name`` (with defaults)."""
-
-    def wrap(cls: type[Backend]) -> type[Backend]:
-        _BACKENDS[name] = (cls, defaults)
-        return cls
-
-    return wrap
-
-
-def list_backends() -> list[str]:
-    import retrieval.store.index.backends  # noqa: F401 - registers the built-in backends
-
-    return sorted(_BACKENDS)
-
-
-def backend_spec(name: str) -> tuple[type[Backend], dict[str, Any]]:
-    """The class and default options registered under ``name`` (clear error if unknown)."""
-    known = list_backends()
-    if name not in _BACKENDS:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown index backend {name!r}.{hint} Known: {', '.join(known)}")
-    return _BACKENDS[name]
-
-
-def create_backend(
-    name: str, folder: str | Path, dim: int, device: str = "auto", **options: Any
-) -> Backend:
-    """A new, empty backend ``name`` writing into ``folder``."""
-    cls, defaults = backend_spec(name)
-    backend = cls(folder, dim, device, **{**defaults, **options})
-    backend.name = name
-    return backend
-
-
-def open_backend(
-    name: str, folder: str | Path, dim: int, device: str = "auto", **state: Any
-) -> Backend:
-    """A finished backend ``name`` read back from ``folder`` with its stored ``state``."""
-    cls, defaults = backend_spec(name)
-    backend = cls.open(folder, dim, device, **{**defaults, **state})
-    backend.name = name
-    return backend

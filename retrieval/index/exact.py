@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from retrieval.store.index.base import Backend, RowHits, register_backend
-from retrieval.store.index.table import RepTable
+from retrieval.factory import register_backend
+from retrieval.index.base import Backend, RowHits
+from retrieval.index.table import RepTable
 from retrieval.store.scoring import resolve_device
 
 CHUNK_BYTES = 64 << 20  # fp32 rows converted and multiplied at once

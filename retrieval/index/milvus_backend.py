@@ -26,9 +26,11 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.store.index.base import Backend, RowHits, image_recall, register_backend
-from retrieval.store.index.exact import rerank
-from retrieval.store.index.table import IndexFileError, corrupt
+from retrieval.errors import IndexFileError
+from retrieval.factory import register_backend
+from retrieval.index.base import Backend, RowHits, image_recall
+from retrieval.index.exact import rerank
+from retrieval.index.table import corrupt
 
 LITE_DIR = "milvus.db"
 LITE_COLLECTION = "representatives"

@@ -25,15 +25,16 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.store.index.base import (
+from retrieval.errors import IndexFileError
+from retrieval.factory import register_backend
+from retrieval.index.base import (
     Backend,
     RowHits,
     first_per_image,
     recall_at_k,
-    register_backend,
 )
-from retrieval.store.index.exact import rerank
-from retrieval.store.index.table import IndexFileError, corrupt
+from retrieval.index.exact import rerank
+from retrieval.index.table import corrupt
 
 FAISS_FILE = "faiss.index"
 FLAT_MAX_ROWS = 2_000_000

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from retrieval.store.index.base import Backend, RowHits, recall_at_k, register_backend
-from retrieval.store.index.exact import rerank
-from retrieval.store.index.table import IndexFileError, corrupt
+from retrieval.errors import IndexFileError
+from retrieval.factory import register_backend
+from retrieval.index.base import Backend, RowHits, recall_at_k
+from retrieval.index.exact import rerank
+from retrieval.index.table import corrupt
 
 LANCE_DIR = "lance"
 TABLE = "images"

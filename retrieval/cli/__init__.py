@@ -1,0 +1,45 @@
+"""``retrieval``: the command line. One module per command; no library code lives here.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and sets
+``func`` to a function returning the exit status. A :class:`RetrievalError` (bad
+config, data, weights or index files) prints one ``error:`` line and exits with 2;
+anything else is a bug and keeps its traceback (``RETRIEVAL_DEBUG=1`` shows the
+traceback of user errors too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from retrieval.cli import compare, data, evaluate, index, listing, search
+from retrieval.errors import RetrievalError
+
+COMMANDS = (evaluate, listing, data, index, search, compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``retrieval`` parser with every command's subparser."""
+    parser = argparse.ArgumentParser(
+        prog="retrieval", description="Object-centric open-vocabulary image retrieval."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; a user-caused error prints one message and exits with status 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("retrieval").setLevel(logging.INFO)
+    try:
+        return int(args.func(args))
+    except RetrievalError as err:
+        if os.environ.get("RETRIEVAL_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

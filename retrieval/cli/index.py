@@ -1,0 +1,95 @@
+"""``retrieval index build RUN_DIR`` and ``retrieval index info INDEX``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+
+def _build(args: argparse.Namespace) -> int:
+    from retrieval.index import build_index, open_index
+
+    options = dict(_option(o) for o in args.option)
+    out = build_index(
+        args.run_dir,
+        args.backend,
+        args.out,
+        args.device,
+        args.recall_k,
+        args.recall_target,
+        progress=not args.no_progress,
+        **options,
+    )
+    index = open_index(out, "cpu")
+    m = index.manifest
+    console = Console()
+    console.print(index.describe())
+    console.print(
+        f"built in {m['build_seconds']:.2f} s; {m['disk_bytes_per_image']:.0f} bytes/image "
+        f"on disk, {m['memory_bytes_per_image']:.0f} in memory; settings "
+        f"{json.dumps(m['backend_state'])}"
+    )
+    recall = m["recall"]
+    if recall.get("queries") and recall["value"] < recall["target"]:
+        console.print(
+            f"[yellow]recall@{recall['k']} on held-out queries is {recall['value']:.3f}, below "
+            f"the target {recall['target']}: tuned on the other half, it fell short here; "
+            f"rebuild with a higher --recall-target or set the backend's knobs by --option"
+        )
+    console.print(f"index folder: {out}")
+    return 0
+
+
+def _option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ValueError(f"--option {text!r} must look like key=value (e.g. nprobe=32)")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _info(args: argparse.Namespace) -> int:
+    from retrieval.index.search import read_manifest
+
+    print(json.dumps(read_manifest(args.index), indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``index build RUN_DIR`` and ``index info INDEX``."""
+    index = subparsers.add_parser("index", help="build a search index over a run's embeddings")
+    commands = index.add_subparsers(dest="index_command", required=True)
+    build = commands.add_parser("build", help="index a run's stored representatives")
+    build.add_argument("run_dir", help="run folder made by `retrieval eval`")
+    build.add_argument(
+        "--backend",
+        default="exact",
+        help="exact (default), faiss (flat or ivfpq by size), faiss-flat, faiss-ivfpq, lancedb, "
+        "milvus (milvus-lite in the index folder, or --option uri=... collection=...)",
+    )
+    build.add_argument("--out", help="index folder (default RUN_DIR/index/BACKEND)")
+    build.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (exact scoring)")
+    build.add_argument("--recall-k", type=int, default=50, help="K of the recorded recall@K")
+    build.add_argument(
+        "--recall-target",
+        type=float,
+        default=0.95,
+        help="recall approximate backends are tuned to reach (default 0.95)",
+    )
+    build.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend setting, e.g. nprobe=32, overfetch=10, nlist=1024, uri=http://host:19530 "
+        "(repeatable)",
+    )
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(func=_build)
+    info = commands.add_parser("info", help="print an index's manifest (recall, sizes, run)")
+    info.add_argument("index")
+    info.set_defaults(func=_info)

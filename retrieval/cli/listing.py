@@ -1,0 +1,35 @@
+"""``retrieval list``: every registered retriever (with its options), dataset,
+aggregator and index backend, and the shipped config groups."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from retrieval.config import CONFIG_DIR
+from retrieval.registry import REGISTRIES
+
+
+def _list(args: argparse.Namespace) -> int:
+    console = Console()
+    for registry in REGISTRIES:
+        table = Table(title=f"{registry.kind}s ({registry.config_key}) and their options")
+        table.add_column("name")
+        table.add_column("options")
+        for name in registry.names():
+            table.add_row(name, ", ".join(registry.parameters(name)))
+        console.print(table)
+    for group in ("dataset", "retriever", "experiment"):
+        names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        console.print(f"configs/{group}: {', '.join(names)}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``list``."""
+    parser = subparsers.add_parser(
+        "list", help="registered retrievers, datasets, aggregators, index backends and configs"
+    )
+    parser.set_defaults(func=_list)

@@ -1,0 +1,186 @@
+"""The embed phase: a dataset through a retriever into a run folder's shards.
+
+Expensive, distributed and resumable: a Lightning predict loop over every device, each
+process writing its own shards; or, with ``store.dense_from``, Cluster-CLIP aggregated
+from a Dense-CLIP run's shards without the backbone. Images already in the store are
+not embedded again, and no Trainer is built when nothing is left to embed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+
+import retrieval
+from retrieval.config import as_dict, to_yaml
+from retrieval.engine.module import EmbedModule
+from retrieval.engine.parts import RunParts, build_parts
+from retrieval.engine.progress import ImageProgress
+from retrieval.engine.reaggregate import dense_source, reaggregate
+from retrieval.engine.writer import ShardWriter
+from retrieval.errors import ConfigError, differences
+from retrieval.retrievers.base import Retriever
+from retrieval.store import ShardStore
+
+log = logging.getLogger("retrieval")
+
+
+@dataclass
+class EmbedResult:
+    """What the embed phase did in this process."""
+
+    store: ShardStore
+    embedded: int  # images embedded now (all ranks); 0 when every image was stored
+    reused: int  # images found in the store from earlier runs
+    seconds: float  # wall time of the backbone or re-aggregation pass
+    is_global_zero: bool  # this process is the one that scores and reports
+
+
+def embedding_fingerprint(cfg: DictConfig, retriever: Retriever) -> dict:
+    """Everything that determines the stored embeddings; a mismatch means re-embedding."""
+    return {
+        "retriever": {"name": cfg.retriever.name, **retriever.describe()},
+        "retriever_options": as_dict(cfg.retriever),
+        "dtype": cfg.store.dtype,
+        "data": {
+            "name": cfg.data.name,
+            "annotations": str(Path(cfg.data.annotations).resolve()),
+            "images": str(Path(cfg.data.images).resolve()),
+        },
+        "precision": cfg.trainer.precision,
+        "dense_from": str(Path(cfg.store.dense_from).resolve()) if cfg.store.dense_from else None,
+    }
+
+
+def plan_embedding(
+    store: ShardStore, fingerprint: dict, image_ids: np.ndarray, resume: str
+) -> np.ndarray:
+    """The image ids still to embed, after checking the stored shards may be reused.
+
+    ``run.resume``: ``auto`` reuses shards made with the same settings and embeds only
+    the missing images; ``never`` refuses to touch a folder that holds shards; ``force``
+    reuses shards even where settings differ (warning with the differences).
+
+    Raises:
+        ConfigError: the shards cannot be reused; nothing is deleted or mixed.
+    """
+    if not store.shard_paths():
+        return image_ids
+    if resume == "never":
+        raise ConfigError(
+            f"run.resume=never but {store.root} already holds embeddings. Choose another "
+            f"run.output_dir, delete that folder, or use run.resume=auto to reuse them."
+        )
+    diff = differences(store.read_manifest().get("fingerprint") or {}, fingerprint)
+    if diff and resume == "auto":
+        raise ConfigError(
+            f"{store.root} holds embeddings made with different settings:\n  "
+            + "\n  ".join(diff)
+            + "\nSet another run.output_dir, delete that folder to re-embed, or pass "
+            "run.resume=force if the difference cannot change the embeddings."
+        )
+    for line in diff:
+        log.warning("run.resume=force: reusing shards despite %s", line)
+    stored = store.accounted_ids()
+    if len(np.unique(stored)) != len(stored):
+        raise ConfigError(f"{store.root}: an image appears in two shards; delete the folder")
+    return image_ids[~np.isin(image_ids, stored)]
+
+
+def make_trainer(cfg: DictConfig, writer: ShardWriter) -> L.Trainer:
+    """The predict-only Trainer of ``trainer.*`` (no logger, checkpoints or summary)."""
+    t = cfg.trainer
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        logger=False,
+        callbacks=[writer, ImageProgress()] if cfg.run.progress else [writer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        inference_mode=True,
+    )
+
+
+def embed(cfg: DictConfig, parts: RunParts | None = None) -> EmbedResult:
+    """Embeds every image of the configured dataset not yet in ``<run>/embeddings``.
+
+    Args:
+        cfg: a validated run config (``load_config``).
+        parts: the run's retriever and dataset when the caller built them already.
+
+    Returns:
+        What was done; ``is_global_zero`` tells the one process that goes on to score.
+    """
+    parts = parts or build_parts(cfg)
+    retriever, dataset = parts.retriever, parts.dataset
+    run_dir = Path(cfg.run.output_dir)
+    store = ShardStore(run_dir / "embeddings", cfg.store.dtype)
+    fingerprint = embedding_fingerprint(cfg, retriever)
+    todo = plan_embedding(store, fingerprint, dataset.image_ids, cfg.run.resume)
+    reused = len(dataset.image_ids) - len(todo)
+    if not len(todo):
+        log.info("embeddings in %s: 0 images embedded now, %d reused", store.root, reused)
+        return EmbedResult(store, 0, reused, 0.0, rank_zero_only.rank == 0)
+
+    source = dense_source(cfg.store.dense_from) if cfg.store.dense_from else None
+    start = time.perf_counter()
+    if source is not None:  # no backbone: one process aggregates stored dense features
+        if rank_zero_only.rank != 0:
+            return EmbedResult(store, 0, reused, 0.0, False)
+        _start_store(store, fingerprint, run_dir, cfg)
+        reaggregate(
+            *source,
+            store,
+            retriever,
+            todo,
+            cfg.score.device,
+            cfg.loader.batch_size,
+            cfg.run.progress,
+        )
+        is_zero = True
+    else:
+        writer = ShardWriter(store, cfg.store.shard_size, cfg.store.shard_mb)
+        trainer = make_trainer(cfg, writer)
+        if trainer.is_global_zero:
+            _start_store(store, fingerprint, run_dir, cfg)
+        policy = cfg.data.on_bad_image
+        dataset.on_bad_image = "skip"  # the module applies the policy in the main process
+        position = {int(i): k for k, i in enumerate(dataset.image_ids)}
+        loader = DataLoader(
+            Subset(dataset, [position[int(i)] for i in todo]),
+            batch_size=cfg.loader.batch_size,
+            num_workers=cfg.loader.num_workers,
+            collate_fn=dataset.collate,
+        )
+        trainer.predict(EmbedModule(retriever, policy), loader, return_predictions=False)
+        dataset.on_bad_image = policy
+        is_zero = trainer.is_global_zero
+    seconds = time.perf_counter() - start
+    if is_zero:
+        store.record_checksums()
+        how = f" (aggregated from {source[0].root})" if source else ""
+        log.info(
+            "embeddings in %s: %d images embedded now%s, %d reused from stored shards",
+            store.root, len(todo), how, reused,
+        )  # fmt: skip
+    return EmbedResult(store, len(todo), reused, seconds, is_zero)
+
+
+def _start_store(store: ShardStore, fingerprint: dict, run_dir: Path, cfg: DictConfig) -> None:
+    """Clears half-written files of a killed run, then records what the shards hold."""
+    store.remove_partial_files()
+    store.write_manifest(fingerprint=fingerprint, format=1, code_version=retrieval.__version__)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -1,0 +1,176 @@
+"""The score phase: stored shards -> per-category rankings -> metrics -> run folder.
+
+Cheap and repeatable (new prompts, protocol options or metrics reuse the stored
+embeddings) and free of Lightning: it needs the run's retriever only for the text side
+and its ``score`` function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig
+
+from retrieval.config import to_yaml
+from retrieval.data.ground_truth import GroundTruth
+from retrieval.engine.parts import RunParts, build_parts
+from retrieval.errors import StoreError
+from retrieval.metrics import RetrievalEvaluation
+from retrieval.retrievers.base import Retriever
+from retrieval.store import ScoreResult, ShardStore, score_store
+from retrieval.text import embed_queries
+
+if TYPE_CHECKING:
+    from retrieval.engine.embedding import EmbedResult
+
+log = logging.getLogger("retrieval")
+
+
+@dataclass
+class RunResult:
+    """What an evaluation produced (rank 0 only)."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    embedded: int  # images embedded by this run; 0 when it only re-scored stored shards
+
+
+def score(
+    cfg: DictConfig, parts: RunParts | None = None, embedded: EmbedResult | None = None
+) -> RunResult:
+    """Scores the run folder's stored embeddings against the dataset's ground truth and
+    writes the results files (metrics.json, per_category.csv, scores.npz, summary.md,
+    plots, the wandb run).
+
+    Args:
+        cfg: a validated run config.
+        parts: the run's retriever and dataset when the caller built them already.
+        embedded: the embed phase's result when it ran in this process (its timing
+            goes into the results); ``None`` when only scoring.
+
+    Raises:
+        StoreError: the run folder holds no embeddings (run ``retrieval embed`` first).
+    """
+    parts = parts or build_parts(cfg)
+    retriever, dataset = parts.retriever, parts.dataset
+    run_dir = Path(cfg.run.output_dir)
+    store = embedded.store if embedded else ShardStore(run_dir / "embeddings", cfg.store.dtype)
+    if not store.shard_paths():
+        raise StoreError(
+            f"{store.root} holds no embeddings to score: run `retrieval embed` (or `retrieval "
+            f"eval`) with run.output_dir={run_dir} first"
+        )
+    from retrieval.report.files import write_run  # report imports wandb: only once scoring
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    gt_all = dataset.ground_truth()
+    text = query_embeddings(cfg, retriever, [c.query for c in gt_all.categories], run_dir)
+    scored = score_store(
+        store,
+        text,
+        retriever.score,
+        cfg.score.device,
+        cfg.score.max_memory_gb,
+        only=dataset.image_ids,
+    )
+    gt = gt_all.select_images(scored.image_ids)
+    metrics = compute_metrics(cfg, gt, scored)
+    wanted = set(dataset.image_ids.tolist())
+    failures = list(dataset.failures_at_start) + [
+        f for f in scored.failures if f["image_id"] in wanted
+    ]
+    n_embedded = embedded.embedded if embedded else 0
+    seconds = embedded.seconds if embedded else 0.0
+    metrics.update(run_facts(cfg, retriever, scored, failures, seconds, n_embedded, gt.notes))
+    write_run(cfg, run_dir, metrics, gt, scored)
+    return RunResult(run_dir, metrics, embedded=n_embedded)
+
+
+def query_embeddings(cfg: DictConfig, retriever: Retriever, queries: list[str], run_dir: Path):
+    """Text embeddings, cached in the run folder for the same retriever and prompts."""
+    path = run_dir / "text_embeddings.pt"
+    key = {"queries": queries, "prompts": cfg.text.prompts, "retriever": retriever.describe()}
+    if path.exists():
+        cached = torch.load(path, weights_only=True)
+        if cached.get("key") == json.dumps(key, sort_keys=True, default=str):
+            return cached["embeddings"]
+    with torch.no_grad():
+        emb = embed_queries(retriever.encode_text, queries, cfg.text.prompts, cfg.text.batch_size)
+    torch.save({"key": json.dumps(key, sort_keys=True, default=str), "embeddings": emb.cpu()}, path)
+    return emb
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compute_metrics(cfg: DictConfig, gt: GroundTruth, scored: ScoreResult) -> dict[str, Any]:
+    """Runs the torchmetrics metric over the per-category rankings."""
+    metric = RetrievalEvaluation(
+        top_k=cfg.protocol.top_k,
+        large_area=cfg.protocol.large_area,
+        splits=[c.split for c in gt.categories],
+        sync_on_compute=False,
+    )
+    metric.update(
+        torch.from_numpy(scored.scores),
+        torch.from_numpy(gt.relevant),
+        torch.from_numpy(gt.ignore),
+        torch.from_numpy(gt.max_area),
+        torch.from_numpy(gt.image_ids),
+    )
+    return metric.compute()
+
+
+def run_facts(
+    cfg: DictConfig,
+    retriever: Retriever,
+    scored: ScoreResult,
+    failures: list[dict[str, Any]],
+    extract_s: float,
+    embedded: int,
+    gt_notes: dict[str, Any],
+) -> dict[str, Any]:
+    """Protocol options, cost and provenance that every results file repeats."""
+    n = len(scored.image_ids)
+    return {
+        "protocol": {
+            "top_k": cfg.protocol.top_k,
+            "ap_normalisation": "min(K, P); map@K_hits divides by hits in the top K",
+            "large_area": cfg.protocol.large_area,
+            "small_medium": "images whose largest instance area >= large_area are left out",
+            "lvis_federated": cfg.protocol.lvis_federated,
+            "prompts": cfg.text.prompts,
+            "ties": "equal scores are ordered by ascending image id",
+            "skipped_categories": "categories with no relevant image are skipped, not AP 0",
+            "scale": "fractions in [0, 1]",
+            **gt_notes,
+        },
+        "images": n,
+        "skipped_images": failures,
+        "reps_per_image": {
+            "mean": float(scored.reps_per_image.mean()) if n else 0.0,
+            "max": int(scored.reps_per_image.max()) if n else 0,
+        },
+        "bytes_per_image": scored.bytes_per_image,
+        "timing": {
+            "extract_seconds": extract_s,
+            "extract_images_per_second": embedded / extract_s if extract_s else None,
+            "images_embedded": embedded,
+            "score_seconds": scored.seconds,
+            "score_ms_per_image": 1000 * scored.seconds / max(n, 1),
+            "reused_embeddings": n - embedded,
+            "peak_memory_mb": peak_memory_mb(),
+        },
+        "retriever": {"name": cfg.retriever.name, **retriever.describe()},
+        "random_weights": retriever.random_weights,
+    }
