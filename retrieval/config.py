@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import types
 import typing
 from collections.abc import Collection
@@ -34,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from retrieval.errors import ConfigError, did_you_mean
 from retrieval.registry import DATASETS, RETRIEVERS, Registry, keyword_parameters
 
+log = logging.getLogger("retrieval")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel
 GROUPS = {"dataset": "data", "retriever": "retriever"}
 
@@ -115,6 +117,9 @@ class EvalConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+
+#: keys renamed since run folders were first written: old name -> new name
+RENAMED_KEYS = {"retriever.checkpoint": "retriever.pretrained"}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "text.prompts": ("imagenet80", "single"),
@@ -337,9 +342,13 @@ def _validated(raw: DictConfig) -> DictConfig:
         problems += _unknown_keys(raw.get(section), section_schema, f"{section}.")
     if problems:
         key, valid = problems[0]
+        hint = (
+            f" Did you mean {RENAMED_KEYS[key]!r}? (renamed)"
+            if key in RENAMED_KEYS
+            else did_you_mean(key, valid, cutoff=0.5)
+        )
         raise ConfigError(
-            f"unknown config key {key!r}.{did_you_mean(key, valid, cutoff=0.5)} "
-            f"Valid keys here: {', '.join(sorted(valid))}"
+            f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(sorted(valid))}"
         )
     try:
         schema = OmegaConf.structured(EvalConfig)
@@ -380,6 +389,42 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> DictC
     except OmegaConfBaseException as err:
         raise ConfigError(f"bad override: {err}") from None
     return _validated(raw)
+
+
+def load_stored_config(path: str | Path) -> DictConfig:
+    """A run's stored ``config.yaml`` (a run folder's or an index's), readable across
+    versions: renamed keys (:data:`RENAMED_KEYS`) take their new names, and keys this
+    version no longer knows are dropped with a warning (nothing reads them any more).
+
+    Raises:
+        ConfigError: the file is not a config, or a value no longer validates (the
+            message names the file: re-run the run to refresh it).
+    """
+    path = Path(path)
+    raw = OmegaConf.create(_read_yaml(path))
+    for old, new in RENAMED_KEYS.items():
+        value = OmegaConf.select(raw, old, default=MISSING)
+        if value is not MISSING:
+            section, old_key = old.rsplit(".", 1)
+            OmegaConf.update(raw, new, value, force_add=True)
+            raw[section].pop(old_key)
+    retriever, data = raw.get("retriever"), raw.get("data")
+    unknown = _unknown_keys(raw, OmegaConf.structured(EvalConfig))
+    if isinstance(retriever, DictConfig) and "name" in retriever:
+        unknown = [u for u in unknown if not u[0].startswith("retriever.")]
+        unknown += _unknown_keys(retriever, retriever_schema(str(retriever.name)), "retriever.")
+    if isinstance(data, DictConfig):
+        unknown = [u for u in unknown if not u[0].startswith("data.")]
+        unknown += _unknown_keys(data, data_schema(str(data.get("name", "coco"))), "data.")
+    for key, _ in unknown:
+        log.warning("%s: config key %r is no longer used; ignored", path, key)
+        section, _, last = key.rpartition(".")
+        node = OmegaConf.select(raw, section) if section else raw
+        node.pop(last)
+    try:
+        return _validated(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err} (written by another version? re-run that run)") from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

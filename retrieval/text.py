@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor
 
+from retrieval.errors import ConfigError
+
 SINGLE_TEMPLATE = "a photo of a {}."
 
 
@@ -18,7 +20,7 @@ def templates(prompts: str) -> list[str]:
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     if prompts == "single":
         return [SINGLE_TEMPLATE]
-    raise ValueError(f"text.prompts={prompts!r} is not one of imagenet80, single")
+    raise ConfigError(f"text.prompts={prompts!r} is not one of imagenet80, single")
 
 
 @torch.no_grad()

@@ -135,7 +135,7 @@ PAPER_METHODS = [
         ("Dense-CLIP", "RN50x64"),
     ),
     (
-        {"name": "owlvit", "checkpoint": "/cache/models--google--owlvit-large-patch14"},
+        {"name": "owlvit", "pretrained": "/cache/models--google--owlvit-large-patch14"},
         ("OwlViT", "ViT-L/14"),
     ),
     (

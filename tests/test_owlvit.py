@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from safetensors.torch import save_file
 
 from retrieval import create_retriever
 from retrieval.config import load_config
+from retrieval.errors import ConfigError, WeightsNotFoundError
 from retrieval.representatives import Representatives
 from retrieval.retrievers.clip_bpe import (
     TokenizerError,
@@ -22,7 +25,6 @@ from retrieval.retrievers.clip_bpe import (
     load_tokenizer,
     tokenize,
 )
-from retrieval.retrievers.openclip_loader import WeightsNotFoundError
 from retrieval.retrievers.owlvit import TINY_CONFIG, OwlViTRetriever
 from retrieval.store.shards import ShardStore
 from retrieval.text import embed_queries
@@ -42,12 +44,12 @@ def _build(family: str, tmp_path_factory: pytest.TempPathFactory) -> OwlViTRetri
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="RANDOM weights"):
         if family == "owlvit":
-            return create_retriever("owlvit", checkpoint=None, config="tiny")
+            return create_retriever("owlvit", pretrained=None, config="tiny")
         from transformers import Owlv2Config
 
         folder = tmp_path_factory.mktemp("owlv2-config")
         Owlv2Config(**TINY_CONFIG).save_pretrained(folder)
-        return create_retriever("owlvit", checkpoint=None, config=str(folder / "config.json"))
+        return create_retriever("owlvit", pretrained=None, config=str(folder / "config.json"))
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,16 @@ def _detector_outputs(retriever: OwlViTRetriever, pixels: torch.Tensor, texts: l
         return retriever.model(
             input_ids=ids.repeat(b, 1), attention_mask=mask.repeat(b, 1), pixel_values=pixels
         )
+
+
+def _cached_snapshot(cache: Path, repo_id: str) -> Path:
+    """An empty snapshot folder of ``repo_id`` in a hand-built Hugging Face cache."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    return snapshot
 
 
 def _fp32_round_trip(reps: Representatives, root: Path) -> Representatives:
@@ -158,15 +170,15 @@ def test_offline_without_cache_fails_at_once_and_says_how(
         monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
     start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError) as info:
-        create_retriever("owlvit", checkpoint="google/owlvit-base-patch16", cache_dir=str(tmp_path))
+        create_retriever("owlvit", pretrained="google/owlvit-base-patch16", cache_dir=str(tmp_path))
     assert time.perf_counter() - start < 10
     message = str(info.value)
     assert "google/owlvit-base-patch16" in message and "config.json" in message
-    assert "model.safetensors" in message and "retriever.checkpoint=DIR" in message
+    assert "model.safetensors" in message and "retriever.pretrained=DIR" in message
     assert str(tmp_path) in message
 
-    with pytest.raises(WeightsNotFoundError, match="no config.json"):
-        create_retriever("owlvit", checkpoint=str(tmp_path / "missing"))
+    with pytest.raises(WeightsNotFoundError, match="retriever.pretrained=.*no config.json"):
+        create_retriever("owlvit", pretrained=str(tmp_path / "missing"))
 
 
 def test_local_folder_and_hub_cache_load_identically(
@@ -177,19 +189,15 @@ def test_local_folder_and_hub_cache_load_identically(
     identical image representatives and text embeddings."""
     folder = tmp_path / "folder"
     tiny.model.save_pretrained(folder)
-    repo = tmp_path / "cache" / "models--google--owlvit-base-patch32"
-    snapshot = repo / "snapshots" / "0123456789abcdef"
-    snapshot.mkdir(parents=True)
+    snapshot = _cached_snapshot(tmp_path / "cache", "google/owlvit-base-patch32")
     (snapshot / "config.json").write_text((folder / "config.json").read_text())
     state = {k: v.contiguous() for k, v in tiny.model.state_dict().items()}
     save_file(state, str(snapshot / "model.safetensors"))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123456789abcdef")
 
     pixels = torch.stack([tiny.image_transform(im) for im in images])
     expected = tiny.encode_images(pixels)
     for loaded in (
-        create_retriever("owlvit", checkpoint=str(folder)),
+        create_retriever("owlvit", pretrained=str(folder)),
         create_retriever("owlvit", cache_dir=str(tmp_path / "cache")),  # the default id
     ):
         assert not loaded.random_weights
@@ -201,6 +209,139 @@ def test_local_folder_and_hub_cache_load_identically(
         torch.testing.assert_close(loaded.encode_text(QUERIES), tiny.encode_text(QUERIES))
 
 
+def test_pretrained_folder_loads_exactly_the_saved_weights(images, tmp_path: Path) -> None:
+    """retriever.pretrained=<folder written by save_pretrained of a tiny random
+    OwlViTForObjectDetection> loads exactly those weights (every tensor equal, no RANDOM
+    weights warning, random_weights False), and the retriever's scores and text
+    embeddings equal the saved model's own forward on the same pixels and tokens."""
+    from transformers import OwlViTConfig, OwlViTForObjectDetection
+
+    torch.manual_seed(1)
+    saved = OwlViTForObjectDetection(OwlViTConfig(**TINY_CONFIG)).eval()
+    folder = tmp_path / "owlvit-tiny"
+    saved.save_pretrained(folder)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*RANDOM weights")
+        loaded = create_retriever("owlvit", pretrained=str(folder))
+    assert not loaded.random_weights
+    assert loaded.config["pretrained"] == str(folder) and loaded.config["architecture"] is None
+    state = loaded.model.state_dict()
+    assert state.keys() == saved.state_dict().keys()
+    for key, value in saved.state_dict().items():
+        torch.testing.assert_close(state[key], value, atol=0, rtol=0, msg=key)
+
+    pixels = torch.stack([loaded.image_transform(im) for im in images])
+    ids, mask = tokenize(loaded.tokenizer, QUERIES, loaded.context_length)
+    b = len(pixels)
+    with torch.no_grad():
+        out = saved(
+            input_ids=ids.repeat(b, 1), attention_mask=mask.repeat(b, 1), pixel_values=pixels
+        )
+    text = loaded.encode_text(QUERIES)
+    scores = loaded.score(text, loaded.encode_images(pixels))
+    torch.testing.assert_close(scores, out.logits.amax(dim=1).T, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(text, out.text_embeds[0])
+
+
+def test_pretrained_null_builds_random_weights_with_the_warning(tmp_path: Path) -> None:
+    """retriever.pretrained=null builds random weights of retriever.config's architecture
+    with the CLIP retrievers' RANDOM weights warning and random_weights=True; the default
+    is the paper's B/32 hub id. retriever.config beside real weights, or an architecture
+    that is no OWL model, is a ConfigError naming the key and the fix."""
+    with pytest.warns(
+        UserWarning,
+        match=r"retriever\.pretrained=null: OWL-ViT \(tiny\) has RANDOM weights\. Every "
+        r"metric of this run is meaningless",
+    ):
+        retriever = create_retriever("owlvit", pretrained=None, config="tiny")
+    assert retriever.random_weights
+    assert retriever.config["pretrained"] is None and retriever.config["architecture"] == "tiny"
+    default = inspect.signature(OwlViTRetriever).parameters["pretrained"].default
+    assert default == "google/owlvit-base-patch32"
+
+    with pytest.raises(ConfigError, match=r"retriever\.config='tiny' only applies to random"):
+        create_retriever("owlvit", pretrained="google/owlvit-base-patch32", config="tiny")
+    from transformers import CLIPConfig
+
+    CLIPConfig().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="'clip' model; expected one of owlvit, owlv2"):
+        create_retriever("owlvit", pretrained=None, config=str(tmp_path / "config.json"))
+
+
+def test_repo_id_not_in_the_cache_fails_naming_it(tiny: OwlViTRetriever, tmp_path: Path) -> None:
+    """Offline, with a test-made Hugging Face cache that holds google/owlvit-base-patch32
+    and only the config.json of -base-patch16: both other ids fail at once with
+    WeightsNotFoundError naming the id, exactly the missing files, the cache folder and
+    the retriever.pretrained=DIR fix; the cached id loads."""
+    cache = tmp_path / "cache"
+    folder = tmp_path / "folder"
+    tiny.model.save_pretrained(folder)
+    snapshot = _cached_snapshot(cache, "google/owlvit-base-patch32")
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    partial = _cached_snapshot(cache, "google/owlvit-base-patch16")
+    (partial / "config.json").write_bytes((folder / "config.json").read_bytes())
+
+    for repo_id, missing in (
+        ("google/owlvit-large-patch14", "config.json and model.safetensors"),
+        ("google/owlvit-base-patch16", "Missing: model.safetensors or pytorch_model.bin of"),
+    ):
+        start = time.perf_counter()
+        with pytest.raises(WeightsNotFoundError) as info:
+            create_retriever("owlvit", pretrained=repo_id, cache_dir=str(cache))
+        assert time.perf_counter() - start < 10
+        message = str(info.value)
+        assert message.startswith(f"retriever.pretrained={repo_id!r}: OWL-ViT")
+        assert missing in message and str(cache) in message
+        assert "retriever.pretrained=DIR" in message and "retriever.checkpoint" not in message
+    assert not (cache / "models--google--owlvit-large-patch14").exists()
+    loaded = create_retriever(
+        "owlvit", pretrained="google/owlvit-base-patch32", cache_dir=str(cache)
+    )
+    assert not loaded.random_weights
+
+
+@pytest.mark.parametrize(
+    ("config", "repo_id"),
+    [
+        ("owlvit_b32_coco", "google/owlvit-base-patch32"),
+        ("owlvit_b16_coco", "google/owlvit-base-patch16"),
+        ("owlvit_l14_coco", "google/owlvit-large-patch14"),
+    ],
+)
+def test_paper_configs_name_their_weights_in_pretrained(config: str, repo_id: str) -> None:
+    """The shipped OWL-ViT experiments set retriever.pretrained to their hub id."""
+    cfg = load_config(config)
+    assert cfg.retriever.name == "owlvit" and cfg.retriever.pretrained == repo_id
+    assert cfg.retriever.config is None
+
+
+@pytest.mark.parametrize("value", ["google/owlvit-base-patch32", "null"])
+def test_old_checkpoint_key_is_refused(value: str, tmp_path: Path) -> None:
+    """``retriever.checkpoint`` (the old name) fails before any work, on the command line
+    and in a config file, as an unknown key whose message lists retriever.pretrained;
+    from Python the option list names ``pretrained``."""
+    with pytest.raises(ConfigError, match=r"unknown config key 'retriever\.checkpoint'") as info:
+        load_config("owlvit_b32_coco", [f"retriever.checkpoint={value}"])
+    assert "retriever.pretrained" in str(info.value)
+
+    old = tmp_path / "old.yaml"
+    old.write_text(f"retriever: {{name: owlvit, checkpoint: {value}}}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'retriever\.checkpoint'") as info:
+        load_config(old)
+    assert "retriever.pretrained" in str(info.value)
+
+    with pytest.raises(ConfigError, match="has no option 'checkpoint'.* Options: pretrained"):
+        create_retriever("owlvit", checkpoint=None if value == "null" else value)
+
+
+def test_old_checkpoint_key_did_you_mean_names_pretrained() -> None:
+    """The did-you-mean of the old key points at its new name, retriever.pretrained."""
+    with pytest.raises(ConfigError, match=r"Did you mean 'retriever\.pretrained'\?"):
+        load_config("owlvit_b32_coco", ["retriever.checkpoint=google/owlvit-base-patch32"])
+
+
 def test_end_to_end_run_writes_metrics(synthetic_coco, tmp_path: Path) -> None:
     """`evaluate` on generated COCO-format data with the tiny OWL-ViT writes metrics.json,
     scores.npz and shards holding the per-box extras, one representative per box."""
@@ -210,7 +351,7 @@ def test_end_to_end_run_writes_metrics(synthetic_coco, tmp_path: Path) -> None:
     config = tmp_path / "owlvit_tiny.yaml"
     config.write_text(
         "defaults:\n  - dataset: synthetic\n"
-        "retriever: {name: owlvit, checkpoint: null, config: tiny}\n"
+        "retriever: {name: owlvit, pretrained: null, config: tiny}\n"
         "text: {prompts: single}\n"
         "loader: {batch_size: 8, num_workers: 0}\n"
         "logger: {wandb: {mode: disabled}}\n"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.aggregate.base import Aggregator, compute_dtype
+from retrieval.errors import ConfigError
 from retrieval.factory import register_aggregator
 
 LINKAGES = ("average", "complete", "single", "ward")
@@ -192,14 +193,14 @@ class Agglomerative(Aggregator):
         connectivity: bool = False,
     ) -> None:
         if (n_clusters is None) == (distance_threshold is None):
-            raise ValueError(
+            raise ConfigError(
                 "agglomerative needs exactly one of n_clusters (AG-F, e.g. 50) or "
                 f"distance_threshold (AG-T), got {n_clusters=}, {distance_threshold=}"
             )
         if n_clusters is not None and n_clusters < 1:
-            raise ValueError(f"agglomerative n_clusters must be >= 1, got {n_clusters}")
+            raise ConfigError(f"agglomerative n_clusters must be >= 1, got {n_clusters}")
         if linkage not in LINKAGES:
-            raise ValueError(f"unknown linkage {linkage!r}; choose one of {', '.join(LINKAGES)}")
+            raise ConfigError(f"unknown linkage {linkage!r}; choose one of {', '.join(LINKAGES)}")
         self.n_clusters = n_clusters
         self.distance_threshold = distance_threshold
         self.linkage = linkage

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.aggregate.base import Aggregator, compute_dtype
+from retrieval.errors import ConfigError
 from retrieval.factory import register_aggregator
 
 
@@ -144,7 +145,7 @@ class KMeans(Aggregator):
 
     def __init__(self, k: int = 10, iterations: int = 30, seed: int = 0) -> None:
         if k < 1 or iterations < 1:
-            raise ValueError(f"kmeans needs k >= 1 and iterations >= 1, got {k=}, {iterations=}")
+            raise ConfigError(f"kmeans needs k >= 1 and iterations >= 1, got {k=}, {iterations=}")
         self.k = k
         self.iterations = iterations
         self.seed = seed

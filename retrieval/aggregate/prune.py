@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.aggregate.base import Aggregator, compute_dtype
+from retrieval.errors import ConfigError
 from retrieval.factory import register_aggregator
 
 
@@ -61,7 +62,7 @@ class Prune(Aggregator):
 
     def __init__(self, tau: float = 0.9) -> None:
         if not -1.0 <= tau <= 1.0:
-            raise ValueError(f"prune tau is a cosine similarity in [-1, 1], got {tau}")
+            raise ConfigError(f"prune tau is a cosine similarity in [-1, 1], got {tau}")
         self.tau = tau
 
     def labels(self, embeddings: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from retrieval.data.images import BadImageError, load_image
+from retrieval.errors import ConfigError
 
 Transform = Callable[[Image.Image], torch.Tensor]
 OnBadImage = Literal["error", "skip"]
@@ -58,9 +59,9 @@ class RetrievalDataset(Dataset):
         max_images: int | None,
     ) -> None:
         if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+            raise ConfigError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         if max_images is not None and max_images < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.max_images must be a positive integer or null, got {max_images}"
             )
         self.annotations_path = Path(annotations)
@@ -111,7 +112,7 @@ class RetrievalDataset(Dataset):
         if good:
             shapes = {tuple(item["pixels"].shape) for item in good}
             if len(shapes) > 1:
-                raise ValueError(
+                raise ConfigError(
                     f"images of different sizes {sorted(shapes)} cannot be stacked into one "
                     "batch: give the dataset a transform that resizes (the retriever's "
                     "image_transform), or use loader.batch_size=1"

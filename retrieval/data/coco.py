@@ -20,6 +20,7 @@ from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import BAD_IMAGE_FIX
 from retrieval.data.names import query_name
+from retrieval.errors import DataError, MissingFileError
 from retrieval.factory import register_dataset
 
 _MISSING_LISTED = 5
@@ -34,31 +35,31 @@ def _read_annotations(path: Path) -> dict[str, Any]:
     """The annotation JSON, checked enough that every later failure is the data's, not ours."""
     fix = "set data.annotations to a COCO-format JSON file (e.g. instances_val2017.json)"
     if not path.exists():
-        raise FileNotFoundError(f"annotation file not found: {path}; {fix}")
+        raise MissingFileError(f"annotation file not found: {path}; {fix}")
     if not path.is_file():
-        raise ValueError(f"annotation path is not a file: {path}; {fix}")
+        raise DataError(f"annotation path is not a file: {path}; {fix}")
     try:
         with path.open("rb") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"annotation file {path} is not valid JSON ({err}); {fix}") from None
+        raise DataError(f"annotation file {path} is not valid JSON ({err}); {fix}") from None
     if not isinstance(data, dict):
-        raise ValueError(
+        raise DataError(
             f"annotation file {path} holds a {type(data).__name__}, not an object; {fix}"
         )
     missing = [key for key in ("images", "categories") if key not in data]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"annotation file {path} has no {' or '.join(repr(k) for k in missing)} list "
             f"(keys: {', '.join(sorted(data)) or 'none'}); {fix}"
         )
     for key, need in _REQUIRED_FIELDS.items():
         records = data.get(key, [])
         if not isinstance(records, list):
-            raise ValueError(f"annotation file {path}: {key!r} must be a list; {fix}")
+            raise DataError(f"annotation file {path}: {key!r} must be a list; {fix}")
         bad = [r for r in records if not isinstance(r, dict) or any(k not in r for k in need)]
         if bad:
-            raise ValueError(
+            raise DataError(
                 f"annotation file {path}: every entry of {key!r} needs {', '.join(need)}; "
                 f"first bad entry: {repr(bad[0])[:200]}; {fix}"
             )
@@ -70,14 +71,14 @@ def _check_references(data: dict[str, Any], path: Path) -> None:
     for key in ("images", "categories"):
         ids = [r["id"] for r in data[key]]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"annotation file {path}: duplicate ids in {key!r}")
+            raise DataError(f"annotation file {path}: duplicate ids in {key!r}")
     anns = data.get("annotations", [])
     for key, listed in (("image_id", "images"), ("category_id", "categories")):
         known = np.array([r["id"] for r in data[listed]], dtype=np.int64)
         used = np.array([a[key] for a in anns], dtype=np.int64)
         unknown = np.unique(used[~np.isin(used, known)])
         if unknown.size:
-            raise ValueError(
+            raise DataError(
                 f"annotation file {path}: annotations use {key} values not in {listed!r}: "
                 f"{unknown[:_MISSING_LISTED].tolist()}"
             )
@@ -128,7 +129,7 @@ class CocoDataset(RetrievalDataset):
         _check_references(data, self.annotations_path)
         if not self.images_dir.is_dir():
             what = "not a folder" if self.images_dir.exists() else "not found"
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"image folder {what}: {self.images_dir}; set data.images to the folder the "
                 f"'file_name' entries of {self.annotations_path} are relative to"
             )
@@ -148,7 +149,7 @@ class CocoDataset(RetrievalDataset):
         if self.failures_at_start and on_bad_image == "error":
             shown = [f"  {f['path']}" for f in self.failures_at_start[:_MISSING_LISTED]]
             more = len(self.failures_at_start) - len(shown)
-            raise FileNotFoundError(
+            raise MissingFileError(
                 "\n".join(
                     [
                         f"{len(self.failures_at_start)} of {len(ids)} images listed in "

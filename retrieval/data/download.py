@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import ConfigError, RetrievalError
 
 DATASETS = ("coco", "lvis", "nuimages")
 DEFAULT_ROOT = Path("data")
@@ -145,7 +145,7 @@ def dataset_paths(name: str, root: str | Path = DEFAULT_ROOT) -> tuple[Path, Pat
 
 def _check_name(name: str) -> None:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
 
 # --- network --------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from retrieval.data.coco import CocoDataset
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import find_missing_images, missing_images_error
 from retrieval.data.names import clean_category_name
+from retrieval.errors import DataError, MissingFileError
 from retrieval.factory import register_dataset
 
 FREQUENCY_SPLITS = {"r": "rare", "c": "common", "f": "frequent"}
@@ -73,16 +74,16 @@ def load_lvis(path: str | Path) -> Any:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"annotation file not found: {path}; {_FIX}")
+        raise MissingFileError(f"annotation file not found: {path}; {_FIX}")
     if not path.is_file():
-        raise ValueError(f"annotation path is not a file: {path}; {_FIX}")
+        raise DataError(f"annotation path is not a file: {path}; {_FIX}")
     try:
         api = _lvis_loader()(str(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"annotation file {path} is not valid JSON ({err}); {_FIX}") from None
+        raise DataError(f"annotation file {path} is not valid JSON ({err}); {_FIX}") from None
     except (AssertionError, KeyError, TypeError, AttributeError) as err:
         # lvis asserts a dict and indexes required keys without checking them.
-        raise ValueError(
+        raise DataError(
             f"annotation file {path} is not in LVIS format ({type(err).__name__}: {err}); {_FIX}"
         ) from None
     _check_lvis(api.dataset, path)
@@ -94,17 +95,17 @@ def _check_lvis(data: dict[str, Any], path: Path) -> None:
     for key, need in _REQUIRED_FIELDS.items():
         bad = [r for r in data[key] if not isinstance(r, dict) or any(k not in r for k in need)]
         if bad:
-            raise ValueError(
+            raise DataError(
                 f"annotation file {path}: every entry of {key!r} needs {', '.join(need)}; "
                 f"first bad entry: {repr(bad[0])[:200]}; {_FIX}"
             )
     for key in ("images", "categories"):
         ids = [r["id"] for r in data[key]]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"annotation file {path}: duplicate ids in {key!r}")
+            raise DataError(f"annotation file {path}: duplicate ids in {key!r}")
     frequencies = {c.get("frequency") for c in data["categories"]} - {None, *FREQUENCY_SPLITS}
     if frequencies:
-        raise ValueError(
+        raise DataError(
             f"annotation file {path}: unknown category frequency {sorted(frequencies)}; "
             f"LVIS uses {', '.join(FREQUENCY_SPLITS)}"
         )
@@ -125,7 +126,7 @@ def _check_lvis(data: dict[str, Any], path: Path) -> None:
     for what, (used, known) in uses.items():
         unknown = np.unique(used[~np.isin(used, known)]) if used.size else used
         if unknown.size:
-            raise ValueError(
+            raise DataError(
                 f"annotation file {path}: {what} values not listed: {unknown[:5].tolist()}"
             )
 
@@ -209,7 +210,7 @@ class LvisDataset(CocoDataset):
         api = load_lvis(self.annotations_path)
         if not self.images_dir.is_dir():
             what = "not a folder" if self.images_dir.exists() else "not found"
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"image folder {what}: {self.images_dir}; set data.images to the COCO root "
                 "holding train2017/ and val2017/ (LVIS v1 val uses both)"
             )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from retrieval.errors import ConfigError
+
 DATASETS = ("coco", "lvis", "nuimages")
 
 _PARENTHESISED = re.compile(r"\([^)]*\)")
@@ -51,7 +53,9 @@ def clean_category_name(name: str, dataset: str) -> str:
         return _clean_lvis(name)
     if dataset == "nuimages":
         return _clean_nuimages(name)
-    raise ValueError(f"no name-cleaning rule for dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    raise ConfigError(
+        f"no name-cleaning rule for dataset {dataset!r}; known: {', '.join(DATASETS)}"
+    )
 
 
 def query_name(name: str, dataset: str, mapping: Mapping[str, str] | None = None) -> str:

@@ -32,6 +32,7 @@ from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import find_missing_images, missing_images_error
 from retrieval.data.names import query_name
+from retrieval.errors import DataError, MissingFileError
 from retrieval.factory import register_dataset
 
 SURFACE_CATEGORIES = ("flat.driveable_surface", "vehicle.ego")
@@ -66,21 +67,21 @@ def read_tables(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
     folder = Path(folder)
     if not folder.is_dir():
         what = "not a folder" if folder.exists() else "not found"
-        raise FileNotFoundError(f"nuImages table folder {what}: {folder}; {_FIX}")
+        raise MissingFileError(f"nuImages table folder {what}: {folder}; {_FIX}")
     tables = {}
     for name, need in TABLES.items():
         path = folder / f"{name}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"nuImages table missing: {path}; {_FIX}")
+            raise MissingFileError(f"nuImages table missing: {path}; {_FIX}")
         try:
             records = json.loads(path.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"nuImages table {path} is not valid JSON ({err}); {_FIX}") from None
+            raise DataError(f"nuImages table {path} is not valid JSON ({err}); {_FIX}") from None
         if not isinstance(records, list):
-            raise ValueError(f"nuImages table {path} must hold a list of records; {_FIX}")
+            raise DataError(f"nuImages table {path} must hold a list of records; {_FIX}")
         bad = [r for r in records if not isinstance(r, dict) or any(k not in r for k in need)]
         if bad:
-            raise ValueError(
+            raise DataError(
                 f"nuImages table {path}: every record needs {', '.join(need)}; "
                 f"first bad record: {repr(bad[0])[:200]}"
             )
@@ -126,7 +127,7 @@ class NuImagesDataset(RetrievalDataset):
         tables = read_tables(self.annotations_path)
         if not self.images_dir.is_dir():
             what = "not a folder" if self.images_dir.exists() else "not found"
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"image folder {what}: {self.images_dir}; set data.images to the nuImages "
                 "dataroot (the folder holding samples/)"
             )
@@ -138,7 +139,7 @@ class NuImagesDataset(RetrievalDataset):
              "not a key frame (is_key_frame is false)"),
         ):  # fmt: skip
             if bad:
-                raise ValueError(
+                raise DataError(
                     f"nuImages tables {self.annotations_path}: {len(bad)} samples name a key "
                     f"camera frame that is {problem} (e.g. {bad[0]})"
                 )
@@ -218,7 +219,7 @@ def _query_classes(
     used = {a["category_token"] for a in objects}
     unknown = used - {c["token"] for c in categories}
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"nuImages tables {source}: object_ann.json uses category tokens not in "
             f"category.json: {sorted(unknown)[:5]}"
         )
@@ -240,7 +241,7 @@ def _object_arrays(
     """
     stray = [a["sample_data_token"] for a in objects if a["sample_data_token"] not in image_of]
     if stray:
-        raise ValueError(
+        raise DataError(
             f"nuImages tables {source}: {len(stray)} object_ann records point at no "
             f"sample's key camera frame (e.g. {stray[0]})"
         )

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from retrieval.errors import ConfigError
+
 SMALL_AREA = 32**2
 """COCO's size buckets (pixels, absolute): small < 32², medium < 96² <= large."""
 LARGE_AREA = 96**2
@@ -214,33 +216,33 @@ class SyntheticOptions:
         ):
             unknown = [name for name in given if name not in known]
             if unknown or not given:
-                raise ValueError(f"{key} must be a non-empty subset of {list(known)}, got {given}")
+                raise ConfigError(f"{key} must be a non-empty subset of {list(known)}, got {given}")
         if self.num_images < 1 or self.bad_images < 0:
-            raise ValueError("num_images must be >= 1 and bad_images >= 0")
+            raise ConfigError("num_images must be >= 1 and bad_images >= 0")
         for key, value, known in (
             ("category_mode", self.category_mode, CATEGORY_MODES),
             ("size_mode", self.size_mode, SIZE_MODES),
         ):
             if value not in known:
-                raise ValueError(f"{key} must be one of {', '.join(known)}, got {value!r}")
+                raise ConfigError(f"{key} must be one of {', '.join(known)}, got {value!r}")
         low, high = self.objects_per_image
         if not 0 <= low <= high:
-            raise ValueError(
+            raise ConfigError(
                 f"objects_per_image must be (low, high), 0 <= low <= high: {low, high}"
             )
         if self.clutter < 0:
-            raise ValueError(f"clutter must be >= 0, got {self.clutter}")
+            raise ConfigError(f"clutter must be >= 0, got {self.clutter}")
         if self.held_out and self.category_mode != "colour_shape":
-            raise ValueError("held_out pairs need category_mode='colour_shape'")
+            raise ConfigError("held_out pairs need category_mode='colour_shape'")
         names = {pair_name(c, s) for c, s in self.pairs}
         unknown = [name for name in self.held_out if name not in names]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"held_out pairs {unknown} are not colour-shape pairs of these colours and "
                 f"categories (e.g. {sorted(names)[0]!r})"
             )
         if not self.drawable_pairs:
-            raise ValueError("draw_held_out=False holds out every pair: nothing left to draw")
+            raise ConfigError("draw_held_out=False holds out every pair: nothing left to draw")
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -617,7 +619,7 @@ def scenes_options(
         changes: any other :class:`SyntheticOptions` field.
     """
     if split not in SCENES_PRESETS:
-        raise ValueError(f"split must be one of {', '.join(SCENES_PRESETS)}, got {split!r}")
+        raise ConfigError(f"split must be one of {', '.join(SCENES_PRESETS)}, got {split!r}")
     options = SCENES_PRESETS[split]
     if num_images is not None:
         changes["num_images"] = num_images

@@ -24,6 +24,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from retrieval.errors import ConfigError, MissingFileError
 from retrieval.report.console import headline_keys
 from retrieval.report.plots import (
     COST_PNG,
@@ -124,7 +125,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     run_dir = Path(run_dir)
     missing = [n for n in ("metrics.json", "config.yaml") if not (run_dir / n).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{run_dir} is not a finished run folder (no {missing[0]}); pass the "
             f"run.output_dir of a completed `retrieval eval`"
         )
@@ -184,11 +185,15 @@ def paper_method(retriever: Mapping[str, Any]) -> tuple[str, str] | None:
     "CLIP", ``dense_clip`` "Dense-CLIP" (``with_global``: "CLIP + Dense-CLIP"),
     ``cluster_clip`` "Cluster-CLIP, <aggregator>" (K.M., AG-F, AG-T with a
     ``distance_threshold``, R.P.), ``owlvit`` "OwlViT" (backbone from its
-    ``checkpoint``). Resolution and dataset are checked by :func:`reference_for`.
+    ``pretrained``, ``checkpoint`` in older runs). Resolution and dataset are checked
+    by :func:`reference_for`.
     """
     name = retriever.get("name")
     backbone = canonical_backbone(
-        retriever.get("backbone") or retriever.get("checkpoint") or retriever.get("model")
+        retriever.get("backbone")
+        or retriever.get("pretrained")
+        or retriever.get("checkpoint")  # OWL-ViT runs written before `pretrained`
+        or retriever.get("model")
     )
     prefix = "CLIP + " if retriever.get("with_global") else ""
     if name == "clip":
@@ -364,7 +369,7 @@ def build_comparison(
         key: per-category metric for deltas and bars (default ``ap@K``).
     """
     if not run_dirs:
-        raise ValueError("compare needs at least one run folder")
+        raise ConfigError("compare needs at least one run folder")
     paths = [Path(p) for p in run_dirs]
     runs = [load_run(p, label) for p, label in zip(paths, unique_labels(paths), strict=True)]
     key = key or f"ap@{runs[0].top_k}"

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from retrieval.aggregate import grid_cell_boxes
+from retrieval.errors import ConfigError
 from retrieval.index import Hit, SearchIndex
 from retrieval.representatives import Representatives
 from retrieval.store.shards import ShardReader, ShardStore
@@ -265,7 +266,7 @@ def write_sheet(
 ) -> Path:
     """A PNG contact sheet: a title, then one captioned tile per hit, row by row."""
     if not items:
-        raise ValueError(f"no hits for {query!r}: nothing to draw")
+        raise ConfigError(f"no hits for {query!r}: nothing to draw")
     tiles = [panels(item) for item in items]
     columns = columns or (3 if any(i.heatmap is not None for i in items) else 5)
     cell_w = max(t.width for t in tiles) + 12

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
+from retrieval.errors import StoreError
 from retrieval.metrics.functional import average_precision
 
 PER_SIZE_FILE = "per_size.json"
@@ -114,16 +114,15 @@ def ap_by_size(
 def _recompute(run_dir: Path, top_k: int) -> dict[str, Any]:
     """Size bins from ``scores.npz`` and the ground truth of the run's own dataset, built
     as the engine built it (same data and protocol options)."""
-    from omegaconf import OmegaConf
-
+    from retrieval.config import load_stored_config
     from retrieval.factory import build_dataset
 
-    cfg = OmegaConf.create(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = load_stored_config(run_dir / "config.yaml")
     cfg.data.on_bad_image = "skip"  # only the annotations matter here
     saved = np.load(run_dir / "scores.npz")
     gt = build_dataset(cfg, None).ground_truth().select_images(saved["image_ids"])
     if not np.array_equal(gt.category_ids, saved["category_ids"]):
-        raise ValueError(f"{run_dir}/scores.npz and the dataset disagree on the categories")
+        raise StoreError(f"{run_dir}/scores.npz and the dataset disagree on the categories")
     bins = size_bins(large_area=cfg.protocol.large_area)
     return ap_by_size(
         saved["scores"], gt.relevant, gt.ignore, gt.max_area, gt.image_ids, bins, top_k=top_k

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.aggregate import Aggregator, create_aggregator
-from retrieval.errors import ConfigError, differences
+from retrieval.errors import ConfigError, StoreError, differences
 from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.clip import FULL_IMAGE_BOX
@@ -83,14 +83,14 @@ class AggregateOptions:
         if isinstance(value, cls):
             return dataclasses.replace(value)
         if not isinstance(value, Mapping):
-            raise TypeError(
+            raise ConfigError(
                 f"retriever.aggregate must be AggregateOptions or a mapping, got "
                 f"{type(value).__name__}"
             )
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = [key for key in value if key not in known]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"retriever.aggregate.{unknown[0]} is not an option; valid: {', '.join(known)}"
             )
         return cls(**value)
@@ -103,7 +103,7 @@ class AggregateOptions:
     def build(self) -> Aggregator:
         """The aggregator these options describe; raises ValueError naming a bad key."""
         if self.method not in METHOD_KEYS:
-            raise ValueError(
+            raise ConfigError(
                 f"retriever.aggregate.method={self.method!r} is not one of {', '.join(METHOD_KEYS)}"
             )
         used = METHOD_KEYS[self.method]
@@ -111,7 +111,7 @@ class AggregateOptions:
             for key in keys:
                 value = getattr(self, key)
                 if key not in used and value is not None:
-                    raise ValueError(
+                    raise ConfigError(
                         f"retriever.aggregate.{key}={value!r} applies to method={method} only, "
                         f"not method={self.method} (which reads: {', '.join(used) or 'nothing'})."
                         f" Set retriever.aggregate.{key}=null, or swap the whole group "
@@ -120,7 +120,7 @@ class AggregateOptions:
         if self.method == "agglomerative" and (self.n_clusters is None) == (
             self.distance_threshold is None
         ):
-            raise ValueError(
+            raise ConfigError(
                 "method=agglomerative needs exactly one of retriever.aggregate.n_clusters "
                 "(AG-F, the paper's 50) or retriever.aggregate.distance_threshold (AG-T), got "
                 f"n_clusters={self.n_clusters}, distance_threshold={self.distance_threshold}"
@@ -128,7 +128,7 @@ class AggregateOptions:
         try:
             return create_aggregator(self.method, **self.aggregator_options())
         except ValueError as err:
-            raise ValueError(f"retriever.aggregate: {err}") from None
+            raise ConfigError(f"retriever.aggregate: {err}") from None
 
 
 DEFAULT_AGGREGATE = AggregateOptions()
@@ -249,7 +249,7 @@ class ClusterClipRetriever(DenseClipRetriever):
         """Re-aggregates a ``dense_clip`` run's stored representatives (cells in raster
         order, then the global one when that run had ``with_global``)."""
         if stored.boxes is None:
-            raise ValueError("stored Dense-CLIP shards have no cell boxes")
+            raise StoreError("stored Dense-CLIP shards have no cell boxes")
         cells = stored.embeddings.shape[1] - int(bool(dense_config.get("with_global")))
         boxes = stored.boxes[0, :cells].float()
         grid = (len(torch.unique(boxes[:, 1])), len(torch.unique(boxes[:, 0])))
@@ -296,7 +296,7 @@ def calibrate(
     """
     key = CALIBRATED_KEY.get(options.method)
     if key is None or (options.method == "agglomerative" and options.n_clusters is not None):
-        raise ValueError(
+        raise ConfigError(
             "calibrate tunes agglomerative distance_threshold (AG-T) or prune tau (R.P.), "
             f"got {options}"
         )

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from retrieval.aggregate import grid_cell_boxes
+from retrieval.errors import ConfigError
 from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.clip import FULL_IMAGE_BOX, OpenClipRetriever
@@ -141,14 +142,14 @@ class DenseClipRetriever(OpenClipRetriever):
         global_pass: str = "same",
     ) -> None:
         if global_pass not in GLOBAL_PASSES:
-            raise ValueError(
+            raise ConfigError(
                 f"retriever.global_pass={global_pass!r} must be one of {', '.join(GLOBAL_PASSES)}"
             )
         super().__init__(backbone, pretrained, None, cache_dir)
         visual = self.model.visual
         check_supported(visual)
         if positional and not is_resnet(visual):
-            raise ValueError(
+            raise ConfigError(
                 f"retriever.positional=true applies to ResNet backbones only; {backbone} is a "
                 f"ViT, which adds its positions at the input. Set retriever.positional=false."
             )

@@ -21,6 +21,8 @@ from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from retrieval.errors import ConfigError
+
 Grid = tuple[int, int]
 
 
@@ -136,9 +138,9 @@ def resnet_dense_features(
 def _check_vit(visual: VisionTransformer) -> None:
     last = visual.transformer.resblocks[-1]
     if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
-        raise ValueError("dense features need a ViT pooled by its class token or mean token")
+        raise ConfigError("dense features need a ViT pooled by its class token or mean token")
     if not isinstance(last, ResidualAttentionBlock) or not last.attn._qkv_same_embed_dim:
-        raise ValueError(
+        raise ConfigError(
             f"dense features need open_clip's standard ResidualAttentionBlock, got "
             f"{type(last).__name__}"
         )
@@ -221,7 +223,7 @@ def check_supported(visual: nn.Module) -> None:
     if isinstance(visual, VisionTransformer):
         _check_vit(visual)
         return
-    raise ValueError(
+    raise ConfigError(
         f"dense features need an open_clip ModifiedResNet or VisionTransformer image tower, "
         f"got {type(visual).__name__}"
     )
@@ -235,5 +237,5 @@ def dense_features(visual: nn.Module, pixels: Tensor, positional: bool = False) 
     if is_resnet(visual):
         return resnet_dense_features(visual, pixels, positional)
     if positional:
-        raise ValueError("positional=True applies to ResNet backbones (the attention pool) only")
+        raise ConfigError("positional=True applies to ResNet backbones (the attention pool) only")
     return vit_dense_features(visual, pixels)

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import open_clip
 from torch import nn
 
-from retrieval.errors import WeightsNotFoundError
+from retrieval.errors import ConfigError, WeightsNotFoundError
 
 MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)  # RN-tiny, ViT-tiny: seconds-fast pipeline checks
@@ -164,7 +164,7 @@ def load_open_clip(
     """
     model_name = model_name_for(backbone, pretrained)
     if model_name not in open_clip.list_models():
-        raise ValueError(
+        raise ConfigError(
             f"retriever.backbone={backbone!r} is not an open_clip model. "
             f"Known ResNet/ViT CLIP models include: "
             f"{', '.join(m for m in open_clip.list_models() if m.startswith(('RN', 'ViT-B')))}"
@@ -174,7 +174,7 @@ def load_open_clip(
     if pretrained in BUNDLED:
         model, path = BUNDLED[pretrained]
         if model_name != model:
-            raise ValueError(
+            raise ConfigError(
                 f"retriever.pretrained={pretrained!r} holds weights for backbone {model}, "
                 f"not {backbone}: set retriever.backbone={model}"
             )

@@ -15,10 +15,12 @@ its class head. The head divides query embeddings by their norm (+1e-6) anyway, 
 unit vector in that space is a valid query, and the engine's prompt ensemble (mean of
 normalised template embeddings, normalised again) is one.
 
-Weights: ``checkpoint`` is a Hugging Face repo id (``google/owlvit-base-patch32``,
+Weights: ``pretrained`` (``retriever.pretrained``, the key every retriever takes its
+weights through) is a Hugging Face repo id (``google/owlvit-base-patch32``,
 ``-base-patch16``, ``-large-patch14``; OWLv2 ids work through the same code) resolved in
-the Hugging Face cache first, or a local ``save_pretrained`` folder. ``checkpoint=None``
-builds random weights (pipeline checks) with the architecture named by ``config``.
+the Hugging Face cache first (offline: only there), or a local ``save_pretrained``
+folder. ``pretrained=None`` builds random weights (pipeline checks only; a RANDOM
+weights warning and ``random_weights=True``) with the architecture named by ``config``.
 """
 
 from __future__ import annotations
@@ -31,20 +33,17 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from retrieval.errors import ConfigError, StoreError, WeightsNotFoundError
 from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.base import NEG_INF, Retriever
 from retrieval.retrievers.clip_bpe import load_tokenizer, tokenize
-from retrieval.retrievers.openclip_loader import (
-    WeightsNotFoundError,
-    cached_hub_file,
-    hub_reachable,
-)
+from retrieval.retrievers.openclip_loader import cached_hub_file, hub_reachable
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-DEFAULT_CHECKPOINT = "google/owlvit-base-patch32"
+DEFAULT_PRETRAINED = "google/owlvit-base-patch32"
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = (
     "model.safetensors",
@@ -78,7 +77,7 @@ TINY_CONFIG: dict[str, Any] = {
     "projection_dim": 32,
 }
 RANDOM_WEIGHTS_WARNING = (
-    "retriever.checkpoint=null: OWL-ViT ({arch}) has RANDOM weights. Every metric of this "
+    "retriever.pretrained=null: OWL-ViT ({arch}) has RANDOM weights. Every metric of this "
     "run is meaningless; use it to check the pipeline only."
 )
 
@@ -96,7 +95,7 @@ def _is_local_path(name: str) -> bool:
 
 
 def _missing(folder: Path | None, weights: bool) -> list[str]:
-    """The files a checkpoint folder lacks (``config.json``, and weights when asked)."""
+    """The files a pretrained folder lacks (``config.json``, and weights when asked)."""
     missing = []
     if folder is None or not (folder / CONFIG_FILE).is_file():
         missing.append(CONFIG_FILE)
@@ -105,11 +104,13 @@ def _missing(folder: Path | None, weights: bool) -> list[str]:
     return missing
 
 
-def _raise_not_cached(repo_id: str, missing: list[str], cache_dir: str | None) -> NoReturn:
+def _raise_not_cached(
+    repo_id: str, missing: list[str], cache_dir: str | None, key: str
+) -> NoReturn:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     raise WeightsNotFoundError(
-        f"OWL-ViT checkpoint {repo_id!r} is not cached and the Hugging Face hub is "
+        f"{key}={repo_id!r}: OWL-ViT {repo_id!r} is not cached and the Hugging Face hub is "
         f"unreachable (offline). Missing: {' and '.join(missing)} of {repo_id} in "
         f"{cache_dir or HF_HUB_CACHE}.\n"
         f"Fix it one of two ways:\n"
@@ -119,11 +120,11 @@ def _raise_not_cached(repo_id: str, missing: list[str], cache_dir: str | None) -
         f"     and copy its Hugging Face cache folder here (set HF_HUB_CACHE or "
         f"retriever.cache_dir to it);\n"
         f"  2. save it as a folder (model.save_pretrained(DIR), or "
-        f"`hf download {repo_id} --local-dir DIR`) and pass retriever.checkpoint=DIR."
+        f"`hf download {repo_id} --local-dir DIR`) and pass {key}=DIR."
     )
 
 
-def resolve_checkpoint(name: str, cache_dir: str | None, weights: bool = True) -> Path | str:
+def resolve_pretrained(name: str, cache_dir: str | None, weights: bool = True) -> Path | str:
     """A local folder (or ``config.json``) as a Path, or the hub repo id still to download.
 
     A hub id is looked up in the Hugging Face cache first, so a filled cache loads at once
@@ -134,11 +135,13 @@ def resolve_checkpoint(name: str, cache_dir: str | None, weights: bool = True) -
         name: a local ``save_pretrained`` folder, a ``config.json`` file (only with
             ``weights=False``), or a hub repo id.
         cache_dir: Hugging Face cache folder (default: the library's).
-        weights: whether weight files are needed too (False: the architecture only).
+        weights: whether weight files are needed too (``retriever.pretrained``; False:
+            the architecture only, ``retriever.config``).
 
     Raises:
         WeightsNotFoundError: nothing usable is there and nothing can be downloaded.
     """
+    key = "retriever.pretrained" if weights else "retriever.config"
     if _is_local_path(name):
         path = Path(name).expanduser()
         if not weights and path.is_file():
@@ -146,8 +149,9 @@ def resolve_checkpoint(name: str, cache_dir: str | None, weights: bool = True) -
         missing = _missing(path, weights)
         if missing:
             raise WeightsNotFoundError(
-                f"retriever.checkpoint={name!r}: no {' and no '.join(missing)} there. Pass a "
-                f"folder written by save_pretrained, or a hub id such as {DEFAULT_CHECKPOINT!r}."
+                f"{key}={name!r}: no {' and no '.join(missing)} there. Pass a folder written "
+                f"by save_pretrained or a hub id such as {DEFAULT_PRETRAINED!r}"
+                + (", or null for random weights (pipeline checks only)." if weights else ".")
             )
         return path
     config = cached_hub_file(name, (CONFIG_FILE,), cache_dir)
@@ -157,7 +161,7 @@ def resolve_checkpoint(name: str, cache_dir: str | None, weights: bool = True) -
         return snapshot
     if hub_reachable():
         return name
-    _raise_not_cached(name, missing, cache_dir)
+    _raise_not_cached(name, missing, cache_dir, key)
 
 
 def _from_pretrained(cls_name: str, source: Path | str, cache_dir: str | None, **kw: Any) -> Any:
@@ -168,21 +172,22 @@ def _from_pretrained(cls_name: str, source: Path | str, cache_dir: str | None, *
 
 
 def load_model(
-    checkpoint: str | None, config: str | None, cache_dir: str | None
+    pretrained: str | None, config: str | None, cache_dir: str | None
 ) -> tuple[nn.Module, Path | None]:
     """The detector in eval mode, and the local folder it came from (None: downloaded/random).
 
     Args:
-        checkpoint: repo id or local folder; None builds random weights.
-        config: with ``checkpoint=None``, the architecture: ``tiny`` (seconds-fast), a
+        pretrained: repo id or local folder; None builds random weights.
+        config: with ``pretrained=None``, the architecture: ``tiny`` (seconds-fast), a
             repo id, folder or ``config.json``; None = ``OwlViTConfig()`` (base-patch32).
         cache_dir: Hugging Face cache folder.
     """
-    if checkpoint is None:
+    if pretrained is None:
         cfg = architecture(config, cache_dir)
+        detector = _transformers(_family(cfg)[0])
         warnings.warn(RANDOM_WEIGHTS_WARNING.format(arch=config or "base-patch32"), stacklevel=3)
-        return _transformers(_family(cfg)[0])(cfg).eval(), None
-    source = resolve_checkpoint(checkpoint, cache_dir)
+        return detector(cfg).eval(), None
+    source = resolve_pretrained(pretrained, cache_dir)
     cfg = _from_pretrained("AutoConfig", source, cache_dir)
     model = _from_pretrained(_family(cfg)[0], source, cache_dir, dtype=torch.float32)
     return model.eval(), source if isinstance(source, Path) else None
@@ -194,21 +199,22 @@ def architecture(config: str | None, cache_dir: str | None) -> PretrainedConfig:
         return _transformers("OwlViTConfig")()
     if config == TINY:
         return _transformers("OwlViTConfig")(**TINY_CONFIG)
-    return _from_pretrained("AutoConfig", resolve_checkpoint(config, cache_dir, False), cache_dir)
+    return _from_pretrained("AutoConfig", resolve_pretrained(config, cache_dir, False), cache_dir)
 
 
 def _family(cfg: PretrainedConfig) -> tuple[str, str]:
     try:
         return FAMILIES[cfg.model_type]
     except KeyError:
-        raise ValueError(
-            f"retriever owlvit: the checkpoint is a {cfg.model_type!r} model; expected one of "
-            f"{', '.join(FAMILIES)} (OwlViTForObjectDetection / Owlv2ForObjectDetection)."
+        raise ConfigError(
+            f"retriever owlvit: retriever.pretrained (or retriever.config) is a "
+            f"{cfg.model_type!r} model; expected one of {', '.join(FAMILIES)} "
+            f"(OwlViTForObjectDetection / Owlv2ForObjectDetection)."
         ) from None
 
 
 class OwlPreprocess:
-    """PIL -> ``[3, S, S]``: the family's own image processor at the checkpoint's size.
+    """PIL -> ``[3, S, S]``: the family's own image processor at the model's input size.
 
     OWL-ViT squashes the image to ``S x S`` (bicubic); OWLv2 pads it to a square (bottom,
     right) first, so its boxes are fractions of that padded square.
@@ -237,7 +243,7 @@ def class_logits(text: Tensor, reps: Representatives) -> Tensor:
     """
     extras = reps.extras or {}
     if "logit_shift" not in extras or "logit_scale" not in extras:
-        raise ValueError(
+        raise StoreError(
             "OWL-ViT scoring needs extras 'logit_shift' and 'logit_scale' per box; these "
             "representatives lack them (embeddings made by another retriever or version?). "
             "Re-embed with retriever.name=owlvit."
@@ -257,43 +263,47 @@ class OwlViTRetriever(Retriever):
     its box (normalised ``xyxy``) and, in ``extras``, its logit shift and scale.
 
     Args:
-        checkpoint: Hugging Face repo id (``google/owlvit-base-patch32``, ``-base-patch16``,
-            ``-large-patch14``, or an OWLv2 id) or a local ``save_pretrained`` folder;
-            None builds random weights (pipeline checks only).
-        config: with ``checkpoint=None``, the architecture: ``tiny`` (seconds-fast), a repo
+        pretrained: Hugging Face repo id (``google/owlvit-base-patch32``, ``-base-patch16``,
+            ``-large-patch14``, or an OWLv2 id; offline it must be in the Hugging Face
+            cache) or a local ``save_pretrained`` folder; None builds random weights
+            (pipeline checks only).
+        config: with ``pretrained=None``, the architecture: ``tiny`` (seconds-fast), a repo
             id, folder or ``config.json``; None = OWL-ViT base-patch32.
         cache_dir: Hugging Face cache folder (default: ``HF_HUB_CACHE``).
     """
 
     def __init__(
         self,
-        checkpoint: str | None = DEFAULT_CHECKPOINT,
+        pretrained: str | None = DEFAULT_PRETRAINED,
         config: str | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if checkpoint is not None and config is not None:
-            raise ValueError(
-                "retriever.config only applies to random weights (retriever.checkpoint=null); "
-                "a checkpoint brings its own config."
+        if pretrained is not None and config is not None:
+            raise ConfigError(
+                f"retriever.config={config!r} only applies to random weights "
+                f"(retriever.pretrained=null); retriever.pretrained={pretrained!r} brings its "
+                f"own config. Drop retriever.config, or set retriever.pretrained=null."
             )
-        self.model, folder = load_model(checkpoint, config, cache_dir)
+        self.model, folder = load_model(pretrained, config, cache_dir)
         cfg = self.model.config
         self.tokenizer = load_tokenizer(folder)
         if len(self.tokenizer) != cfg.text_config.vocab_size:
-            raise ValueError(
-                f"the CLIP tokenizer has {len(self.tokenizer)} tokens but the checkpoint's text "
-                f"tower expects {cfg.text_config.vocab_size}: not a CLIP-vocabulary OWL model."
+            key = "pretrained" if pretrained is not None else "config"
+            raise ConfigError(
+                f"retriever.{key}={pretrained or config!r}: the CLIP tokenizer has "
+                f"{len(self.tokenizer)} tokens but the model's text tower expects "
+                f"{cfg.text_config.vocab_size}: not a CLIP-vocabulary OWL model."
             )
         self.context_length = int(cfg.text_config.max_position_embeddings)
         size, patch = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
         self.image_transform = OwlPreprocess(_family(cfg)[1], size)
         self.embed_dim = int(cfg.projection_dim)
-        self.random_weights = checkpoint is None
+        self.random_weights = pretrained is None
         self.config = {
             "family": cfg.model_type,
-            "checkpoint": checkpoint,
-            "architecture": config if checkpoint is None else None,
+            "pretrained": pretrained,
+            "architecture": config if pretrained is None else None,
             "image_size": size,
             "patch_size": patch,
             "boxes_per_image": (size // patch) ** 2,

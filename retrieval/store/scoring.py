@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from retrieval.errors import StoreError
 from retrieval.representatives import Representatives
 from retrieval.store.shards import ShardReader, ShardStore
 
@@ -90,11 +91,11 @@ def score_store(
                 counts.append(chunk.counts.numpy())
                 ids.append(shard.image_ids[i : i + step][rows])
     if not ids:
-        raise RuntimeError(f"no embedding shards in {store.root}: nothing was embedded")
+        raise StoreError(f"no embedding shards in {store.root}: nothing was embedded")
     image_ids = np.concatenate(ids)
     order = np.argsort(image_ids, kind="stable")
     if len(np.unique(image_ids)) != len(image_ids):
-        raise RuntimeError(f"{store.root}: an image id appears in more than one shard")
+        raise StoreError(f"{store.root}: an image id appears in more than one shard")
     return ScoreResult(
         scores=torch.cat(scores, dim=1).numpy()[:, order],
         image_ids=image_ids[order],

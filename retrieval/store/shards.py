@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from retrieval.errors import ConfigError
 from retrieval.representatives import Representatives
 
 SHARD_SUFFIX = ".safetensors"
@@ -89,7 +90,7 @@ class ShardStore:
 
     def __init__(self, root: str | Path, dtype: str = "float16") -> None:
         if dtype not in DTYPES:
-            raise ValueError(f"store.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+            raise ConfigError(f"store.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
         self.root = Path(root)
         self.dtype = dtype
 
