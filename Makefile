@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo demo-random train-scenes test test-fast lint clean
+.PHONY: setup demo demo-random results-scenes train-scenes test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# writes only under outputs/scenes/ (git-ignored); results/ changes via results-scenes
 demo: setup
 	$(PY) tools/run_scenes_benchmark.py
+
+# the same benchmark (shipped and random weights), also rewriting the committed tables
+results-scenes: setup
+	$(PY) tools/run_scenes_benchmark.py --results results/scenes
+	$(PY) tools/run_scenes_benchmark.py --weights random --results results/scenes
 
 demo-random: setup
 	$(PY) -m retrieval.data.synthetic data/synthetic --num-images 48
@@ -30,8 +36,12 @@ test: setup
 test-fast: setup
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
 
+# ruff (lint + format check), mypy on the library, import-layer contracts (pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check retrieval tests bench tools
+	$(VENV)/bin/ruff format --check retrieval tests bench tools
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean:
-	rm -rf runs data/synthetic data/scenes data/scenes-train-cache .pytest_cache
+	rm -rf runs outputs data/synthetic data/scenes data/scenes-train-cache .pytest_cache

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.representatives import Representatives
 from retrieval.index import Backend, create_backend
-from retrieval.index.base import recall_at_k
 from retrieval.index.exact import exact_search
+from retrieval.index.tuning import recall_at_k
+from retrieval.representatives import Representatives
 
 BATCH_IMAGES = 4096
 

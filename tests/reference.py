@@ -1,4 +1,4 @@
-"""Independent references the tests compare against, written straight from PROTOCOL.md."""
+"""Independent references the tests compare against, written straight from docs/protocol.md."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 
 def reference_ap(scores, relevant, ignore=None, image_ids=None, top_k=None, normalize="min_k_p"):
-    """AP@K of one query, looped straight from PROTOCOL.md.
+    """AP@K of one query, looped straight from docs/protocol.md.
 
     Ignored images are dropped before ranking; ties go to the smaller image id;
     ``AP@K = 1/min(K, P) * sum over relevant r_k, k <= K, of precision@k`` ("hits":

@@ -359,7 +359,7 @@ def test_bad_options(handmade) -> None:
     ],
 )
 def test_clean_category_name(dataset: str, raw: str, query: str) -> None:
-    """Invariant: the PROTOCOL.md cleaning rules, on its examples and a few more."""
+    """Invariant: the docs/protocol.md cleaning rules, on its examples and a few more."""
     assert clean_category_name(raw, dataset) == query
 
 

@@ -261,7 +261,7 @@ def test_max_images_restricts_ground_truth(handmade) -> None:
 
 def test_categories_splits_and_queries(handmade) -> None:
     """Invariant: frequency r/c/f -> split rare/common/frequent; the query is synonyms[0]
-    cleaned (PROTOCOL.md), the name stays raw, and data.query_names (keyed by name) wins."""
+    cleaned (docs/protocol.md), the name stays raw, and data.query_names (keyed by name) wins."""
     dataset = LvisDataset(*handmade, query_names={"person": "human"})
     assert [(c.id, c.name, c.query, c.split) for c in dataset.categories] == [
         (2, "hair_dryer", "hair dryer", "common"),

@@ -125,9 +125,9 @@ def test_resnet_pool_output_is_per_head_sum_of_dense_values(resnet, size):
 
 @torch.no_grad()
 def test_head_averaged_attention_is_not_the_pool_output(resnet):
-    """Invariant (FIELD_NOTES): averaging the attention over heads before mixing the dense
-    cells misses the pool's output by far more than rounding once attention is peaked
-    (varied random feature maps here), so the per-head identity above is a real check."""
+    """Invariant: averaging the attention over heads before mixing the dense cells
+    misses the pool's output by far more than rounding once attention is peaked (varied
+    random feature maps here), so the per-head identity above is a real check."""
     pool = resnet.attnpool
     features = torch.randn(2, pool.k_proj.in_features, 2, 2, dtype=torch.float64)
     tokens = pool_input(pool, features, pool.positional_embedding)

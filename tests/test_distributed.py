@@ -1,5 +1,5 @@
-"""Multi-process embedding and crash recovery, run as real subprocesses (FIELD_NOTES:
-DDP inside pytest re-launches pytest itself)."""
+"""Multi-process embedding and crash recovery, run as real subprocesses (Lightning's
+ddp strategy inside pytest re-launches the pytest command itself for rank 1)."""
 
 from __future__ import annotations
 

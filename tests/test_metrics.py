@@ -1,6 +1,6 @@
 """Tests of retrieval.metrics against independent references.
 
-The references are a plain Python loop written from PROTOCOL.md's formulas,
+The references are a plain Python loop written from docs/protocol.md's formulas,
 scikit-learn's ``average_precision_score`` and torchmetrics' ``RetrievalMAP``.
 """
 
@@ -69,7 +69,7 @@ def test_tie_break_changes_ap_hand_computed():
 @pytest.mark.parametrize("top_k", [1, 3, 10, 50, None])
 def test_average_precision_matches_loop(top_k, normalize):
     """On random data with ties, negatives, ignored and empty queries, every row equals
-    the PROTOCOL.md loop (NaN exactly where the loop has no positives)."""
+    the docs/protocol.md loop (NaN exactly where the loop has no positives)."""
     problem = random_problem(seed=top_k or 0)
     ours = average_precision(
         torch.from_numpy(problem["scores"]),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -161,6 +163,64 @@ def test_random_weights_do_not_show_it(benchmark) -> None:
     assert all(m["random_weights"] for m in results.values())
     failures = effect_failures(results)
     assert any(f.startswith("dense") for f in failures), failures
+
+
+def _git_ignored(path: Path) -> bool:
+    """Whether git ignores ``path`` in this checkout (``git check-ignore``)."""
+    done = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT, check=False)
+    assert done.returncode in (0, 1), f"git check-ignore failed on {path}"
+    return done.returncode == 0
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder``: relative path -> (size, mtime in ns)."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.skipif(
+    shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout"
+)
+def test_demo_defaults_are_git_ignored() -> None:
+    """`make demo` (the script without options) writes only where git ignores, so the
+    checkout stays clean; results/ is written only when asked for (`--results`)."""
+    bench = _tool("run_scenes_benchmark")
+    args = bench.build_parser().parse_args([])
+    assert args.results is None
+    assert args.out == ROOT / "outputs" / "scenes"
+    for path in (
+        args.data / "annotations.json",
+        args.out / "benchmark.md",
+        args.out / "per_category_ap.png",
+        args.out / "runs" / "clip" / "metrics.json",
+        args.out / "random" / "benchmark.md",
+    ):
+        assert _git_ignored(path), path
+    assert not _git_ignored(ROOT / "results" / "scenes" / "benchmark.md")
+    makefile = (ROOT / "Makefile").read_text()
+    demo = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "--results" not in demo and "results/" not in demo, demo
+
+
+@pytest.mark.slow
+def test_benchmark_script_writes_nothing_under_results(tmp_path: Path) -> None:
+    """The script itself (fast mode: a few scenes, one retriever) writes the table,
+    compare's tables, plots and run folders under --out and nothing under results/."""
+    bench = _tool("run_scenes_benchmark")
+    results = ROOT / "results"
+    before = _tree(results)
+    out = tmp_path / "out"
+    argv = ["--data", str(tmp_path / "data"), "--out", str(out), "--num-images", "8"]
+    argv += ["logger.wandb.mode=disabled", "run.progress=false", "--runs", "clip"]
+    assert bench.main(argv) == 0
+    assert _tree(results) == before
+    for name in ("benchmark.md", "compare.md", "compare.csv", "per_category_ap.png"):
+        assert (out / name).is_file(), name
+    assert (out / "runs" / "clip" / "metrics.json").is_file()
+    assert "8 held-out scenes" in (out / "benchmark.md").read_text()
 
 
 def test_training_captions_never_name_held_out_pairs() -> None:

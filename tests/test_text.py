@@ -1,4 +1,4 @@
-"""Prompt ensembles follow PROTOCOL.md: mean of normalised template embeddings, renormalised."""
+"""Prompt ensembles follow docs/protocol.md: mean of normalised template embeddings, renormalised."""
 
 from __future__ import annotations
 

@@ -11,14 +11,18 @@ never seen in training) and evaluates the shipped RN-scenes model
   k-means / agglomerative clustering into a few representatives.
 
 Then it prints one table (mAP@50, mAP@50 small-medium, mAP, the same on the held-out
-pairs, representatives per image) and writes it (``benchmark.md``) with ``retrieval
-compare``'s tables under ``--results`` (``results/scenes``; random weights:
-``results/scenes/random``).
+pairs, representatives per image) and writes everything under ``--out``
+(``outputs/scenes``, git-ignored, so the demo leaves the checkout clean; random weights:
+``outputs/scenes/random``): the run folders (``runs/<run>``), the table
+(``benchmark.md``) and ``retrieval compare``'s tables and plots. The committed summaries
+in ``results/scenes`` (the table and compare's tables, no plots) change only when asked
+for with ``--results results/scenes`` (``make results-scenes``).
 
 Usage (from the repository root)::
 
-    python tools/run_scenes_benchmark.py                 # data/scenes, runs/scenes, results/scenes
+    python tools/run_scenes_benchmark.py                 # data/scenes -> outputs/scenes
     python tools/run_scenes_benchmark.py --weights random   # the same with random weights
+    python tools/run_scenes_benchmark.py --results results/scenes   # also update results/
     python tools/run_scenes_benchmark.py --card          # also update the model card's table
 """
 
@@ -57,6 +61,9 @@ EXPERIMENTS = {
 """Run name -> experiment config (configs/experiment/)."""
 WEIGHTS = ROOT / "retrieval" / "weights" / "RN-scenes.safetensors"
 CARD = ROOT / "retrieval" / "weights" / "RN-scenes.md"
+OUTPUT = ROOT / "outputs" / "scenes"
+"""Default ``--out``: git-ignored (``.gitignore``'s ``outputs/``), so ``make demo`` leaves
+``git status`` clean."""
 COLUMNS = (
     ("map@50", "mAP@50"),
     ("map@50_s-m", "mAP@50 s-m"),
@@ -94,7 +101,7 @@ def held_out_means(metrics: dict[str, Any], names: Sequence[str] = HELD_OUT_PAIR
 
 def run_benchmark(
     data_dir: str | Path = ROOT / "data" / "scenes",
-    out_dir: str | Path = ROOT / "runs" / "scenes",
+    out_dir: str | Path = OUTPUT / "runs",
     num_images: int | None = None,
     seed: int | None = None,
     pretrained: str | None = str(WEIGHTS),
@@ -193,17 +200,41 @@ def update_card(card: Path, markdown: str, marker: str = "benchmark") -> None:
     card.write_text(new if count else text.rstrip("\n") + "\n\n" + block + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def write_summary(
+    out: Path, title: str, table: str, comparison: Any, plots: bool
+) -> dict[str, Path]:
+    """The table (``benchmark.md``) and ``retrieval compare``'s tables (and plots unless
+    ``plots=False``, for the committed summaries) under ``out``; returns name -> path."""
+    from retrieval.report.compare import write_comparison
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text(f"# Scenes benchmark\n\n{title}.\n\n{table}\n")
+    written = {"benchmark.md": out / "benchmark.md"}
+    return {**written, **write_comparison(comparison, out, plots=plots)}
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "scenes")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "runs" / "scenes", help="parent of the run folders"
+        "--out",
+        type=Path,
+        default=OUTPUT,
+        help="where everything goes: run folders (runs/<run>), the table, compare's tables "
+        "and plots; random weights: <out>/random (default: outputs/scenes, git-ignored)",
     )
     parser.add_argument(
         "--results",
         type=Path,
-        default=ROOT / "results" / "scenes",
-        help="where the comparison table goes",
+        default=None,
+        help="also write the committed summaries (the table, compare's tables, no plots) "
+        "here, e.g. results/scenes (random weights: <results>/random); default: none",
     )
     parser.add_argument("--num-images", type=int, default=None, help="default: 400")
     parser.add_argument("--seed", type=int, default=None, help="default: 2023")
@@ -220,12 +251,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"write the table into the model card ({CARD.relative_to(ROOT)})",
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     pretrained = None if args.weights in ("random", "null", "none") else args.weights
     options = scenes_options("eval", args.num_images, args.seed)
+    # outputs/scenes/ (shipped weights) or outputs/scenes/random/: runs, table, plots
+    out_dir = args.out if pretrained is not None else args.out / "random"
     results = run_benchmark(
         args.data,
-        args.out,
+        out_dir / "runs",
         args.num_images,
         args.seed,
         pretrained,
@@ -241,15 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print_table(rows, title)
     table = markdown_table(rows)
-    # results/scenes/ (shipped weights) or results/scenes/random/: the one table and
-    # `retrieval compare`'s tables, no plots (results/README.md)
-    results_dir = args.results if pretrained is not None else args.results / "random"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "benchmark.md").write_text(f"# Scenes benchmark\n\n{title}.\n\n{table}\n")
-    from retrieval.report.compare import build_comparison, write_comparison
+    from retrieval.report.compare import build_comparison
 
     comparison = build_comparison([Path(r["run_dir"]) for r in results.values()], "none")
-    write_comparison(comparison, results_dir, plots=False)
+    written = write_summary(out_dir, title, table, comparison, plots=True)
+    print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {_shown(out_dir)}/")
+    print(f"run folders: {_shown(out_dir / 'runs')}/")
+    if args.results is not None:
+        # results/scenes/ or results/scenes/random/: the one table and `retrieval
+        # compare`'s tables, no plots (results/README.md)
+        results_dir = args.results if pretrained is not None else args.results / "random"
+        write_summary(results_dir, title, table, comparison, plots=False)
+        print(f"wrote the committed summaries to {_shown(results_dir)}/")
     if args.card:
         command = "python tools/run_scenes_benchmark.py" + (
             " --weights random" if pretrained is None else ""
@@ -260,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{heading}\n\n{title}.\n\n{table}\n\nReproduce: `{command}`.",
             "benchmark" if pretrained is not None else "benchmark-random",
         )
-    print(f"wrote {results_dir}")
+        print(f"wrote the table into {_shown(CARD)}")
     return 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from retrieval.errors import IndexFileError
+from retrieval.errors import ConfigError, IndexFileError
 from retrieval.index.table import RepTable, TableWriter
 from retrieval.representatives import Representatives
 
@@ -89,7 +89,7 @@ class Backend(ABC):
                 f"{self.dim}: queries must come from the retriever that made the index"
             )
         if k < 1:
-            raise ValueError(f"top k must be at least 1, got {k}")
+            raise ConfigError(f"top k must be at least 1, got {k}: ask for --top 1 or more")
         return [self.hits(rows, scores) for rows, scores in self.search_rows(q, k)]
 
     def require_table(self) -> RepTable:
@@ -122,7 +122,8 @@ class Backend(ABC):
         self, queries: Tensor, truth: list[np.ndarray], k: int, target: float
     ) -> None:
         """Chooses settings that reach ``target`` recall@k against exact image lists
-        ``truth`` (table image positions); exact backends need none."""
+        ``truth`` (table image positions); exact backends need none. Approximate ones
+        say what to try and how to measure it to :func:`~retrieval.index.tuning.tune_settings`."""
 
     def files(self) -> list[Path]:
         """Files this index consists of (the table's and the backend's own)."""
@@ -165,16 +166,3 @@ def first_per_image(rows: np.ndarray, scores: np.ndarray, owner: np.ndarray, k: 
     _, first = np.unique(owner[rows], return_index=True)
     first = np.sort(first)[:k]
     return rows[first], scores[first]
-
-
-def image_recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
-    """Mean fraction of each exact top-k image list found (both as table image positions)."""
-    fractions = [
-        len(np.intersect1d(f, t)) / max(len(t), 1) for f, t in zip(found, truth, strict=True)
-    ]
-    return float(np.mean(fractions)) if fractions else 1.0
-
-
-def recall_at_k(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> float:
-    """:func:`image_recall` of backend answers (rows, mapped to images by ``owner``)."""
-    return image_recall([owner[rows] for rows, _ in found], truth)

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import retrieval
-from retrieval.errors import IndexFileError
+from retrieval.errors import ConfigError, IndexFileError, MissingFileError
 from retrieval.factory import create_backend
-from retrieval.index.base import Backend, recall_at_k
+from retrieval.index.base import Backend
 from retrieval.index.exact import ExactBackend, exact_search
 from retrieval.index.table import MANIFEST, RepTable
+from retrieval.index.tuning import recall_at_k
 from retrieval.store.shards import ShardReader, ShardStore
 
 FORMAT = 1
@@ -36,7 +37,7 @@ SCORE_RULE = "max cosine over an image's representatives"
 def run_store(run_dir: Path) -> ShardStore:
     """The run's embedding store, or a clear error naming what is missing."""
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run_dir} (made by `retrieval eval`)")
+        raise MissingFileError(f"run folder not found: {run_dir} (made by `retrieval eval`)")
     store = ShardStore(run_dir / "embeddings")
     if not store.shard_paths():
         raise IndexFileError(
@@ -156,7 +157,7 @@ def build_index(
         The index folder.
     """
     if not 0 < recall_target <= 1 or recall_k < 1:
-        raise ValueError(
+        raise ConfigError(
             f"recall target {recall_target} / K {recall_k}: the target is a fraction in "
             f"(0, 1] (e.g. --recall-target 0.95) and K at least 1 (e.g. --recall-k 50)"
         )

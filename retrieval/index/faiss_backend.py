@@ -25,16 +25,12 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.errors import IndexFileError
+from retrieval.errors import ConfigError, IndexFileError, did_you_mean
 from retrieval.factory import register_backend
-from retrieval.index.base import (
-    Backend,
-    RowHits,
-    first_per_image,
-    recall_at_k,
-)
+from retrieval.index.base import Backend, RowHits, first_per_image
 from retrieval.index.exact import rerank
 from retrieval.index.table import corrupt
+from retrieval.index.tuning import recall_at_k, tune_settings
 
 FAISS_FILE = "faiss.index"
 FLAT_MAX_ROWS = 2_000_000
@@ -83,7 +79,11 @@ class FaissBackend(Backend):
     def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
         kind = options.get("kind", "auto")
         if kind not in KINDS:
-            raise ValueError(f"faiss kind {kind!r} is not one of {', '.join(KINDS)}")
+            raise ConfigError(
+                f"faiss kind {kind!r} is not one of {', '.join(KINDS)}: pass --option "
+                f"kind=auto|flat|ivfpq or use backend faiss-flat / faiss-ivfpq."
+                f"{did_you_mean(str(kind), KINDS)}"
+            )
         options.setdefault("overfetch", 4)
         super().__init__(folder, dim, device, **options)
         self.index: faiss.Index | None = None
@@ -208,34 +208,41 @@ class FaissBackend(Backend):
         return out
 
     def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
-        """flat: the over-fetch most queries need (the rest fetch again). ivfpq: per
-        ``nprobe``, the least over-fetch whose re-ranked answers reach ``target`` recall;
-        the cheapest such pair wins (:meth:`_cost`), else the pair of best recall."""
+        """flat: the over-fetch most queries need (the rest fetch again). ivfpq: the
+        cheapest ``(nprobe, overfetch)`` pair (:meth:`_cost`) whose re-ranked answers
+        reach ``target`` recall, else the pair of best recall (:func:`tune_settings`)."""
         if self.options["kind"] == "flat":
             self.options["overfetch"] = self._flat_overfetch(queries, k)
             return
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
-        meeting, best = [], (-1.0, NPROBE[0], OVERFETCH[-1])
-        for nprobe in (p for p in NPROBE if p <= self.index.nlist):
-            self.options["nprobe"] = nprobe
-            _, rows = self._fetch(q, OVERFETCH[-1] * k)
-            for overfetch in OVERFETCH:  # a smaller fetch is a prefix of a larger one
-                found = [
-                    self._rerank(v, r[: overfetch * k], k)
-                    for v, r in zip(queries, rows, strict=True)
-                ]
-                recall = recall_at_k(found, truth, self.table.owner)
-                best = max(best, (recall, nprobe, overfetch))
-                if recall >= target:
-                    meeting.append((nprobe, overfetch))
-                    break
-            if meeting and meeting[-1] == (nprobe, OVERFETCH[0]):
-                break  # more probes cannot fetch less
-        if meeting:
-            nprobe, overfetch = min(meeting, key=lambda pair: self._cost(k, *pair))
-        else:
-            _, nprobe, overfetch = best
-        self.options.update(nprobe=nprobe, overfetch=overfetch)
+        fetched: dict[int, np.ndarray] = {}  # nprobe -> rows of the largest over-fetch
+
+        def measure() -> float:
+            nprobe, overfetch = self.options["nprobe"], self.options["overfetch"]
+            if nprobe not in fetched:  # a smaller fetch is a prefix of a larger one:
+                fetched.clear()  # one fetch per nprobe serves every over-fetch
+                fetched[nprobe] = self._fetch(q, OVERFETCH[-1] * k)[1]
+            found = [
+                self._rerank(v, r[: overfetch * k], k)
+                for v, r in zip(queries, fetched[nprobe], strict=True)
+            ]
+            return recall_at_k(found, truth, self.table.owner)
+
+        candidates = (
+            {"nprobe": nprobe, "overfetch": overfetch}
+            for nprobe in NPROBE
+            if nprobe <= self.index.nlist
+            for overfetch in OVERFETCH
+        )
+        # the cost grows with both knobs, so once a pair meets the target the pricier
+        # ones (more over-fetch, or more probes at any over-fetch) go unmeasured
+        tune_settings(
+            self.options,
+            candidates,
+            measure,
+            target,
+            cost=lambda s: self._cost(k, s["nprobe"], s["overfetch"]),
+        )
 
     def _cost(self, k: int, nprobe: int, overfetch: int) -> float:
         """Numbers touched per query: PQ codes scanned, fetched rows scored exactly, and

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from retrieval.errors import IndexFileError
+from retrieval.errors import ConfigError, IndexFileError, did_you_mean
 from retrieval.factory import register_backend
-from retrieval.index.base import Backend, RowHits, recall_at_k
+from retrieval.index.base import Backend, RowHits
 from retrieval.index.exact import rerank
 from retrieval.index.table import corrupt
+from retrieval.index.tuning import recall_at_k, tune_settings
 
 LANCE_DIR = "lance"
 TABLE = "images"
@@ -51,10 +52,12 @@ class LanceBackend(Backend):
     ``nprobes``, ``refine_factor``, ``ef_factor``: HNSW candidates per fetched row)."""
 
     def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
-        if options.get("index_type", "auto") not in INDEX_TYPES:
-            raise ValueError(
-                f"lancedb index_type {options['index_type']!r} is not one of "
-                f"{', '.join(INDEX_TYPES)}"
+        index_type = options.get("index_type", "auto")
+        if index_type not in INDEX_TYPES:
+            raise ConfigError(
+                f"lancedb index_type {index_type!r} is not one of {', '.join(INDEX_TYPES)}: "
+                f"pass e.g. --option index_type=IVF_FLAT."
+                f"{did_you_mean(str(index_type), INDEX_TYPES)}"
             )
         options.setdefault("nprobes", 20)
         super().__init__(folder, dim, device, **options)
@@ -183,11 +186,16 @@ class LanceBackend(Backend):
         if hnsw:
             self.options.setdefault("refine_factor", 4)
         partitions = self.options["num_partitions"]
-        for nprobes in (p for p in NPROBES if p < partitions * 2):
-            self.options["nprobes"] = min(nprobes, partitions)
-            for ef_factor in EF_FACTORS if hnsw else (None,):
-                if ef_factor:
-                    self.options["ef_factor"] = ef_factor
-                found = self.search_rows(queries, k)
-                if recall_at_k(found, truth, self.table.owner) >= target:
-                    return
+        candidates = (
+            {"nprobes": min(nprobes, partitions)} | ({"ef_factor": ef} if ef else {})
+            for nprobes in NPROBES
+            if nprobes < partitions * 2
+            for ef in (EF_FACTORS if hnsw else (None,))
+        )
+        tune_settings(
+            self.options,
+            candidates,
+            lambda: recall_at_k(self.search_rows(queries, k), truth, self.table.owner),
+            target,
+            fallback="last",
+        )

@@ -26,11 +26,12 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.errors import IndexFileError
+from retrieval.errors import ConfigError, IndexFileError, did_you_mean
 from retrieval.factory import register_backend
-from retrieval.index.base import Backend, RowHits, image_recall
+from retrieval.index.base import Backend, RowHits
 from retrieval.index.exact import rerank
 from retrieval.index.table import corrupt
+from retrieval.index.tuning import image_recall, tune_settings
 
 LITE_DIR = "milvus.db"
 LITE_COLLECTION = "representatives"
@@ -65,18 +66,15 @@ class MilvusBackend(Backend):
     (HNSW ef = ef_factor x top), ``nprobe``, ``nlist``)."""
 
     def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
-        if options["index_type"] not in INDEX_PARAMS:
-            raise ValueError(
-                f"milvus index_type {options['index_type']!r} is not one of "
-                f"{', '.join(INDEX_PARAMS)}"
-            )
-        if options["vector_type"] not in VECTOR_TYPES:
-            raise ValueError(
-                f"milvus vector_type {options['vector_type']!r} is not one of "
-                f"{', '.join(VECTOR_TYPES)}"
-            )
+        for key, allowed in (("index_type", INDEX_PARAMS), ("vector_type", VECTOR_TYPES)):
+            if options[key] not in allowed:
+                raise ConfigError(
+                    f"milvus {key} {options[key]!r} is not one of {', '.join(allowed)}: "
+                    f"pass e.g. --option {key}={next(iter(allowed))}."
+                    f"{did_you_mean(str(options[key]), allowed)}"
+                )
         if options.get("uri") and not options.get("collection"):
-            raise ValueError(
+            raise ConfigError(
                 f"a Milvus server ({options['uri']}) is shared: name the collection this "
                 f"index owns with --option collection=NAME (it is replaced on rebuild)"
             )
@@ -248,8 +246,11 @@ class MilvusBackend(Backend):
             key, values = "nprobe", tuple(v for v in NPROBE if v <= self.options["nlist"])
         else:
             return
-        for value in values:
-            self.options[key] = value
-            found = self._images(queries.float().cpu().numpy(), k)
-            if image_recall(found, truth) >= target:
-                return
+        q = queries.float().cpu().numpy()
+        tune_settings(
+            self.options,
+            ({key: value} for value in values),
+            lambda: image_recall(self._images(q, k), truth),
+            target,
+            fallback="last",
+        )

@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 from torch import Tensor
 
-from retrieval.errors import IndexFileError, differences
+from retrieval.errors import IndexFileError, MissingFileError, differences
 from retrieval.factory import open_backend
 from retrieval.index.base import Backend, Hit
 from retrieval.index.build import FORMAT
@@ -30,7 +30,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise FileNotFoundError(f"index folder not found: {folder}")
+        raise MissingFileError(
+            f"index folder not found: {folder}; pass a folder made by `retrieval index build`"
+        )
     if not path.exists():
         raise IndexFileError(
             f"{folder} is not an index (no {MANIFEST}); build one with "
@@ -112,7 +114,7 @@ class SearchIndex:
     def config(self) -> DictConfig:
         """The run's configuration (stored with the index)."""
         if self._cfg is None:
-            from retrieval.config import load_config
+            from retrieval.config import load_stored_config
 
             path = self.folder / "config.yaml"
             if not path.exists():
@@ -120,7 +122,7 @@ class SearchIndex:
                     f"{path} is missing: text queries need the run's config to rebuild its "
                     f"retriever; search with vectors (search_vectors) or rebuild the index"
                 )
-            self._cfg = load_config(path)
+            self._cfg = load_stored_config(path)
         return self._cfg
 
     def retriever(self):

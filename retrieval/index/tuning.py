@@ -1,0 +1,113 @@
+"""Recall tuning shared by the approximate backends, and the recall measures it uses.
+
+An approximate backend is tuned at build to reach a recall target against exact search
+(:meth:`Backend.tune`). Every backend's tuning has one shape: try candidate settings in
+order of cost, measure recall with each, keep the first reaching the target (or the
+cheapest, under a cost model), else a fallback. :func:`tune_settings` walks that loop;
+a backend's ``tune`` only says which settings to try and how to measure recall with
+them (:func:`recall_at_k` of its answers against the exact ones).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from retrieval.index.base import RowHits
+
+Settings = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What :func:`tune_settings` chose (and left applied to the options).
+
+    Attributes:
+        settings: the chosen candidate (empty when there was none to try).
+        recall: its measured recall (nan when nothing was measured).
+        met: whether it reaches the target.
+        measured: how many candidates were measured.
+    """
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    recall: float = math.nan
+    met: bool = False
+    measured: int = 0
+
+
+def tune_settings(
+    options: MutableMapping[str, Any],
+    candidates: Iterable[Settings],
+    measure: Callable[[], float],
+    target: float,
+    *,
+    cost: Callable[[Settings], float] | None = None,
+    fallback: Literal["best", "last"] = "best",
+) -> TuneResult:
+    """Applies each candidate to ``options`` in turn, measures recall, keeps a winner.
+
+    Args:
+        options: the backend's settings; each candidate's keys are written into it, and
+            it is left holding the chosen candidate.
+        candidates: settings to try (``{"nprobe": 8, "overfetch": 4}``), cheapest first;
+            only their keys change.
+        measure: recall with the settings now in ``options``.
+        target: the recall to reach.
+        cost: without it, the first candidate reaching ``target`` wins and the walk
+            stops there. With it, the cheapest candidate reaching ``target`` wins (the
+            earliest among equal costs); a candidate costing at least as much as one
+            already found is skipped unmeasured, since it cannot win.
+        fallback: when none reaches ``target``: ``best``, the highest recall (the later
+            candidate on a tie: the costlier, for candidates in order of cost); ``last``,
+            the last one measured (the most tried).
+
+    Returns:
+        The chosen candidate, its recall, whether it met ``target``, and how many
+        candidates were measured. Without candidates ``options`` is left as it was.
+    """
+    if fallback not in ("best", "last"):
+        raise ValueError(f"fallback {fallback!r} is not 'best' or 'last'")
+    winner: tuple[float, dict[str, Any], float] | None = None  # (cost, settings, recall)
+    best: tuple[dict[str, Any], float] | None = None  # (settings, recall)
+    last: tuple[dict[str, Any], float] | None = None
+    measured = 0
+    for candidate in candidates:
+        settings = dict(candidate)
+        price = cost(settings) if cost is not None else 0.0
+        if winner is not None and price >= winner[0]:
+            continue
+        options.update(settings)
+        recall = float(measure())
+        measured += 1
+        last = (settings, recall)
+        if best is None or recall >= best[1]:
+            best = last
+        if recall >= target:
+            winner = (price, settings, recall)
+            if cost is None:
+                break
+    if winner is not None:
+        (_, settings, recall), met = winner, True
+    elif last is not None:
+        (settings, recall), met = (best if fallback == "best" else last), False
+    else:
+        return TuneResult()
+    options.update(settings)
+    return TuneResult(settings, recall, met, measured)
+
+
+def image_recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    """Mean fraction of each exact top-k image list found (both as table image positions)."""
+    fractions = [
+        len(np.intersect1d(f, t)) / max(len(t), 1) for f, t in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(fractions)) if fractions else 1.0
+
+
+def recall_at_k(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> float:
+    """:func:`image_recall` of backend answers (rows, mapped to images by ``owner``)."""
+    return image_recall([owner[rows] for rows, _ in found], truth)

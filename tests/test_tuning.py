@@ -1,0 +1,127 @@
+"""The recall-tuning helper the approximate backends share, with a fake measure."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from retrieval.index.tuning import image_recall, recall_at_k, tune_settings
+
+
+def fake(recalls: dict[int, float], options: dict) -> tuple[list[int], object]:
+    """A measure reading ``options["n"]`` and a log of the values it measured."""
+    seen: list[int] = []
+
+    def measure() -> float:
+        seen.append(options["n"])
+        return recalls[options["n"]]
+
+    return seen, measure
+
+
+def test_first_meeting_candidate_wins_and_stops() -> None:
+    options = {"n": 0, "other": "kept"}
+    seen, measure = fake({1: 0.5, 2: 0.9, 4: 0.95, 8: 1.0}, options)
+    result = tune_settings(options, ({"n": n} for n in (1, 2, 4, 8)), measure, 0.9)
+    assert seen == [1, 2]
+    assert options == {"n": 2, "other": "kept"}
+    assert result.settings == {"n": 2} and result.recall == 0.9 and result.met
+    assert result.measured == 2
+
+
+def test_cheapest_meeting_candidate_by_cost() -> None:
+    # candidates not in cost order: 3 meets first, 5 is cheaper and meets too
+    options = {"n": 0}
+    cost = {3: 30.0, 7: 70.0, 5: 10.0, 6: 10.0, 2: 5.0}
+    seen, measure = fake({3: 0.95, 7: 1.0, 5: 0.92, 6: 0.99, 2: 0.1}, options)
+    result = tune_settings(
+        options, [{"n": n} for n in (3, 7, 5, 6, 2)], measure, 0.9, cost=lambda s: cost[s["n"]]
+    )
+    # 7 costs more than 3 (skipped unmeasured); 6 ties 5 (the earlier wins, 6 skipped)
+    assert seen == [3, 5, 2]
+    assert options == {"n": 5} and result.settings == {"n": 5} and result.met
+    assert result.recall == 0.92 and result.measured == 3
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_cost_search_matches_exhaustive_min(seed: int) -> None:
+    """With a cost, the pruned walk picks what measuring every candidate would (the
+    earliest of the cheapest meeting ones), and the best recall when none meets."""
+    rng = np.random.default_rng(seed)
+    grid = [{"p": p, "o": o} for p in range(4) for o in range(5)]
+    recalls = {(g["p"], g["o"]): float(rng.random()) for g in grid}
+    price = {(g["p"], g["o"]): float(rng.integers(0, 6)) for g in grid}
+    target = float(rng.choice([0.5, 0.9, 0.99]))
+    options: dict = {}
+    result = tune_settings(
+        options,
+        grid,
+        lambda: recalls[options["p"], options["o"]],
+        target,
+        cost=lambda s: price[s["p"], s["o"]],
+    )
+    meeting = [g for g in grid if recalls[g["p"], g["o"]] >= target]
+    if meeting:
+        expected = min(meeting, key=lambda s: price[s["p"], s["o"]])
+    else:  # the best recall, the later candidate on a tie (as max over (recall, p, o))
+        expected = dict(zip("po", max((r, *key) for key, r in recalls.items())[1:], strict=True))
+    assert result.settings == expected and options == expected
+    assert result.met == bool(meeting)
+
+
+def test_best_when_none_meets() -> None:
+    options = {"n": 0}
+    seen, measure = fake({1: 0.5, 2: 0.8, 4: 0.7, 8: 0.8}, options)
+    result = tune_settings(options, [{"n": n} for n in (1, 2, 4, 8)], measure, 0.9)
+    assert seen == [1, 2, 4, 8]
+    # 2 and 8 tie at 0.8: the later (costlier) one is kept
+    assert options == {"n": 8} and result.settings == {"n": 8}
+    assert result.recall == 0.8 and not result.met and result.measured == 4
+
+    options = {"n": 0}
+    _, measure = fake({1: 0.5, 2: 0.85, 4: 0.7}, options)
+    candidates = [{"n": n} for n in (1, 2, 4)]
+    result = tune_settings(options, candidates, measure, 0.9, cost=lambda s: s["n"])
+    assert options == {"n": 2} and result.recall == 0.85 and not result.met
+
+
+def test_last_fallback_keeps_the_most_tried() -> None:
+    options = {"n": 0}
+    _, measure = fake({1: 0.5, 2: 0.8, 4: 0.7}, options)
+    result = tune_settings(options, [{"n": n} for n in (1, 2, 4)], measure, 0.9, fallback="last")
+    assert options == {"n": 4} and result.settings == {"n": 4} and result.recall == 0.7
+
+
+def test_options_hold_the_chosen_values_of_multi_key_candidates() -> None:
+    options = {"a": 0, "b": 0, "c": "kept"}
+    recalls = {(1, 1): 0.2, (1, 2): 0.6, (2, 1): 0.5, (2, 2): 0.4}
+
+    def measure() -> float:
+        return recalls[options["a"], options["b"]]
+
+    grid = [{"a": a, "b": b} for a in (1, 2) for b in (1, 2)]
+    result = tune_settings(options, grid, measure, 0.99)
+    assert options == {"a": 1, "b": 2, "c": "kept"} and result.settings == {"a": 1, "b": 2}
+
+
+def test_no_candidates_leaves_options() -> None:
+    options = {"n": 3}
+    result = tune_settings(options, [], lambda: 1.0, 0.9)
+    assert options == {"n": 3} and result.settings == {} and result.measured == 0
+    assert math.isnan(result.recall) and not result.met
+
+
+def test_unknown_fallback_is_refused() -> None:
+    with pytest.raises(ValueError, match="fallback"):
+        tune_settings({}, [{"n": 1}], lambda: 0.0, 0.9, fallback="worst")  # type: ignore[arg-type]
+
+
+def test_recall_helpers() -> None:
+    truth = [np.array([0, 1, 2, 3]), np.array([4, 5])]
+    assert image_recall([np.array([0, 1, 9, 8]), np.array([5, 4])], truth) == pytest.approx(0.75)
+    assert image_recall([], []) == 1.0
+    owner = np.array([0, 0, 1, 2, 3, 3, 4, 5])
+    found = [(np.array([0, 2, 3, 5]), np.zeros(4)), (np.array([6, 7]), np.zeros(2))]
+    assert recall_at_k(found, truth, owner) == 1.0
