@@ -23,10 +23,10 @@ import inspect
 import logging
 import types
 import typing
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -34,6 +34,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from retrieval.errors import ConfigError, did_you_mean
 from retrieval.registry import DATASETS, RETRIEVERS, Registry, keyword_parameters
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger("retrieval")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel
@@ -158,10 +161,11 @@ def _read_yaml(path: Path) -> dict:
 def _defaults(content: dict, path: Path) -> list[tuple[str, str]]:
     """Pops and parses a file's ``defaults`` list into ``(group, name)`` pairs."""
     entries = content.pop("defaults", []) or []
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for entry in entries:
         if isinstance(entry, str) and "/" in entry:
-            pairs.append(tuple(entry.split("/", 1)))
+            group, name = entry.split("/", 1)
+            pairs.append((group, name))
         elif isinstance(entry, dict) and len(entry) == 1:
             pairs.append(next(iter(entry.items())))
         else:
@@ -174,6 +178,11 @@ def _defaults(content: dict, path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def _merge(base: DictConfig, *others: Any) -> DictConfig:
+    """``OmegaConf.merge`` onto a mapping, which returns a mapping (its stub: any container)."""
+    return cast(DictConfig, OmegaConf.merge(base, *others))
+
+
 def _compose(path: Path, choices: dict[str, str], seen: tuple[Path, ...] = ()) -> DictConfig:
     """Merges a file's defaults (group choices overridden by ``choices``), then the file."""
     if path in seen:
@@ -183,8 +192,8 @@ def _compose(path: Path, choices: dict[str, str], seen: tuple[Path, ...] = ()) -
     pairs.update(choices)
     merged = OmegaConf.create()
     for group, name in pairs.items():
-        merged = OmegaConf.merge(merged, _compose(find_config(name, group), {}, (*seen, path)))
-    return OmegaConf.merge(merged, OmegaConf.create(content))
+        merged = _merge(merged, _compose(find_config(name, group), {}, (*seen, path)))
+    return _merge(merged, OmegaConf.create(content))
 
 
 def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -202,15 +211,15 @@ def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
     """Keys of ``cfg`` absent from ``schema`` (dotted), each with the valid keys beside it."""
-    problems = []
+    problems: list[tuple[str, list[str]]] = []
     if not isinstance(cfg, DictConfig) or not isinstance(schema, DictConfig):
         return problems
     if OmegaConf.get_type(schema) is dict:  # a free-form mapping accepts any key
         return problems
     for key in cfg.keys():
-        dotted = f"{prefix}{key}"
+        dotted = f"{prefix}{key!s}"
         if key not in schema:
-            problems.append((dotted, [f"{prefix}{k}" for k in schema.keys()]))
+            problems.append((dotted, [f"{prefix}{k!s}" for k in schema.keys()]))
         else:
             problems += _unknown_keys(cfg._get_node(key), schema._get_node(key), f"{dotted}.")
     return problems
@@ -236,6 +245,11 @@ def _annotation(hint: Any) -> Any:
     return Any
 
 
+def _constant(value: Any) -> Callable[[], Any]:
+    """A ``default_factory`` that returns ``value`` itself."""
+    return lambda: value
+
+
 def options_schema(
     registry: Registry, name: str, skip: Collection[str] = (), required_default: Any = MISSING
 ) -> DictConfig:
@@ -249,24 +263,26 @@ def options_schema(
             config can leave data paths to the command line).
     """
     factory = registry.get(name)
-    target = factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
+    target = factory.__init__ if inspect.isclass(factory) else factory
     hints = typing.get_type_hints(target)
     fields: list[tuple[str, Any, Any]] = [("name", str, field(default=name))]
     for key, param in keyword_parameters(factory).items():
         if key in skip:
             continue
-        default = param.default
-        if default is inspect.Parameter.empty:
-            default = required_default
-        if default is MISSING:
-            fields.append((key, _annotation(hints.get(key, Any)), MISSING))
-            continue
-        if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-            default = field(default_factory=lambda d=default: d)
-        else:
-            default = field(default=default)
+        value = param.default
+        if value is inspect.Parameter.empty:
+            value = required_default
         annotation = _annotation(hints.get(key, Any))
-        fields.append((key, annotation if default is not None else Any, default))
+        if value is MISSING:
+            fields.append((key, annotation, MISSING))
+            continue
+        if value is None and annotation is not Any:
+            annotation = typing.Optional[annotation]  # noqa: UP045 - also wraps generics
+        if isinstance(value, (list, dict)) or dataclasses.is_dataclass(value):
+            default = field(default_factory=_constant(value))
+        else:
+            default = field(default=value)
+        fields.append((key, annotation, default))
     schema = dataclasses.make_dataclass(f"{name}_options", fields)
     return OmegaConf.structured(schema)
 
@@ -274,7 +290,7 @@ def options_schema(
 def literal_choices(registry: Registry, name: str) -> dict[str, tuple[Any, ...]]:
     """The options of ``name`` typed ``Literal[...]``, with their allowed values."""
     factory = registry.get(name)
-    target = factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
+    target = factory.__init__ if inspect.isclass(factory) else factory
     choices = {}
     for key, hint in typing.get_type_hints(target).items():
         rest = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -354,7 +370,7 @@ def _validated(raw: DictConfig) -> DictConfig:
         schema = OmegaConf.structured(EvalConfig)
         for section, section_schema in schemas.items():
             schema[section] = section_schema
-        cfg = OmegaConf.merge(schema, raw)
+        cfg = _merge(schema, raw)
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or "?"
@@ -372,7 +388,8 @@ def retriever_options(cfg: DictConfig) -> dict[str, Any]:
         ConfigError: an option group rejects its values (its message names the key).
     """
     try:
-        options = OmegaConf.to_object(cfg.retriever)
+        # cfg.retriever is structured (retriever_schema), so this is its dataclass.
+        options = cast("DataclassInstance", OmegaConf.to_object(cfg.retriever))
     except (ValueError, TypeError, OmegaConfBaseException) as err:
         raise ConfigError(f"retriever: {err}") from None
     return {
@@ -385,7 +402,7 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> DictC
     choices, dotlist = _split_overrides(list(overrides or []))
     raw = _compose(find_config(config), choices)
     try:
-        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(dotlist))
+        raw = _merge(raw, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as err:
         raise ConfigError(f"bad override: {err}") from None
     return _validated(raw)

@@ -109,6 +109,20 @@ def build_dataset(cfg: DictConfig, transform: Transform | None = None) -> Retrie
     return create_dataset(name, transform=transform, **options)
 
 
+def data_fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """The ``data.*`` settings that decide what each image id's pixels are: every key but
+    the dataset's ``LABEL_ONLY_OPTIONS``, paths resolved (so ``./x`` and ``/abs/x`` agree)."""
+    options = as_dict(cfg.data)
+    label_only = getattr(DATASETS.get(options["name"]), "LABEL_ONLY_OPTIONS", frozenset())
+    return {
+        key: str(Path(value).resolve())
+        if isinstance(value, str) and Path(value).exists()
+        else value
+        for key, value in options.items()
+        if key not in label_only
+    }
+
+
 # aggregators --------------------------------------------------------------------------
 def register_aggregator(name: str) -> Callable[[F], F]:
     """Class decorator registering an aggregator under ``name`` for :func:`create_aggregator`."""

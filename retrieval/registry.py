@@ -27,7 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def keyword_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
     """The keyword arguments a class or function accepts (its options)."""
-    target = factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
+    target = factory.__init__ if inspect.isclass(factory) else factory
     params = inspect.signature(target).parameters
     return {
         k: p
@@ -138,7 +138,7 @@ class Registry:
         takes_any = any(
             p.kind is p.VAR_KEYWORD
             for p in inspect.signature(
-                factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
+                factory.__init__ if inspect.isclass(factory) else factory
             ).parameters.values()
         )
         for key in kwargs:

@@ -94,20 +94,20 @@ class Representatives:
         """Concatenates batches along images, padding to the largest ``R``."""
         r = max(p.embeddings.shape[1] for p in parts)
 
-        def pad(t: Tensor | None, value: float | bool = 0) -> Tensor | None:
-            if t is None:
-                return None
+        def pad(t: Tensor, value: float | bool = 0) -> Tensor:
             extra = r - t.shape[1]
             if extra == 0:
                 return t
             shape = (t.shape[0], extra, *t.shape[2:])
             return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], 1)
 
-        has_boxes = all(p.boxes is not None for p in parts)
-        extras_keys = set.intersection(*(set(p.extras or {}) for p in parts))
+        boxes = [p.boxes for p in parts if p.boxes is not None]
+        has_boxes = len(boxes) == len(parts)
+        extras = [p.extras or {} for p in parts]
+        extras_keys = set.intersection(*(set(e) for e in extras))
         return Representatives(
             torch.cat([pad(p.embeddings) for p in parts]),
             torch.cat([pad(p.mask, False) for p in parts]),
-            torch.cat([pad(p.boxes) for p in parts]) if has_boxes else None,
-            {k: torch.cat([pad(p.extras[k]) for p in parts]) for k in extras_keys} or None,
+            torch.cat([pad(b) for b in boxes]) if has_boxes else None,
+            {k: torch.cat([pad(e[k]) for e in extras]) for k in extras_keys} or None,
         )

@@ -31,7 +31,7 @@ def embed_queries(
     batch_size: int = 256,
 ) -> Tensor:
     """``[Q, D]`` query embeddings: per query, the mean of its L2-normalised template
-    embeddings, normalised again (PROTOCOL.md, "Prompt ensemble").
+    embeddings, normalised again (docs/protocol.md, "Prompt ensemble").
 
     Args:
         encode_text: a retriever's ``encode_text`` (returns normalised ``[n, D]``).

@@ -1,4 +1,5 @@
-"""Prompt ensembles follow docs/protocol.md: mean of normalised template embeddings, renormalised."""
+"""Prompt ensembles follow docs/protocol.md: the mean of normalised template embeddings,
+renormalised."""
 
 from __future__ import annotations
 

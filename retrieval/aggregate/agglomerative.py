@@ -75,11 +75,12 @@ def merge_tree(
     rows = torch.arange(b, device=distances.device)
     pairs = alive.unsqueeze(2) & alive.unsqueeze(1)
     pairs &= ~torch.eye(n, dtype=torch.bool, device=distances.device)
-    ward_adjacency = adjacency is not None and linkage == "ward"
-    if adjacency is not None and not ward_adjacency:
+    # the adjacency that Ward's search reads (and updates); None for the other linkages
+    ward_adjacency = adjacency if linkage == "ward" else None
+    if adjacency is not None and ward_adjacency is None:
         pairs &= adjacency
     dist = torch.where(pairs, distances, torch.inf)
-    search = torch.where(adjacency, dist, torch.inf) if ward_adjacency else dist
+    search = dist if ward_adjacency is None else torch.where(ward_adjacency, dist, torch.inf)
     size = alive.to(dist.dtype)
     keep, drop, height = [], [], []
     for _ in range(steps):
@@ -98,12 +99,12 @@ def merge_tree(
         dist[rows, j], dist[rows, :, j] = gone, gone
         size[rows, i] += torch.where(active.squeeze(1), n_j.squeeze(1), 0)
         size[rows, j] *= ~active.squeeze(1)
-        if ward_adjacency:
-            a_i = (adjacency[rows, i] | adjacency[rows, j]) & (new < torch.inf)
-            a_i = torch.where(active, a_i, adjacency[rows, i])
-            a_j = adjacency[rows, j] & ~active
-            adjacency[rows, i], adjacency[rows, :, i] = a_i, a_i
-            adjacency[rows, j], adjacency[rows, :, j] = a_j, a_j
+        if ward_adjacency is not None:
+            a_i = (ward_adjacency[rows, i] | ward_adjacency[rows, j]) & (new < torch.inf)
+            a_i = torch.where(active, a_i, ward_adjacency[rows, i])
+            a_j = ward_adjacency[rows, j] & ~active
+            ward_adjacency[rows, i], ward_adjacency[rows, :, i] = a_i, a_i
+            ward_adjacency[rows, j], ward_adjacency[rows, :, j] = a_j, a_j
             s_i, s_j = torch.where(a_i, new, torch.inf), torch.where(a_j, gone, torch.inf)
             search[rows, i], search[rows, :, i] = s_i, s_i
             search[rows, j], search[rows, :, j] = s_j, s_j

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from rich.console import Console
 
@@ -42,7 +43,7 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _option(text: str) -> tuple[str, object]:
+def _option(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"--option {text!r} must look like key=value (e.g. nprobe=32)")
     key, value = text.split("=", 1)

@@ -8,8 +8,20 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from retrieval.config import CONFIG_DIR
-from retrieval.registry import REGISTRIES
+from retrieval.config import CONFIG_DIR, data_schema, retriever_schema
+from retrieval.registry import DATASETS, INDEX_BACKENDS, REGISTRIES, RETRIEVERS, Registry
+
+
+def options(registry: Registry, name: str) -> str:
+    """What a user sets for ``name``: its config keys (retrievers, datasets), its
+    keyword arguments (aggregators), or its preset options (index backends)."""
+    if registry is RETRIEVERS or registry is DATASETS:
+        schema = retriever_schema(name) if registry is RETRIEVERS else data_schema(name)
+        return ", ".join(str(key) for key in schema if key != "name")
+    if registry is INDEX_BACKENDS:
+        preset = ", ".join(f"{k}={v}" for k, v in INDEX_BACKENDS.defaults[name].items())
+        return f"{preset + '; ' if preset else ''}more with --option key=value"
+    return ", ".join(registry.parameters(name))
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -19,7 +31,7 @@ def _list(args: argparse.Namespace) -> int:
         table.add_column("name")
         table.add_column("options")
         for name in registry.names():
-            table.add_row(name, ", ".join(registry.parameters(name)))
+            table.add_row(name, options(registry, name))
         console.print(table)
     for group in ("dataset", "retriever", "experiment"):
         names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))

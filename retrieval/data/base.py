@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from retrieval.data.ground_truth import GroundTruth
 from retrieval.data.images import BadImageError, load_image
 from retrieval.errors import ConfigError
 
@@ -49,6 +50,12 @@ class RetrievalDataset(Dataset):
     #: constructor arguments that are protocol options, with their config keys; the
     #: factory passes those keys' values (no dataset needs a special case there)
     PROTOCOL_OPTIONS: ClassVar[dict[str, str]] = {}
+    #: ``data.*`` options that change labels or which images take part, never what an
+    #: image id's pixels are: left out of the embedding fingerprint, so changing them
+    #: re-scores stored shards instead of refusing them
+    LABEL_ONLY_OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"on_bad_image", "max_images", "query_names"}
+    )
 
     def __init__(
         self,
@@ -70,6 +77,9 @@ class RetrievalDataset(Dataset):
         self.on_bad_image = on_bad_image
 
     def image_path(self, image_id: int) -> Path:
+        raise NotImplementedError
+
+    def ground_truth(self) -> GroundTruth:
         raise NotImplementedError
 
     def __len__(self) -> int:

@@ -110,6 +110,7 @@ class CocoDataset(RetrievalDataset):
             (config ``data.query_names``).
     """
 
+    LABEL_ONLY_OPTIONS = RetrievalDataset.LABEL_ONLY_OPTIONS | {"include_crowd"}
     dataset_name = "coco"
 
     def __init__(

@@ -2,7 +2,7 @@
 
 LVIS is "federated": for each category only some images were checked. An image's
 ``neg_category_ids`` lists categories verified absent; a category neither annotated nor
-listed there was never looked for, so the image may or may not hold it. PROTOCOL.md
+listed there was never looked for, so the image may or may not hold it. docs/protocol.md
 fixes two readings (``protocol.lvis_federated``): ``True`` leaves such images out of the
 category's ranking, ``False`` counts them as negatives.
 

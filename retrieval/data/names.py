@@ -1,4 +1,4 @@
-"""Category names -> query text (PROTOCOL.md, "Queries").
+"""Category names -> query text (docs/protocol.md, "Category names").
 
 Datasets name categories for machines ("bow_(weapon)", "vehicle.bus.rigid"); the text
 encoder wants words ("bow", "rigid bus"). The cleaning rules are fixed per dataset so a

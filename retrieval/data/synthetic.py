@@ -219,12 +219,12 @@ class SyntheticOptions:
                 raise ConfigError(f"{key} must be a non-empty subset of {list(known)}, got {given}")
         if self.num_images < 1 or self.bad_images < 0:
             raise ConfigError("num_images must be >= 1 and bad_images >= 0")
-        for key, value, known in (
+        for key, value, modes in (
             ("category_mode", self.category_mode, CATEGORY_MODES),
             ("size_mode", self.size_mode, SIZE_MODES),
         ):
-            if value not in known:
-                raise ConfigError(f"{key} must be one of {', '.join(known)}, got {value!r}")
+            if value not in modes:
+                raise ConfigError(f"{key} must be one of {', '.join(modes)}, got {value!r}")
         low, high = self.objects_per_image
         if not 0 <= low <= high:
             raise ConfigError(
@@ -380,7 +380,8 @@ def _muted(rng: np.random.Generator, base: np.ndarray) -> tuple[int, int, int]:
     """A clutter colour: near the background, two thirds desaturated, never white or black."""
     tint = np.clip(base + rng.normal(0, 45, size=3), 0, 255)
     grey = float(np.clip(tint.mean(), 60, 200))
-    return tuple(int(round(grey + 0.35 * (t - grey))) for t in tint)
+    red, green, blue = (int(round(grey + 0.35 * (t - grey))) for t in tint)
+    return red, green, blue
 
 
 def _clutter(rng: np.random.Generator, image: Image.Image, count: int) -> None:
@@ -596,9 +597,10 @@ def make_synthetic_coco(
     Returns:
         (annotation file, images folder).
     """
+    width, height = image_size  # a list (from a config) becomes a tuple
     options = SyntheticOptions(
         num_images=num_images,
-        image_size=tuple(image_size),
+        image_size=(width, height),
         seed=seed,
         categories=tuple(categories) if categories is not None else tuple(SHAPES),
         bad_images=bad_images,

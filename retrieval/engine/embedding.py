@@ -27,6 +27,7 @@ from retrieval.engine.progress import ImageProgress
 from retrieval.engine.reaggregate import dense_source, reaggregate
 from retrieval.engine.writer import ShardWriter
 from retrieval.errors import ConfigError, differences
+from retrieval.factory import data_fingerprint
 from retrieval.retrievers.base import Retriever
 from retrieval.store import ShardStore
 
@@ -50,11 +51,7 @@ def embedding_fingerprint(cfg: DictConfig, retriever: Retriever) -> dict:
         "retriever": {"name": cfg.retriever.name, **retriever.describe()},
         "retriever_options": as_dict(cfg.retriever),
         "dtype": cfg.store.dtype,
-        "data": {
-            "name": cfg.data.name,
-            "annotations": str(Path(cfg.data.annotations).resolve()),
-            "images": str(Path(cfg.data.images).resolve()),
-        },
+        "data": data_fingerprint(cfg),
         "precision": cfg.trainer.precision,
         "dense_from": str(Path(cfg.store.dense_from).resolve()) if cfg.store.dense_from else None,
     }
@@ -113,6 +110,12 @@ def make_trainer(cfg: DictConfig, writer: ShardWriter) -> L.Trainer:
     )
 
 
+def _global_rank() -> int:
+    """This process's global rank, which Lightning sets on ``rank_zero_only`` at import."""
+    # lightning_utilities declares rank_zero_only as a function; ``rank`` is set on it later.
+    return rank_zero_only.rank  # type: ignore[attr-defined]
+
+
 def embed(cfg: DictConfig, parts: RunParts | None = None) -> EmbedResult:
     """Embeds every image of the configured dataset not yet in ``<run>/embeddings``.
 
@@ -132,12 +135,12 @@ def embed(cfg: DictConfig, parts: RunParts | None = None) -> EmbedResult:
     reused = len(dataset.image_ids) - len(todo)
     if not len(todo):
         log.info("embeddings in %s: 0 images embedded now, %d reused", store.root, reused)
-        return EmbedResult(store, 0, reused, 0.0, rank_zero_only.rank == 0)
+        return EmbedResult(store, 0, reused, 0.0, _global_rank() == 0)
 
     source = dense_source(cfg.store.dense_from) if cfg.store.dense_from else None
     start = time.perf_counter()
     if source is not None:  # no backbone: one process aggregates stored dense features
-        if rank_zero_only.rank != 0:
+        if _global_rank() != 0:
             return EmbedResult(store, 0, reused, 0.0, False)
         _start_store(store, fingerprint, run_dir, cfg)
         reaggregate(
@@ -155,7 +158,7 @@ def embed(cfg: DictConfig, parts: RunParts | None = None) -> EmbedResult:
         trainer = make_trainer(cfg, writer)
         if trainer.is_global_zero:
             _start_store(store, fingerprint, run_dir, cfg)
-        policy = cfg.data.on_bad_image
+        policy = cfg.data.get("on_bad_image", "error")
         dataset.on_bad_image = "skip"  # the module applies the policy in the main process
         position = {int(i): k for k, i in enumerate(dataset.image_ids)}
         loader = DataLoader(

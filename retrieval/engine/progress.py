@@ -31,7 +31,7 @@ class ImageProgress(Callback):
         if not trainer.is_global_zero:
             return
         loader = trainer.predict_dataloaders
-        total = len(loader.sampler) if hasattr(loader, "sampler") else None
+        total = len(loader.sampler) if loader is not None and hasattr(loader, "sampler") else None
         world = trainer.world_size
         label = "embedding" if world == 1 else f"embedding (rank 0 of {world})"
         self.progress = Progress(

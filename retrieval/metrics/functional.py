@@ -1,6 +1,6 @@
 """Retrieval metrics as plain functions: rankings, AP@K, and the full per-category report.
 
-Definitions follow ``PROTOCOL.md``: AP@K divides by ``min(K, P)`` (the headline) or by the
+Definitions follow ``docs/protocol.md``: AP@K divides by ``min(K, P)`` (the headline) or by the
 hits inside the top K (``"hits"``, torchmetrics' reading); a query without relevant
 images gives NaN and is skipped, never averaged in as 0. Rankings depend only on the
 order of the raw scores (never on their sign) and break ties by image id.
@@ -8,7 +8,7 @@ order of the raw scores (never on their sign) and break ties by image id.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -145,16 +145,17 @@ def evaluate_rankings(
         f"ap@{k}_s-m": small_medium.average_precision(k, "min_k_p"),
         "ap_s-m": small_medium.average_precision(None, "min_k_p"),
     }
-    out: dict[str, object] = {key: v.cpu().numpy() for key, v in per_category.items()}
-    out["positives"] = whole.positives.cpu().numpy()
-    out["positives_s-m"] = small_medium.positives.cpu().numpy()
+    arrays: dict[str, np.ndarray] = {key: v.cpu().numpy() for key, v in per_category.items()}
+    arrays["positives"] = whole.positives.cpu().numpy()
+    arrays["positives_s-m"] = small_medium.positives.cpu().numpy()
+    out: dict[str, object] = dict(arrays)
     for key in per_category:
-        out["m" + key] = _nanmean(out[key])
+        out["m" + key] = _nanmean(arrays[key])
     out["categories"] = shape[0]
-    out["categories_skipped"] = int((out["positives"] == 0).sum())
-    out["categories_skipped_s-m"] = int((out["positives_s-m"] == 0).sum())
+    out["categories_skipped"] = int((arrays["positives"] == 0).sum())
+    out["categories_skipped_s-m"] = int((arrays["positives_s-m"] == 0).sum())
     if splits is not None:
-        out.update(_split_means(out, splits, k))
+        out.update(_split_means(arrays, splits, k))
     return out
 
 
@@ -198,16 +199,18 @@ class _RankedHits:
         return torch.where(self.positives > 0, ap, torch.nan)
 
 
-def _split_means(out: dict[str, object], splits: Sequence[str | None], k: int) -> dict:
+def _split_means(
+    arrays: Mapping[str, np.ndarray], splits: Sequence[str | None], k: int
+) -> dict[str, float | int]:
     """Means and skip counts over the categories of each split label."""
     labels = np.array(splits, dtype=object)
-    result: dict[str, object] = {}
+    result: dict[str, float | int] = {}
     for label in dict.fromkeys(s for s in splits if s is not None):
         rows = labels == label
         for key in (f"ap@{k}", "ap", f"ap@{k}_s-m"):
-            result[f"{label}.m{key}"] = _nanmean(out[key][rows])
+            result[f"{label}.m{key}"] = _nanmean(arrays[key][rows])
         result[f"{label}.categories"] = int(rows.sum())
-        result[f"{label}.categories_skipped"] = int((out["positives"][rows] == 0).sum())
+        result[f"{label}.categories_skipped"] = int((arrays["positives"][rows] == 0).sum())
     return result
 
 

@@ -38,6 +38,13 @@ class RetrievalEvaluation(Metric):
     higher_is_better = True
     full_state_update = False
 
+    # list states (add_state in __init__): chunks, image-major
+    scores: list[Tensor]
+    relevant: list[Tensor]
+    ignore: list[Tensor]
+    max_area: list[Tensor]
+    image_ids: list[Tensor]
+
     def __init__(
         self,
         top_k: int = 50,
@@ -102,9 +109,14 @@ class RetrievalEvaluation(Metric):
         """Rank every image seen for every category; see :func:`evaluate_rankings`."""
         if len(self.image_ids) == 0:
             raise ValueError("RetrievalEvaluation.compute() called before any update()")
-        columns = [dim_zero_cat(getattr(self, name)).T for name in _STATES[:-1]]
+        scores, relevant, ignore, max_area = (
+            dim_zero_cat(getattr(self, name)).T for name in _STATES[:-1]
+        )
         return evaluate_rankings(
-            *columns,
+            scores,
+            relevant,
+            ignore,
+            max_area,
             dim_zero_cat(self.image_ids),
             top_k=self.top_k,
             large_area=self.large_area,

@@ -317,7 +317,8 @@ def comparison_table(
         row: dict[str, Any] = {"metric": key, "unit": unit}
         for run in runs:
             raw = _cost(run)[key] if unit != "%" else run.metrics.get(key)
-            value = None if _num(raw) is None else scale * raw
+            num = _num(raw)
+            value = None if num is None else scale * num
             row[run.label] = value
             ref = references[run.label].values
             if ref:

@@ -31,7 +31,8 @@ def pct(value: Any) -> str:
 def title(cfg: DictConfig) -> str:
     r = cfg.retriever
     backbone = r.get("backbone", "")
-    return f"{r.name} {backbone} on {cfg.data.name} ({cfg.data.annotations})"
+    source = cfg.data.get("annotations") or cfg.data.get("images")
+    return f"{r.name} {backbone} on {cfg.data.name}" + (f" ({source})" if source else "")
 
 
 def summary_markdown(cfg: DictConfig, summary: dict[str, Any], rows: list[dict]) -> str:

@@ -1,4 +1,4 @@
-"""The run folder: the files DESIGN.md promises, written from one metrics dict."""
+"""The run folder: the files docs/architecture.md lists, written from one metrics dict."""
 
 from __future__ import annotations
 

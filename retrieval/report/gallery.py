@@ -112,7 +112,7 @@ def image_paths(index: SearchIndex, image_ids: list[int]) -> dict[int, Path | No
         dataset = build_dataset(cfg, transform=None)
     except (OSError, ValueError, KeyError, TypeError):
         return dict.fromkeys(image_ids)
-    paths = {}
+    paths: dict[int, Path | None] = {}
     for i in image_ids:
         try:
             paths[i] = Path(dataset.image_path(i))
@@ -137,7 +137,7 @@ def explain(index: SearchIndex, query: Tensor, hits: list[Hit]) -> list[GalleryI
     return items
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 

@@ -126,6 +126,8 @@ def _bin_label(name: str, spec: Mapping[str, Any]) -> str:
         return f"{root:.0f}²" if abs(root - round(root)) < 1e-6 else f"{area:.0f}"
 
     if hi is None:
+        if lo is None:
+            raise ValueError(f"size bin {name!r} has neither min_area nor max_area")
         span = f">= {side(lo)}"
     elif not lo:
         span = f"< {side(hi)}"

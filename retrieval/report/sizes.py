@@ -4,7 +4,7 @@ A category's AP in a size bin keeps, as positives, only the images whose *larges
 instance of the category falls in the bin; the other relevant images are left out of
 the ranking (as the s-m split does), negatives are unchanged. So a bin's AP answers
 "can the retriever find images where the object is only this big", and the
-(0, 96²) bin is exactly PROTOCOL.md's s-m split.
+(0, 96²) bin is exactly the s-m split of docs/protocol.md.
 
 The engine computes this from ``GroundTruth.max_area`` and writes ``per_size.json``;
 for run folders made before that, :func:`load_per_size` recomputes it from

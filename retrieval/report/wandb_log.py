@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from omegaconf import DictConfig
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 PER_CATEGORY_TABLE = "per_category"
 COMPARISON_TABLE = "comparison"
 PLOTS_PREFIX = "plots/"
+WandbMode = Literal["online", "offline", "disabled", "shared"]
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
@@ -51,7 +52,7 @@ def run_tags(cfg: DictConfig) -> list[str]:
 
 def summary_scalars(summary: Mapping[str, Any]) -> dict[str, Any]:
     """What goes into ``run.summary``: every scalar metric plus the cost figures."""
-    scalars = {
+    scalars: dict[str, Any] = {
         k: v
         for k, v in summary.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
@@ -72,7 +73,8 @@ def _table(rows: Sequence[Mapping[str, Any]]) -> Any:
     import wandb
 
     columns = list(rows[0])
-    return wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    header: list[str | int] = [*columns]
+    return wandb.Table(columns=header, data=[[r.get(c) for c in columns] for r in rows])
 
 
 def _images(plots: Mapping[str, Path] | None) -> dict[str, Any]:
@@ -135,7 +137,7 @@ def log_comparison(
     comp: Comparison,
     out: Path,
     written: Mapping[str, Path],
-    mode: str = "offline",
+    mode: WandbMode = "offline",
     project: str = "object-retrieval",
 ) -> Path:
     """Logs a ``retrieval compare`` result as one ``job_type="compare"`` run under ``out``.

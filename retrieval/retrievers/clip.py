@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,7 +34,7 @@ class OpenClipRetriever(Retriever):
         self.image_transform = loaded.preprocess
         self.random_weights = loaded.random_weights
         self.embed_dim = int(self.model.text_projection.shape[-1])
-        self.config = {
+        self.config: dict[str, Any] = {
             "backbone": backbone,
             "model": loaded.model_name,
             "pretrained": pretrained,

@@ -33,7 +33,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
 
 Vocab = dict[str, int]
-Merges = list[tuple[str, str]]
+Merges = list[tuple[str, ...]]  # each merge line split on whitespace, as open_clip does
 
 
 class TokenizerError(RetrievalError, ValueError):
@@ -75,7 +75,8 @@ def build_tokenizer(vocab: Vocab, merges: Merges, source: str = "bundled") -> CL
             f"{BOS} and {EOS}. Remove the broken {VOCAB_FILE}/{MERGES_FILE} to use open_clip's "
             f"bundled vocabulary instead."
         )
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    # transformers types merges as list[str]; its tokenizers BPE takes the pairs given here.
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]
     if len(tokenizer) != VOCAB_SIZE:
         raise TokenizerError(
             f"CLIP tokenizer from {source} has {len(tokenizer)} tokens, expected {VOCAB_SIZE}"

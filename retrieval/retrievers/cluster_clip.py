@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retrieval.aggregate import Aggregator, create_aggregator
-from retrieval.errors import ConfigError, StoreError, differences
+from retrieval.aggregate import Aggregator, create_aggregator, list_aggregators
+from retrieval.errors import ConfigError, StoreError, did_you_mean, differences
 from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.clip import FULL_IMAGE_BOX
@@ -61,6 +61,8 @@ class AggregateOptions:
         linkage: agglomerative: ``average`` (default), ``complete``, ``single``, ``ward``.
         connectivity: agglomerative: merge only grid-adjacent clusters (default false).
         tau: prune: cosine above which a cell joins a kept representative (default 0.9).
+        options: the keyword arguments of an aggregator registered by a plugin (any
+            ``method`` beyond the four above), e.g. ``retriever.aggregate.options={cells: 2}``.
     """
 
     method: str = "kmeans"
@@ -72,6 +74,7 @@ class AggregateOptions:
     linkage: str | None = None
     connectivity: bool | None = None
     tau: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.build()
@@ -96,17 +99,27 @@ class AggregateOptions:
         return cls(**value)
 
     def aggregator_options(self) -> dict[str, Any]:
-        """The keyword arguments of ``create_aggregator(method, ...)``: the set keys."""
+        """The keyword arguments of ``create_aggregator(method, ...)``: the set keys (a
+        plugin's: ``options``)."""
+        if self.method not in METHOD_KEYS:
+            return dict(self.options)
         keys = METHOD_KEYS[self.method]
         return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
     def build(self) -> Aggregator:
         """The aggregator these options describe; raises ValueError naming a bad key."""
-        if self.method not in METHOD_KEYS:
+        registered = list_aggregators()
+        if self.method not in registered:
             raise ConfigError(
-                f"retriever.aggregate.method={self.method!r} is not one of {', '.join(METHOD_KEYS)}"
+                f"retriever.aggregate.method={self.method!r} is not one of "
+                f"{', '.join(registered)}.{did_you_mean(self.method, registered)}"
             )
-        used = METHOD_KEYS[self.method]
+        if self.method in METHOD_KEYS and self.options:
+            raise ConfigError(
+                f"retriever.aggregate.options applies to plugin aggregators only; "
+                f"method={self.method} reads the flat keys ({', '.join(METHOD_KEYS[self.method])})"
+            )
+        used = METHOD_KEYS.get(self.method, ())
         for method, keys in METHOD_KEYS.items():
             for key in keys:
                 value = getattr(self, key)
@@ -219,7 +232,13 @@ class ClusterClipRetriever(DenseClipRetriever):
     def aggregate_dense(self, out: DenseOutput) -> Representatives:
         """Dense-CLIP output -> this retriever's representatives (no backbone involved)."""
         reps = self.aggregator(out.embeddings, out.mask, out.grid, out.boxes)
-        members = reps.extras["members"] if self.keep_members else None
+        if reps.boxes is None:
+            raise TypeError(f"{self.aggregator!r} returned representatives without boxes")
+        members = None
+        if self.keep_members:
+            if reps.extras is None:
+                raise TypeError(f"{self.aggregator!r} returned representatives without extras")
+            members = reps.extras["members"]
         reps = Representatives(
             reps.embeddings,
             reps.mask,
@@ -301,8 +320,12 @@ def calibrate(
             f"got {options}"
         )
 
+    def calibrated(value: float) -> AggregateOptions:
+        changes: dict[str, Any] = {key: value}
+        return dataclasses.replace(options, **changes)
+
     def mean_count(value: float) -> float:
-        aggregator = dataclasses.replace(options, **{key: value}).build()
+        aggregator = calibrated(value).build()
         return float(aggregator(embeddings, mask, grid).counts.double().mean())
 
     low, high = bounds
@@ -314,4 +337,4 @@ def calibrate(
         else:
             high = middle
     value = (low + high) / 2
-    return dataclasses.replace(options, **{key: value}), mean_count(value)
+    return calibrated(value), mean_count(value)

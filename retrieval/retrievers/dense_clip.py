@@ -9,13 +9,14 @@ query by its best cell.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from retrieval.aggregate import grid_cell_boxes
 from retrieval.errors import ConfigError
@@ -28,6 +29,11 @@ from retrieval.retrievers.dense_features import (
     dense_features,
     is_resnet,
 )
+
+if TYPE_CHECKING:
+    from retrieval.retrievers.openclip_loader import ClipModel, ClipVisual
+
+ImageTransform = Callable[[Image.Image], Tensor]
 
 # The paper's inputs: 512 gives RN50 / RN50x4 a 16 x 16 grid, 448 gives RN50x64 14 x 14.
 DEFAULT_RESOLUTION = {"RN50": 512, "RN50x4": 512, "RN50x64": 448}
@@ -53,18 +59,18 @@ class DenseOutput(NamedTuple):
     global_embedding: Tensor | None
 
 
-def native_size(visual: nn.Module) -> int:
+def native_size(visual: ClipVisual) -> int:
     """The tower's native input side (224 for RN50, 448 for RN50x64)."""
     size = visual.image_size
     return size if isinstance(size, int) else size[0]
 
 
-def default_resolution(model_name: str, visual: nn.Module) -> int:
+def default_resolution(model_name: str, visual: ClipVisual) -> int:
     """The paper's input for RN50 / RN50x4 / RN50x64, the native size for any other model."""
     return DEFAULT_RESOLUTION.get(model_name.removesuffix("-quickgelu"), native_size(visual))
 
 
-def square_transform(model: nn.Module, size: int) -> nn.Module:
+def square_transform(model: ClipModel, size: int) -> ImageTransform:
     """PIL -> ``[3, size, size]``: squash to a square (no crop, nothing at the border is
     lost), with the backbone's interpolation and mean / std."""
     cfg = PreprocessCfg(**model.visual.preprocess_cfg)
@@ -78,7 +84,7 @@ class TwoViewTransform:
     collates into one tensor; :meth:`DenseClipRetriever.split_views` cuts them out again.
     """
 
-    def __init__(self, dense: nn.Module, native: nn.Module, size: int) -> None:
+    def __init__(self, dense: ImageTransform, native: ImageTransform, size: int) -> None:
         self.dense = dense
         self.native = native
         self.size = size
@@ -127,7 +133,7 @@ class DenseClipRetriever(OpenClipRetriever):
             interpolated to the enlarged grid); no extra cost, but the tower sees a
             squashed image at a size it was not trained at. ``native``: a second pass at
             the native size with the ``clip`` retriever's resize + centre crop, so it is
-            exactly the global CLIP embedding (PROTOCOL's "CLIP + X"); ``image_transform``
+            exactly the global CLIP embedding (docs/protocol.md, "CLIP + X"); ``image_transform``
             then returns both views, ``[2, 3, S, S]``.
     """
 

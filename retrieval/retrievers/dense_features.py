@@ -55,14 +55,14 @@ def interpolate_positions(pos: Tensor, grid: Grid, size: Grid) -> Tensor:
     and is kept; the grid part is resized bicubically with open_clip's own settings
     (``resize_pos_embed``), so a model loaded at another size gets the same table.
     """
-    grid, size = tuple(grid), tuple(size)
-    if grid == size:
+    src, dst = tuple(grid), tuple(size)
+    if src == dst:
         return pos
     channels = pos.shape[-1]
     work = pos.dtype if pos.dtype in (torch.float32, torch.float64) else torch.float32
-    cells = pos[1:].reshape(1, *grid, channels).permute(0, 3, 1, 2).to(work)
-    cells = F.interpolate(cells, size=size, mode="bicubic", antialias=True, align_corners=False)
-    cells = cells.permute(0, 2, 3, 1).reshape(size[0] * size[1], channels)
+    cells = pos[1:].reshape(1, *src, channels).permute(0, 3, 1, 2).to(work)
+    cells = F.interpolate(cells, size=dst, mode="bicubic", antialias=True, align_corners=False)
+    cells = cells.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], channels)
     return torch.cat([pos[:1], cells.to(pos.dtype)])
 
 
@@ -81,7 +81,8 @@ def attnpool_tokens(attnpool: AttentionPool2d, features: Tensor) -> Tensor:
     x = features.flatten(2).transpose(1, 2)
     x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
     table = attnpool.positional_embedding
-    pos = interpolate_positions(table, square_grid(table.shape[0]), tuple(features.shape[-2:]))
+    h, w = features.shape[-2:]
+    pos = interpolate_positions(table, square_grid(table.shape[0]), (h, w))
     return x + pos.to(x.dtype)
 
 

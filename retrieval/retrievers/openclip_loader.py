@@ -11,15 +11,33 @@ import functools
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlparse
 
 import open_clip
-from torch import nn
+from PIL import Image
+from torch import Tensor
 
 from retrieval.errors import ConfigError, WeightsNotFoundError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    # open_clip ships no type hints: what the retrievers use of its CLIP models.
+    class ClipVisual(nn.Module):
+        image_size: int | tuple[int, int]
+        preprocess_cfg: dict[str, Any]
+
+    class ClipModel(nn.Module):
+        visual: ClipVisual
+        text_projection: Tensor
+
+        def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor: ...
+        def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor: ...
+
 
 MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)  # RN-tiny, ViT-tiny: seconds-fast pipeline checks
@@ -40,10 +58,10 @@ RANDOM_WEIGHTS_WARNING = (
 class LoadedClip:
     """An open_clip model with what a retriever needs beside it."""
 
-    model: nn.Module
+    model: ClipModel
     model_name: str
-    preprocess: object
-    tokenizer: object
+    preprocess: Callable[[Image.Image], Tensor]
+    tokenizer: Callable[[list[str]], Tensor]
     random_weights: bool
     weights: str | None
 
@@ -143,7 +161,7 @@ def file_sha256(path: str | None) -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def tokenizer_for(model_name: str) -> object:
+def tokenizer_for(model_name: str) -> Callable[[list[str]], Tensor]:
     """open_clip's tokenizer, built once per model name (reading the BPE file is slow)."""
     return open_clip.get_tokenizer(model_name)
 

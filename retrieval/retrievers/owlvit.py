@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, cast
 
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from retrieval.errors import ConfigError, StoreError, WeightsNotFoundError
 from retrieval.factory import register_retriever
@@ -41,7 +41,15 @@ from retrieval.retrievers.clip_bpe import load_tokenizer, tokenize
 from retrieval.retrievers.openclip_loader import cached_hub_file, hub_reachable
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import (
+        Owlv2ForObjectDetection,
+        Owlv2Model,
+        OwlViTForObjectDetection,
+        OwlViTModel,
+        PretrainedConfig,
+    )
+
+    OwlDetector: TypeAlias = OwlViTForObjectDetection | Owlv2ForObjectDetection
 
 DEFAULT_PRETRAINED = "google/owlvit-base-patch32"
 CONFIG_FILE = "config.json"
@@ -157,7 +165,7 @@ def resolve_pretrained(name: str, cache_dir: str | None, weights: bool = True) -
     config = cached_hub_file(name, (CONFIG_FILE,), cache_dir)
     snapshot = Path(config).parent if config else None
     missing = _missing(snapshot, weights)
-    if not missing:
+    if snapshot is not None and not missing:
         return snapshot
     if hub_reachable():
         return name
@@ -173,7 +181,7 @@ def _from_pretrained(cls_name: str, source: Path | str, cache_dir: str | None, *
 
 def load_model(
     pretrained: str | None, config: str | None, cache_dir: str | None
-) -> tuple[nn.Module, Path | None]:
+) -> tuple[OwlDetector, Path | None]:
     """The detector in eval mode, and the local folder it came from (None: downloaded/random).
 
     Args:
@@ -287,16 +295,20 @@ class OwlViTRetriever(Retriever):
             )
         self.model, folder = load_model(pretrained, config, cache_dir)
         cfg = self.model.config
+        # OwlViTConfig types its sub-configs as dict | config | None; its __post_init__
+        # always turns them into config objects.
+        text_cfg = cast("PretrainedConfig", cfg.text_config)
+        vision_cfg = cast("PretrainedConfig", cfg.vision_config)
         self.tokenizer = load_tokenizer(folder)
-        if len(self.tokenizer) != cfg.text_config.vocab_size:
+        if len(self.tokenizer) != text_cfg.vocab_size:
             key = "pretrained" if pretrained is not None else "config"
             raise ConfigError(
                 f"retriever.{key}={pretrained or config!r}: the CLIP tokenizer has "
                 f"{len(self.tokenizer)} tokens but the model's text tower expects "
-                f"{cfg.text_config.vocab_size}: not a CLIP-vocabulary OWL model."
+                f"{text_cfg.vocab_size}: not a CLIP-vocabulary OWL model."
             )
-        self.context_length = int(cfg.text_config.max_position_embeddings)
-        size, patch = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
+        self.context_length = int(text_cfg.max_position_embeddings)
+        size, patch = int(vision_cfg.image_size), int(vision_cfg.patch_size)
         self.image_transform = OwlPreprocess(_family(cfg)[1], size)
         self.embed_dim = int(cfg.projection_dim)
         self.random_weights = pretrained is None
@@ -332,7 +344,9 @@ class OwlViTRetriever(Retriever):
     def encode_text(self, texts: list[str]) -> Tensor:
         """``[Q, D]`` the detector's query embeddings (``text_embeds``), L2-normalised."""
         ids, mask = tokenize(self.tokenizer, texts, self.context_length)
-        out = self.model.base_model.get_text_features(
+        # PreTrainedModel.base_model is typed nn.Module; here it is the detector's CLIP model.
+        text_model = cast("OwlViTModel | Owlv2Model", self.model.base_model)
+        out = text_model.get_text_features(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
         )
         emb = out.pooler_output

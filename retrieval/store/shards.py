@@ -55,12 +55,13 @@ class ShardReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = safe_open(str(path), framework="pt")
-        self.image_ids: np.ndarray = self._file.get_tensor("image_ids").numpy()
+        file = safe_open(str(path), framework="pt")
+        self._file: safe_open | None = file  # None once the with block is left
+        self.image_ids: np.ndarray = file.get_tensor("image_ids").numpy()
         self.failures: list[dict[str, Any]] = json.loads(
-            (self._file.metadata() or {}).get("failures", "[]")
+            (file.metadata() or {}).get("failures", "[]")
         )
-        shape = self._file.get_slice("embeddings").get_shape()
+        shape = file.get_slice("embeddings").get_shape()
         self.num_images, self.num_reps = int(shape[0]), int(shape[1])
 
     def __enter__(self) -> ShardReader:
@@ -71,10 +72,13 @@ class ShardReader:
 
     def rows(self, start: int, stop: int) -> Representatives:
         """The representatives of images ``start:stop`` of this shard."""
-        keys = set(self._file.keys())
+        file = self._file
+        if file is None:
+            raise ValueError(f"{self.path}: shard reader used after its with block closed it")
+        keys = set(file.keys())
 
         def get(key: str) -> torch.Tensor:
-            return self._file.get_slice(key)[start:stop]
+            return file.get_slice(key)[start:stop]
 
         extras = {k[len("extras.") :]: get(k) for k in keys if k.startswith("extras.")}
         return Representatives(
