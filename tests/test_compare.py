@@ -225,7 +225,7 @@ def test_paper_table_ships_with_the_package() -> None:
 def test_ap_by_size_matches_a_numpy_loop() -> None:
     """Per bin, a category's AP keeps as positives only images whose largest instance is
     in the bin, drops the other positives and keeps every negative (checked against a
-    direct loop over PROTOCOL.md's formula, with ties and ignored images)."""
+    direct loop over docs/protocol.md's formula, with ties and ignored images)."""
     rng = np.random.default_rng(0)
     q, n = 5, 40
     scores = rng.integers(0, 6, size=(q, n)).astype(np.float32)  # many ties
