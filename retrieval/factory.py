@@ -113,7 +113,9 @@ def data_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The ``data.*`` settings that decide what each image id's pixels are: every key but
     the dataset's ``LABEL_ONLY_OPTIONS``, paths resolved (so ``./x`` and ``/abs/x`` agree)."""
     options = as_dict(cfg.data)
-    label_only = getattr(DATASETS.get(options["name"]), "LABEL_ONLY_OPTIONS", frozenset())
+    label_only: frozenset[str] = getattr(
+        DATASETS.get(options["name"]), "LABEL_ONLY_OPTIONS", frozenset()
+    )
     return {
         key: str(Path(value).resolve())
         if isinstance(value, str) and Path(value).exists()

@@ -104,9 +104,12 @@ class Backend(ABC):
 
     def hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         table = self.require_table()
-        out = []
+        out: list[Hit] = []
         for row, score in zip(rows.tolist(), scores.tolist(), strict=True):
-            box = None if table.boxes is None else tuple(float(v) for v in table.boxes[row])
+            box: tuple[float, float, float, float] | None = None
+            if table.boxes is not None:
+                x0, y0, x1, y1 = (float(v) for v in table.boxes[row])  # xyxy
+                box = (x0, y0, x1, y1)
             out.append(
                 Hit(
                     int(table.image_ids[table.owner[row]]), float(score), int(table.slots[row]), box

@@ -176,7 +176,7 @@ def build_index(
         add_run(index, store, progress)
         index.finish(progress)
         table = index.table
-        if table.num_rows == 0:
+        if table is None or table.num_rows == 0:  # finish() always sets the table
             raise IndexFileError(f"{run_dir}: no image has a valid representative to index")
         build_s = time.perf_counter() - start
         queries, source = recall_queries(run_dir, table, num_queries, seed=0)

@@ -3,7 +3,7 @@
 No approximation: every representative is scored, each image keeps its max (and the
 first representative reaching it, as ``argmax_representative`` does). It is the default
 and the reference every approximate backend's recall is measured against. On these CPUs
-torch beat faiss's fp32 IndexFlatIP on batches of 100 queries (FIELD_NOTES, Search), but
+torch beat faiss's fp32 IndexFlatIP on batches of 100 queries (measured on a 2-core CPU), but
 one query at a time faiss's fp16 flat codes are 2-3x faster (results/bench/search_cpu.md):
 ``faiss`` is the exact choice for interactive search on a CPU.
 """
@@ -126,22 +126,22 @@ class ExactBackend(Backend):
     def _resident_dtype(self) -> torch.dtype | None:
         """The dtype the vectors stay in memory as, or None when they do not fit."""
         dtype = torch.float16 if resolve_device(self.device).type == "cuda" else torch.float32
-        nbytes = self.table.vectors.size * dtype.itemsize
+        nbytes = self.require_table().vectors.size * dtype.itemsize
         return None if nbytes > self.options.get("max_memory_gb", 4.0) * 1024**3 else dtype
 
     def _resident(self) -> Tensor | None:
         dtype = self._resident_dtype()
         if dtype is not None and getattr(self, "_vectors", None) is None:
-            self._vectors = torch.from_numpy(np.array(self.table.vectors)).to(
+            self._vectors = torch.from_numpy(np.array(self.require_table().vectors)).to(
                 resolve_device(self.device), dtype
             )
         return None if dtype is None else self._vectors
 
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
-        return exact_search(self.table, queries, k, self.device, self._resident())
+        return exact_search(self.require_table(), queries, k, self.device, self._resident())
 
     def memory_bytes(self) -> int:
         """Every vector is read by every query: the resident copy (or the table) counts."""
         dtype = self._resident_dtype()
-        held = self.table.vectors.size * (2 if dtype is None else dtype.itemsize)
+        held = self.require_table().vectors.size * (2 if dtype is None else dtype.itemsize)
         return super().memory_bytes() + held

@@ -143,6 +143,19 @@ class FaissBackend(Backend):
         if self.index.d != self.dim or self.index.ntotal != self.require_table().num_rows:
             raise corrupt(path, "its size does not match the representative table")
 
+    def _built(self) -> faiss.Index:
+        """The faiss index (after :meth:`build` or :meth:`load`), else a clear error."""
+        if self.index is None:
+            raise IndexFileError(f"index {self.folder}: the faiss index is not built")
+        return self.index
+
+    def _ivf(self) -> faiss.IndexIVF:
+        """The built index as the inverted-file index that ``ivfpq`` makes."""
+        index = self._built()
+        if not isinstance(index, faiss.IndexIVF):
+            raise IndexFileError(f"index {self.folder}: the faiss index is not an IVF index")
+        return index
+
     def own_files(self) -> list[Path]:
         return [self.folder / FAISS_FILE]
 
@@ -153,13 +166,13 @@ class FaissBackend(Backend):
     def _fetch(
         self, queries: np.ndarray, kp: int, nprobe: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(self.index, faiss.IndexIVF):
-            self.index.nprobe = min(nprobe or self.options["nprobe"], self.index.nlist)
-        return self.index.search(queries, min(kp, self.index.ntotal))
+        index = self._built()
+        if isinstance(index, faiss.IndexIVF):
+            index.nprobe = min(nprobe or self.options["nprobe"], index.nlist)
+        return index.search(queries, min(kp, index.ntotal))
 
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
-        if self.index is None:
-            raise IndexFileError(f"index {self.folder}: the faiss index is not built")
+        self._built()  # a clear error before any work when it is not
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
         kp = math.ceil(self.options["overfetch"] * k)
         if self.options["kind"] == "ivfpq":
@@ -169,23 +182,24 @@ class FaissBackend(Backend):
     def _ivfpq(self, queries: Tensor, q: np.ndarray, k: int, kp: int) -> list[RowHits]:
         """Re-ranked candidates; a query short of ``k`` images (its probed lists held too
         few) is asked again with twice the probes and fetch, up to the whole index."""
-        wanted = min(k, self.table.searchable_images)
-        out: list[RowHits | None] = [None] * len(q)
+        wanted = min(k, self.require_table().searchable_images)
+        index = self._ivf()
+        out: dict[int, RowHits] = {}  # query -> its latest answer
         todo, nprobe = np.arange(len(q)), self.options["nprobe"]
         while len(todo):
             _, rows = self._fetch(q[todo], kp, nprobe)
-            again = []
-            for i, r in zip(todo, rows, strict=True):
-                out[i] = self._rerank(queries[i], r, k)
-                exhausted = nprobe >= self.index.nlist and kp >= self.index.ntotal
-                if len(out[i][0]) < wanted and not exhausted:
+            again: list[int] = []
+            for i, r in zip(todo.tolist(), rows, strict=True):
+                out[i] = hits = self._rerank(queries[i], r, k)
+                exhausted = nprobe >= index.nlist and kp >= index.ntotal
+                if len(hits[0]) < wanted and not exhausted:
                     again.append(i)
             todo, nprobe, kp = np.array(again, dtype=np.int64), nprobe * 2, kp * 2
-        return out
+        return [out[i] for i in range(len(q))]
 
     def _rerank(self, query: Tensor, rows: np.ndarray, k: int) -> RowHits:
         """Exact top ``k`` of the images whose fetched ``rows`` score best exactly."""
-        table = self.table
+        table = self.require_table()
         rows = np.sort(rows[rows >= 0])  # sorted: memory-mapped reads in file order
         sims = table.vectors[rows].astype(np.float32) @ query.float().cpu().numpy()
         order = np.argsort(-sims, kind="stable")
@@ -194,18 +208,19 @@ class FaissBackend(Backend):
 
     def _flat(self, q: np.ndarray, k: int, kp: int) -> list[RowHits]:
         """Groups the top ``kp`` representatives; fetches more where < ``k`` images came."""
-        out: list[RowHits | None] = [None] * len(q)
+        owner = self.require_table().owner
+        out: dict[int, RowHits] = {}  # query -> its latest answer
         todo = np.arange(len(q))
-        total = self.index.ntotal
+        total = self._built().ntotal
         while len(todo):
             scores, rows = self._fetch(q[todo], kp)
-            again = []
-            for i, s, r in zip(todo, scores, rows, strict=True):
-                out[i] = first_per_image(r, s, self.table.owner, k)
-                if len(out[i][0]) < k and kp < total:
+            again: list[int] = []
+            for i, s, r in zip(todo.tolist(), scores, rows, strict=True):
+                out[i] = hits = first_per_image(r, s, owner, k)
+                if len(hits[0]) < k and kp < total:
                     again.append(i)
             todo, kp = np.array(again, dtype=np.int64), kp * 2
-        return out
+        return [out[i] for i in range(len(q))]
 
     def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
         """flat: the over-fetch most queries need (the rest fetch again). ivfpq: the
@@ -214,6 +229,8 @@ class FaissBackend(Backend):
         if self.options["kind"] == "flat":
             self.options["overfetch"] = self._flat_overfetch(queries, k)
             return
+        owner = self.require_table().owner
+        nlist = self._ivf().nlist
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
         fetched: dict[int, np.ndarray] = {}  # nprobe -> rows of the largest over-fetch
 
@@ -226,12 +243,12 @@ class FaissBackend(Backend):
                 self._rerank(v, r[: overfetch * k], k)
                 for v, r in zip(queries, fetched[nprobe], strict=True)
             ]
-            return recall_at_k(found, truth, self.table.owner)
+            return recall_at_k(found, truth, owner)
 
         candidates = (
             {"nprobe": nprobe, "overfetch": overfetch}
             for nprobe in NPROBE
-            if nprobe <= self.index.nlist
+            if nprobe <= nlist
             for overfetch in OVERFETCH
         )
         # the cost grows with both knobs, so once a pair meets the target the pricier
@@ -249,16 +266,17 @@ class FaissBackend(Backend):
         the best images' rows re-ranked. A model, not a timing, so the same data always
         gets the same settings (timings on a busy machine picked differently run to run)."""
         table = self.require_table()
-        scanned = nprobe / self.index.nlist * table.num_rows * self.options["m"]
+        scanned = nprobe / self._ivf().nlist * table.num_rows * self.options["m"]
         reps_per_image = table.num_rows / max(table.num_images, 1)
         return scanned + (overfetch + RERANK_IMAGES * reps_per_image) * k * self.dim
 
     def _flat_overfetch(self, queries: Tensor, k: int) -> int:
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
+        owner = self.require_table().owner
         _, rows = self._fetch(q, 64 * k)
-        needed = []
+        needed: list[float] = []
         for r in rows:
-            owners = self.table.owner[r[r >= 0]]
+            owners = owner[r[r >= 0]]
             _, first = np.unique(owners, return_index=True)
             first = np.sort(first)
             needed.append((first[k - 1] + 1) / k if len(first) >= k else 64)

@@ -61,7 +61,7 @@ class LanceBackend(Backend):
             )
         options.setdefault("nprobes", 20)
         super().__init__(folder, dim, device, **options)
-        self.lance_table = None
+        self.lance_table: Any = None  # a lancedb Table once built or loaded
 
     @property
     def approximate(self) -> bool:  # type: ignore[override]
@@ -103,7 +103,7 @@ class LanceBackend(Backend):
         table = db.create_table(TABLE, batches[0])
         for batch in batches[1:]:
             table.add(batch)
-        rows = self.table.num_rows
+        rows = self.require_table().num_rows
         kind = self.options["index_type"]
         if kind == "auto":
             kind = "IVF_HNSW_SQ" if rows >= HNSW_MIN_ROWS else "IVF_FLAT"
@@ -162,13 +162,14 @@ class LanceBackend(Backend):
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
         if self.lance_table is None:
             raise IndexFileError(f"index {self.folder}: the lancedb table is not built")
+        table = self.require_table()
         q = queries.float().cpu()
-        return [rerank(self.table, v, self._images(v.numpy(), k), k) for v in q]
+        return [rerank(table, v, self._images(v.numpy(), k), k) for v in q]
 
     def _images(self, q: np.ndarray, k: int) -> np.ndarray:
         """Top ``k`` images of one query; probes more partitions while fewer come back
         (a partition of a small table can hold fewer than ``k`` images)."""
-        wanted = min(k, self.table.searchable_images)  # the lance table's rows
+        wanted = min(k, self.require_table().searchable_images)  # the lance table's rows
         nprobes = self.options.get("nprobes", 1)
         found = self._query(q, k, nprobes)
         while len(found) < wanted and nprobes < self.options.get("num_partitions", 0):
@@ -182,6 +183,7 @@ class LanceBackend(Backend):
         k`` rows exactly); else the most tried."""
         if self.options["index_type"] == "none":
             return
+        owner = self.require_table().owner
         hnsw = self.options["index_type"] == "IVF_HNSW_SQ"
         if hnsw:
             self.options.setdefault("refine_factor", 4)
@@ -195,7 +197,7 @@ class LanceBackend(Backend):
         tune_settings(
             self.options,
             candidates,
-            lambda: recall_at_k(self.search_rows(queries, k), truth, self.table.owner),
+            lambda: recall_at_k(self.search_rows(queries, k), truth, owner),
             target,
             fallback="last",
         )

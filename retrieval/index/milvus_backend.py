@@ -81,7 +81,7 @@ class MilvusBackend(Backend):
         options.setdefault("uri", None)
         options.setdefault("collection", LITE_COLLECTION)
         super().__init__(folder, dim, device, **options)
-        self.client = None
+        self.client: Any = None  # a pymilvus.MilvusClient once built or loaded
 
     @property
     def lite(self) -> bool:
@@ -148,7 +148,7 @@ class MilvusBackend(Backend):
         starts = range(0, table.num_rows, INSERT_ROWS)
         for start in tqdm(starts, desc="milvus insert", unit="chunk", disable=not progress):
             stop = min(start + INSERT_ROWS, table.num_rows)
-            vectors = np.asarray(table.vectors[start:stop], dtype=np_type)
+            vectors: np.ndarray = np.asarray(table.vectors[start:stop], dtype=np_type)
             client.insert(
                 name,
                 [
@@ -174,10 +174,11 @@ class MilvusBackend(Backend):
             )
         client.load_collection(name)
         rows = int(client.get_collection_stats(name)["row_count"])
-        if rows != self.require_table().num_rows:
+        table_rows = self.require_table().num_rows
+        if rows != table_rows:
             raise IndexFileError(
                 f"Milvus collection {name!r} at {where} holds {rows} representatives, the "
-                f"index table {self.table.num_rows}: it was changed since the build; rebuild "
+                f"index table {table_rows}: it was changed since the build; rebuild "
                 f"with `retrieval index build RUN_DIR --backend milvus --out {self.folder}`"
             )
 
@@ -215,9 +216,9 @@ class MilvusBackend(Backend):
 
     def _images(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
         """Per query, the table positions of the top ``k`` images Milvus groups."""
-        out = []
+        out: list[np.ndarray] = []
         for start in range(0, len(queries), SEARCH_QUERIES):
-            batch = queries[start : start + SEARCH_QUERIES].astype(self.np_type)
+            batch: np.ndarray = queries[start : start + SEARCH_QUERIES].astype(self.np_type)
             result = self.client.search(
                 self.options["collection"],
                 data=list(batch),
@@ -232,14 +233,16 @@ class MilvusBackend(Backend):
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
         if self.client is None:
             raise IndexFileError(f"index {self.folder}: the milvus collection is not open")
+        table = self.require_table()
         q = queries.float().cpu()
         images = self._images(q.numpy(), k)
-        return [rerank(self.table, v, found, k) for v, found in zip(q, images, strict=True)]
+        return [rerank(table, v, found, k) for v, found in zip(q, images, strict=True)]
 
     def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
         """HNSW: the least ``ef_factor`` reaching ``target`` recall; IVF_FLAT: the least
         ``nprobe``; else the most tried. FLAT and AUTOINDEX have nothing to tune here."""
         kind = self.options["index_type"]
+        values: tuple[int, ...]
         if kind == "HNSW":
             key, values = "ef_factor", EF_FACTORS
         elif kind == "IVF_FLAT":

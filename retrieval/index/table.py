@@ -70,7 +70,7 @@ class TableWriter:
         if self._has_boxes is None:
             self._has_boxes = has_boxes
         self._has_boxes = self._has_boxes and has_boxes
-        if has_boxes:
+        if reps.boxes is not None:
             self._boxes.append(reps.boxes.cpu()[mask].float().numpy())
 
     def close(self) -> RepTable:
@@ -80,14 +80,16 @@ class TableWriter:
         if len(np.unique(ids)) != len(ids):
             raise IndexFileError("an image id was added twice: each image is added once")
         counts = np.concatenate(self._counts) if self._counts else np.zeros(0, np.int64)
-        meta = {
+        meta: dict[str, np.ndarray] = {
             "image_ids": ids,
             "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             "slots": np.concatenate(self._slots) if self._slots else np.zeros(0, np.int32),
         }
         if self._has_boxes:
             meta["boxes"] = np.concatenate(self._boxes).astype(np.float32)
-        np.savez(self.folder / META, **meta)
+        # numeric arrays only (np.load reads them without pickle); naming allow_pickle
+        # also keeps mypy from matching **meta against that bool parameter
+        np.savez(self.folder / META, allow_pickle=False, **meta)
         return RepTable.open(self.folder, self.dim)
 
 

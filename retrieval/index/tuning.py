@@ -92,7 +92,7 @@ def tune_settings(
                 break
     if winner is not None:
         (_, settings, recall), met = winner, True
-    elif last is not None:
+    elif best is not None and last is not None:  # both set by the first measurement
         (settings, recall), met = (best if fallback == "best" else last), False
     else:
         return TuneResult()
