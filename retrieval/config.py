@@ -301,13 +301,14 @@ def literal_choices(registry: Registry, name: str) -> dict[str, tuple[Any, ...]]
     return choices
 
 
-def protocol_options(name: str) -> dict[str, str]:
-    """The dataset's arguments that are protocol options: argument -> config key.
+def config_options(name: str) -> dict[str, str]:
+    """The dataset's arguments filled from other config sections: argument -> config key.
 
-    A dataset declares them (``PROTOCOL_OPTIONS = {"federated": "protocol.lvis_federated"}``)
-    so that the protocol keeps its own config section and no dataset is special-cased.
+    A dataset declares them (LVIS: ``CONFIG_OPTIONS = {"federated":
+    "protocol.lvis_federated"}``) so that the protocol keeps its own config section and
+    no dataset is special-cased.
     """
-    return dict(getattr(DATASETS.get(name), "PROTOCOL_OPTIONS", {}))
+    return dict(getattr(DATASETS.get(name), "CONFIG_OPTIONS", {}))
 
 
 def retriever_schema(name: str) -> DictConfig:
@@ -317,9 +318,9 @@ def retriever_schema(name: str) -> DictConfig:
 
 def data_schema(name: str) -> DictConfig:
     """The ``data.*`` schema of dataset ``name``: its typed keyword arguments, less the
-    transform (the retriever's) and its protocol options (``protocol.*`` keys)."""
+    transform (the retriever's) and the arguments it takes from other sections."""
     return options_schema(
-        DATASETS, name, skip={"transform", *protocol_options(name)}, required_default=None
+        DATASETS, name, skip={"transform", *config_options(name)}, required_default=None
     )
 
 

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from retrieval.config import as_dict, protocol_options, retriever_options
+from retrieval.config import as_dict, config_options, retriever_options
 from retrieval.errors import ConfigError
 from retrieval.registry import AGGREGATORS, DATASETS, INDEX_BACKENDS, RETRIEVERS
 
 if TYPE_CHECKING:
     from retrieval.aggregate.base import Aggregator
-    from retrieval.data.base import RetrievalDataset, Transform
+    from retrieval.data.base import ImageDataset, Transform
     from retrieval.index.base import Backend
     from retrieval.retrievers.base import Retriever
 
@@ -79,12 +79,12 @@ def list_datasets() -> list[str]:
     return DATASETS.names()
 
 
-def create_dataset(name: str, **kwargs: Any) -> RetrievalDataset:
+def create_dataset(name: str, **kwargs: Any) -> ImageDataset:
     """Builds the dataset registered under ``name``; an unknown option names the valid ones."""
     return DATASETS.create(name, **kwargs)
 
 
-def build_dataset(cfg: DictConfig, transform: Transform | None = None) -> RetrievalDataset:
+def build_dataset(cfg: DictConfig, transform: Transform | None = None) -> ImageDataset:
     """The configured dataset: ``data.*`` as its keyword arguments, plus the protocol
     options it declares and the retriever's ``transform``.
 
@@ -104,7 +104,7 @@ def build_dataset(cfg: DictConfig, transform: Transform | None = None) -> Retrie
                 f"data.{key} is not set: pass data.{key}=PATH on the command line "
                 f"(see `retrieval data check` and the README's dataset section)"
             )
-    for argument, key in protocol_options(name).items():
+    for argument, key in config_options(name).items():
         options[argument] = OmegaConf.select(cfg, key)
     return create_dataset(name, transform=transform, **options)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from retrieval.config import data_schema, load_config, protocol_options, retriever_schema
+from retrieval.config import config_options, data_schema, load_config, retriever_schema
 from retrieval.data.base import RetrievalDataset
 from retrieval.errors import ConfigError
 from retrieval.factory import build_dataset, create_aggregator, create_retriever
@@ -291,7 +291,7 @@ def test_dataset_options_are_config_keys(name: str, tmp_path: Path) -> None:
     if inspect.isclass(factory):
         assert issubclass(factory, RetrievalDataset)
     schema = data_schema(name)
-    protocol = protocol_options(name)
+    protocol = config_options(name)
     assert schema.name == name
     assert {"annotations", "images"} <= set(schema)
     assert "transform" not in schema and not set(protocol) & set(schema)

@@ -1,8 +1,10 @@
 """What every dataset shares: items, batches and the bad-file policy.
 
-A dataset gives the engine ``image_ids``, ``categories``, ``failures_at_start``,
-``image_path(id)`` and ``ground_truth()``; this base turns those into DataLoader items
-and batches, so COCO, LVIS and nuImages read and report images the same way.
+An :class:`ImageDataset` gives the engine ``image_ids``, ``failures_at_start`` and
+``image_path(id)``, which is all the embed phase needs (an unlabelled collection is one);
+a :class:`RetrievalDataset` adds ``categories`` and ``ground_truth()`` for the score
+phase. This base turns ids into DataLoader items and batches, so every dataset reads and
+reports images the same way.
 """
 
 from __future__ import annotations
@@ -30,14 +32,12 @@ def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-class RetrievalDataset(Dataset):
-    """Base of the datasets: validated common options, ``__getitem__`` and ``collate``.
-
-    Subclasses set :attr:`image_ids`, :attr:`categories` and :attr:`failures_at_start`
-    and implement :meth:`image_path` and ``ground_truth()``.
+class ImageDataset(Dataset):
+    """Base of every dataset: images by id, validated common options, ``__getitem__``
+    and ``collate``. Subclasses set :attr:`image_ids` and :attr:`failures_at_start` and
+    implement :meth:`image_path`.
 
     Args:
-        annotations: the annotation file or folder (config ``data.annotations``).
         images: the image root (config ``data.images``).
         transform: PIL image -> tensor, normally the retriever's ``image_transform``.
         on_bad_image: ``error`` stops at a missing, truncated or corrupt file;
@@ -47,9 +47,10 @@ class RetrievalDataset(Dataset):
 
     image_ids: np.ndarray
     failures_at_start: list[dict[str, Any]]
-    #: constructor arguments that are protocol options, with their config keys; the
-    #: factory passes those keys' values (no dataset needs a special case there)
-    PROTOCOL_OPTIONS: ClassVar[dict[str, str]] = {}
+    #: constructor arguments filled from other config sections (a protocol option, the
+    #: run folder), with their config keys; the factory passes those keys' values, so
+    #: no dataset needs a special case there
+    CONFIG_OPTIONS: ClassVar[dict[str, str]] = {}
     #: ``data.*`` options that change labels or which images take part, never what an
     #: image id's pixels are: left out of the embedding fingerprint, so changing them
     #: re-scores stored shards instead of refusing them
@@ -59,7 +60,6 @@ class RetrievalDataset(Dataset):
 
     def __init__(
         self,
-        annotations: str | Path,
         images: str | Path,
         transform: Transform | None,
         on_bad_image: OnBadImage,
@@ -71,15 +71,11 @@ class RetrievalDataset(Dataset):
             raise ConfigError(
                 f"data.max_images must be a positive integer or null, got {max_images}"
             )
-        self.annotations_path = Path(annotations)
         self.images_dir = Path(images)
         self.transform = transform
         self.on_bad_image = on_bad_image
 
     def image_path(self, image_id: int) -> Path:
-        raise NotImplementedError
-
-    def ground_truth(self) -> GroundTruth:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -130,3 +126,32 @@ class RetrievalDataset(Dataset):
             pixels = torch.stack([item["pixels"] for item in good])
         image_ids = torch.tensor([item["image_id"] for item in good], dtype=torch.int64)
         return {"pixels": pixels, "image_ids": image_ids, "failures": failures}
+
+
+class RetrievalDataset(ImageDataset):
+    """Base of the labelled datasets: an :class:`ImageDataset` with annotations, whose
+    subclasses also set :attr:`categories` and implement :meth:`ground_truth`.
+
+    Args:
+        annotations: the annotation file or folder (config ``data.annotations``).
+        images, transform, on_bad_image, max_images: as for :class:`ImageDataset`.
+    """
+
+    def __init__(
+        self,
+        annotations: str | Path,
+        images: str | Path,
+        transform: Transform | None,
+        on_bad_image: OnBadImage,
+        max_images: int | None,
+    ) -> None:
+        super().__init__(images, transform, on_bad_image, max_images)
+        self.annotations_path = Path(annotations)
+
+    def ground_truth(self) -> GroundTruth:
+        raise NotImplementedError
+
+
+def is_labelled(dataset_class: Any) -> bool:
+    """Whether a dataset (class or instance) has ground truth to score against."""
+    return callable(getattr(dataset_class, "ground_truth", None))

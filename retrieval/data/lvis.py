@@ -190,7 +190,7 @@ class LvisDataset(CocoDataset):
     """
 
     dataset_name = "lvis"
-    PROTOCOL_OPTIONS: ClassVar[dict[str, str]] = {"federated": "protocol.lvis_federated"}
+    CONFIG_OPTIONS: ClassVar[dict[str, str]] = {"federated": "protocol.lvis_federated"}
 
     def __init__(
         self,

@@ -10,11 +10,12 @@ from omegaconf import DictConfig
 
 from retrieval.engine.embedding import embed
 from retrieval.engine.parts import build_parts
-from retrieval.engine.scoring import RunResult, score
+from retrieval.engine.scoring import RunResult, require_labels, score
 
 
 def evaluate(cfg: DictConfig) -> RunResult | None:
     """Runs one evaluation; returns the result on global rank 0, None on other ranks."""
+    require_labels(cfg)
     parts = build_parts(cfg)
     embedded = embed(cfg, parts)
     if not embedded.is_global_zero:

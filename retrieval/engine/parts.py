@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from retrieval.data.base import RetrievalDataset
+from retrieval.data.base import ImageDataset
 from retrieval.factory import build_dataset, build_retriever
 from retrieval.retrievers.base import Retriever
 
@@ -23,7 +23,7 @@ class RunParts:
     """The retriever and dataset of one run, built once and shared by its phases."""
 
     retriever: Retriever
-    dataset: RetrievalDataset
+    dataset: ImageDataset
 
 
 def build_parts(cfg: DictConfig) -> RunParts:

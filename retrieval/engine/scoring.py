@@ -12,16 +12,18 @@ import logging
 import resource
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from omegaconf import DictConfig
 
 from retrieval.config import to_yaml
+from retrieval.data.base import RetrievalDataset, is_labelled
 from retrieval.data.ground_truth import GroundTruth
 from retrieval.engine.parts import RunParts, build_parts
-from retrieval.errors import StoreError
+from retrieval.errors import ConfigError, StoreError
 from retrieval.metrics import RetrievalEvaluation
+from retrieval.registry import DATASETS
 from retrieval.retrievers.base import Retriever
 from retrieval.store import ScoreResult, ShardStore, score_store
 from retrieval.text import embed_queries
@@ -57,8 +59,9 @@ def score(
     Raises:
         StoreError: the run folder holds no embeddings (run ``retrieval embed`` first).
     """
+    require_labels(cfg)
     parts = parts or build_parts(cfg)
-    retriever, dataset = parts.retriever, parts.dataset
+    retriever, dataset = parts.retriever, cast(RetrievalDataset, parts.dataset)
     run_dir = Path(cfg.run.output_dir)
     store = embedded.store if embedded else ShardStore(run_dir / "embeddings", cfg.store.dtype)
     if not store.shard_paths():
@@ -91,6 +94,20 @@ def score(
     metrics.update(run_facts(cfg, retriever, scored, failures, seconds, n_embedded, gt.notes))
     write_run(cfg, run_dir, metrics, gt, scored)
     return RunResult(run_dir, metrics, embedded=n_embedded)
+
+
+def require_labels(cfg: DictConfig) -> None:
+    """Refuses to score a dataset without ground truth, before any model is built.
+
+    Raises:
+        ConfigError: ``data.name`` is an unlabelled collection.
+    """
+    name = cfg.data.name
+    if not is_labelled(DATASETS.get(name)):
+        raise ConfigError(
+            f"data.name={name} is an unlabelled collection: there is nothing to score. Embed "
+            f"it with `retrieval embed`, then `retrieval index build RUN` and `retrieval search`"
+        )
 
 
 def query_embeddings(cfg: DictConfig, retriever: Retriever, queries: list[str], run_dir: Path):

@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -115,12 +115,14 @@ def _recompute(run_dir: Path, top_k: int) -> dict[str, Any]:
     """Size bins from ``scores.npz`` and the ground truth of the run's own dataset, built
     as the engine built it (same data and protocol options)."""
     from retrieval.config import load_stored_config
+    from retrieval.data.base import RetrievalDataset
     from retrieval.factory import build_dataset
 
     cfg = load_stored_config(run_dir / "config.yaml")
     cfg.data.on_bad_image = "skip"  # only the annotations matter here
-    saved = np.load(run_dir / "scores.npz")
-    gt = build_dataset(cfg, None).ground_truth().select_images(saved["image_ids"])
+    saved = np.load(run_dir / "scores.npz")  # a scored run: its dataset is labelled
+    dataset = cast(RetrievalDataset, build_dataset(cfg, None))
+    gt = dataset.ground_truth().select_images(saved["image_ids"])
     if not np.array_equal(gt.category_ids, saved["category_ids"]):
         raise StoreError(f"{run_dir}/scores.npz and the dataset disagree on the categories")
     bins = size_bins(large_area=cfg.protocol.large_area)
