@@ -14,10 +14,10 @@ import logging
 import os
 import sys
 
-from retrieval.cli import compare, data, evaluate, index, listing, search
+from retrieval.cli import compare, data, evaluate, export, index, listing, search
 from retrieval.errors import RetrievalError
 
-COMMANDS = (evaluate, listing, data, index, search, compare)
+COMMANDS = (evaluate, listing, data, index, search, export, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,55 @@
+"""``retrieval export RUN --format parquet|npy OUT``: a run's representatives for other tools."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+
+def _export(args: argparse.Namespace) -> int:
+    from retrieval.store.export import export_run
+
+    result = export_run(
+        args.run_dir,
+        args.out,
+        format=args.format,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+        force=args.force,
+    )
+    Console().print(
+        f"exported {result.rows} representatives of {result.images} images "
+        f"({result.shards} shards, {result.dtype}"
+        + (f", {result.removed} removed images left out" if result.removed else "")
+        + (f", {result.missing_paths} rows without a path" if result.missing_paths else "")
+        + f") to {result.out}"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``export RUN_DIR --format parquet|npy OUT``."""
+    parser = subparsers.add_parser(
+        "export",
+        help="write a run's representatives (image id, path, slot, box, embedding) to "
+        "parquet or an npy embeddings folder",
+    )
+    parser.add_argument("run_dir", help="run folder made by `retrieval eval` / `retrieval embed`")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=("parquet", "npy"),
+        help="parquet: one file, one row per representative; npy: OUT/img_emb/img_emb_K.npy + "
+        "OUT/metadata/metadata_K.parquet (clip-retrieval layout: embedding-reader, autofaiss)",
+    )
+    parser.add_argument("out", help="the parquet file or the npy folder to write")
+    parser.add_argument(
+        "--dtype",
+        default="float16",
+        choices=("float16", "float32"),
+        help="embedding dtype (default float16)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_export)
