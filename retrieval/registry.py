@@ -161,7 +161,9 @@ RETRIEVERS = Registry(
 DATASETS = Registry(
     "dataset",
     "data.name",
-    builtin=tuple(f"retrieval.data.{m}" for m in ("coco", "lvis", "nuimages")),
+    builtin=tuple(
+        f"retrieval.data.{m}" for m in ("coco", "lvis", "nuimages", "folder", "listfile")
+    ),
     entry_point_group="retrieval.datasets",
 )
 AGGREGATORS = Registry(

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from retrieval.config import config_options, data_schema, load_config, retriever_schema
-from retrieval.data.base import RetrievalDataset
+from retrieval.data.base import ImageDataset, is_labelled
 from retrieval.errors import ConfigError
 from retrieval.factory import build_dataset, create_aggregator, create_retriever
 from retrieval.index import build_index, open_index
@@ -283,29 +283,36 @@ def test_aggregator_contract(
 # datasets -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", DATASETS.names())
 def test_dataset_options_are_config_keys(name: str, tmp_path: Path) -> None:
-    """``data.*`` of every dataset: its keyword arguments with ``annotations`` and
-    ``images`` (left to the command line), never ``transform`` (the retriever's) nor its
-    protocol options (``protocol.*`` keys); a misspelt key names the right one, and a
-    dataset built without its paths says which key to set."""
+    """``data.*`` of every dataset: its keyword arguments (a labelled one's include
+    ``annotations`` and ``images``), its paths left to the command line, never
+    ``transform`` (the retriever's) nor the options it takes from other sections; a
+    misspelt key names the right one, and a dataset built without its paths says which
+    key to set."""
     factory = DATASETS.get(name)
     if inspect.isclass(factory):
-        assert issubclass(factory, RetrievalDataset)
+        assert issubclass(factory, ImageDataset)
     schema = data_schema(name)
     protocol = config_options(name)
-    assert schema.name == name
-    assert {"annotations", "images"} <= set(schema)
+    required = [
+        key
+        for key, param in DATASETS.parameters(name).items()
+        if param.default is param.empty and key != "transform"
+    ]
+    assert schema.name == name and required
+    if is_labelled(factory):
+        assert {"annotations", "images"} <= set(schema)
     assert "transform" not in schema and not set(protocol) & set(schema)
     assert set(schema) == {"name", *DATASETS.parameters(name)} - {"transform", *protocol}
 
     path = tmp_path / "config.yaml"
     path.write_text(f"defaults:\n  - retriever: clip_tiny\ndata:\n  name: {name}\n")
     cfg = load_config(path)
-    assert cfg.data.annotations is None and cfg.data.images is None
-    for key in protocol.values():  # a protocol option is a key of its own section
+    assert all(cfg.data[key] is None for key in required)
+    for key in protocol.values():  # an option of another section is a key of its own
         assert not key.startswith("data.") and OmegaConf.select(cfg, key) is not None
-    with pytest.raises(ConfigError, match="Did you mean 'data.annotations'"):
-        load_config(path, ["data.annotation=x.json"])
-    with pytest.raises(ConfigError, match="data.annotations is not set"):
+    with pytest.raises(ConfigError, match=f"Did you mean 'data.{required[0]}'"):
+        load_config(path, [f"data.{near_miss(required[0])}=x"])
+    with pytest.raises(ConfigError, match=f"data.{required[0]} is not set"):
         build_dataset(cfg)
 
 

@@ -2,27 +2,79 @@
 are still in the collection.
 
 An unlabelled dataset (a folder, a list file, tar shards) writes ``<run>/images.parquet``,
-one row per image id it ever assigned: ``image_id``, ``path`` (relative to the images
-root), ``size_bytes``, ``mtime_ns``, ``width``, ``height``, ``removed`` and any metadata
-columns. Ids are stable: an unchanged file keeps its id across runs; a new or modified
-file gets a new id, and the id of a deleted or modified file is marked ``removed``, so
-shards never need rewriting and an index can be updated by ids alone.
+one row per image id it ever assigned, sorted by id:
+
+===============  ========  =============================================================
+column           type      meaning
+===============  ========  =============================================================
+``image_id``     int64     the id the run's shards and indexes use
+``path``         string    the file, relative to the images root (absolute when a list
+                           file names one outside it)
+``size_bytes``   int64     file size when the id was assigned
+``mtime_ns``     int64     file modification time (ns) when the id was assigned
+``width``        int32     pixels as the embed phase sees them (EXIF orientation
+                           applied); null when the header cannot be read
+``height``       int32     likewise
+``removed``      bool      the file vanished or changed since: the id is no longer live
+(metadata)       any       every other column of the metadata or list file, by path
+===============  ========  =============================================================
+
+The images root (absolute) is kept in the Parquet schema metadata under ``root``, so the
+search side resolves any id to its file from the table alone, without rescanning.
+
+Ids are stable: an unchanged file (same path, size and mtime) keeps its id across runs; a
+new or modified file gets a new id (the largest id ever assigned + 1, ..., in path
+order), and the id of a deleted or modified file is marked ``removed``, so shards never
+need rewriting and an index can be updated by ids alone. :func:`assign_ids` is the one
+implementation every unlabelled dataset shares; it depends only on the previous table
+and the listing, so every DDP rank computes (and may write) the same table.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import posixpath
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
-from retrieval.errors import StoreError
+from retrieval.errors import DataError, MissingFileError, StoreError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from rich.progress import Progress
+
+log = logging.getLogger("retrieval")
 
 COLLECTION_FILE = "images.parquet"
+ROOT_KEY = b"root"
+FIXED_COLUMNS = ("image_id", "path", "size_bytes", "mtime_ns", "width", "height", "removed")
+PROGRESS_AFTER = 10_000
+"""Listings and header reads show a progress bar only past this many items."""
+SAMPLE = 3
+"""How many example paths an error message shows."""
+_ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate the image by 90 degrees
 
 
 def collection_path(run_dir: str | Path) -> Path:
     """Where a run keeps its collection table."""
     return Path(run_dir) / COLLECTION_FILE
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise StoreError(
+            f"{path} cannot be read ({err}); its ids name the run's stored embeddings, so "
+            f"restore the file from a backup or embed the collection into a new run.output_dir"
+        ) from None
 
 
 def live_image_ids(run_dir: str | Path) -> np.ndarray | None:
@@ -35,15 +87,352 @@ def live_image_ids(run_dir: str | Path) -> np.ndarray | None:
     path = collection_path(run_dir)
     if not path.exists():
         return None
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path, columns=["image_id", "removed"])
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise StoreError(
-            f"{path} cannot be read ({err}); its ids name the run's stored embeddings, so "
-            f"restore the file from a backup or embed the collection into a new run.output_dir"
-        ) from None
+    table = _read_table(path, columns=["image_id", "removed"])
     ids = table.column("image_id").to_numpy()
     removed = table.column("removed").to_numpy(zero_copy_only=False).astype(bool)
     return np.sort(ids[~removed]).astype(np.int64)
+
+
+def collection_image_paths(
+    run_dir: str | Path, image_ids: list[int]
+) -> dict[int, Path | None] | None:
+    """Each id's file from the run's table (None for an id it does not hold), or None for
+    a run without a collection table. Reads the table only: no rescan, no rewrite."""
+    path = collection_path(run_dir)
+    if not path.exists():
+        return None
+    table = _read_table(path, columns=["image_id", "path"])
+    root = Path((table.schema.metadata or {}).get(ROOT_KEY, b"").decode())
+    ids = table.column("image_id").to_numpy()
+    rows = dict(zip(ids.tolist(), range(len(ids)), strict=True))
+    files = table.column("path")
+    return {i: root / files[rows[i]].as_py() if i in rows else None for i in image_ids}
+
+
+# progress -----------------------------------------------------------------------------
+class Ticker:
+    """A count of items done, drawn as a progress bar only once it passes
+    :data:`PROGRESS_AFTER` (small folders stay silent; large ones show they are alive)."""
+
+    def __init__(self, description: str, total: int | None = None, enabled: bool = True):
+        self.description = description
+        self.total = total
+        self.enabled = enabled and (total is None or total > PROGRESS_AFTER)
+        self.count = 0
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def step(self) -> None:
+        self.count += 1
+        if not self.enabled or self.count % 1000 or self.count < PROGRESS_AFTER:
+            return
+        if self._bar is None:
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total)
+        self._bar.update(self._task, completed=self.count)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# listings: the list file of `list`, the metadata file of `folder` ------------------------
+def normalise_path(path: str) -> str:
+    """One spelling per file (``./a//b.jpg`` -> ``a/b.jpg``), so lookups and duplicate
+    checks compare files, not strings."""
+    return posixpath.normpath(path)
+
+
+def read_listing(path: str | Path, key: str) -> pa.Table:
+    """A CSV or Parquet file keyed by a ``path`` column (normalised), other columns kept.
+
+    Args:
+        path: the file.
+        key: the config key that names it (``data.list``), for messages.
+
+    Raises:
+        MissingFileError: no such file.
+        DataError: not CSV/Parquet, unreadable, no ``path`` column, empty or duplicate
+            paths, or a column named like one of the table's own.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingFileError(f"{key}={path} not found: pass a CSV or Parquet file of paths")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            from pyarrow import csv
+
+            table = csv.read_csv(
+                path,
+                parse_options=csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
+                convert_options=csv.ConvertOptions(column_types={"path": pa.string()}),
+            )
+        elif suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:
+            raise DataError(
+                f"{key}={path}: unknown format {suffix!r}; give a .csv, .tsv or .parquet file"
+            )
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{key}={path} cannot be read as {suffix[1:]}: {err}") from None
+    if "path" not in table.column_names:
+        raise DataError(
+            f"{key}={path} has no 'path' column (columns: {', '.join(table.column_names)}); "
+            f"name the column of image paths 'path'"
+        )
+    clash = sorted(set(table.column_names) & set(FIXED_COLUMNS) - {"path"})
+    if clash:
+        raise DataError(
+            f"{key}={path}: column(s) {', '.join(clash)} clash with the collection table's "
+            f"own (image_id, size_bytes, mtime_ns, width, height, removed); rename them"
+        )
+    paths = table.column("path").cast(pa.string())
+    empty = pc.or_kleene(pc.is_null(paths), pc.equal(paths, "")).to_numpy(zero_copy_only=False)
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise DataError(
+            f"{key}={path}: {int(empty.sum())} row(s) have an empty path (first: row {row + 1})"
+        )
+    normal = pa.array([normalise_path(p) for p in paths.to_pylist()], pa.string())
+    counts = pc.value_counts(normal)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        shown = ", ".join(repeated[:SAMPLE].to_pylist())
+        raise DataError(
+            f"{key}={path}: {len(repeated)} path(s) appear more than once ({shown}"
+            f"{', ...' if len(repeated) > SAMPLE else ''}); give each file one row"
+        )
+    return table.set_column(table.column_names.index("path"), "path", normal)
+
+
+def join_metadata(files: pa.Table, metadata: pa.Table, source: str | Path) -> pa.Table:
+    """``files`` with ``metadata``'s columns joined by ``path`` (null where it has no row).
+
+    Raises:
+        DataError: no path of ``metadata`` names a listed file (a sample of each side).
+    """
+    import pyarrow.compute as pc
+
+    rows = pc.index_in(files.column("path"), value_set=metadata.column("path"))
+    if rows.null_count == len(rows):
+        theirs = metadata.column("path")[:SAMPLE].to_pylist()
+        ours = files.column("path")[:SAMPLE].to_pylist()
+        raise DataError(
+            f"metadata file {source}: none of its {metadata.num_rows} paths names an image "
+            f"(its paths: {theirs}; images found: {ours}); its 'path' column must hold "
+            f"paths relative to data.images"
+        )
+    extra = metadata.drop_columns(["path"]).take(rows)
+    for name in extra.column_names:
+        files = files.append_column(name, extra.column(name))
+    return files
+
+
+# ids ----------------------------------------------------------------------------------
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """``(width, height)`` from the header as :func:`load_image` would orient it, without
+    decoding; None when the header cannot be read (the embed phase then reports it)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(_ORIENTATION) in (5, 6, 7, 8):
+                width, height = height, width
+            return width, height
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for a bad header
+        return None
+
+
+def assign_ids(previous: pa.Table | None, files: pa.Table, root: Path, progress: bool) -> pa.Table:
+    """The new collection table: ``files`` (``path``, ``size_bytes``, ``mtime_ns`` and
+    metadata, one row per path) with ids kept for unchanged files and new ids, in path
+    order, for the rest; ``previous`` rows not kept stay, marked ``removed``.
+
+    Deterministic in its inputs, so every DDP rank computes the same table.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    files = files.sort_by("path")
+    n = files.num_rows
+    sizes = files.column("size_bytes").to_numpy()
+    mtimes = files.column("mtime_ns").to_numpy()
+    if previous is None:
+        previous = empty_collection()
+    removed = previous.column("removed").to_numpy(zero_copy_only=False).astype(bool)
+    live = previous.filter(pa.array(~removed))
+    row = pc.index_in(files.column("path"), value_set=live.column("path"))
+    row_np = row.fill_null(-1).to_numpy()
+    found = row_np >= 0
+    kept = found.copy()  # same path, size and mtime as a live row
+    kept[found] = (live.column("size_bytes").to_numpy()[row_np[found]] == sizes[found]) & (
+        live.column("mtime_ns").to_numpy()[row_np[found]] == mtimes[found]
+    )
+    ids = np.empty(n, np.int64)
+    ids[kept] = live.column("image_id").to_numpy()[row_np[kept]]
+    first = int(previous.column("image_id").to_numpy().max()) + 1 if previous.num_rows else 0
+    ids[~kept] = first + np.arange(int((~kept).sum()))
+
+    width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    known = np.zeros(n, bool)
+    take = pa.array(row_np, mask=~kept)
+    for name, out in (("width", width), ("height", height)):
+        old = live.column(name).take(take)
+        out[kept] = old.fill_null(0).to_numpy()[kept]
+        known[kept] = pc.is_valid(old).to_numpy(zero_copy_only=False)[kept]
+    new_rows = np.flatnonzero(~kept)
+    ticker = Ticker("reading image sizes", len(new_rows), progress)
+    paths = files.column("path")
+    for k in new_rows.tolist():
+        size = image_size(root / paths[k].as_py())
+        if size is not None:
+            width[k], height[k], known[k] = size[0], size[1], True
+        ticker.step()
+    ticker.close()
+
+    current = pa.table(
+        {
+            "image_id": ids,
+            "path": paths,
+            "size_bytes": files.column("size_bytes"),
+            "mtime_ns": files.column("mtime_ns"),
+            "width": pa.array(width, mask=~known),
+            "height": pa.array(height, mask=~known),
+            "removed": np.zeros(n, bool),
+            **{c: files.column(c) for c in files.column_names if c not in FIXED_COLUMNS},
+        }
+    )
+    gone = previous.filter(pc.invert(pc.is_in(previous.column("image_id"), pa.array(ids[kept]))))
+    gone = gone.set_column(
+        FIXED_COLUMNS.index("removed"), "removed", pa.array(np.ones(gone.num_rows, bool))
+    )
+    table = pa.concat_tables([_conform(gone, current.schema), current]).sort_by("image_id")
+    return table.replace_schema_metadata({ROOT_KEY: str(root).encode()})
+
+
+def _conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Old rows in the new schema: a metadata column of the same name and type keeps its
+    values, any other becomes null (columns the metadata no longer has are dropped)."""
+    import pyarrow as pa
+
+    columns = [
+        rows.column(f.name)
+        if f.name in rows.column_names and rows.schema.field(f.name).type == f.type
+        else pa.nulls(rows.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def empty_collection() -> pa.Table:
+    """A table with the collection columns and no rows."""
+    import pyarrow as pa
+
+    types = [pa.int64(), pa.string(), pa.int64(), pa.int64(), pa.int32(), pa.int32(), pa.bool_()]
+    fields = [pa.field(n, t) for n, t in zip(FIXED_COLUMNS, types, strict=True)]
+    return pa.schema(fields).empty_table()
+
+
+def read_collection(run_dir: str | Path) -> pa.Table | None:
+    """The run's collection table in the current column types, or None when it has none.
+
+    Raises:
+        StoreError: the table is unreadable or lacks a collection column.
+    """
+    path = collection_path(run_dir)
+    if not path.exists():
+        return None
+    table = _read_table(path)
+    missing = [c for c in FIXED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise StoreError(
+            f"{path} lacks column(s) {', '.join(missing)}: it is not a collection table; "
+            f"restore it from a backup or embed the collection into a new run.output_dir"
+        )
+    fixed = empty_collection().schema
+    for name in FIXED_COLUMNS:
+        k = table.column_names.index(name)
+        table = table.set_column(k, fixed.field(name), table.column(k).cast(fixed.field(name).type))
+    return table
+
+
+def write_collection(run_dir: str | Path, table: pa.Table) -> None:
+    """Writes the table atomically (temporary file, then rename): several DDP ranks may
+    write the same content at once, and a reader never sees half a file."""
+    import pyarrow.parquet as pq
+
+    path = collection_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{COLLECTION_FILE}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Collection:
+    """An unlabelled dataset's images by id, kept in step with ``<run_dir>/images.parquet``.
+
+    Reads the previous table, assigns ids to ``files`` (:func:`assign_ids`) and writes
+    the table back when it changed.
+
+    Args:
+        files: ``path`` (relative to ``root``, or absolute), ``size_bytes``, ``mtime_ns``
+            and any metadata columns, one row per file.
+        root: the images root (absolute).
+        run_dir: the run folder; None keeps the table in memory only (a notebook).
+        progress: show a progress bar while reading many image headers.
+
+    Raises:
+        StoreError: the run holds embeddings but no table, so their ids name no files.
+    """
+
+    def __init__(
+        self, files: pa.Table, root: Path, run_dir: str | Path | None, progress: bool = True
+    ) -> None:
+        previous = read_collection(run_dir) if run_dir is not None else None
+        if previous is None and run_dir is not None:
+            _refuse_shards_without_table(Path(run_dir))
+        self.root = root
+        self.table = assign_ids(previous, files, root, progress)
+        if run_dir is not None and (
+            previous is None or not previous.equals(self.table, check_metadata=True)
+        ):
+            write_collection(run_dir, self.table)
+        self._ids = self.table.column("image_id").to_numpy()
+        self._paths = self.table.column("path")
+        removed = self.table.column("removed").to_numpy(zero_copy_only=False).astype(bool)
+        self.live_ids: np.ndarray = self._ids[~removed].astype(np.int64)
+
+    def image_path(self, image_id: int) -> Path:
+        """The file of any id in the table, live or removed.
+
+        Raises:
+            KeyError: the table never assigned ``image_id``.
+        """
+        k = int(np.searchsorted(self._ids, image_id))
+        if k == len(self._ids) or self._ids[k] != image_id:
+            raise KeyError(f"image id {image_id} is not in the collection table")
+        return self.root / self._paths[k].as_py()
+
+
+def _refuse_shards_without_table(run_dir: Path) -> None:
+    from retrieval.store import ShardStore
+
+    if ShardStore(run_dir / "embeddings").shard_paths():
+        raise StoreError(
+            f"{run_dir} holds embeddings but no {COLLECTION_FILE}, so their image ids name no "
+            f"files; restore {collection_path(run_dir)} from a backup, or embed into a new "
+            f"run.output_dir"
+        )

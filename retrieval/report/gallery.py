@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from retrieval.aggregate import grid_cell_boxes
+from retrieval.data.collection import collection_image_paths
 from retrieval.errors import ConfigError
 from retrieval.index import Hit, SearchIndex
 from retrieval.representatives import Representatives
@@ -103,7 +104,12 @@ def _locate(store: ShardStore, image_ids: list[int]) -> dict[int, Representative
 
 
 def image_paths(index: SearchIndex, image_ids: list[int]) -> dict[int, Path | None]:
-    """Image files of the run's dataset (None each where the dataset cannot be opened)."""
+    """Image files of the hits: from the run's collection table when it has one (an
+    unlabelled run: read as stored, no rescan of the folder), else from the run's dataset
+    (None each where the dataset cannot be opened)."""
+    stored = collection_image_paths(index.run_dir, image_ids)
+    if stored is not None:
+        return stored
     try:
         from retrieval.factory import build_dataset
 

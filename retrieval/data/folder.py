@@ -1,0 +1,169 @@
+"""``folder``: every image under a folder, no labels, ids stable as the folder changes.
+
+The folder is listed afresh each run (streamed with ``os.scandir``, symlinks followed
+once), and the run's collection table (:mod:`retrieval.data.collection`) keeps each
+unchanged file's id, so a rerun of ``retrieval embed`` embeds only new or modified files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retrieval.data.base import ImageDataset, OnBadImage, Transform
+from retrieval.data.collection import Collection, Ticker, join_metadata, read_listing
+from retrieval.errors import DataError, MissingFileError
+from retrieval.factory import register_dataset
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger("retrieval")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass
+class Listing:
+    """The image files under a root, in listing order, and what was left out, by reason."""
+
+    paths: list[str] = field(default_factory=list)  # relative, '/'-separated
+    sizes: array = field(default_factory=lambda: array("q"))
+    mtimes: array = field(default_factory=lambda: array("q"))
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        """``N images, M skipped (k hidden, j not images[, ...])``."""
+        reasons = {"hidden": 0, "not images": 0, **dict(sorted(self.skipped.items()))}
+        parts = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+        return f"{len(self.paths)} images, {sum(self.skipped.values())} skipped ({parts})"
+
+    def table(self) -> pa.Table:
+        import pyarrow as pa
+
+        return pa.table(
+            {
+                "path": pa.array(self.paths, pa.string()),
+                "size_bytes": np.frombuffer(self.sizes, np.int64),
+                "mtime_ns": np.frombuffer(self.mtimes, np.int64),
+            }
+        )
+
+
+def list_images(root: Path, progress: bool = True) -> Listing:
+    """Every image file under ``root``, recursively, one ``os.scandir`` at a time.
+
+    Extensions are matched case-insensitively; hidden entries (a leading ``.``) are
+    skipped without descending; a symlinked folder is followed unless its real path was
+    listed already (loops end, a folder reached twice is listed once). Holds only the
+    path list and a stack of folders still to list.
+    """
+    listing = Listing()
+    skipped = listing.skipped
+    seen = {os.path.realpath(root)}
+    stack = [(str(root), "")]
+    ticker = Ticker(f"listing {root}", enabled=progress)
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError:
+            skipped["unreadable"] += 1
+            continue
+        with entries:
+            for entry in entries:
+                ticker.step()
+                if entry.name.startswith("."):
+                    skipped["hidden"] += 1
+                    continue
+                try:
+                    if entry.is_dir():
+                        real = os.path.realpath(entry.path)
+                        if real in seen:
+                            skipped["symlinked folders listed already"] += 1
+                        else:
+                            seen.add(real)
+                            stack.append((entry.path, f"{prefix}{entry.name}/"))
+                    elif not entry.is_file():
+                        skipped["broken links" if entry.is_symlink() else "not images"] += 1
+                    elif os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                        skipped["not images"] += 1
+                    else:
+                        stat = entry.stat()
+                        listing.paths.append(prefix + entry.name)
+                        listing.sizes.append(stat.st_size)
+                        listing.mtimes.append(stat.st_mtime_ns)
+                except OSError:  # vanished or unreadable between listing and stat
+                    skipped["unreadable"] += 1
+    ticker.close()
+    return listing
+
+
+@register_dataset("folder")
+class FolderDataset(ImageDataset):
+    """Every image under ``images`` as an unlabelled collection (``retrieval embed``,
+    then index and search; there is nothing to score).
+
+    Image ids come from the run's collection table ``<run_dir>/images.parquet``: an
+    unchanged file keeps its id, new or modified files get new ones, vanished ones are
+    marked removed; :attr:`image_ids` are the live ids. A file whose header cannot be read
+    stays in: the embed phase reports it under ``on_bad_image``.
+
+    Args:
+        images: the folder, listed recursively (config ``data.images``; ``~`` expanded).
+        transform: PIL image -> tensor, normally the retriever's ``image_transform``.
+        on_bad_image: ``error`` stops at an unreadable image; ``skip`` leaves it out and
+            lists it in the run's shards (config ``data.on_bad_image``).
+        metadata: an optional CSV or Parquet file with a ``path`` column (relative to
+            ``images``); its other columns join the collection table.
+        max_images: keep only the first N live ids (ascending), for quick runs.
+        run_dir: the run folder holding the collection table (``run.output_dir``); None
+            assigns ids in memory only.
+        progress: show progress while listing or reading many files (``run.progress``).
+    """
+
+    CONFIG_OPTIONS = {"run_dir": "run.output_dir", "progress": "run.progress"}
+    LABEL_ONLY_OPTIONS = ImageDataset.LABEL_ONLY_OPTIONS | {"metadata", "run_dir"}
+    dataset_name = "folder"
+
+    def __init__(
+        self,
+        images: str | Path,
+        transform: Transform | None = None,
+        on_bad_image: OnBadImage = "error",
+        metadata: str | None = None,
+        max_images: int | None = None,
+        run_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        root = Path(images).expanduser().absolute()
+        super().__init__(root, transform, on_bad_image, max_images)
+        if not root.is_dir():
+            what = "not a folder" if root.exists() else "not found"
+            raise MissingFileError(f"image folder {what}: {root}; set data.images to a folder")
+        listing = list_images(root, progress)
+        log.info("%s: %s", root, listing.summary())
+        if not listing.paths:
+            raise DataError(
+                f"no images under {root}: {listing.summary()}. data.images must be a folder "
+                f"holding {', '.join(sorted(IMAGE_EXTENSIONS))} files (any case, searched "
+                f"recursively; names starting with '.' are left out)"
+            )
+        files = listing.table()
+        del listing  # the path list is in the table now: hold one copy, not two
+        if metadata is not None:
+            files = join_metadata(files, read_listing(metadata, "data.metadata"), metadata)
+        self.collection = Collection(files, root, run_dir, progress)
+        self.image_ids: np.ndarray = self.collection.live_ids[:max_images]
+        self.failures_at_start: list[dict[str, Any]] = []
+
+    def image_path(self, image_id: int) -> Path:
+        """The file of any id the collection table holds (removed ones too)."""
+        return self.collection.image_path(image_id)
