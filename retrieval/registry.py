@@ -162,7 +162,8 @@ DATASETS = Registry(
     "dataset",
     "data.name",
     builtin=tuple(
-        f"retrieval.data.{m}" for m in ("coco", "lvis", "nuimages", "folder", "listfile")
+        f"retrieval.data.{m}"
+        for m in ("coco", "lvis", "nuimages", "folder", "listfile", "webdataset")
     ),
     entry_point_group="retrieval.datasets",
 )

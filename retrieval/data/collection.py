@@ -36,8 +36,9 @@ import logging
 import os
 import posixpath
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -238,9 +239,15 @@ def join_metadata(files: pa.Table, metadata: pa.Table, source: str | Path) -> pa
 
 
 # ids ----------------------------------------------------------------------------------
-def image_size(path: str | Path) -> tuple[int, int] | None:
+SizeReader = Callable[[str], tuple[int, int] | None]
+"""A table ``path`` -> ``(width, height)`` from the image's header, or None (for images
+that are not files under the root, such as tar shard members)."""
+
+
+def image_size(path: str | Path | IO[bytes]) -> tuple[int, int] | None:
     """``(width, height)`` from the header as :func:`load_image` would orient it, without
-    decoding; None when the header cannot be read (the embed phase then reports it)."""
+    decoding; None when the header cannot be read (the embed phase then reports it).
+    ``path`` may also be an open binary file."""
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -251,10 +258,18 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
         return None
 
 
-def assign_ids(previous: pa.Table | None, files: pa.Table, root: Path, progress: bool) -> pa.Table:
+def assign_ids(
+    previous: pa.Table | None,
+    files: pa.Table,
+    root: Path,
+    progress: bool,
+    read_size: SizeReader | None = None,
+) -> pa.Table:
     """The new collection table: ``files`` (``path``, ``size_bytes``, ``mtime_ns`` and
     metadata, one row per path) with ids kept for unchanged files and new ids, in path
-    order, for the rest; ``previous`` rows not kept stay, marked ``removed``.
+    order, for the rest; ``previous`` rows not kept stay, marked ``removed``. New rows'
+    width and height come from ``read_size(path)`` (default: the header of
+    ``root / path``), called in path order.
 
     Deterministic in its inputs, so every DDP rank computes the same table.
     """
@@ -292,7 +307,8 @@ def assign_ids(previous: pa.Table | None, files: pa.Table, root: Path, progress:
     ticker = Ticker("reading image sizes", len(new_rows), progress)
     paths = files.column("path")
     for k in new_rows.tolist():
-        size = image_size(root / paths[k].as_py())
+        path = paths[k].as_py()
+        size = read_size(path) if read_size is not None else image_size(root / path)
         if size is not None:
             width[k], height[k], known[k] = size[0], size[1], True
         ticker.step()
@@ -393,19 +409,25 @@ class Collection:
         root: the images root (absolute).
         run_dir: the run folder; None keeps the table in memory only (a notebook).
         progress: show a progress bar while reading many image headers.
+        read_size: reads a new path's width and height (see :func:`assign_ids`).
 
     Raises:
         StoreError: the run holds embeddings but no table, so their ids name no files.
     """
 
     def __init__(
-        self, files: pa.Table, root: Path, run_dir: str | Path | None, progress: bool = True
+        self,
+        files: pa.Table,
+        root: Path,
+        run_dir: str | Path | None,
+        progress: bool = True,
+        read_size: SizeReader | None = None,
     ) -> None:
         previous = read_collection(run_dir) if run_dir is not None else None
         if previous is None and run_dir is not None:
             _refuse_shards_without_table(Path(run_dir))
         self.root = root
-        self.table = assign_ids(previous, files, root, progress)
+        self.table = assign_ids(previous, files, root, progress, read_size)
         if run_dir is not None and (
             previous is None or not previous.equals(self.table, check_metadata=True)
         ):

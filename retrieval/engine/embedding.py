@@ -12,12 +12,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 import retrieval
 from retrieval.config import as_dict, to_yaml
@@ -32,6 +33,13 @@ from retrieval.retrievers.base import Retriever
 from retrieval.store import ShardStore
 
 log = logging.getLogger("retrieval")
+
+
+class StreamedDataset(Protocol):
+    """What the embed phase asks of an ``IterableDataset`` (webdataset shards): it is
+    told the ids to embed and yields its own share of them on each rank and worker."""
+
+    def restrict(self, image_ids: np.ndarray) -> None: ...
 
 
 @dataclass
@@ -160,9 +168,15 @@ def embed(cfg: DictConfig, parts: RunParts | None = None) -> EmbedResult:
             _start_store(store, fingerprint, run_dir, cfg)
         policy = cfg.data.get("on_bad_image", "error")
         dataset.on_bad_image = "skip"  # the module applies the policy in the main process
-        position = {int(i): k for k, i in enumerate(dataset.image_ids)}
+        items: Dataset
+        if isinstance(dataset, IterableDataset):  # streamed: no indexing, it skips the rest
+            cast(StreamedDataset, dataset).restrict(todo)
+            items = dataset
+        else:
+            position = {int(i): k for k, i in enumerate(dataset.image_ids)}
+            items = Subset(dataset, [position[int(i)] for i in todo])
         loader = DataLoader(
-            Subset(dataset, [position[int(i)] for i in todo]),
+            items,
             batch_size=cfg.loader.batch_size,
             num_workers=cfg.loader.num_workers,
             collate_fn=dataset.collate,

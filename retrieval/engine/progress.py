@@ -14,6 +14,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from torch.utils.data import IterableDataset
 
 
 class ImageProgress(Callback):
@@ -30,8 +31,7 @@ class ImageProgress(Callback):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        loader = trainer.predict_dataloaders
-        total = len(loader.sampler) if loader is not None and hasattr(loader, "sampler") else None
+        total = _items(trainer.predict_dataloaders)
         world = trainer.world_size
         label = "embedding" if world == 1 else f"embedding (rank 0 of {world})"
         self.progress = Progress(
@@ -69,3 +69,13 @@ class ImageProgress(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self.on_predict_end(trainer, pl_module)
+
+
+def _items(loader: Any) -> int | None:
+    """How many items this process's loader yields: its sampler's length, or a streamed
+    dataset's own count (``items_for_rank``); None when unknown."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IterableDataset):
+        count = getattr(dataset, "items_for_rank", None)
+        return count(loader.num_workers) if callable(count) else None
+    return len(loader.sampler) if loader is not None and hasattr(loader, "sampler") else None
