@@ -1,4 +1,5 @@
-"""``retrieval index build RUN_DIR`` and ``retrieval index info INDEX``."""
+"""``retrieval index build RUN_DIR``, ``retrieval index update INDEX`` and
+``retrieval index info INDEX``."""
 
 from __future__ import annotations
 
@@ -53,15 +54,52 @@ def _option(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _update(args: argparse.Namespace) -> int:
+    from retrieval.index import update_index
+
+    result = update_index(
+        args.index,
+        progress=not args.no_progress,
+        device=args.device,
+        run_dir=args.run,
+        retune=args.retune,
+    )
+    console = Console()
+    if not result.changed:
+        console.print(
+            f"{result.folder}: no change (the index holds the run's {result.images} live "
+            f"images); generation {result.generation} kept"
+        )
+        return 0
+    recall = result.recall
+    how = "exact" if not recall.get("queries") else f"{recall['queries']} fresh held-out queries"
+    console.print(
+        f"{result.folder}: +{result.added} images ({result.added_representatives} "
+        f"representatives), -{result.removed} images ({result.removed_representatives} "
+        f"representatives) in {result.seconds:.2f} s; now {result.images} images, "
+        f"generation {result.generation}; recall@{recall['k']} vs exact "
+        f"{recall['value']:.3f} ({how})"
+    )
+    if recall.get("queries") and recall["value"] < recall["target"]:
+        console.print(
+            f"[yellow]recall@{recall['k']} is below the target {recall['target']}: tune the "
+            f"search settings again (`retrieval index update --retune`), or rebuild the index "
+            f"(`retrieval index build`) to retrain it on the images it holds now"
+        )
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from retrieval.index.search import read_manifest
 
-    print(json.dumps(read_manifest(args.index), indent=2))
+    manifest = read_manifest(args.index)
+    manifest.setdefault("generation", 0)  # an index from before updates: as built
+    print(json.dumps(manifest, indent=2))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``index build RUN_DIR`` and ``index info INDEX``."""
+    """Adds ``index build RUN_DIR``, ``index update INDEX`` and ``index info INDEX``."""
     index = subparsers.add_parser("index", help="build a search index over a run's embeddings")
     commands = index.add_subparsers(dest="index_command", required=True)
     build = commands.add_parser("build", help="index a run's stored representatives")
@@ -91,6 +129,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)
-    info = commands.add_parser("info", help="print an index's manifest (recall, sizes, run)")
+    update = commands.add_parser(
+        "update",
+        help="add the run's new images to an index and drop its removed ones (a new generation)",
+    )
+    update.add_argument("index", help="index folder made by `retrieval index build`")
+    update.add_argument(
+        "--run", help="the run the index should follow (refused if it was built from another)"
+    )
+    update.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (exact scoring)")
+    update.add_argument(
+        "--retune",
+        action="store_true",
+        help="tune an approximate backend's search settings again, as a build does (slower)",
+    )
+    update.add_argument("--no-progress", action="store_true", help="no progress bars")
+    update.set_defaults(func=_update)
+    info = commands.add_parser(
+        "info", help="print an index's manifest (recall, sizes, run, generation)"
+    )
     info.add_argument("index")
     info.set_defaults(func=_info)

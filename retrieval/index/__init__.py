@@ -5,7 +5,8 @@ it back; ``SearchIndex.search("a stroller", top=50)`` returns ``Hit(image_id, sc
 rep_index, box)``, an image's score being the max cosine over its representatives.
 Backends (``exact``, ``faiss``, ``faiss-flat``, ``faiss-ivfpq``, ``lancedb``, ``milvus``)
 share one interface (:class:`Backend`); approximate ones record their recall against
-exact search.
+exact search. ``update_index(folder)`` follows the run as it grows and shrinks (new
+images added, removed ones dropped, recall measured again) by generations.
 """
 
 from retrieval.errors import IndexFileError
@@ -14,6 +15,7 @@ from retrieval.index.base import Backend, Hit
 from retrieval.index.build import build_index
 from retrieval.index.search import SearchIndex, open_index, search
 from retrieval.index.table import RepTable
+from retrieval.index.update import UpdateResult, update_index
 
 __all__ = [
     "Backend",
@@ -21,6 +23,7 @@ __all__ = [
     "IndexFileError",
     "RepTable",
     "SearchIndex",
+    "UpdateResult",
     "build_index",
     "create_backend",
     "list_backends",
@@ -28,4 +31,5 @@ __all__ = [
     "open_index",
     "register_backend",
     "search",
+    "update_index",
 ]

@@ -5,6 +5,14 @@ natively or fetches the top representatives and groups them by image (over-fetch
 backend answers a query with table rows, the best-matching representative of each top
 image; the base class turns rows into :class:`Hit` (image id, score, representative
 index, box). Backends register under a name with :func:`register_backend`.
+
+A finished index grows and shrinks by generations: ``add(image_ids, reps)`` and
+``remove(image_ids)`` on it stage a change, ``commit()`` writes the next generation of
+the table (new rows appended, removed images tombstoned) and hands the backend the rows
+that came and went through its :meth:`Backend.add_rows` / :meth:`Backend.remove_rows`
+hooks, then :meth:`Backend.save` writes its files for the new generation under new
+names. A backend without those hooks (a plugin written before updates) is refused with
+a message saying to rebuild.
 """
 
 from __future__ import annotations
@@ -52,29 +60,109 @@ class Backend(ABC):
         self.device = device
         self.options = options
         self.table: RepTable | None = None
+        self.generation = 0
+        self.updating = False  # opened by an update (see open)
         self._writer: TableWriter | None = None
+        self._removing: list[np.ndarray] = []  # image positions staged for removal
 
     def add(self, image_ids: np.ndarray | Tensor, reps: Representatives) -> None:
-        """Adds a batch of images with their representatives (before :meth:`finish`)."""
+        """Adds a batch of images with their representatives: before :meth:`finish` to
+        build, after it to grow the index (applied by :meth:`commit`)."""
         if self.table is not None:
-            raise IndexFileError(f"index {self.folder} is finished: build a new one to add")
-        if self._writer is None:
+            self.require_updatable()
+            if self._writer is None:
+                self._writer = TableWriter(self.folder, self.dim, self.table, self.generation + 1)
+        elif self._writer is None:
             self._writer = TableWriter(self.folder, self.dim)
         self._writer.append(image_ids, reps)
 
+    def remove(self, image_ids: np.ndarray | Tensor) -> int:
+        """Stages the removal of images from a finished index (applied by :meth:`commit`);
+        ids the index does not hold (or has removed) are skipped.
+
+        Returns:
+            How many images will be removed.
+        """
+        table = self.require_table(allow_empty=True)
+        self.require_updatable()
+        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        positions = table.live_images[np.isin(table.live_image_ids, ids)]
+        self._removing.append(positions)
+        return len(positions)
+
+    def commit(self, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Applies the staged additions and removals as the next generation: the table's
+        metadata for it is written beside the current one (vectors appended), the
+        backend's hooks update its structure and :meth:`save` writes its files. The
+        index manifest (``retrieval.index.update``) then switches to it.
+
+        Returns:
+            ``(added rows, removed rows)`` of the new table.
+        """
+        old = self.require_table(allow_empty=True)
+        removing = np.unique(np.concatenate([np.zeros(0, np.int64), *self._removing]))
+        writer = self._writer or TableWriter(self.folder, self.dim, old, self.generation + 1)
+        self._writer, self._removing = None, []
+        table = writer.close(removing)
+        added = np.arange(old.num_rows, table.num_rows)
+        removed = old.rows_of(removing)
+        self.table, self.generation = table, self.generation + 1
+        if len(removed):
+            self.remove_rows(removed)
+        if len(added):
+            self.add_rows(added, progress)
+        self.save()
+        return added, removed
+
+    def require_updatable(self) -> None:
+        """Raises unless this backend implements the update hooks."""
+        cls = type(self)
+        if cls.add_rows is Backend.add_rows or cls.remove_rows is Backend.remove_rows:
+            raise IndexFileError(
+                f"index backend {self.name or cls.__name__!r} cannot add or remove images in "
+                f"place (it implements no add_rows/remove_rows): rebuild the index with "
+                f"`retrieval index build RUN_DIR --backend {self.name or 'NAME'} "
+                f"--out {self.folder}`"
+            )
+
+    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
+        """Hook: index the new table rows ``rows`` (appended by an update; ascending).
+        A backend that can grow implements it (with :meth:`remove_rows`)."""
+        self.require_updatable()
+
+    def remove_rows(self, rows: np.ndarray) -> None:
+        """Hook: stop returning the table rows ``rows`` (of images an update removed; they
+        stay in the table, tombstoned). Implemented with :meth:`add_rows`."""
+        self.require_updatable()
+
+    def save(self) -> None:  # noqa: B027 - an optional hook: not every backend has files
+        """Writes the backend's files for :attr:`generation` (after build or an update)
+        under names no other generation uses, so the previous one stays readable."""
+
     def finish(self, progress: bool = False) -> None:
         """Seals the table and builds the backend's structure from it."""
+        if self.table is not None:
+            raise IndexFileError(
+                f"index {self.folder} is already finished: apply added or removed images "
+                f"with commit()"
+            )
         if self._writer is None:
             self._writer = TableWriter(self.folder, self.dim)
         self.table = self._writer.close()
         self._writer = None
         self.build(progress)
+        self.save()
 
     @classmethod
     def open(cls, folder: str | Path, dim: int, device: str = "auto", **options: Any) -> Backend:
-        """Opens a finished index (its table and the backend's own files)."""
+        """Opens a finished index (its table and the backend's own files) at generation
+        ``options["generation"]`` (0, the build, when not given); ``updating=True`` opens
+        it to be updated (a backend may then accept what an unfinished update left)."""
+        generation = int(options.pop("generation", 0) or 0)
+        updating = bool(options.pop("updating", False))
         backend = cls(folder, dim, device, **options)
-        backend.table = RepTable.open(backend.folder, dim)
+        backend.generation, backend.updating = generation, updating
+        backend.table = RepTable.open(backend.folder, dim, generation)
         backend.load()
         return backend
 
@@ -92,10 +180,10 @@ class Backend(ABC):
             raise ConfigError(f"top k must be at least 1, got {k}: ask for --top 1 or more")
         return [self.hits(rows, scores) for rows, scores in self.search_rows(q, k)]
 
-    def require_table(self) -> RepTable:
+    def require_table(self, allow_empty: bool = False) -> RepTable:
         if self.table is None:
             raise IndexFileError(f"index {self.folder} is not finished: call finish() first")
-        if self.table.num_rows == 0:
+        if not allow_empty and self.table.num_live_rows == 0:
             raise IndexFileError(
                 f"index {self.folder} is empty (no image has a valid representative): "
                 f"nothing to search; build it from a run that holds embeddings"
@@ -166,6 +254,8 @@ def first_per_image(rows: np.ndarray, scores: np.ndarray, owner: np.ndarray, k: 
     """
     valid = rows >= 0
     rows, scores = rows[valid], scores[valid]
+    if not len(rows):
+        return rows, scores
     _, first = np.unique(owner[rows], return_index=True)
     first = np.sort(first)[:k]
     return rows[first], scores[first]

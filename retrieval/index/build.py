@@ -5,6 +5,11 @@ run's ``config.yaml`` (so text queries need only the index) and ``index.json``: 
 run, the retriever fingerprint, embedding size, backend and its tuned settings, build
 time, bytes per image, and recall@K against exact search on held-out queries. It is
 built in a temporary folder and renamed, so a killed build leaves no half index.
+
+Only the run's live images are indexed: for an unlabelled run, the ids its collection
+table (``images.parquet``) has not marked removed; for a labelled run, every stored
+image. ``retrieval index update`` (:mod:`retrieval.index.update`) later follows the run
+as it grows and shrinks; a build is generation 0.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,8 +31,9 @@ from retrieval.errors import ConfigError, IndexFileError, MissingFileError
 from retrieval.factory import create_backend
 from retrieval.index.base import Backend
 from retrieval.index.exact import ExactBackend, exact_search
-from retrieval.index.table import MANIFEST, RepTable
+from retrieval.index.table import MANIFEST, RepTable, replace_atomically
 from retrieval.index.tuning import recall_at_k
+from retrieval.representatives import Representatives
 from retrieval.store.shards import ShardReader, ShardStore
 
 FORMAT = 1
@@ -54,14 +61,43 @@ def embed_dim(store: ShardStore) -> int:
         return int(shard.rows(0, 1).embeddings.shape[2])
 
 
-def add_run(backend: Backend, store: ShardStore, progress: bool) -> None:
-    """Streams every shard into ``backend``, ``READ_IMAGES`` images at a time."""
+def live_ids(run_dir: Path) -> np.ndarray | None:
+    """The run's live image ids (None: every stored image, a labelled run)."""
+    from retrieval.data.collection import live_image_ids
+
+    return live_image_ids(run_dir)
+
+
+def read_images(
+    store: ShardStore, wanted: np.ndarray | None, progress: bool
+) -> Iterator[tuple[np.ndarray, Representatives]]:
+    """The stored images whose ids are in ``wanted`` (every one when None), shard by
+    shard, ``READ_IMAGES`` at a time; shards holding none of them are not read."""
     paths = store.shard_paths()
     for path in tqdm(paths, desc="reading shards", unit="shard", disable=not progress):
         with ShardReader(path) as shard:
+            keep = None if wanted is None else np.isin(shard.image_ids, wanted)
+            if keep is not None and not keep.any():
+                continue
             for start in range(0, shard.num_images, READ_IMAGES):
-                reps = shard.rows(start, start + READ_IMAGES)
-                backend.add(shard.image_ids[start : start + READ_IMAGES], reps)
+                ids = shard.image_ids[start : start + READ_IMAGES]
+                if keep is None:
+                    yield ids, shard.rows(start, start + READ_IMAGES)
+                    continue
+                part = keep[start : start + READ_IMAGES]
+                if part.all():
+                    yield ids, shard.rows(start, start + READ_IMAGES)
+                elif part.any():
+                    rows = shard.rows(start, start + READ_IMAGES)
+                    yield ids[part], rows.select(torch.from_numpy(part))
+
+
+def add_run(
+    backend: Backend, store: ShardStore, progress: bool, live: np.ndarray | None = None
+) -> None:
+    """Streams the shards' images (those in ``live`` when given) into ``backend``."""
+    for ids, reps in read_images(store, live, progress):
+        backend.add(ids, reps)
 
 
 def recall_queries(
@@ -83,7 +119,8 @@ def recall_queries(
     missing = count - source["text"]
     if missing > 0:
         g = torch.Generator().manual_seed(seed)
-        rows = torch.randint(table.num_rows, (missing,), generator=g).numpy()
+        live = table.live_rows  # all rows but a removed image's
+        rows = live[torch.randint(len(live), (missing,), generator=g).numpy()]
         reps = torch.from_numpy(table.vectors[np.sort(rows)].astype(np.float32))
         noise = F.normalize(torch.randn(reps.shape, generator=g), dim=1)
         parts.append(F.normalize(reps + 0.5 * noise, dim=1))
@@ -94,21 +131,40 @@ def recall_queries(
 
 
 def measure(
-    backend: Backend, queries: torch.Tensor, k: int, target: float, device: str
+    backend: Backend,
+    queries: torch.Tensor,
+    k: int,
+    target: float,
+    device: str,
+    tune: bool = True,
 ) -> dict[str, Any]:
-    """Tunes ``backend`` on half the queries, then measures recall@k on the other half."""
+    """Tunes ``backend`` on half the queries, then measures recall@k on the other half.
+
+    With ``tune=False`` (an update) the settings stay as they are and only the held-out
+    half is searched; a backend whose answers are exact by construction (not
+    ``approximate``: exact, faiss flat) is then not searched at all.
+    """
     table = backend.require_table()
     k = min(k, table.searchable_images)
-    if isinstance(backend, ExactBackend):
+    if isinstance(backend, ExactBackend) or (not tune and not backend.approximate):
         return {"k": k, "value": 1.0, "queries": 0, "method": "exact search (by construction)"}
-    truth = [table.owner[rows] for rows, _ in exact_search(table, queries, k, device)]
     half = max(len(queries) // 2, 1)
-    start = time.perf_counter()
-    backend.tune(queries[:half], truth[:half], k, target)
-    tune_s = time.perf_counter() - start
-    held_q, held_truth = queries[half:], truth[half:]
+    tune_q, held_q = queries[:half], queries[half:]
     if not len(held_q):  # a single query: measured on the one it was tuned on
-        held_q, held_truth = queries, truth
+        held_q = tune_q
+
+    def exact(q: torch.Tensor) -> list[np.ndarray]:
+        return [table.owner[rows] for rows, _ in exact_search(table, q, k, device)]
+
+    tune_s = 0.0
+    if tune:
+        truth = exact(queries)
+        held_truth = truth[half:] if len(queries) > half else truth
+        start = time.perf_counter()
+        backend.tune(tune_q, truth[:half], k, target)
+        tune_s = time.perf_counter() - start
+    else:  # the held-out half only: nothing is tuned
+        held_truth = exact(held_q)
     start = time.perf_counter()
     found = backend.search_rows(held_q, k)
     ms = 1000 * (time.perf_counter() - start) / len(held_q)
@@ -117,7 +173,8 @@ def measure(
         "value": recall_at_k(found, held_truth, table.owner),
         "queries": len(held_q),
         "target": target,
-        "method": "held-out queries vs exact search",
+        "method": "held-out queries vs exact search"
+        + ("" if tune else " (settings as tuned before)"),
         "tune_seconds": tune_s,
         "ms_per_query": ms,
     }
@@ -126,6 +183,30 @@ def measure(
 def folder_bytes(folder: Path, paths: list[Path]) -> dict[str, int]:
     """Size of each file, keyed by its path inside the index folder."""
     return {str(p.relative_to(folder)): p.stat().st_size for p in paths}
+
+
+def sizes(index: Backend, folder: Path) -> dict[str, Any]:
+    """The manifest's counts and sizes of ``index`` (its table's live images and rows)."""
+    table = index.require_table()
+    images = len(table.live_images)
+    return {
+        "images": images,
+        "representatives": table.num_live_rows,
+        "removed_representatives": table.num_rows - table.num_live_rows,
+        "disk_bytes_per_image": index.disk_bytes() / images,
+        "memory_bytes_per_image": index.memory_bytes() / images,
+        "files": folder_bytes(folder, index.files()),
+    }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Writes ``index.json`` whole or not at all (temporary file, then rename)."""
+    text = json.dumps(manifest, indent=2, default=str).encode()
+
+    def write(f: BinaryIO) -> None:
+        f.write(text)
+
+    replace_atomically(folder / MANIFEST, write)
 
 
 def build_index(
@@ -173,7 +254,7 @@ def build_index(
         start = time.perf_counter()
         dim = embed_dim(store)
         index = create_backend(backend, tmp, dim, device, **options)
-        add_run(index, store, progress)
+        add_run(index, store, progress, live_ids(run_dir))
         index.finish(progress)
         table = index.table
         if table is None or table.num_rows == 0:  # finish() always sets the table
@@ -186,7 +267,6 @@ def build_index(
         config = run_dir / "config.yaml"
         if config.exists():
             shutil.copy(config, tmp / "config.yaml")
-        files = folder_bytes(tmp, index.files())
         fingerprint = store.read_manifest()["fingerprint"]
         manifest = {
             "format": FORMAT,
@@ -199,16 +279,15 @@ def build_index(
             "backend_state": index.state(),
             "approximate": index.approximate,
             "score_rule": SCORE_RULE,
-            "images": table.num_images,
-            "representatives": table.num_rows,
+            "generation": 0,
             "recall": recall,
+            "recall_settings": {"k": recall_k, "target": recall_target, "queries": num_queries},
             "build_seconds": build_s,
-            "disk_bytes_per_image": index.disk_bytes() / table.num_images,
-            "memory_bytes_per_image": index.memory_bytes() / table.num_images,
-            "files": files,
+            **sizes(index, tmp),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "history": [],
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        write_manifest(tmp, manifest)
     except BaseException:
         if index is not None:
             index.close()

@@ -96,13 +96,17 @@ def exact_search(
         better = chunk_best > best[view]
         best[view] = torch.where(better, chunk_best, best[view])
         arg[view] = torch.where(better, chunk_arg + start, arg[view])
+    if table.has_removed:  # tombstoned images: their rows are scored, never returned
+        best[torch.from_numpy(table.removed).to(dev)] = float("-inf")
     return top_images(best, arg, table.image_ids, k)
 
 
 @torch.no_grad()
 def rerank(table: RepTable, query: Tensor, images: np.ndarray, k: int) -> RowHits:
-    """Exact top ``k`` of the candidate images (table positions) for one query ``[D]``."""
+    """Exact top ``k`` of the candidate images (table positions) for one query ``[D]``;
+    removed images among the candidates are dropped."""
     images = np.unique(images)
+    images = images[~table.removed[images]]
     rows = table.rows_of(images)
     if not len(rows):
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -120,8 +124,17 @@ class ExactBackend(Backend):
     ``max_memory_gb``: fp16 on a GPU, fp32 on a CPU (converting fp16 costs ~2 ns per
     number here, 8x the product itself), otherwise streamed from the table by chunk."""
 
+    _vectors: Tensor | None = None  # the resident copy, made at the first search
+
     def build(self, progress: bool) -> None:
         """Nothing to build: the table is the index."""
+
+    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
+        """The table is the index: only the resident copy is dropped (read again)."""
+        self._vectors = None
+
+    def remove_rows(self, rows: np.ndarray) -> None:
+        """Removed images are masked by the table's tombstones."""
 
     def _resident_dtype(self) -> torch.dtype | None:
         """The dtype the vectors stay in memory as, or None when they do not fit."""
@@ -131,7 +144,7 @@ class ExactBackend(Backend):
 
     def _resident(self) -> Tensor | None:
         dtype = self._resident_dtype()
-        if dtype is not None and getattr(self, "_vectors", None) is None:
+        if dtype is not None and self._vectors is None:
             self._vectors = torch.from_numpy(np.array(self.require_table().vectors)).to(
                 resolve_device(self.device), dtype
             )

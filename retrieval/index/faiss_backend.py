@@ -10,6 +10,17 @@ x k`` best images over all their representatives (without re-ranking PQ recall w
 capped the affordable over-fetch below what 10^5 clustered reps needed). ``auto`` picks
 flat up to ``FLAT_MAX_ROWS`` representatives. :meth:`FaissBackend.tune` sets
 ``overfetch`` (and ``nprobe``) from queries with known exact answers.
+
+faiss ids are table rows (``add_with_ids``): ``flat`` wraps its codes in an
+``IndexIDMap`` (a flat index renumbers its rows on removal), ``ivfpq`` keeps ids in its
+inverted lists. The index is stored as segments: the build's ``faiss.index`` and, for
+each update that added images, ``faiss.G.index`` holding only the new rows (encoded with
+the build's training: ivfpq is not retrained; its recall is measured again, and a
+rebuild retrains). Removed images' rows are dropped with ``remove_ids`` when the
+segments are loaded and merged (the table's tombstones say which). So an update writes
+only what it adds, never rewrites a file an earlier generation reads, and does not even
+load the index to add a segment. A flat index built before updates (no id map) is
+wrapped in one when it first needs ids, ids 0..n-1, the rows they were added as.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from retrieval.errors import ConfigError, IndexFileError, did_you_mean
 from retrieval.factory import register_backend
 from retrieval.index.base import Backend, RowHits, first_per_image
 from retrieval.index.exact import rerank
-from retrieval.index.table import corrupt
+from retrieval.index.table import corrupt, generation_name, replace_atomically
 from retrieval.index.tuning import recall_at_k, tune_settings
 
 FAISS_FILE = "faiss.index"
@@ -87,6 +98,7 @@ class FaissBackend(Backend):
         options.setdefault("overfetch", 4)
         super().__init__(folder, dim, device, **options)
         self.index: faiss.Index | None = None
+        self._segment: faiss.Index | None = None  # rows an update adds, until saved
 
     @property
     def approximate(self) -> bool:  # type: ignore[override]
@@ -96,10 +108,8 @@ class FaissBackend(Backend):
         if self.options["kind"] == "auto":
             self.options["kind"] = "flat" if rows <= FLAT_MAX_ROWS else "ivfpq"
         if self.options["kind"] == "flat":  # fp16 codes: lossless for the fp16 table, and
-            # half the memory and ~2x faster than IndexFlatIP's fp32 here
-            return faiss.IndexScalarQuantizer(
-                self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-            )
+            # half the memory and ~2x faster than IndexFlatIP's fp32 here; ids = table rows
+            return faiss.IndexIDMap(self._flat_codes())
         nlist, m, nbits = pq_layout(rows, self.dim)
         train = min(rows, max(TRAIN_PER_LIST * nlist, MIN_TRAIN))
         defaults = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": 16, "train_size": train}
@@ -115,37 +125,144 @@ class FaissBackend(Backend):
         index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
         return index
 
+    def _flat_codes(self) -> faiss.Index:
+        return faiss.IndexScalarQuantizer(
+            self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
+
     def build(self, progress: bool) -> None:
         table = self.require_table()
-        index = self._make_index(table.num_rows)
+        rows = table.live_rows
+        index = self._make_index(len(rows))
         if not index.is_trained:
             rng = np.random.default_rng(0)
-            size = min(self.options["train_size"], table.num_rows)
-            sample = np.sort(rng.choice(table.num_rows, size, replace=False))
+            size = min(self.options["train_size"], len(rows))
+            sample = rows[np.sort(rng.choice(len(rows), size, replace=False))]
             with omp_threads(1 if size < SMALL_TRAIN else None):
                 index.train(table.vectors[sample].astype(np.float32))
-        starts = range(0, table.num_rows, ADD_ROWS)
+        self.index = index
+        self._add(rows, progress)
+
+    def _add(self, rows: np.ndarray, progress: bool, index: faiss.Index | None = None) -> None:
+        """Adds table ``rows`` (ascending) to ``index`` (the built one when None), ids =
+        rows, by chunk."""
+        table, index = self.require_table(), index or self._built()
+        starts = range(0, len(rows), ADD_ROWS)
         for start in tqdm(
             starts, desc=f"faiss {self.options['kind']}", unit="chunk", disable=not progress
         ):
-            index.add(table.vectors[start : start + ADD_ROWS].astype(np.float32))
-        self.index = index
-        faiss.write_index(index, str(self.folder / FAISS_FILE))
+            part = rows[start : start + ADD_ROWS]
+            contiguous = part[-1] - part[0] == len(part) - 1  # one slice read, no gather
+            chunk = table.vectors[part[0] : part[-1] + 1] if contiguous else table.vectors[part]
+            index.add_with_ids(np.asarray(chunk, dtype=np.float32), part.astype(np.int64))
 
-    def load(self) -> None:
-        path = self.folder / FAISS_FILE
+    @property
+    def segments(self) -> list[int]:
+        """Generations that wrote a faiss file: the build's, then each update's additions."""
+        return list(self.options.get("segments", [0]))
+
+    def _write(self, index: faiss.Index, generation: int) -> None:
+        path = self.folder / generation_name(FAISS_FILE, generation)
+        writer = faiss.PyCallbackIOWriter  # type: ignore[attr-defined] # not in faiss's stubs
+        replace_atomically(path, lambda f: faiss.write_index(index, writer(f.write)))
+
+    def save(self) -> None:
+        """The build writes ``faiss.index``; an update that added rows writes them alone
+        to ``faiss.G.index`` (a new segment); removals are the table's tombstones, applied
+        when the segments are loaded. No earlier file is rewritten."""
+        if self.generation == 0:
+            self._write(self._built(), 0)
+            self.options["segments"] = [0]
+        elif self._segment is not None:
+            self._write(self._segment, self.generation)
+            self.options["segments"] = [*self.segments, self.generation]
+            self._segment = None
+
+    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
+        """The new rows, ids = table rows, go into a new segment (written by :meth:`save`)
+        and into the index in memory when it is loaded."""
+        self._segment = self._empty()
+        self._add(rows, progress, self._segment)
+        if self.index is not None:
+            self._add(rows, False, self._with_ids(self.index))
+
+    def remove_rows(self, rows: np.ndarray) -> None:
+        """Nothing to write (the table's tombstones are the record); the index in memory,
+        when loaded, drops the rows by ``remove_ids``."""
+        if self.index is not None:
+            self._remove(self._with_ids(self.index), rows)
+
+    def _remove(self, index: faiss.Index, rows: np.ndarray) -> None:
+        ids = np.ascontiguousarray(rows, dtype=np.int64)
+        gone = index.remove_ids(ids)  # type: ignore[arg-type] # the wrapper takes arrays
+        if gone != len(rows):
+            raise corrupt(
+                self.folder / FAISS_FILE,
+                f"{len(rows)} removed rows to drop, the faiss segments held {gone} of them",
+            )
+
+    def _empty(self) -> faiss.Index:
+        """An empty index of this one's kind and training, to hold a new segment."""
+        if self.options["kind"] == "flat":
+            return faiss.IndexIDMap(self._flat_codes())
+        index = self._read(0)  # PQ codes: small next to the table
+        index.reset()
+        return index
+
+    def _with_ids(self, index: faiss.Index) -> faiss.Index:
+        """``index``, able to add and remove by id: an IVF index keeps ids itself; a flat
+        one built before updates (rows numbered by position) gets an id map over its
+        codes, ids 0..n-1, the rows they were added as."""
+        if isinstance(index, faiss.IndexIVF | faiss.IndexIDMap):
+            return index
+        wrapped = faiss.IndexIDMap(self._flat_codes())  # faiss asks an empty index here
+        index.this.disown()  # type: ignore[attr-defined] # the map owns the codes from now on
+        wrapped.index, wrapped.own_fields = index, True
+        wrapped.ntotal = index.ntotal
+        faiss.copy_array_to_vector(np.arange(index.ntotal, dtype=np.int64), wrapped.id_map)
+        if self.index is index:
+            self.index = wrapped
+        return wrapped
+
+    def _read(self, generation: int) -> faiss.Index:
+        path = self.folder / generation_name(FAISS_FILE, generation)
         if not path.exists():
             raise corrupt(path, "file missing")
         try:
-            self.index = faiss.read_index(str(path))
+            index = faiss.read_index(str(path))
         except RuntimeError as err:
             raise corrupt(path, f"faiss cannot read it: {str(err).splitlines()[0]}") from None
-        if self.index.d != self.dim or self.index.ntotal != self.require_table().num_rows:
+        if index.d != self.dim:
+            raise corrupt(path, f"its vectors have {index.d} dimensions, the table {self.dim}")
+        return index
+
+    def load(self) -> None:
+        """Reads the segments, merges them and drops removed images' rows. An update
+        opens the index lazily: adding a segment does not need the others in memory."""
+        if self.updating:
+            return
+        self._load()
+
+    def _load(self) -> faiss.Index:
+        table = self.require_table(allow_empty=True)
+        index = self._read(self.segments[0])
+        if len(self.segments) > 1 or table.has_removed:
+            index = self._with_ids(index)
+        for generation in self.segments[1:]:
+            index.merge_from(self._read(generation), 0)
+        if table.has_removed:
+            self._remove(index, table.rows_of(np.flatnonzero(table.removed)))
+        if index.ntotal != table.num_live_rows:
+            path = self.folder / generation_name(FAISS_FILE, self.segments[-1])
             raise corrupt(path, "its size does not match the representative table")
+        self.index = index
+        return index
 
     def _built(self) -> faiss.Index:
         """The faiss index (after :meth:`build` or :meth:`load`), else a clear error."""
         if self.index is None:
+            if self.table is not None and self.updating:  # opened lazily by an update
+                return self._load()
             raise IndexFileError(f"index {self.folder}: the faiss index is not built")
         return self.index
 
@@ -157,11 +274,11 @@ class FaissBackend(Backend):
         return index
 
     def own_files(self) -> list[Path]:
-        return [self.folder / FAISS_FILE]
+        return [self.folder / generation_name(FAISS_FILE, g) for g in self.segments]
 
     def memory_bytes(self) -> int:
         """The faiss index lives in memory; ivfpq re-ranking reads few table rows."""
-        return super().memory_bytes() + (self.folder / FAISS_FILE).stat().st_size
+        return super().memory_bytes() + sum(p.stat().st_size for p in self.own_files())
 
     def _fetch(
         self, queries: np.ndarray, kp: int, nprobe: int | None = None
@@ -266,8 +383,9 @@ class FaissBackend(Backend):
         the best images' rows re-ranked. A model, not a timing, so the same data always
         gets the same settings (timings on a busy machine picked differently run to run)."""
         table = self.require_table()
-        scanned = nprobe / self._ivf().nlist * table.num_rows * self.options["m"]
-        reps_per_image = table.num_rows / max(table.num_images, 1)
+        rows = table.num_live_rows
+        scanned = nprobe / self._ivf().nlist * rows * self.options["m"]
+        reps_per_image = rows / max(len(table.live_images), 1)
         return scanned + (overfetch + RERANK_IMAGES * reps_per_image) * k * self.dim
 
     def _flat_overfetch(self, queries: Tensor, k: int) -> int:

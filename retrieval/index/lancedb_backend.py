@@ -6,6 +6,14 @@ images as the paper does, with no over-fetch. Vectors are stored in fp16; the in
 IVF_FLAT up to ``HNSW_MIN_ROWS`` representatives and IVF_HNSW_SQ above (chosen by size,
 ``index_type`` overrides). Hits are re-scored from the fp16 table, which also names the
 matched representative (LanceDB returns only the row's distance).
+
+An update adds the new images' rows (``add``) and deletes removed images by table
+position (``delete("pos IN (...)")``); each is a new LanceDB version, and the version a
+generation reads is recorded in its settings (``version``) and checked out at open, so
+the versions an unfinished update wrote are never read (the next update restores the
+recorded one before writing). New rows are not put in the IVF index (LanceDB can only do
+that by compacting and re-indexing the whole table, as long as a rebuild): they are
+searched by LanceDB's flat scan of unindexed rows, exactly, beside the indexed ones.
 """
 
 from __future__ import annotations
@@ -62,19 +70,23 @@ class LanceBackend(Backend):
         options.setdefault("nprobes", 20)
         super().__init__(folder, dim, device, **options)
         self.lance_table: Any = None  # a lancedb Table once built or loaded
+        self._writing: Any = None  # the table opened for an update's writes
 
     @property
     def approximate(self) -> bool:  # type: ignore[override]
         return self.options["index_type"] != "none"
 
-    def _batches(self) -> list[Any]:
-        """Arrow tables of the images that have representatives: ``pos`` (the image's
-        table position) and ``vector`` (its fp16 vectors), ``WRITE_IMAGES`` at a time."""
+    def _batches(self, images: np.ndarray | None = None) -> list[Any]:
+        """Arrow tables of the live images (of ``images``, table positions, when given)
+        that have representatives: ``pos`` (the image's table position) and ``vector``
+        (its fp16 vectors), ``WRITE_IMAGES`` at a time."""
         import pyarrow as pa
 
         table = self.require_table()
         offsets = table.offsets
-        images = np.flatnonzero(np.diff(offsets) > 0)
+        if images is None:
+            images = table.live_images
+        images = images[(np.diff(offsets)[images] > 0) & ~table.removed[images]]
         out = []
         for start in range(0, len(images), WRITE_IMAGES):
             part = images[start : start + WRITE_IMAGES]
@@ -119,6 +131,35 @@ class LanceBackend(Backend):
             table.create_index("vector", config=config)
         self.lance_table = table
 
+    def save(self) -> None:
+        """Records the LanceDB version this generation reads (its files are LanceDB's)."""
+        self.options["version"] = int(self.lance_table.version)
+
+    def _writable(self) -> Any:
+        """The table at this index's recorded version, open for writing: a later version
+        (an update that did not finish) is rolled back by restoring the recorded one."""
+        if self._writing is None:
+            table = _import_lancedb().connect(str(self.folder / LANCE_DIR)).open_table(TABLE)
+            version = self.options.get("version")
+            if version is not None and table.version != version:
+                table.restore(version)
+            self._writing = self.lance_table = table
+        return self._writing
+
+    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
+        """Appends the new images (one row each, their vectors as a multivector)."""
+        table = self._writable()
+        for batch in self._batches(np.unique(self.require_table().owner[rows])):
+            table.add(batch)
+
+    def remove_rows(self, rows: np.ndarray) -> None:
+        """Deletes the removed images' rows by table position."""
+        images = np.unique(self.require_table(allow_empty=True).owner[rows])
+        table = self._writable()
+        for start in range(0, len(images), WRITE_IMAGES):
+            part = ",".join(str(int(p)) for p in images[start : start + WRITE_IMAGES])
+            table.delete(f"pos IN ({part})")
+
     def load(self) -> None:
         """Opens the table and answers one probe query, so a damaged data or index file is
         reported here, naming the folder, rather than at the first search."""
@@ -128,6 +169,9 @@ class LanceBackend(Backend):
             raise corrupt(path, "folder missing")
         try:
             self.lance_table = lancedb.connect(str(path)).open_table(TABLE)
+            version = self.options.get("version")  # absent: an index from before updates
+            if version is not None and self.lance_table.version != version:
+                self.lance_table.checkout(version)  # a later one is an unfinished update
         except (OSError, ValueError, RuntimeError) as err:
             raise corrupt(path, f"lancedb cannot open it: {str(err).splitlines()[0]}") from None
         probe = np.zeros(self.dim, np.float32)
@@ -139,7 +183,10 @@ class LanceBackend(Backend):
             raise corrupt(path, reason) from None
 
     def own_files(self) -> list[Path]:
-        return sorted(p for p in (self.folder / LANCE_DIR).rglob("*") if p.is_file())
+        """LanceDB's files (written once each; its latest-version hint is rewritten in
+        place by every version, so it is left out)."""
+        files = (self.folder / LANCE_DIR).rglob("*")
+        return sorted(p for p in files if p.is_file() and p.name != "latest_version_hint.json")
 
     def memory_bytes(self) -> int:
         """The index files (LanceDB caches them) plus the table's metadata."""

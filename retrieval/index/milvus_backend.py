@@ -13,6 +13,12 @@ re-indexes in a background thread after inserts (closing waits for it), and its 
 over-fetches a fixed 10x, so its recall is measured, not assumed. A server is shared,
 so its collection is named by the user (``collection=...``) and its token comes from
 ``MILVUS_TOKEN``, never from the index manifest.
+
+An update inserts the new table rows (primary key = table row) and deletes the removed
+images' rows (``image in [...]``). The collection changes in place, so unlike the other
+backends an update killed half-way is not rolled back: opening the index then fails
+naming the mismatch, and rerunning the update repairs it (rows past the previous
+table's end are deleted before inserting, so a retry never duplicates them).
 """
 
 from __future__ import annotations
@@ -145,21 +151,44 @@ class MilvusBackend(Backend):
             field_name="vector", index_type=kind, metric_type="IP", params=params
         )
         client.create_collection(name, schema=schema, index_params=index_params)
-        starts = range(0, table.num_rows, INSERT_ROWS)
+        self._insert(table.live_rows, progress)
+        client.load_collection(name)
+
+    def _insert(self, rows: np.ndarray, progress: bool) -> None:
+        """Inserts table ``rows`` (ascending), ``INSERT_ROWS`` at a time."""
+        table = self.require_table()
+        name, np_type = self.options["collection"], self.np_type
+        starts = range(0, len(rows), INSERT_ROWS)
         for start in tqdm(starts, desc="milvus insert", unit="chunk", disable=not progress):
-            stop = min(start + INSERT_ROWS, table.num_rows)
-            vectors: np.ndarray = np.asarray(table.vectors[start:stop], dtype=np_type)
-            client.insert(
+            part = rows[start : start + INSERT_ROWS]
+            vectors: np.ndarray = np.asarray(table.vectors[part], dtype=np_type)
+            self.client.insert(
                 name,
                 [
-                    {"row": row, "image": int(image), "vector": vector}
-                    for row, image, vector in zip(
-                        range(start, stop), table.owner[start:stop], vectors, strict=True
-                    )
+                    {"row": int(row), "image": int(image), "vector": vector}
+                    for row, image, vector in zip(part, table.owner[part], vectors, strict=True)
                 ],
             )
-        client.flush(name)
-        client.load_collection(name)
+
+    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
+        """Inserts the new rows, after deleting any an unfinished update left there."""
+        self.client.delete(self.options["collection"], filter=f"row >= {int(rows[0])}")
+        self._insert(rows, progress)
+
+    def remove_rows(self, rows: np.ndarray) -> None:
+        """Deletes the removed images' rows by image (table position)."""
+        images = np.unique(self.require_table(allow_empty=True).owner[rows])
+        for start in range(0, len(images), INSERT_ROWS):
+            part = ", ".join(str(int(i)) for i in images[start : start + INSERT_ROWS])
+            self.client.delete(self.options["collection"], filter=f"image in [{part}]")
+
+    def save(self) -> None:
+        """After an update: flushes the collection (Milvus keeps its own files) and
+        checks it holds the table's live rows (the build flushed already)."""
+        if self.generation:
+            self.client.flush(self.options["collection"])
+            self.updating = False
+            self._check_rows(self.folder / LITE_DIR if self.lite else self.options["uri"])
 
     def load(self) -> None:
         if self.lite and not (self.folder / LITE_DIR).is_dir():
@@ -173,13 +202,21 @@ class MilvusBackend(Backend):
                 f"with `retrieval index build RUN_DIR --backend milvus --out {self.folder}`"
             )
         client.load_collection(name)
-        rows = int(client.get_collection_stats(name)["row_count"])
-        table_rows = self.require_table().num_rows
-        if rows != table_rows:
+        self._check_rows(where)
+
+    def _check_rows(self, where: object) -> None:
+        """Raises unless the collection holds the table's live rows (an update may open
+        one an unfinished update left otherwise: it repairs it)."""
+        name = self.options["collection"]
+        rows = int(self.client.get_collection_stats(name)["row_count"])
+        table_rows = self.require_table(allow_empty=True).num_live_rows
+        if rows != table_rows and not self.updating:
             raise IndexFileError(
                 f"Milvus collection {name!r} at {where} holds {rows} representatives, the "
-                f"index table {table_rows}: it was changed since the build; rebuild "
-                f"with `retrieval index build RUN_DIR --backend milvus --out {self.folder}`"
+                f"index table {table_rows}: it was changed since the build or last update "
+                f"(an update that did not finish: rerun `retrieval index update "
+                f"{self.folder}`); else rebuild with `retrieval index build RUN_DIR "
+                f"--backend milvus --out {self.folder}`"
             )
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from retrieval.errors import IndexFileError, MissingFileError, differences
 from retrieval.factory import open_backend
 from retrieval.index.base import Backend, Hit
 from retrieval.index.build import FORMAT
-from retrieval.index.table import MANIFEST, corrupt
+from retrieval.index.table import MANIFEST, VECTORS, corrupt
 from retrieval.store.shards import ShardStore
 
 
@@ -48,8 +48,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         file = folder / name
         if not file.exists():
             raise corrupt(file, "file missing")
-        if file.stat().st_size != size:
-            raise corrupt(file, f"{file.stat().st_size} bytes, the manifest says {size}")
+        now = file.stat().st_size
+        # the vectors file is append-only: bytes past the recorded size are an unfinished
+        # update's, which the table ignores
+        if now != size and not (name == VECTORS and now > size):
+            raise corrupt(file, f"{now} bytes, the manifest says {size}")
     return manifest
 
 
@@ -71,7 +74,7 @@ class SearchIndex:
             self.folder,
             self.embed_dim,
             device,
-            **self.manifest.get("backend_state", {}),
+            **{**self.manifest.get("backend_state", {}), "generation": self.generation},
         )
         self._retriever = None
         self._cfg: DictConfig | None = None
@@ -79,6 +82,11 @@ class SearchIndex:
     @property
     def embed_dim(self) -> int:
         return int(self.manifest["embed_dim"])
+
+    @property
+    def generation(self) -> int:
+        """How many updates the index has had since its build (0: as built)."""
+        return int(self.manifest.get("generation", 0))
 
     @property
     def run_dir(self) -> Path:
@@ -92,10 +100,11 @@ class SearchIndex:
         """One line: what the index is and the recall it was built with."""
         m, r = self.manifest, self.recall
         how = r["method"] if not r.get("queries") else f"{r['queries']} held-out queries"
+        generation = f", generation {self.generation}" if self.generation else ""
         return (
             f"{m['backend']} index of {m['images']} images ({m['representatives']} "
             f"representatives, {m['retriever'].get('name')}, D={m['embed_dim']}) from "
-            f"{m['run']}; recall@{r['k']} vs exact {r['value']:.3f} ({how})"
+            f"{m['run']}{generation}; recall@{r['k']} vs exact {r['value']:.3f} ({how})"
         )
 
     def _check_run_unchanged(self) -> None:
