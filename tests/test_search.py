@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from retrieval.errors import StoreError
 from retrieval.index import (
     IndexFileError,
     build_index,
@@ -251,7 +252,7 @@ def test_empty_inputs_give_clear_messages(tmp_path: Path) -> None:
     """A run without shards, a run whose images have no valid representative, and a
     query on an index with nothing in it each fail with a message naming the cause."""
     (tmp_path / "bare").mkdir()
-    with pytest.raises(IndexFileError, match="holds no embeddings"):
+    with pytest.raises(StoreError, match="holds no embeddings"):
         build_index(tmp_path / "bare", progress=False)
     run = make_run(tmp_path / "run", [(range(4), 2)])
     store = ShardStore(run / "embeddings")

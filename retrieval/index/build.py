@@ -27,33 +27,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import retrieval
-from retrieval.errors import ConfigError, IndexFileError, MissingFileError
+from retrieval.errors import ConfigError, IndexFileError
 from retrieval.factory import create_backend
 from retrieval.index.base import Backend
 from retrieval.index.exact import ExactBackend, exact_search
 from retrieval.index.table import MANIFEST, RepTable, replace_atomically
 from retrieval.index.tuning import recall_at_k
 from retrieval.representatives import Representatives
-from retrieval.store.shards import ShardReader, ShardStore
+from retrieval.store.shards import ShardReader, ShardStore, open_run_store
 
 FORMAT = 1
 READ_IMAGES = 1024  # images read from a shard at once
 SCORE_RULE = "max cosine over an image's representatives"
-
-
-def run_store(run_dir: Path) -> ShardStore:
-    """The run's embedding store, or a clear error naming what is missing."""
-    if not run_dir.is_dir():
-        raise MissingFileError(f"run folder not found: {run_dir} (made by `retrieval eval`)")
-    store = ShardStore(run_dir / "embeddings")
-    if not store.shard_paths():
-        raise IndexFileError(
-            f"{run_dir} holds no embeddings (no {store.root}/*.safetensors): nothing to "
-            f"index; run `retrieval eval` with run.output_dir={run_dir} first"
-        )
-    if not store.read_manifest().get("fingerprint"):
-        raise IndexFileError(f"{store.manifest_path} is missing or has no fingerprint")
-    return store
 
 
 def embed_dim(store: ShardStore) -> int:
@@ -243,7 +228,7 @@ def build_index(
             f"(0, 1] (e.g. --recall-target 0.95) and K at least 1 (e.g. --recall-k 50)"
         )
     run_dir = Path(run_dir).resolve()
-    store = run_store(run_dir)
+    store = open_run_store(run_dir)
     out = Path(out) if out else run_dir / "index" / backend
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise IndexFileError(f"{out} is a non-empty folder that is not an index: choose --out")

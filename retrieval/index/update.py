@@ -50,12 +50,11 @@ from retrieval.index.build import (
     measure,
     read_images,
     recall_queries,
-    run_store,
     sizes,
     write_manifest,
 )
 from retrieval.index.search import read_manifest
-from retrieval.store.shards import ShardReader, ShardStore
+from retrieval.store.shards import ShardReader, ShardStore, open_run_store
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ def update_index(
     start = time.perf_counter()
     folder = Path(folder)
     manifest = read_manifest(folder)
-    store = run_store(Path(manifest["run"]))
+    store = open_run_store(Path(manifest["run"]))
     run = check_same_run(folder, manifest, store, Path(run_dir) if run_dir else None)
     generation = int(manifest.get("generation", 0))
     backend = open_backend(

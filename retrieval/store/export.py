@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from retrieval.data.collection import collection_path, live_image_ids
 from retrieval.errors import ConfigError, MissingFileError, RetrievalError, StoreError
-from retrieval.store.shards import ShardReader, ShardStore
+from retrieval.store.shards import ShardReader, ShardStore, open_run_store
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def export_run(
         raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     run_dir = Path(run_dir)
     out = Path(out)
-    store = _run_store(run_dir)
+    store = open_run_store(run_dir)
     _check_out(out, format, force)
     live = live_image_ids(run_dir)
     paths = _path_source(run_dir)
@@ -147,19 +147,6 @@ def export_run(
     os.replace(tmp, out)
     result.files = [out / f.relative_to(tmp) if f != tmp else out for f in files]
     return result
-
-
-def _run_store(run_dir: Path) -> ShardStore:
-    """The run's embedding store, or one error naming the folder and what is missing."""
-    if not run_dir.is_dir():
-        raise MissingFileError(f"run folder not found: {run_dir} (made by `retrieval eval`)")
-    store = ShardStore(run_dir / "embeddings")
-    if not store.shard_paths():
-        raise StoreError(
-            f"{run_dir} is not a run folder: it holds no embeddings ({store.root}/*.safetensors); "
-            f"pass the run.output_dir of a `retrieval eval` or `retrieval embed` run"
-        )
-    return store
 
 
 def _is_export_folder(folder: Path) -> bool:

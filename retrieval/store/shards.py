@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, MissingFileError, StoreError
 from retrieval.representatives import Representatives
 
 SHARD_SUFFIX = ".safetensors"
@@ -182,3 +182,28 @@ class ShardStore:
                 p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in self.shard_paths()
             }
         )
+
+
+def open_run_store(run_dir: str | Path) -> ShardStore:
+    """A run folder's embedding store, checked to hold shards and their fingerprint (what
+    index build, index update and export read).
+
+    Raises:
+        MissingFileError: no such folder.
+        StoreError: the folder is not a run folder (no shards) or its manifest is gone.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MissingFileError(f"run folder not found: {run_dir} (made by `retrieval eval`)")
+    store = ShardStore(run_dir / "embeddings")
+    if not store.shard_paths():
+        raise StoreError(
+            f"{run_dir} is not a run folder: it holds no embeddings ({store.root}/*.safetensors); "
+            f"pass the run.output_dir of a `retrieval eval` or `retrieval embed` run"
+        )
+    if not store.read_manifest().get("fingerprint"):
+        raise StoreError(
+            f"{store.manifest_path} is missing or has no fingerprint: the shards cannot be "
+            f"matched to a retriever; embed the collection into a new run.output_dir"
+        )
+    return store
