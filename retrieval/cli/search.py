@@ -19,12 +19,16 @@ def _search(args: argparse.Namespace) -> int:
     console = Console()
     index = open_index(args.index, args.device)
     console.print(index.describe())
+    if args.where is not None:  # a bad filter fails before the model loads
+        allowed = len(index.allowed_ids(args.where))
+        total = index.metadata().num_rows
+        console.print(f"where {args.where}: {allowed} of {total} images")
     begin = time.perf_counter()
     index.retriever()  # model load, reported apart from the query itself
     loaded = time.perf_counter()
     vector = index.embed([args.query], args.prompts)
     encoded = time.perf_counter()
-    hits = index.search_vectors(vector, args.top)[0]
+    hits = index.search_vectors(vector, args.top, args.where)[0]
     searched = time.perf_counter()
     table = Table(title=f'top {len(hits)} for "{args.query}"')
     for column in ("rank", "image id", "score", "rep", "box (xyxy, normalised)"):
@@ -45,7 +49,7 @@ def _search(args: argparse.Namespace) -> int:
         f"{1000 * (encoded - loaded):.1f} ms, search {1000 * (searched - encoded):.1f} ms"
     )
     if args.json:
-        write_hits_json(index, args.query, hits, args.json)
+        write_hits_json(index, args.query, hits, args.json, args.where)
         console.print(f"json: {args.json}")
     if args.gallery or args.sheet:
         from retrieval.report.gallery import write_gallery
@@ -58,14 +62,18 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_hits_json(index: SearchIndex, query: str, hits: list[Hit], path: str) -> None:
+def write_hits_json(
+    index: SearchIndex, query: str, hits: list[Hit], path: str, where: str | None = None
+) -> None:
     """The hits as JSON for other tools: rank, image id, score, matched representative,
-    its box and the image file, with the index and the recall it was built with."""
+    its box and the image file, with the index, the recall it was built with and the
+    ``--where`` filter (null for none)."""
     from retrieval.report.gallery import image_paths
 
     files = image_paths(index, [h.image_id for h in hits])
     record = {
         "query": query,
+        "where": where,
         "index": str(index.folder),
         "backend": index.manifest["backend"],
         "recall": index.recall,
@@ -96,4 +104,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--gallery", help="write an HTML gallery of the hits here")
     search.add_argument("--sheet", help="write a PNG contact sheet of the hits here")
     search.add_argument("--json", help="write the hits (ids, scores, boxes, files) as JSON here")
+    search.add_argument(
+        "--where",
+        help="only images whose metadata matches, e.g. \"camera = 'CAM_FRONT' AND width >= "
+        '1024" (= != < <= > >=, IN (...), IS [NOT] NULL, AND, OR, NOT, parentheses; '
+        "columns of the run's images.parquet, or image_id for a labelled run)",
+    )
     search.set_defaults(func=_search)

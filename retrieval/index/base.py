@@ -13,6 +13,25 @@ that came and went through its :meth:`Backend.add_rows` / :meth:`Backend.remove_
 hooks, then :meth:`Backend.save` writes its files for the new generation under new
 names. A backend without those hooks (a plugin written before updates) is refused with
 a message saying to rebuild.
+
+Filtered search (``search(queries, k, allowed=ids)``, the allow-list a ``--where``
+expression gave, see :mod:`retrieval.index.filters`) answers the top ``k`` among the
+allowed images only; removed images are never among them. The base class turns the ids
+into table positions and calls :meth:`Backend.search_rows_in`, which each backend pushes
+down as far as its engine allows:
+
+- ``exact``: scores only the allowed images' rows (a subset scan), or, when they are
+  most of the table, the whole table with the other images masked before the top-k;
+- ``faiss`` (flat, ivfpq): ``SearchParameters(sel=IDSelectorBatch(allowed rows))`` in
+  faiss's own search, the over-fetch loop unchanged (so flat still finds ``k`` images
+  whenever ``k`` are allowed; ivfpq probes more lists while short of them);
+- ``lancedb``: a prefilter ``where("pos IN (...)", prefilter=True)`` on the image
+  position column (up to ``lancedb_backend.WHERE_MAX`` images);
+- ``milvus``: the search's ``filter="image in [...]"`` on the image field (up to
+  ``milvus_backend.FILTER_MAX`` images);
+- anything else (a plugin, or an allow-list past those limits): the default
+  :meth:`Backend.search_rows_in`, exact re-scoring of the allowed images' rows from the
+  fp16 table: always correct, and cheap when few images are allowed.
 """
 
 from __future__ import annotations
@@ -166,8 +185,12 @@ class Backend(ABC):
         backend.load()
         return backend
 
-    def search(self, queries: Tensor | np.ndarray, k: int) -> list[list[Hit]]:
-        """Top ``k`` images of each query ``[Q, D]`` (or one ``[D]``), best first."""
+    def search(
+        self, queries: Tensor | np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> list[list[Hit]]:
+        """Top ``k`` images of each query ``[Q, D]`` (or one ``[D]``), best first; with
+        ``allowed`` (image ids), the top ``k`` of those images only (fewer when fewer
+        are allowed, none when none is)."""
         q = torch.as_tensor(queries).float()
         q = q.unsqueeze(0) if q.ndim == 1 else q
         self.require_table()
@@ -178,7 +201,30 @@ class Backend(ABC):
             )
         if k < 1:
             raise ConfigError(f"top k must be at least 1, got {k}: ask for --top 1 or more")
-        return [self.hits(rows, scores) for rows, scores in self.search_rows(q, k)]
+        if allowed is None:
+            found = self.search_rows(q, k)
+        else:
+            images = self.positions_of(allowed)
+            if not len(images):
+                return [[] for _ in range(len(q))]
+            found = self.search_rows_in(q, k, images)
+        return [self.hits(rows, scores) for rows, scores in found]
+
+    def positions_of(self, image_ids: np.ndarray) -> np.ndarray:
+        """Table positions (ascending) of the live images among ``image_ids`` that have
+        representatives; ids the index does not hold are skipped."""
+        table = self.require_table()
+        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        keep = np.isin(table.image_ids, ids) & ~table.removed & (np.diff(table.offsets) > 0)
+        return np.flatnonzero(keep)
+
+    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
+        """Like :meth:`search_rows`, among the images at table positions ``images``
+        (ascending, live, non-empty) only. This default re-scores their rows exactly
+        from the fp16 table; backends that can filter natively override it."""
+        from retrieval.index.exact import exact_search  # exact imports this module
+
+        return exact_search(self.require_table(), queries, k, self.device, images=images)
 
     def require_table(self, allow_empty: bool = False) -> RepTable:
         if self.table is None:

@@ -20,6 +20,7 @@ from retrieval.index.table import RepTable
 from retrieval.store.scoring import resolve_device
 
 CHUNK_BYTES = 64 << 20  # fp32 rows converted and multiplied at once
+SUBSET_SHARE = 0.5  # a filter allowing at most this share of the rows scores them alone
 
 
 def segment_best(sims: Tensor, local: Tensor, groups: int) -> tuple[Tensor, Tensor]:
@@ -63,7 +64,12 @@ def chunk_rows(dim: int) -> int:
 
 @torch.no_grad()
 def exact_search(
-    table: RepTable, queries: Tensor, k: int, device: str = "auto", resident: Tensor | None = None
+    table: RepTable,
+    queries: Tensor,
+    k: int,
+    device: str = "auto",
+    resident: Tensor | None = None,
+    images: np.ndarray | None = None,
 ) -> list[RowHits]:
     """Exact top ``k`` images of each query over the whole table.
 
@@ -74,7 +80,16 @@ def exact_search(
         device: where the products run.
         resident: the table's vectors already on ``device`` (fp16 or fp32), else read
             from the table by chunk.
+        images: search only these image positions (a filter's allow-list): their rows
+            alone are scored when they are at most ``SUBSET_SHARE`` of the table, else
+            the whole table is and the other images are masked before the top-k.
     """
+    if images is not None:
+        images = np.unique(np.asarray(images, dtype=np.int64))
+        images = images[~table.removed[images]]
+        rows = table.rows_of(images)
+        if len(rows) <= SUBSET_SHARE * table.num_rows:
+            return subset_search(table, queries, k, device, resident, images, rows)
     dev = resolve_device(device)
     q = queries.to(dev, torch.float32)
     owner = torch.from_numpy(table.owner).to(dev)
@@ -98,7 +113,47 @@ def exact_search(
         arg[view] = torch.where(better, chunk_arg + start, arg[view])
     if table.has_removed:  # tombstoned images: their rows are scored, never returned
         best[torch.from_numpy(table.removed).to(dev)] = float("-inf")
+    if images is not None:  # a filter: images outside the allow-list are never returned
+        masked = np.ones(table.num_images, bool)
+        masked[images] = False
+        best[torch.from_numpy(masked).to(dev)] = float("-inf")
     return top_images(best, arg, table.image_ids, k)
+
+
+@torch.no_grad()
+def subset_search(
+    table: RepTable,
+    queries: Tensor,
+    k: int,
+    device: str,
+    resident: Tensor | None,
+    images: np.ndarray,
+    rows: np.ndarray,
+) -> list[RowHits]:
+    """Exact top ``k`` among the image positions ``images`` (ascending, live), scoring
+    only their ``rows`` (``table.rows_of(images)``), by chunk."""
+    dev = resolve_device(device)
+    q = queries.to(dev, torch.float32)
+    local = torch.from_numpy(np.searchsorted(images, table.owner[rows])).to(dev)
+    best = torch.full((len(images), len(q)), float("-inf"), device=dev)
+    arg = torch.zeros((len(images), len(q)), dtype=torch.long, device=dev)
+    step = chunk_rows(table.dim)
+    for start in range(0, len(rows), step):
+        stop = min(start + step, len(rows))
+        part = rows[start:stop]
+        if resident is not None:
+            vectors = resident[torch.from_numpy(part).to(dev)].float()
+        else:
+            vectors = torch.from_numpy(table.vectors[part].astype(np.float32)).to(dev)
+        sims = vectors @ q.T
+        first = int(local[start])
+        groups = int(local[stop - 1]) - first + 1
+        chunk_best, chunk_arg = segment_best(sims, local[start:stop] - first, groups)
+        view = slice(first, first + groups)
+        better = chunk_best > best[view]
+        best[view] = torch.where(better, chunk_best, best[view])
+        arg[view] = torch.where(better, chunk_arg + start, arg[view])
+    return [(rows[r], s) for r, s in top_images(best, arg, table.image_ids[images], k)]
 
 
 @torch.no_grad()
@@ -152,6 +207,11 @@ class ExactBackend(Backend):
 
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
         return exact_search(self.require_table(), queries, k, self.device, self._resident())
+
+    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
+        """The allowed images' rows alone, or the table with the rest masked."""
+        table = self.require_table()
+        return exact_search(table, queries, k, self.device, self._resident(), images)
 
     def memory_bytes(self) -> int:
         """Every vector is read by every query: the resident copy (or the table) counts."""

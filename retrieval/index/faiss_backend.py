@@ -21,6 +21,11 @@ segments are loaded and merged (the table's tombstones say which). So an update 
 only what it adds, never rewrites a file an earlier generation reads, and does not even
 load the index to add a segment. A flat index built before updates (no id map) is
 wrapped in one when it first needs ids, ids 0..n-1, the rows they were added as.
+
+A filtered search hands faiss the allowed images' rows (= ids) as an
+``IDSelectorBatch`` in ``SearchParameters`` (``SearchParametersIVF`` with the tuned
+``nprobe`` for ivfpq), so faiss never returns another row and the same over-fetch loop
+finds ``k`` allowed images whenever there are ``k`` (fetching at most every allowed row).
 """
 
 from __future__ import annotations
@@ -67,6 +72,16 @@ def omp_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+class Allowed:
+    """A filter's allow-list as faiss takes it: the allowed images' table rows (= faiss
+    ids) in an ``IDSelectorBatch``, and how many rows and images it allows."""
+
+    def __init__(self, rows: np.ndarray, images: int) -> None:
+        self.ids = np.ascontiguousarray(rows, dtype=np.int64)  # kept alive for faiss
+        self.rows, self.images = len(rows), images
+        self.selector = faiss.IDSelectorBatch(self.ids)
 
 
 def pq_layout(rows: int, dim: int) -> tuple[int, int, int]:
@@ -281,34 +296,62 @@ class FaissBackend(Backend):
         return super().memory_bytes() + sum(p.stat().st_size for p in self.own_files())
 
     def _fetch(
-        self, queries: np.ndarray, kp: int, nprobe: int | None = None
+        self,
+        queries: np.ndarray,
+        kp: int,
+        nprobe: int | None = None,
+        allowed: Allowed | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's top ``kp`` rows of each query; with ``allowed``, of those rows only
+        (faiss skips the others inside its search: an ``IDSelectorBatch`` over ids)."""
         index = self._built()
+        limit = index.ntotal if allowed is None else allowed.rows
+        params: faiss.SearchParameters | None = None
         if isinstance(index, faiss.IndexIVF):
             index.nprobe = min(nprobe or self.options["nprobe"], index.nlist)
-        return index.search(queries, min(kp, index.ntotal))
+            if allowed is not None:  # explicit parameters replace the index's nprobe
+                ivf = faiss.SearchParametersIVF()
+                ivf.sel, ivf.nprobe = allowed.selector, index.nprobe
+                params = ivf
+        elif allowed is not None:
+            params = faiss.SearchParameters()
+            params.sel = allowed.selector
+        return index.search(queries, max(1, min(kp, limit)), params=params)
 
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
+        return self._search(queries, k, None)
+
+    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
+        """faiss searches the allowed images' rows alone (an id selector)."""
+        rows = self.require_table().rows_of(images).astype(np.int64)
+        return self._search(queries, k, Allowed(rows, len(images)))
+
+    def _search(self, queries: Tensor, k: int, allowed: Allowed | None) -> list[RowHits]:
         self._built()  # a clear error before any work when it is not
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
         kp = math.ceil(self.options["overfetch"] * k)
         if self.options["kind"] == "ivfpq":
-            return self._ivfpq(queries, q, k, kp)
-        return self._flat(q, k, kp)
+            return self._ivfpq(queries, q, k, kp, allowed)
+        return self._flat(q, k, kp, allowed)
 
-    def _ivfpq(self, queries: Tensor, q: np.ndarray, k: int, kp: int) -> list[RowHits]:
+    def _ivfpq(
+        self, queries: Tensor, q: np.ndarray, k: int, kp: int, allowed: Allowed | None = None
+    ) -> list[RowHits]:
         """Re-ranked candidates; a query short of ``k`` images (its probed lists held too
-        few) is asked again with twice the probes and fetch, up to the whole index."""
-        wanted = min(k, self.require_table().searchable_images)
+        few) is asked again with twice the probes and fetch, up to the whole index (or
+        every allowed row)."""
+        table = self.require_table()
+        wanted = min(k, table.searchable_images if allowed is None else allowed.images)
         index = self._ivf()
+        total = index.ntotal if allowed is None else allowed.rows
         out: dict[int, RowHits] = {}  # query -> its latest answer
         todo, nprobe = np.arange(len(q)), self.options["nprobe"]
         while len(todo):
-            _, rows = self._fetch(q[todo], kp, nprobe)
+            _, rows = self._fetch(q[todo], kp, nprobe, allowed)
             again: list[int] = []
             for i, r in zip(todo.tolist(), rows, strict=True):
                 out[i] = hits = self._rerank(queries[i], r, k)
-                exhausted = nprobe >= index.nlist and kp >= index.ntotal
+                exhausted = nprobe >= index.nlist and kp >= total
                 if len(hits[0]) < wanted and not exhausted:
                     again.append(i)
             todo, nprobe, kp = np.array(again, dtype=np.int64), nprobe * 2, kp * 2
@@ -323,14 +366,17 @@ class FaissBackend(Backend):
         best, _ = first_per_image(rows[order], sims[order], table.owner, RERANK_IMAGES * k)
         return rerank(table, query, table.owner[best], k)
 
-    def _flat(self, q: np.ndarray, k: int, kp: int) -> list[RowHits]:
-        """Groups the top ``kp`` representatives; fetches more where < ``k`` images came."""
+    def _flat(
+        self, q: np.ndarray, k: int, kp: int, allowed: Allowed | None = None
+    ) -> list[RowHits]:
+        """Groups the top ``kp`` representatives; fetches more where < ``k`` images came
+        (until every row, or every allowed row, was fetched)."""
         owner = self.require_table().owner
         out: dict[int, RowHits] = {}  # query -> its latest answer
         todo = np.arange(len(q))
-        total = self._built().ntotal
+        total = self._built().ntotal if allowed is None else allowed.rows
         while len(todo):
-            scores, rows = self._fetch(q[todo], kp)
+            scores, rows = self._fetch(q[todo], kp, allowed=allowed)
             again: list[int] = []
             for i, s, r in zip(todo.tolist(), scores, rows, strict=True):
                 out[i] = hits = first_per_image(r, s, owner, k)

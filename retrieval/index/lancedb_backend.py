@@ -14,6 +14,13 @@ the versions an unfinished update wrote are never read (the next update restores
 recorded one before writing). New rows are not put in the IVF index (LanceDB can only do
 that by compacting and re-indexing the whole table, as long as a rebuild): they are
 searched by LanceDB's flat scan of unindexed rows, exactly, beside the indexed ones.
+
+A filtered search is LanceDB's own prefilter on the image position column,
+``where("pos IN (...)", prefilter=True)``, so only allowed images are ranked (probing
+more partitions while fewer than ``k`` of them come back); an allow-list of more than
+``WHERE_MAX`` images (a filter string that long costs more to parse than it saves), or
+a query still short of ``k`` allowed images after every partition, is re-scored exactly
+from the fp16 table instead (the base class's fallback).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # HNSW candidates per fetched row: lancedb's default (1.5 x limit) fails on multivector
 # rows (it asks ef >= ~8 x limit) and 1,000 were needed for a limit of 50 at 2M vectors
 EF_FACTORS = (5, 10, 20)
+WHERE_MAX = 100_000  # allowed images pushed into a LanceDB prefilter; past it, exact
 
 
 def _import_lancedb() -> Any:
@@ -193,9 +201,13 @@ class LanceBackend(Backend):
         indices = [p for p in self.own_files() if "_indices" in p.parts]
         return super().memory_bytes() + sum(p.stat().st_size for p in indices)
 
-    def _query(self, q: np.ndarray, k: int, nprobes: int = 1) -> np.ndarray:
+    def _query(
+        self, q: np.ndarray, k: int, nprobes: int = 1, where: str | None = None
+    ) -> np.ndarray:
         search = self.lance_table.search(q).distance_type("cosine").limit(k)
         search = search.select(["pos", "_distance"])
+        if where is not None:
+            search = search.where(where, prefilter=True)
         if self.options["index_type"] != "none":
             search = search.nprobes(nprobes)
             if self.options.get("refine_factor"):
@@ -213,15 +225,38 @@ class LanceBackend(Backend):
         q = queries.float().cpu()
         return [rerank(table, v, self._images(v.numpy(), k), k) for v in q]
 
-    def _images(self, q: np.ndarray, k: int) -> np.ndarray:
-        """Top ``k`` images of one query; probes more partitions while fewer come back
-        (a partition of a small table can hold fewer than ``k`` images)."""
-        wanted = min(k, self.require_table().searchable_images)  # the lance table's rows
+    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
+        """LanceDB's prefilter on ``pos`` (the image position); exact past ``WHERE_MAX``."""
+        if len(images) > WHERE_MAX:
+            return super().search_rows_in(queries, k, images)
+        if self.lance_table is None:
+            raise IndexFileError(f"index {self.folder}: the lancedb table is not built")
+        table = self.require_table()
+        where = f"pos IN ({','.join(str(int(p)) for p in images)})"
+        q = queries.float().cpu()
+        found = [self._images(v.numpy(), k, where, len(images)) for v in q]
+        out = [rerank(table, v, f, k) for v, f in zip(q, found, strict=True)]
+        # still short of the allowed images after probing every partition (an HNSW graph
+        # under a narrow filter can be): such a query is answered exactly instead
+        short = [i for i, f in enumerate(found) if len(f) < min(k, len(images))]
+        if short:
+            exact = super().search_rows_in(queries[short], k, images)
+            for i, hits in zip(short, exact, strict=True):
+                out[i] = hits
+        return out
+
+    def _images(
+        self, q: np.ndarray, k: int, where: str | None = None, allowed: int | None = None
+    ) -> np.ndarray:
+        """Top ``k`` images of one query (among ``allowed`` ones matching ``where``);
+        probes more partitions while fewer come back (a partition of a small table can
+        hold fewer than ``k`` images)."""
+        wanted = min(k, self.require_table().searchable_images if allowed is None else allowed)
         nprobes = self.options.get("nprobes", 1)
-        found = self._query(q, k, nprobes)
+        found = self._query(q, k, nprobes, where)
         while len(found) < wanted and nprobes < self.options.get("num_partitions", 0):
             nprobes *= 2
-            found = self._query(q, k, nprobes)
+            found = self._query(q, k, nprobes, where)
         return found
 
     def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:

@@ -11,18 +11,23 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig
 from torch import Tensor
 
-from retrieval.errors import IndexFileError, MissingFileError, differences
+from retrieval.errors import ConfigError, IndexFileError, MissingFileError, differences
 from retrieval.factory import open_backend
 from retrieval.index.base import Backend, Hit
 from retrieval.index.build import FORMAT
 from retrieval.index.table import MANIFEST, VECTORS, corrupt
 from retrieval.store.shards import ShardStore
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+COLLECTION_FILE = "images.parquet"  # retrieval.data.collection's, named in messages
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -78,6 +83,7 @@ class SearchIndex:
         )
         self._retriever = None
         self._cfg: DictConfig | None = None
+        self._metadata: pa.Table | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -171,13 +177,65 @@ class SearchIndex:
             retriever.encode_text, texts, prompts or cfg.text.prompts, cfg.text.batch_size
         ).cpu()
 
-    def search_vectors(self, queries: Tensor | np.ndarray, top: int = 50) -> list[list[Hit]]:
-        """Top images of each query embedding ``[Q, D]``."""
-        return self.backend.search(queries, top)
+    def metadata(self) -> pa.Table:
+        """The columns a ``where`` filter can use, one row per live image: the run's
+        collection table (``images.parquet``: ``image_id``, ``path``, ``size_bytes``,
+        ``mtime_ns``, ``width``, ``height`` and its metadata columns; removed ids left
+        out) for an unlabelled run, else ``image_id`` alone (a labelled run has no
+        metadata table). Read once per opened index."""
+        if self._metadata is None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
 
-    def search(self, query: str, top: int = 50, prompts: str | None = None) -> list[Hit]:
-        """Top images for one text query, best first."""
-        return self.search_vectors(self.embed([query], prompts), top)[0]
+            from retrieval.data.collection import read_collection
+
+            table = read_collection(self.run_dir)
+            if table is None:
+                ids = self.backend.require_table(allow_empty=True).live_image_ids
+                table = pa.table({"image_id": pa.array(np.sort(ids), pa.int64())})
+            else:
+                table = table.filter(pc.invert(table.column("removed"))).drop_columns("removed")
+            self._metadata = table
+        return self._metadata
+
+    def allowed_ids(self, where: str) -> np.ndarray:
+        """Ids (ascending) of the live images whose metadata matches ``where`` (see
+        :mod:`retrieval.index.filters`), evaluated once by pyarrow.
+
+        Raises:
+            ConfigError: a bad expression, an unknown column (the message lists the
+                columns; a labelled run offers ``image_id`` only) or a type mismatch.
+        """
+        from retrieval.index.filters import allowed_ids
+
+        metadata = self.metadata()
+        try:
+            return allowed_ids(metadata, where)
+        except ConfigError as err:
+            if metadata.num_columns == 1:  # image_id alone: say why there is no more
+                raise ConfigError(
+                    f"{err}\n(index {self.folder} has no metadata columns: its run "
+                    f"{self.run_dir} has no {COLLECTION_FILE}, so only image_id can be "
+                    f"filtered on)"
+                ) from None
+            raise
+
+    def search_vectors(
+        self, queries: Tensor | np.ndarray, top: int = 50, where: str | None = None
+    ) -> list[list[Hit]]:
+        """Top images of each query embedding ``[Q, D]``; with ``where`` (e.g.
+        ``"camera = 'CAM_FRONT' AND width >= 1024"``), among the images whose metadata
+        matches it (evaluated once for all the queries)."""
+        allowed = None if where is None else self.allowed_ids(where)
+        return self.backend.search(queries, top, allowed)
+
+    def search(
+        self, query: str, top: int = 50, prompts: str | None = None, where: str | None = None
+    ) -> list[Hit]:
+        """Top images for one text query, best first (among those matching ``where``)."""
+        if where is not None:
+            self.allowed_ids(where)  # a bad filter fails before the model loads
+        return self.search_vectors(self.embed([query], prompts), top, where)[0]
 
     def close(self) -> None:
         """Releases the backend's client or embedded engine (milvus, lancedb)."""
@@ -195,7 +253,10 @@ def open_index(folder: str | Path, device: str = "auto") -> SearchIndex:
     return SearchIndex(folder, device)
 
 
-def search(index: str | Path | SearchIndex, query: str, top: int = 50) -> list[Hit]:
-    """Top ``top`` images of ``query`` in ``index``: ``Hit(image_id, score, rep_index, box)``."""
+def search(
+    index: str | Path | SearchIndex, query: str, top: int = 50, where: str | None = None
+) -> list[Hit]:
+    """Top ``top`` images of ``query`` in ``index``: ``Hit(image_id, score, rep_index, box)``
+    (among the images whose metadata matches ``where``, when given)."""
     index = index if isinstance(index, SearchIndex) else open_index(index)
-    return index.search(query, top)
+    return index.search(query, top, where=where)
