@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from retrieval.data.ground_truth import GroundTruth
-from retrieval.data.images import BadImageError, load_image
+from retrieval.data.images import BadImageError, load_image, outside_root, to_rgb8
 from retrieval.errors import ConfigError
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -28,7 +28,7 @@ OnBadImage = Literal["error", "skip"]
 
 def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     """``[3, H, W]`` uint8, the exact pixels (what ``__getitem__`` gives without a transform)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.asarray(to_rgb8(image), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -47,6 +47,11 @@ class ImageDataset(Dataset):
 
     image_ids: np.ndarray
     failures_at_start: list[dict[str, Any]]
+    #: the folders every image path must resolve inside (after ``..`` and symlinks);
+    #: ``(images,)`` unless a subclass declares others, None where any path may be read
+    #: (a listing that follows the user's own symlinks). Checked at construction by the
+    #: datasets and again before every read, so a path never leaves them.
+    image_roots: tuple[Path, ...] | None
     #: constructor arguments filled from other config sections (a protocol option, the
     #: run folder), with their config keys; the factory passes those keys' values, so
     #: no dataset needs a special case there
@@ -72,6 +77,7 @@ class ImageDataset(Dataset):
                 f"data.max_images must be a positive integer or null, got {max_images}"
             )
         self.images_dir = Path(images)
+        self.image_roots = (self.images_dir,)
         self.transform = transform
         self.on_bad_image = on_bad_image
 
@@ -86,11 +92,16 @@ class ImageDataset(Dataset):
         ``pixels=None`` and the reason in ``error``.
 
         Raises:
-            BadImageError: the file is bad and ``on_bad_image`` is ``error``.
+            BadImageError: the file is bad or resolves outside :attr:`image_roots`, and
+                ``on_bad_image`` is ``error``.
         """
         image_id = int(self.image_ids[index])
         path = self.image_path(image_id)
         try:
+            roots = getattr(self, "image_roots", None)
+            reason = None if roots is None else outside_root(path, roots)
+            if reason is not None:
+                raise BadImageError(path, reason)
             image = load_image(path)
         except BadImageError as err:
             if self.on_bad_image == "error":

@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
+import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,15 @@ from pycocotools.coco import COCO
 
 from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
 from retrieval.data.ground_truth import Category, GroundTruth
-from retrieval.data.images import BAD_IMAGE_FIX
+from retrieval.data.images import BAD_IMAGE_FIX, find_missing_images, outside_root_error
 from retrieval.data.names import query_name
 from retrieval.errors import DataError, MissingFileError
 from retrieval.factory import register_dataset
 
+log = logging.getLogger("retrieval")
+
 _MISSING_LISTED = 5
+_INT64 = (-(2**63), 2**63 - 1)
 _REQUIRED_FIELDS = {
     "images": ("id", "file_name"),
     "categories": ("id", "name"),
@@ -31,9 +35,12 @@ _REQUIRED_FIELDS = {
 }
 
 
+_FIX = "set data.annotations to a COCO-format JSON file (e.g. instances_val2017.json)"
+
+
 def _read_annotations(path: Path) -> dict[str, Any]:
     """The annotation JSON, checked enough that every later failure is the data's, not ours."""
-    fix = "set data.annotations to a COCO-format JSON file (e.g. instances_val2017.json)"
+    fix = _FIX
     if not path.exists():
         raise MissingFileError(f"annotation file not found: {path}; {fix}")
     if not path.is_file():
@@ -64,6 +71,103 @@ def _read_annotations(path: Path) -> dict[str, Any]:
                 f"first bad entry: {repr(bad[0])[:200]}; {fix}"
             )
     return data
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, a string or NaN)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_id(value: Any) -> bool:
+    """An integer id that fits int64 (what the ground truth and the shards store)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int and _INT64[0] <= value <= _INT64[1]
+
+
+def _entry(key: str, record: Mapping[str, Any], index: int) -> str:
+    """How a message names one entry: ``annotations[7] (id 123)``."""
+    ident = record.get("id")
+    return f"{key}[{index}]" + (f" (id {ident!r})" if ident is not None else "")
+
+
+def check_entries(data: dict[str, Any], path: Path, fix: str, file_names: bool = True) -> None:
+    """Every field the ground truth reads holds a usable value, so that nothing wrong is
+    scored as if it were right; shared by the COCO and LVIS readers.
+
+    Refused (:class:`DataError` naming the file, the entry and the field): no images or
+    no categories; an id, ``image_id`` or ``category_id`` that is not an integer within
+    int64; a category ``name`` that is not a non-blank string; a ``file_name`` that is
+    not a non-empty string (when ``file_names``); a ``bbox`` that is not 4 finite numbers
+    ``[x, y, width, height]`` with width and height >= 0. An ``area`` that is negative or
+    not a number is recomputed from the entry's valid ``bbox`` (a warning says how many),
+    or refused when the entry has none.
+    """
+
+    def refuse(what: str) -> DataError:
+        return DataError(f"annotation file {path}: {what}; {fix}")
+
+    for key in ("images", "categories"):
+        if not data[key]:
+            raise refuse(f"{key!r} is empty: a dataset needs at least one of them")
+    for key, fields in (
+        ("images", ("id",)),
+        ("categories", ("id",)),
+        ("annotations", ("id", "image_id", "category_id")),
+    ):
+        for k, record in enumerate(data.get(key, [])):
+            for field in fields:
+                if field in record and not _is_id(record[field]):
+                    raise refuse(
+                        f"{_entry(key, record, k)} has {field} {record[field]!r}: ids must be "
+                        f"integers between {_INT64[0]} and {_INT64[1]}"
+                    )
+    for k, category in enumerate(data["categories"]):
+        name = category["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise refuse(
+                f"{_entry('categories', category, k)} has name {name!r}: a category name "
+                "must be a non-blank string"
+            )
+    if file_names:
+        for k, image in enumerate(data["images"]):
+            name = image["file_name"]
+            if not isinstance(name, str) or not name.strip():
+                raise refuse(
+                    f"{_entry('images', image, k)} has file_name {name!r}: it must be a "
+                    "path relative to data.images"
+                )
+    recomputed = 0
+    for k, ann in enumerate(data.get("annotations", [])):
+        box = ann.get("bbox")
+        box_ok = (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(_is_number(v) for v in box)
+            and box[2] >= 0
+            and box[3] >= 0
+        )
+        if box is not None and not box_ok:
+            raise refuse(
+                f"{_entry('annotations', ann, k)} has bbox {repr(box)[:80]}: a bbox must be "
+                "4 finite numbers [x, y, width, height] with width and height >= 0"
+            )
+        area = ann.get("area")
+        if area is None or (_is_number(area) and area >= 0):
+            continue
+        if not box_ok:
+            raise refuse(
+                f"{_entry('annotations', ann, k)} has area {repr(area)[:80]}: an area must "
+                "be a number >= 0, and the entry has no bbox to compute it from"
+            )
+        del ann["area"]  # the ground truth takes bbox w*h for an entry without one
+        recomputed += 1
+    if recomputed:
+        log.warning(
+            "annotation file %s: %d annotations have a negative or non-numeric 'area'; "
+            "bbox width * height is used for them instead",
+            path,
+            recomputed,
+        )
 
 
 def _check_references(data: dict[str, Any], path: Path) -> None:
@@ -127,6 +231,7 @@ class CocoDataset(RetrievalDataset):
         self.include_crowd = include_crowd
 
         data = _read_annotations(self.annotations_path)
+        check_entries(data, self.annotations_path, _FIX)
         _check_references(data, self.annotations_path)
         if not self.images_dir.is_dir():
             what = "not a folder" if self.images_dir.exists() else "not found"
@@ -142,12 +247,13 @@ class CocoDataset(RetrievalDataset):
         ids = np.array(sorted(self.coco.imgs), dtype=np.int64)
         if max_images is not None:
             ids = ids[:max_images]
-        self.failures_at_start: list[dict[str, Any]] = [
-            {"image_id": int(i), "path": str(self.image_path(int(i))), "reason": "file not found"}
-            for i in ids
-            if not os.path.isfile(self.image_path(int(i)))
-        ]
+        self.failures_at_start: list[dict[str, Any]] = find_missing_images(
+            {int(i): self.image_path(int(i)) for i in ids}, self.image_roots
+        )
         if self.failures_at_start and on_bad_image == "error":
+            escaped = outside_root_error(self.failures_at_start, self.annotations_path)
+            if escaped is not None:
+                raise escaped
             shown = [f"  {f['path']}" for f in self.failures_at_start[:_MISSING_LISTED]]
             more = len(self.failures_at_start) - len(shown)
             raise MissingFileError(

@@ -327,19 +327,52 @@ def _pending(name: str, root: Path) -> list[Archive]:
 
 
 def lvis_image_files(annotations: Path, images_root: Path) -> dict[str, Path]:
-    """``coco_url -> local file`` (``<images_root>/<split>/<file>``) of every LVIS image."""
+    """``coco_url -> local file`` (``<images_root>/<split>/<file>``) of every LVIS image.
+
+    Raises:
+        DownloadError: a ``coco_url`` that is not http(s), or whose split and file name
+            would put the file outside ``images_root`` (``..``, an empty name).
+    """
     with annotations.open("rb") as f:
         records = json.load(f)["images"]
     files = {}
+    root = images_root.resolve()
     for record in records:
         url = record["coco_url"]
-        split, name = url.rstrip("/").split("/")[-2:]
-        files[url] = images_root / split / name
+        _require_http(url, annotations)
+        split, name = (["", *url.rstrip("/").split("/")])[-2:]
+        target = images_root / split / name
+        if (
+            split in ("", ".", "..")
+            or name in ("", ".", "..")
+            or not (target.resolve().is_relative_to(root))
+        ):
+            raise DownloadError(
+                f"{annotations}: coco_url {url!r} does not end in <split>/<file>, so its "
+                f"image would be written outside {images_root}; fix the entry (LVIS v1 uses "
+                ".../train2017/<file> and .../val2017/<file>)"
+            )
+        files[url] = target
     return files
 
 
+def _require_http(url: Any, source: str | Path) -> None:
+    """Only http(s) URLs are fetched: never ``file://``, ``ftp://`` or a bare path."""
+    scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+    if scheme not in ("http", "https"):
+        raise DownloadError(
+            f"{source}: refusing to fetch {url!r}: only http:// and https:// URLs are "
+            "downloaded; fix the entry"
+        )
+
+
 def fetch_file(url: str, target: Path, timeout: float = 60.0) -> None:
-    """One file, written whole or not at all (temporary name, length checked, renamed)."""
+    """One file, written whole or not at all (temporary name, length checked, renamed).
+
+    Raises:
+        DownloadError: ``url`` is not http(s).
+    """
+    _require_http(url, "download")
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     with urllib.request.urlopen(url, timeout=timeout) as response:

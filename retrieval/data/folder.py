@@ -145,6 +145,10 @@ class FolderDataset(ImageDataset):
     ) -> None:
         root = Path(images).expanduser().absolute()
         super().__init__(root, transform, on_bad_image, max_images)
+        # Paths come from listing this folder, never from a file the user wrote; the
+        # symlinked folders it follows are the user's own choice (see list_images), so
+        # no root confines them.
+        self.image_roots = None
         if not root.is_dir():
             what = "not a folder" if root.exists() else "not found"
             raise MissingFileError(f"image folder {what}: {root}; set data.images to a folder")

@@ -16,7 +16,12 @@ import numpy as np
 
 from retrieval.data.base import ImageDataset, OnBadImage, Transform
 from retrieval.data.collection import Collection, Ticker, read_listing
-from retrieval.data.images import BAD_IMAGE_FIX, MISSING_LISTED
+from retrieval.data.images import (
+    BAD_IMAGE_FIX,
+    MISSING_LISTED,
+    outside_root,
+    outside_root_error,
+)
 from retrieval.errors import DataError, MissingFileError
 from retrieval.factory import register_dataset
 
@@ -27,10 +32,11 @@ log = logging.getLogger("retrieval")
 class ListDataset(ImageDataset):
     """The files named by a list file's ``path`` column as an unlabelled collection.
 
-    A listed file that is missing (or not a file) stops the run under
-    ``on_bad_image="error"``; under ``"skip"`` it is left out, logged and kept in
-    :attr:`failures_at_start`. One whose pixels cannot be read is reported by the embed
-    phase under the same policy.
+    A listed file that is missing (or not a file), or, when ``images`` is given, whose
+    path resolves outside it (absolute elsewhere, ``..``, a symlink out), stops the run
+    under ``on_bad_image="error"``; under ``"skip"`` it is left out, logged and kept in
+    :attr:`failures_at_start` with the reason. One whose pixels cannot be read is
+    reported by the embed phase under the same policy.
 
     Args:
         list: the CSV or Parquet file (config ``data.list``); its ``path`` column holds
@@ -69,16 +75,25 @@ class ListDataset(ImageDataset):
                 f"image folder {what}: {root}; set data.images to the folder the relative "
                 f"paths of {list_file} start from, or leave it unset (the list's folder)"
             )
+        # With data.images given every listed path must stay inside it; without, the
+        # list may name files anywhere (absolute paths are its point).
+        self.image_roots = (root.resolve(),) if images else None
         listed = read_listing(list_file, "data.list")
         paths = listed.column("path").to_pylist()
         present, sizes, mtimes = _stat_files(paths, root, progress)
+        roots = self.image_roots
+        reasons = [None if roots is None else outside_root(root / p, roots) for p in paths]
+        present &= np.array([r is None for r in reasons], dtype=bool)
         self.failures_at_start = [
-            {"image_id": None, "path": str(root / p), "reason": "file not found"}
-            for p, ok in zip(paths, present, strict=True)
+            {"image_id": None, "path": str(root / p), "reason": reason or "file not found"}
+            for p, ok, reason in zip(paths, present, reasons, strict=True)
             if not ok
         ]
-        del paths  # one Python string per row: freed before the ids are assigned
+        del paths, reasons  # one Python string per row: freed before the ids are assigned
         if self.failures_at_start:
+            escaped = outside_root_error(self.failures_at_start, list_file)
+            if escaped is not None and on_bad_image == "error":
+                raise escaped
             self._report_missing(list_file, listed.num_rows, on_bad_image)
         files = listed.filter(present)
         files = files.add_column(1, "size_bytes", [sizes[present]])
@@ -97,11 +112,15 @@ class ListDataset(ImageDataset):
 
     def _report_missing(self, list_file: Path, total: int, on_bad_image: str) -> None:
         failures = self.failures_at_start
-        shown = [f"  {f['path']}" for f in failures[:MISSING_LISTED]]
+        shown = [
+            f"  {f['path']}" + ("" if f["reason"] == "file not found" else f": {f['reason']}")
+            for f in failures[:MISSING_LISTED]
+        ]
         more = len(failures) - len(shown)
         message = "\n".join(
             [
-                f"{len(failures)} of {total} files listed in {list_file} are missing or not files:",
+                f"{len(failures)} of {total} files listed in {list_file} are missing, not "
+                "files, or outside data.images:",
                 *shown,
                 *([f"  ... and {more} more"] if more else []),
             ]

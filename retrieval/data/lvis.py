@@ -29,9 +29,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
-from retrieval.data.coco import CocoDataset
+from retrieval.data.coco import CocoDataset, check_entries
 from retrieval.data.ground_truth import Category, GroundTruth
-from retrieval.data.images import find_missing_images, missing_images_error
+from retrieval.data.images import find_missing_images, missing_images_error, outside_root_error
 from retrieval.data.names import clean_category_name
 from retrieval.errors import DataError, MissingFileError
 from retrieval.factory import register_dataset
@@ -99,6 +99,7 @@ def _check_lvis(data: dict[str, Any], path: Path) -> None:
                 f"annotation file {path}: every entry of {key!r} needs {', '.join(need)}; "
                 f"first bad entry: {repr(bad[0])[:200]}; {_FIX}"
             )
+    check_entries(data, path, _FIX, file_names=False)
     for key in ("images", "categories"):
         ids = [r["id"] for r in data[key]]
         if len(set(ids)) != len(ids):
@@ -222,13 +223,26 @@ class LvisDataset(CocoDataset):
             i: r.get("not_exhaustive_category_ids") or [] for i, r in api.imgs.items()
         }
         self._annotations = _annotation_arrays(api.dataset["annotations"], include_crowd)
-        self._root = image_root(self.images_dir, {split for split, _ in self._location.values()})
+        splits = {split for split, _ in self._location.values()} - {"", ".", ".."}
+        self._root = image_root(self.images_dir, splits)
+        # The declared roots: the split folders themselves (train2017/, val2017/ side by
+        # side), or the flat folder; a coco_url cannot lead a path out of them.
+        self.image_roots = (
+            (self.images_dir,)
+            if self._root is None
+            else tuple(self._root / split for split in sorted(splits or COCO_SPLIT_FOLDERS))
+        )
 
         ids = np.array(sorted(self._location), dtype=np.int64)
         if max_images is not None:
             ids = ids[:max_images]
-        self.failures_at_start = find_missing_images({int(i): self.image_path(int(i)) for i in ids})
+        self.failures_at_start = find_missing_images(
+            {int(i): self.image_path(int(i)) for i in ids}, self.image_roots
+        )
         if self.failures_at_start and on_bad_image == "error":
+            escaped = outside_root_error(self.failures_at_start, self.annotations_path)
+            if escaped is not None:
+                raise escaped
             raise missing_images_error(
                 self.failures_at_start, len(ids), self.annotations_path, self._missing_hint()
             )

@@ -20,6 +20,7 @@ are no objects to retrieve.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -30,7 +31,7 @@ import yaml
 
 from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
 from retrieval.data.ground_truth import Category, GroundTruth
-from retrieval.data.images import find_missing_images, missing_images_error
+from retrieval.data.images import find_missing_images, missing_images_error, outside_root_error
 from retrieval.data.names import query_name
 from retrieval.errors import DataError, MissingFileError
 from retrieval.factory import register_dataset
@@ -86,7 +87,48 @@ def read_tables(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
                 f"first bad record: {repr(bad[0])[:200]}"
             )
         tables[name] = records
+    _check_values(tables, folder)
     return tables
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_values(tables: dict[str, list[dict[str, Any]]], folder: Path) -> None:
+    """The values read later are usable: at least one sample and one category, class
+    names non-blank strings, filenames strings, boxes 4 finite numbers ``[xmin, ymin,
+    xmax, ymax]`` with ``xmax >= xmin`` and ``ymax >= ymin``. A bad record is named."""
+    for name, what in (("sample", "samples (key frames)"), ("category", "categories")):
+        if not tables[name]:
+            raise DataError(f"nuImages table {folder / name}.json holds no {what}; {_FIX}")
+    checks = (
+        ("category", "name", _text, "a non-blank string"),
+        ("sample_data", "filename", _text, "a path"),
+        ("object_ann", "bbox", _valid_box, "4 numbers [xmin, ymin, xmax, ymax], max >= min"),
+    )
+    for table, field, ok, need in checks:
+        for k, record in enumerate(tables[table]):
+            if not ok(record[field]):
+                raise DataError(
+                    f"nuImages table {folder / table}.json: record {k} (token "
+                    f"{record.get('token')!r}) has {field} {repr(record[field])[:80]}: it must "
+                    f"be {need}; {_FIX}"
+                )
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _valid_box(box: Any) -> bool:
+    return (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(_finite(v) for v in box)
+        and box[2] >= box[0]
+        and box[3] >= box[1]
+    )
 
 
 @register_dataset("nuimages")
@@ -149,8 +191,15 @@ class NuImagesDataset(RetrievalDataset):
         ids = np.arange(1, len(key_frames) + 1, dtype=np.int64)
         if max_images is not None:
             ids = ids[:max_images]
-        self.failures_at_start = find_missing_images({int(i): self.image_path(int(i)) for i in ids})
+        self.failures_at_start = find_missing_images(
+            {int(i): self.image_path(int(i)) for i in ids}, self.image_roots
+        )
         if self.failures_at_start and on_bad_image == "error":
+            escaped = outside_root_error(
+                self.failures_at_start, self.annotations_path / "sample_data.json"
+            )
+            if escaped is not None:
+                raise escaped
             raise missing_images_error(
                 self.failures_at_start,
                 len(ids),
