@@ -29,6 +29,7 @@ from retrieval.config import load_config
 from retrieval.registry import RETRIEVERS
 from retrieval.retrievers.dense_clip import DenseClipRetriever, default_resolution
 from retrieval.retrievers.dense_features import (
+    dense_features,
     interpolate_positions,
     resnet_dense_features,
     resnet_feature_map,
@@ -152,6 +153,24 @@ def test_resnet_cells_are_value_path_in_raster_order(resnet):
     for i in range(2):
         for j in range(3):
             exact(out.dense[:, i * 3 + j], pool.c_proj(pool.v_proj(features[:, :, i, j])))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("positional", [False, True])
+def test_skipping_the_global_leaves_the_cells_exact(resnet, vit, positional):
+    """Invariant: ``with_global=False`` (Dense-CLIP without "CLIP + X") returns no global
+    embedding and bit-identical cells, on a ResNet (with and without positions) and a ViT;
+    a retriever without ``with_global`` asks for none."""
+    pixels = torch.randn(2, 3, 96, 96, dtype=torch.float64)
+    both = resnet_dense_features(resnet, pixels, positional)
+    cells = resnet_dense_features(resnet, pixels, positional, with_global=False)
+    assert cells.global_embedding is None and both.global_embedding is not None
+    assert torch.equal(cells.dense, both.dense) and cells.grid == both.grid
+    if not positional:
+        vit_pixels = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        full = dense_features(vit.visual, vit_pixels)
+        only = dense_features(vit.visual, vit_pixels, with_global=False)
+        assert only.global_embedding is None and torch.equal(only.dense, full.dense)
 
 
 def test_positions_interpolate_like_open_clip():

@@ -202,7 +202,8 @@ class DenseClipRetriever(OpenClipRetriever):
     def encode_dense(self, pixels: Tensor) -> DenseOutput:
         """Cell embeddings of a batch from :attr:`image_transform`, before aggregation."""
         dense_pixels, native_pixels = self.split_views(pixels)
-        feats = dense_features(self.model.visual, dense_pixels, self.positional)
+        same_pass = self.with_global and native_pixels is None
+        feats = dense_features(self.model.visual, dense_pixels, self.positional, same_pass)
         embeddings = F.normalize(feats.dense.float(), dim=-1)
         mask = torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
         boxes = grid_cell_boxes(feats.grid, embeddings.device)
@@ -211,6 +212,7 @@ class DenseClipRetriever(OpenClipRetriever):
             raw = feats.global_embedding
             if native_pixels is not None:
                 raw = self.model.encode_image(native_pixels)
+            assert raw is not None  # same_pass asked dense_features for it
             global_embedding = F.normalize(raw.float(), dim=-1)
         return DenseOutput(embeddings, mask, feats.grid, boxes, global_embedding)
 

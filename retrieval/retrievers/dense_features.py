@@ -32,12 +32,13 @@ class DenseFeatures(NamedTuple):
     Attributes:
         dense: ``[B, h*w, D]`` unnormalised embeddings in raster order (row by row).
         grid: ``(h, w)`` of the feature map.
-        global_embedding: ``[B, D]`` unnormalised image embedding from the same pass.
+        global_embedding: ``[B, D]`` unnormalised image embedding from the same pass, or
+            None when it was not asked for (it costs ~5% of a ResNet pass).
     """
 
     dense: Tensor
     grid: Grid
-    global_embedding: Tensor
+    global_embedding: Tensor | None
 
 
 def square_grid(num_positions: int) -> Grid:
@@ -111,7 +112,7 @@ def attnpool_output(attnpool: AttentionPool2d, tokens: Tensor, values: Tensor) -
 
 
 def resnet_dense_features(
-    visual: ModifiedResNet, pixels: Tensor, positional: bool = False
+    visual: ModifiedResNet, pixels: Tensor, positional: bool = False, with_global: bool = True
 ) -> DenseFeatures:
     """Dense-CLIP on a ModifiedResNet: ``c_proj(v_proj(x_l [+ pos_l]))`` per location.
 
@@ -125,12 +126,16 @@ def resnet_dense_features(
         positional: add the interpolated positional term ``pos_l`` to each location
             before ``v_proj``. MaskCLIP leaves it out: it carries where a cell is, not
             what it shows.
+        with_global: also compute the pool's output (the global embedding).
     """
     pool = visual.attnpool
     features = resnet_feature_map(visual, pixels)
-    tokens = attnpool_tokens(pool, features)
-    values = pool.v_proj(tokens)
-    global_embedding = attnpool_output(pool, tokens, values)
+    global_embedding = None
+    if with_global or positional:
+        tokens = attnpool_tokens(pool, features)
+        values = pool.v_proj(tokens)
+        if with_global:
+            global_embedding = attnpool_output(pool, tokens, values)
     cells = values[:, 1:] if positional else pool.v_proj(features.flatten(2).transpose(1, 2))
     grid = (features.shape[-2], features.shape[-1])
     return DenseFeatures(pool.c_proj(cells), grid, global_embedding)
@@ -189,7 +194,9 @@ def _apply_block(block: nn.Module, x: Tensor, batch_first: bool) -> Tensor:
     return block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
 
 
-def vit_dense_features(visual: VisionTransformer, pixels: Tensor) -> DenseFeatures:
+def vit_dense_features(
+    visual: VisionTransformer, pixels: Tensor, with_global: bool = True
+) -> DenseFeatures:
     """Dense-CLIP on a ViT: patch tokens through MaskCLIP's last-block value path.
 
     Every block but the last runs as usual (positions interpolated to the input size);
@@ -200,6 +207,7 @@ def vit_dense_features(visual: VisionTransformer, pixels: Tensor) -> DenseFeatur
     Args:
         visual: ``model.visual`` of an open_clip ViT CLIP.
         pixels: ``[B, 3, H, W]`` normalised images, any size (grid = size / patch).
+        with_global: also run the real last block for the class token's embedding.
     """
     _check_vit(visual)
     x, grid = vit_tokens(visual, pixels)
@@ -207,7 +215,9 @@ def vit_dense_features(visual: VisionTransformer, pixels: Tensor) -> DenseFeatur
     batch_first = visual.transformer.batch_first
     for block in blocks[:-1]:
         x = _apply_block(block, x, batch_first)
-    global_embedding = vit_pool(visual, _apply_block(blocks[-1], x, batch_first))
+    global_embedding = (
+        vit_pool(visual, _apply_block(blocks[-1], x, batch_first)) if with_global else None
+    )
     dense = visual.ln_post(vit_value_path(blocks[-1], x[:, 1:])) @ visual.proj
     return DenseFeatures(dense, grid, global_embedding)
 
@@ -230,13 +240,16 @@ def check_supported(visual: nn.Module) -> None:
     )
 
 
-def dense_features(visual: nn.Module, pixels: Tensor, positional: bool = False) -> DenseFeatures:
+def dense_features(
+    visual: nn.Module, pixels: Tensor, positional: bool = False, with_global: bool = True
+) -> DenseFeatures:
     """Dispatches to :func:`resnet_dense_features` or :func:`vit_dense_features`.
 
     ``positional`` applies to ResNets only: a ViT adds its positions at the input.
+    ``with_global=False`` skips the global embedding (Dense-CLIP without "CLIP + X").
     """
     if is_resnet(visual):
-        return resnet_dense_features(visual, pixels, positional)
+        return resnet_dense_features(visual, pixels, positional, with_global)
     if positional:
         raise ConfigError("positional=True applies to ResNet backbones (the attention pool) only")
-    return vit_dense_features(visual, pixels)
+    return vit_dense_features(visual, pixels, with_global)
