@@ -105,6 +105,7 @@ class RunConfig:
     resume: str = "auto"
     seed: int = 0
     progress: bool = True
+    verify: str = "fast"  # stored shards checked on reuse: fast (size+mtime) or full (sha256)
 
 
 @dataclass
@@ -129,6 +130,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "store.dtype": ("float16", "float32"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
     "run.resume": ("auto", "never", "force"),
+    "run.verify": ("fast", "full"),
 }
 
 
@@ -147,11 +149,57 @@ def find_config(name: str | Path, group: str | None = None) -> Path:
     raise ConfigError(f"config {str(name)!r} not found in {where}.{hint} Known: {', '.join(known)}")
 
 
+#: a config file's limits: its size, and its nodes once aliases are expanded (a YAML
+#: "billion laughs" file is small but expands past any memory)
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand past
+    :data:`MAX_CONFIG_NODES` nodes, or refer to themselves, before building anything."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        sizes: dict[int, int] = {}
+        open_nodes: set[int] = set()
+
+        def size(n: yaml.Node) -> int:  # nodes after expansion; shared nodes counted once
+            if id(n) in sizes:
+                return sizes[id(n)]
+            if id(n) in open_nodes:
+                raise yaml.YAMLError("an alias refers to the node that contains it")
+            open_nodes.add(id(n))
+            total = 1
+            if isinstance(n, yaml.SequenceNode):
+                total += sum(size(child) for child in n.value)
+            elif isinstance(n, yaml.MappingNode):
+                total += sum(size(k) + size(v) for k, v in n.value)
+            open_nodes.discard(id(n))
+            if total > MAX_CONFIG_NODES:
+                raise yaml.YAMLError(
+                    f"more than {MAX_CONFIG_NODES} values once its aliases are expanded"
+                )
+            sizes[id(n)] = total
+            return total
+
+        size(node)
+        return super().construct_document(node)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        content = yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: {path.stat().st_size} bytes, over the {MAX_CONFIG_BYTES} a config "
+                f"file may hold; is it a config?"
+            )
+        with path.open("rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        content = yaml.load(text, Loader=_BoundedLoader) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, RecursionError) as err:
+        raise ConfigError(f"{path}: cannot be read as a config: {err}") from None
     if not isinstance(content, dict):
         kind = type(content).__name__
         raise ConfigError(f"{path}: a config file must hold a mapping, got {kind}")
@@ -336,6 +384,53 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {names}")
 
 
+# -- value bounds: checked with the config, before any model or data is built ----------
+
+#: integer keys and the least value each may take
+MINIMUMS: dict[str, int] = {
+    "protocol.top_k": 1,
+    "loader.batch_size": 1,
+    "loader.num_workers": 0,
+    "store.shard_size": 1,
+    "text.batch_size": 1,
+}
+#: image sides a retriever may be asked to embed at (``retriever.resolution``)
+RESOLUTION_RANGE = (32, 4096)
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Refuses values that pass the type check but cannot work (a zero batch,
+    a 30000-pixel resolution), naming the key and the fix."""
+    for key, least in MINIMUMS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < least:
+            raise ConfigError(f"{key}={value!r} must be at least {least}")
+    memory = cfg.score.max_memory_gb
+    if not memory > 0 or memory == float("inf"):  # also NaN
+        raise ConfigError(f"score.max_memory_gb={memory!r} must be a positive number (e.g. 2)")
+    devices = cfg.trainer.devices
+    if isinstance(devices, bool) or (isinstance(devices, int) and (devices == 0 or devices < -1)):
+        raise ConfigError(
+            f"trainer.devices={devices!r}: use a positive count, -1 (every device) or auto"
+        )
+    low, high = RESOLUTION_RANGE
+    resolution = cfg.retriever.get("resolution")
+    if isinstance(resolution, int) and not low <= resolution <= high:
+        raise ConfigError(
+            f"retriever.resolution={resolution} is outside {low}..{high} pixels; "
+            f"leave it unset for the model's own size"
+        )
+
+
+def _check_machine(cfg: DictConfig) -> None:
+    """Refuses device settings this machine cannot honour (checked for a run about to
+    start, not for a stored config read elsewhere, e.g. by a CPU-only search)."""
+    from retrieval.devices import check_accelerator, check_device
+
+    check_device(cfg.score.device, "score.device")
+    check_accelerator(cfg.trainer.accelerator)
+
+
 def _section(raw: DictConfig, section: str, default_name: str | None) -> str:
     node = raw.get(section)
     if isinstance(node, DictConfig) and "name" in node:
@@ -345,7 +440,22 @@ def _section(raw: DictConfig, section: str, default_name: str | None) -> str:
     return default_name
 
 
+def _check_sections(raw: DictConfig) -> None:
+    """``retriever`` and ``data`` must be mappings (``data=[]`` or ``data=null`` are not)."""
+    for section in ("retriever", "data"):
+        try:
+            node = raw.get(section)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"config key {section!r}: {getattr(err, 'msg', err)}") from None
+        if section in raw and not isinstance(node, DictConfig):
+            raise ConfigError(
+                f"config key {section!r} must be a mapping of {section}.* keys (e.g. "
+                f"{section}.name=...), got {node!r}"
+            )
+
+
 def _validated(raw: DictConfig) -> DictConfig:
+    _check_sections(raw)
     schemas = {
         "retriever": retriever_schema(_section(raw, "retriever", None)),
         "data": data_schema(_section(raw, "data", "coco")),
@@ -378,6 +488,7 @@ def _validated(raw: DictConfig) -> DictConfig:
         message = getattr(err, "msg", str(err))
         raise ConfigError(f"config key {key!r}: {message}") from None
     _check_choices(cfg)
+    _check_values(cfg)
     retriever_options(cfg)  # runs the option dataclasses' own checks before any work
     return cfg
 
@@ -404,9 +515,12 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> DictC
     raw = _compose(find_config(config), choices)
     try:
         raw = _merge(raw, OmegaConf.from_dotlist(dotlist))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"bad override: {err}") from None
-    return _validated(raw)
+    except (OmegaConfBaseException, yaml.YAMLError, TypeError) as err:  # TypeError: a value
+        # merged onto a section of another kind (``data=[]``)
+        raise ConfigError(f"bad override: {' '.join(str(err).split())}") from None
+    cfg = _validated(raw)
+    _check_machine(cfg)
+    return cfg
 
 
 def load_stored_config(path: str | Path) -> DictConfig:

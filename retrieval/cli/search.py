@@ -11,14 +11,27 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from retrieval.errors import ConfigError
 from retrieval.index import SearchIndex, open_index
 from retrieval.index.base import Hit
 
 
 def _search(args: argparse.Namespace) -> int:
+    from retrieval.devices import check_device
+    from retrieval.index.search import check_query
+
     console = Console()
+    check_query(args.query)
+    check_device(args.device, "--device")
+    if args.top < 1:
+        raise ConfigError(f"--top {args.top}: ask for at least 1 image (e.g. --top 50)")
     index = open_index(args.index, args.device)
     console.print(index.describe())
+    if args.top > index.num_images:
+        Console(stderr=True).print(
+            f"note: --top {args.top} capped at the index's {index.num_images} images"
+        )
+        args.top = index.capped_top(args.top)
     if args.where is not None:  # a bad filter fails before the model loads
         allowed = len(index.allowed_ids(args.where))
         total = index.metadata().num_rows

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,53 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     replace_atomically(folder / MANIFEST, write)
 
 
+def is_index_folder(folder: Path) -> bool:
+    """Whether ``folder`` is an index folder this project wrote: its ``index.json`` is a
+    manifest of this :data:`FORMAT` (a mapping naming its backend, run and fingerprint),
+    not merely a file of that name."""
+    path = folder / MANIFEST
+    if folder.is_symlink() or not folder.is_dir() or path.is_symlink() or not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable, not JSON, not UTF-8
+        return False
+    return (
+        isinstance(manifest, dict)
+        and manifest.get("format") == FORMAT
+        and all(key in manifest for key in ("backend", "run", "fingerprint"))
+    )
+
+
+def check_out(out: Path) -> None:
+    """Refuses an ``--out`` the build may not replace: anything but a missing path, an
+    empty folder or an index folder this project wrote (:func:`is_index_folder`)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        kind = "a symbolic link" if out.is_symlink() else "a file"
+        raise IndexFileError(f"--out {out} is {kind}, not an index folder: choose another --out")
+    if any(out.iterdir()) and not is_index_folder(out):
+        raise IndexFileError(
+            f"--out {out} is a non-empty folder that is not an index made by `retrieval index "
+            f"build` (no {MANIFEST} of format {FORMAT}); nothing was changed: choose another "
+            f"--out or empty the folder"
+        )
+
+
+def _replace(out: Path, new: Path) -> None:
+    """Puts the finished index folder ``new`` at ``out``, checking ``out`` again first (it
+    may have changed during the build); an old index is moved aside, then deleted."""
+    check_out(out)
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / out.name)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def build_index(
     run_dir: str | Path,
     backend: str = "exact",
@@ -210,8 +258,9 @@ def build_index(
     Args:
         run_dir: the run folder (``embeddings/``, ``config.yaml``).
         backend: a registered backend (``exact``, ``faiss``, ``faiss-flat``, ...).
-        out: the index folder (default ``RUN_DIR/index/BACKEND``); an existing index
-            there is replaced, any other non-empty folder is refused.
+        out: the index folder (default ``RUN_DIR/index/BACKEND``); an index this
+            project built there is replaced, any other non-empty folder (or a file) is
+            refused and left as it is.
         device: where exact scoring runs (``auto``: GPU when present).
         recall_k: K of the recall@K recorded against exact search.
         recall_target: recall an approximate backend is tuned to reach.
@@ -230,10 +279,9 @@ def build_index(
     run_dir = Path(run_dir).resolve()
     store = open_run_store(run_dir)
     out = Path(out) if out else run_dir / "index" / backend
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
-        raise IndexFileError(f"{out} is a non-empty folder that is not an index: choose --out")
-    tmp = out.with_name(f".{out.name}.building")
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_out(out)  # never replaces what the project did not write
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     index: Backend | None = None
     try:
         start = time.perf_counter()
@@ -279,7 +327,9 @@ def build_index(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     index.close()  # before the rename: an embedded engine holds the folder open
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+    try:
+        _replace(out, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

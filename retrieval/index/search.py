@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 COLLECTION_FILE = "images.parquet"  # retrieval.data.collection's, named in messages
 
 
+def check_query(query: object) -> str:
+    """``query`` if it is text with something in it; else a :class:`ConfigError`."""
+    if not isinstance(query, str) or not query.strip():
+        raise ConfigError(f'query {query!r} is empty: search for some text, e.g. "a stroller"')
+    return query
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """``index.json`` of an index folder, or a clear error saying how to make one."""
     folder = Path(folder)
@@ -167,10 +174,24 @@ class SearchIndex:
                 f"build an index from a run of this retriever"
             )
 
+    @property
+    def num_images(self) -> int:
+        """Live images in the index: the most a search can return."""
+        return len(self.backend.require_table(allow_empty=True).live_images)
+
+    def capped_top(self, top: int) -> int:
+        """``top`` capped at :attr:`num_images` (an engine asked for a billion results
+        allocates for them, or aborts); refused below 1."""
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+            raise ConfigError(f"top={top!r}: ask for at least 1 image (e.g. --top 50)")
+        return min(int(top), max(self.num_images, 1))
+
     def embed(self, texts: list[str], prompts: str | None = None) -> Tensor:
         """``[Q, D]`` query embeddings with the run's prompt ensemble (``text.prompts``)."""
         from retrieval.text import embed_queries
 
+        for text in texts:
+            check_query(text)
         cfg = self.config
         retriever = self.retriever()
         return embed_queries(
@@ -226,6 +247,7 @@ class SearchIndex:
         """Top images of each query embedding ``[Q, D]``; with ``where`` (e.g.
         ``"camera = 'CAM_FRONT' AND width >= 1024"``), among the images whose metadata
         matches it (evaluated once for all the queries)."""
+        top = self.capped_top(top)
         allowed = None if where is None else self.allowed_ids(where)
         return self.backend.search(queries, top, allowed)
 
@@ -233,6 +255,8 @@ class SearchIndex:
         self, query: str, top: int = 50, prompts: str | None = None, where: str | None = None
     ) -> list[Hit]:
         """Top images for one text query, best first (among those matching ``where``)."""
+        check_query(query)
+        self.capped_top(top)  # a bad --top fails before the model loads
         if where is not None:
             self.allowed_ids(where)  # a bad filter fails before the model loads
         return self.search_vectors(self.embed([query], prompts), top, where)[0]

@@ -19,13 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from retrieval.errors import ConfigError, MissingFileError
-from retrieval.report.console import headline_keys
+from retrieval.report.console import headline_keys, md
 from retrieval.report.plots import (
     COST_PNG,
     PER_CATEGORY_PNG,
@@ -410,10 +411,11 @@ def _cell(row: Mapping[str, Any], column: str) -> str:
 
 
 def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table; every cell escaped (:func:`~retrieval.report.console.md`)."""
     return [
-        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(md(h) for h in header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(cells) + " |" for cells in body),
+        *("| " + " | ".join(md(c) for c in cells) + " |" for cells in body),
     ]
 
 
@@ -427,7 +429,8 @@ def comparison_markdown(comp: Comparison, top: int = 5, plots: Sequence[Path] = 
     """``compare.md``: runs, the side-by-side table, sizes, per-category gains and losses."""
     lines = ["# Run comparison", "", "| run | what | paper row |", "|---|---|---|"]
     lines += [
-        f"| {r.label} | {r.describe()} | {comp.references[r.label].note} |" for r in comp.runs
+        f"| {md(r.label)} | {md(r.describe())} | {md(comp.references[r.label].note)} |"
+        for r in comp.runs
     ]
     with_paper = any(ref.values for ref in comp.references.values())
     note = "Metrics in percent" + ("; `diff` = run minus paper, in points." if with_paper else ".")
@@ -468,13 +471,13 @@ def comparison_markdown(comp: Comparison, top: int = 5, plots: Sequence[Path] = 
             ],
         )
     missing = {label: note for label, note in comp.size_notes.items() if label not in comp.sizes}
-    lines += [f"- no size bins for {label}: {note}" for label, note in missing.items()]
+    lines += [f"- no size bins for {md(label)}: {md(note)}" for label, note in missing.items()]
     base_label = comp.runs[0].label
     for other_label, deltas in comp.deltas.items():
         shown = _gains_losses(deltas, top)
         lines += [
             "",
-            f"## {comp.key.upper()} per category: {other_label} vs {base_label}",
+            f"## {md(comp.key.upper())} per category: {md(other_label)} vs {md(base_label)}",
             "",
             f"Largest gains and losses (points) of {len(deltas)} categories.",
             "",
@@ -493,7 +496,7 @@ def comparison_markdown(comp: Comparison, top: int = 5, plots: Sequence[Path] = 
             ],
         )
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+        lines += ["", "## Plots", ""] + [f"![{md(p.stem)}]({quote(p.name)})" for p in plots]
     return "\n".join(lines) + "\n"
 
 

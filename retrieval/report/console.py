@@ -15,6 +15,32 @@ RANDOM_WEIGHTS_BANNER = (
 )
 
 
+#: characters a value must not bring into a markdown file as themselves: HTML (a tag, an
+#: entity), a table cell's end, a code span, a link; written as HTML entities instead
+_MARKDOWN_ENTITIES = str.maketrans(
+    {
+        "&": "&amp;",
+        "<": "&lt;",
+        ">": "&gt;",
+        '"': "&quot;",
+        "`": "&#96;",
+        "|": "&#124;",
+        "[": "&#91;",
+        "]": "&#93;",
+        "\\": "&#92;",
+        "\n": " ",
+        "\r": " ",
+    }
+)
+
+
+def md(value: Any) -> str:
+    """``value`` as text safe inside markdown (a table cell, a list item, a heading):
+    HTML and markdown syntax arrive as entities, so they show as written and run as
+    nothing (a category named ``<script>`` stays text)."""
+    return str(value).translate(_MARKDOWN_ENTITIES)
+
+
 def headline_keys(summary: dict[str, Any], top_k: int) -> list[str]:
     """The headline metrics in display order, split means after the overall ones."""
     base = [f"map@{top_k}", "map", f"map@{top_k}_s-m", f"map@{top_k}_hits", "map_s-m"]
@@ -35,15 +61,19 @@ def title(cfg: DictConfig) -> str:
     return f"{r.name} {backbone} on {cfg.data.name}" + (f" ({source})" if source else "")
 
 
+def _title_markdown(cfg: DictConfig) -> str:
+    return md(title(cfg))
+
+
 def summary_markdown(cfg: DictConfig, summary: dict[str, Any], rows: list[dict]) -> str:
     """The run's ``summary.md``: headline table, protocol, cost, skipped files."""
     top_k = cfg.protocol.top_k
-    lines = [f"# {title(cfg)}", ""]
+    lines = [f"# {_title_markdown(cfg)}", ""]
     if summary.get("random_weights"):
         lines += [f"> **{RANDOM_WEIGHTS_BANNER}**", ""]
     keys = headline_keys(summary, top_k)
     lines += ["| metric | value (%) |", "|---|---|"]
-    lines += [f"| {k} | {pct(summary[k])} |" for k in keys]
+    lines += [f"| {md(k)} | {pct(summary[k])} |" for k in keys]
     timing = summary["timing"]
     lines += [
         "",
@@ -65,7 +95,7 @@ def summary_markdown(cfg: DictConfig, summary: dict[str, Any], rows: list[dict])
         "## Protocol",
         "",
     ]
-    lines += [f"- {k}: {v}" for k, v in summary["protocol"].items()]
+    lines += [f"- {md(k)}: {md(v)}" for k, v in summary["protocol"].items()]
     ranked = sorted(
         (r for r in rows if r[f"ap@{top_k}"] == r[f"ap@{top_k}"]),  # drop NaN (skipped)
         key=lambda r: r[f"ap@{top_k}"],
@@ -80,13 +110,13 @@ def summary_markdown(cfg: DictConfig, summary: dict[str, Any], rows: list[dict])
         ]
         shown = ranked[:5] + ranked[-5:] if len(ranked) > 10 else ranked
         lines += [
-            f"| {r['name']} | {r['positives']} | {pct(r[f'ap@{top_k}'])} | {pct(r['ap'])} |"
+            f"| {md(r['name'])} | {md(r['positives'])} | {pct(r[f'ap@{top_k}'])} | {pct(r['ap'])} |"
             for r in shown
         ]
     skipped = summary.get("skipped_images") or []
     if skipped:
         lines += ["", f"## Skipped images ({len(skipped)})", ""]
-        lines += [f"- `{f['path']}`: {f['reason']}" for f in skipped]
+        lines += [f"- {md(f['path'])}: {md(f['reason'])}" for f in skipped]
     return "\n".join(lines) + "\n"
 
 
