@@ -465,3 +465,25 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     for image_id in a:
         assert torch.equal(a[image_id], b[image_id]), image_id
     assert table_paths(one) == table_paths(two)
+
+
+def test_images_inside_shards_open_for_the_gallery(tmp_path: Path) -> None:
+    """Search hits of a webdataset run name ``<root>/<shard>/<member>``; that path opens
+    as the member's image (what the gallery draws), and a missing member is a named
+    BadImageError, not a crash."""
+    from retrieval.data.images import load_image
+    from retrieval.report.gallery import _load
+
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    pattern = make_shards(shards, shards=1, per_shard=2)
+    dataset = webdataset(pattern, run)
+    path = dataset.image_path(int(dataset.image_ids[0]))
+    assert not path.exists() and path.parent.suffix == ".tar"
+    with tarfile.open(path.parent) as tar:
+        member = tar.extractfile(path.name)
+        assert member is not None
+        expected = Image.open(io.BytesIO(member.read())).convert("RGB")
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(expected))
+    assert _load(path, 64).size[0] == 64
+    with pytest.raises(BadImageError, match="file not found"):
+        load_image(path.parent / "missing.jpg")

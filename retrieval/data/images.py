@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,30 @@ class BadImageError(DataError):
         return type(self), (self.path, self.reason)
 
 
+def image_source(path: str | Path) -> Path | io.BytesIO:
+    """What to open for an image path: the file itself, or, for a path through a tar
+    shard (``shards/000001.tar/000123.jpg``, how webdataset collections name their
+    images), that member's bytes.
+
+    Raises:
+        FileNotFoundError: the path is inside a tar shard that has no such member.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    for parent in path.parents:
+        if parent.suffix == ".tar" and parent.is_file():
+            with tarfile.open(parent, mode="r:") as tar:
+                try:
+                    member = tar.extractfile(path.relative_to(parent).as_posix())
+                except KeyError:
+                    member = None
+                if member is None:
+                    raise FileNotFoundError(path)
+                return io.BytesIO(member.read())
+    return path
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Reads an image as the annotator saw it: EXIF orientation applied, RGB, fully decoded.
 
@@ -47,7 +73,7 @@ def load_image(path: str | Path) -> Image.Image:
         BadImageError: the file is missing, not an image, truncated or corrupt.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(image_source(path)) as image:
             image.load()
             upright = ImageOps.exif_transpose(image)
             return to_rgb8(upright)

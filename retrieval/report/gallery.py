@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import math
+import tarfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from retrieval.aggregate import grid_cell_boxes
 from retrieval.data.collection import collection_image_paths
+from retrieval.data.images import image_source
 from retrieval.errors import ConfigError
 from retrieval.index import Hit, SearchIndex
 from retrieval.representatives import Representatives
@@ -149,13 +151,13 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 def _load(path: Path | None, side: int) -> Image.Image:
     """The image fitted into ``side x side``, or a grey placeholder saying what is missing."""
-    if path is not None and path.exists():
+    if path is not None:
         try:
-            image = Image.open(path).convert("RGB")
+            image = Image.open(image_source(path)).convert("RGB")
             scale = side / max(image.size)  # small images are enlarged too, to be read
             size = (max(round(image.width * scale), 1), max(round(image.height * scale), 1))
             return image.resize(size, Image.Resampling.LANCZOS)
-        except OSError:
+        except (OSError, tarfile.TarError):
             pass
     image = Image.new("RGB", (side, side * 3 // 4), (90, 90, 90))
     ImageDraw.Draw(image).text((8, 8), "image not found", fill="white", font=_font(14))
