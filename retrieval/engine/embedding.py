@@ -31,6 +31,7 @@ from retrieval.errors import ConfigError, differences
 from retrieval.factory import data_fingerprint
 from retrieval.retrievers.base import Retriever
 from retrieval.store import ShardStore
+from retrieval.store.lock import RunLock, make_folder
 
 log = logging.getLogger("retrieval")
 
@@ -66,16 +67,24 @@ def embedding_fingerprint(cfg: DictConfig, retriever: Retriever) -> dict:
 
 
 def plan_embedding(
-    store: ShardStore, fingerprint: dict, image_ids: np.ndarray, resume: str
+    store: ShardStore,
+    fingerprint: dict,
+    image_ids: np.ndarray,
+    resume: str,
+    verify: str = "fast",
 ) -> np.ndarray:
     """The image ids still to embed, after checking the stored shards may be reused.
 
     ``run.resume``: ``auto`` reuses shards made with the same settings and embeds only
     the missing images; ``never`` refuses to touch a folder that holds shards; ``force``
     reuses shards even where settings differ (warning with the differences).
+    ``run.verify``: every reused shard is checked against the checksums in the manifest
+    (``fast``: hashed only when its size or mtime changed; ``full``: always hashed). A
+    listed shard that is gone is fine here: its images are simply embedded again.
 
     Raises:
         ConfigError: the shards cannot be reused; nothing is deleted or mixed.
+        StoreError: a stored shard was altered or cannot be read (names it and the fix).
     """
     if not store.shard_paths():
         return image_ids
@@ -94,6 +103,7 @@ def plan_embedding(
         )
     for line in diff:
         log.warning("run.resume=force: reusing shards despite %s", line)
+    store.verify(verify, allow_missing=True)
     stored = store.accounted_ids()
     if len(np.unique(stored)) != len(stored):
         raise ConfigError(f"{store.root}: an image appears in two shards; delete the folder")
@@ -131,15 +141,31 @@ def embed(cfg: DictConfig, parts: RunParts | None = None) -> EmbedResult:
         cfg: a validated run config (``load_config``).
         parts: the run's retriever and dataset when the caller built them already.
 
+    Global rank 0 holds the run folder's lock (``<run>/.lock``) from before it reads the
+    stored shards until their checksums are recorded; another run into the same folder
+    stops at once naming the holder. The other ranks of a distributed run write their
+    own shards under rank 0's lock.
+
     Returns:
         What was done; ``is_global_zero`` tells the one process that goes on to score.
+
+    Raises:
+        StoreError: another run holds the folder's lock, or a stored shard was altered.
     """
-    parts = parts or build_parts(cfg)
-    retriever, dataset = parts.retriever, parts.dataset
     run_dir = Path(cfg.run.output_dir)
+    if _global_rank() != 0:
+        return _embed(cfg, parts or build_parts(cfg), run_dir)
+    with RunLock(run_dir):  # before the model is built: a second run stops at once
+        make_folder(run_dir / "embeddings", "run.output_dir")
+        return _embed(cfg, parts or build_parts(cfg), run_dir)
+
+
+def _embed(cfg: DictConfig, parts: RunParts, run_dir: Path) -> EmbedResult:
+    retriever, dataset = parts.retriever, parts.dataset
     store = ShardStore(run_dir / "embeddings", cfg.store.dtype)
     fingerprint = embedding_fingerprint(cfg, retriever)
-    todo = plan_embedding(store, fingerprint, dataset.image_ids, cfg.run.resume)
+    verify = cfg.run.get("verify", "fast")
+    todo = plan_embedding(store, fingerprint, dataset.image_ids, cfg.run.resume, verify)
     reused = len(dataset.image_ids) - len(todo)
     if not len(todo):
         log.info("embeddings in %s: 0 images embedded now, %d reused", store.root, reused)

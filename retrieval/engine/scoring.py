@@ -26,6 +26,7 @@ from retrieval.metrics import RetrievalEvaluation
 from retrieval.registry import DATASETS
 from retrieval.retrievers.base import Retriever
 from retrieval.store import ScoreResult, ShardStore, score_store
+from retrieval.store.shards import write_atomic
 from retrieval.text import embed_queries
 
 if TYPE_CHECKING:
@@ -111,17 +112,43 @@ def require_labels(cfg: DictConfig) -> None:
 
 
 def query_embeddings(cfg: DictConfig, retriever: Retriever, queries: list[str], run_dir: Path):
-    """Text embeddings, cached in the run folder for the same retriever and prompts."""
+    """Text embeddings, cached in the run folder for the same retriever and prompts.
+
+    The cache is only a cache: one that cannot be read (truncated, empty, a pickle, not
+    the dict this writes) is rebuilt with a warning. It is written atomically.
+    """
     path = run_dir / "text_embeddings.pt"
-    key = {"queries": queries, "prompts": cfg.text.prompts, "retriever": retriever.describe()}
-    if path.exists():
-        cached = torch.load(path, weights_only=True)
-        if cached.get("key") == json.dumps(key, sort_keys=True, default=str):
-            return cached["embeddings"]
+    key = json.dumps(
+        {"queries": queries, "prompts": cfg.text.prompts, "retriever": retriever.describe()},
+        sort_keys=True,
+        default=str,
+    )
+    cached = read_cache(path)
+    if cached is not None and cached.get("key") == key:
+        embeddings = cached.get("embeddings")
+        if isinstance(embeddings, torch.Tensor) and embeddings.shape[0] == len(queries):
+            return embeddings
+        log.warning("%s: cached text embeddings have the wrong shape; rebuilding it", path)
     with torch.no_grad():
         emb = embed_queries(retriever.encode_text, queries, cfg.text.prompts, cfg.text.batch_size)
-    torch.save({"key": json.dumps(key, sort_keys=True, default=str), "embeddings": emb.cpu()}, path)
+    write_atomic(path, lambda tmp: torch.save({"key": key, "embeddings": emb.cpu()}, tmp))
     return emb
+
+
+def read_cache(path: Path) -> dict[str, Any] | None:
+    """A ``torch.save``d dict cache, or None (with a warning) when it cannot be used."""
+    if not path.exists():
+        return None
+    try:
+        cached = torch.load(path, weights_only=True)
+    except Exception as e:  # any unreadable file: truncated, empty, refused pickle
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        log.warning("%s cannot be read (%s); rebuilding it", path, why)
+        return None
+    if not isinstance(cached, dict):
+        log.warning("%s is not a cache this project wrote; rebuilding it", path)
+        return None
+    return cached
 
 
 def peak_memory_mb() -> float:

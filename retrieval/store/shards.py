@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from retrieval.errors import ConfigError, MissingFileError, StoreError
@@ -27,6 +27,7 @@ from retrieval.representatives import Representatives
 SHARD_SUFFIX = ".safetensors"
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+VERIFY = ("fast", "full")
 
 
 @dataclass
@@ -36,6 +37,29 @@ class Shard:
     image_ids: np.ndarray
     reps: Representatives
     failures: list[dict[str, Any]]
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """Writes ``path`` through ``write(tmp)`` on a hidden temporary name beside it, then
+    renames it into place: readers (and a killed writer's next run) see the old file or
+    the new one, never half of one. Every file the project writes into a run folder
+    (shards, manifest, caches) goes through here."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def damaged_shard(path: Path, why: str) -> StoreError:
+    """The error for a shard that cannot be used as it is: names it and the fix."""
+    return StoreError(
+        f"shard {path} {why}. Delete that shard to re-embed its images (run the same "
+        f"`retrieval embed`/`eval` again: resume embeds only the images it held)"
+    )
 
 
 def sha256(path: Path) -> str:
@@ -55,13 +79,17 @@ class ShardReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        file = safe_open(str(path), framework="pt")
+        try:  # truncated, empty or foreign files: a named error, not a traceback
+            file = safe_open(str(path), framework="pt")
+            self.image_ids: np.ndarray = file.get_tensor("image_ids").numpy()
+            failures = json.loads((file.metadata() or {}).get("failures", "[]"))
+            shape = file.get_slice("embeddings").get_shape()
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+            raise damaged_shard(path, f"cannot be read ({e})") from e
+        if not isinstance(failures, list) or len(shape) < 2:
+            raise damaged_shard(path, "is not a shard this project wrote")
         self._file: safe_open | None = file  # None once the with block is left
-        self.image_ids: np.ndarray = file.get_tensor("image_ids").numpy()
-        self.failures: list[dict[str, Any]] = json.loads(
-            (file.metadata() or {}).get("failures", "[]")
-        )
-        shape = file.get_slice("embeddings").get_shape()
+        self.failures: list[dict[str, Any]] = failures
         self.num_images, self.num_reps = int(shape[0]), int(shape[1])
 
     def __enter__(self) -> ShardReader:
@@ -103,17 +131,33 @@ class ShardStore:
         return self.root / MANIFEST
 
     def read_manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
+        """``manifest.json`` (empty when there is none yet).
+
+        Raises:
+            StoreError: it is not a JSON object (truncated, edited, written by another tool).
+        """
+        path = self.manifest_path
+        if not path.exists():
             return {}
-        return json.loads(self.manifest_path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            manifest = e
+        if not isinstance(manifest, dict):
+            why = manifest if isinstance(manifest, Exception) else type(manifest).__name__
+            raise StoreError(
+                f"{path} is not a manifest this project wrote (a JSON object expected; got "
+                f"{why}). The shards beside it cannot be matched to their settings: restore "
+                f"that file, or delete {self.root} to re-embed"
+            )
+        return manifest
 
     def write_manifest(self, **fields: Any) -> None:
         """Updates ``manifest.json`` atomically with ``fields``."""
         manifest = {**self.read_manifest(), **fields}
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifest_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.manifest_path)
+        text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
+        write_atomic(self.manifest_path, lambda tmp: tmp.write_text(text))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -160,10 +204,8 @@ class ShardStore:
         for key, value in (reps.extras or {}).items():
             tensors[f"extras.{key}"] = value.cpu().contiguous()
         path = self.root / f"{name}{SHARD_SUFFIX}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"failures": json.dumps(failures or [])})
-        os.replace(tmp, path)
-        return path
+        metadata = {"failures": json.dumps(failures or [])}
+        return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @staticmethod
     def read_shard(path: Path) -> Shard:
@@ -176,21 +218,79 @@ class ShardStore:
             yield self.read_shard(path)
 
     def record_checksums(self) -> None:
-        """Stores each shard's sha256 in the manifest (run once all shards exist)."""
-        self.write_manifest(
-            shards={
-                p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in self.shard_paths()
-            }
-        )
+        """Stores each shard's sha256, size and mtime in the manifest (run once all shards
+        exist). A shard recorded before with the same size and mtime is not hashed again
+        (it was verified when this run reused it)."""
+        before = self.read_manifest().get("shards")
+        before = before if isinstance(before, dict) else {}
+        shards = {}
+        for path in self.shard_paths():
+            stat = path.stat()
+            entry = before.get(path.name)
+            if not (isinstance(entry, dict) and _same_stat(entry, stat) and entry.get("sha256")):
+                entry = {"sha256": sha256(path)}
+            shards[path.name] = {**entry, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        self.write_manifest(shards=shards)
+
+    def check_shards(self, verify: str = "fast") -> tuple[list[str], list[str]]:
+        """The shards the manifest lists that are gone, and those whose bytes changed.
+
+        ``fast`` hashes only a shard whose size or mtime differ from the recorded ones;
+        ``full`` hashes every one. Shards the manifest does not list (written after the
+        last checksums, by a run that was killed) are not judged here.
+        """
+        if verify not in VERIFY:
+            raise ConfigError(f"run.verify={verify!r} is not one of {', '.join(VERIFY)}")
+        listed = self.read_manifest().get("shards")
+        missing, altered = [], []
+        for name, entry in (listed if isinstance(listed, dict) else {}).items():
+            path = self.root / name
+            if not path.is_file():
+                missing.append(name)
+                continue
+            if not isinstance(entry, dict) or "sha256" not in entry:
+                continue  # nothing recorded to compare with
+            if verify == "full" or not _same_stat(entry, path.stat()):
+                if sha256(path) != entry["sha256"]:
+                    altered.append(name)
+        return sorted(missing), sorted(altered)
+
+    def verify(self, verify: str = "fast", allow_missing: bool = False) -> None:
+        """Refuses shards whose bytes differ from the checksums the manifest recorded
+        (and, unless ``allow_missing``, listed shards that are gone).
+
+        Raises:
+            StoreError: naming each such shard and the fix.
+        """
+        missing, altered = self.check_shards(verify)
+        if altered:
+            raise StoreError(
+                f"{self.root}: shard(s) {', '.join(altered)} changed since they were written "
+                f"(sha256 differs from {self.manifest_path}). Delete those shards to re-embed "
+                f"their images (run the same `retrieval embed`/`eval` again: resume embeds "
+                f"only them)"
+            )
+        if missing and not allow_missing:
+            raise StoreError(
+                f"{self.root}: shard(s) {', '.join(missing)} listed in {self.manifest_path} "
+                f"are missing, so their images would be left out silently. Run the same "
+                f"`retrieval embed`/`eval` again to re-embed them, then retry"
+            )
 
 
-def open_run_store(run_dir: str | Path) -> ShardStore:
-    """A run folder's embedding store, checked to hold shards and their fingerprint (what
-    index build, index update and export read).
+def _same_stat(entry: dict[str, Any], stat: os.stat_result) -> bool:
+    return entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns
+
+
+def open_run_store(run_dir: str | Path, verify: str = "fast") -> ShardStore:
+    """A run folder's embedding store, checked to hold shards and their fingerprint, and
+    every shard its manifest lists to be there and unaltered (what index build, index
+    update and export read: they never use what is left of a damaged run).
 
     Raises:
         MissingFileError: no such folder.
-        StoreError: the folder is not a run folder (no shards) or its manifest is gone.
+        StoreError: the folder is not a run folder (no shards), its manifest is gone, or
+            a listed shard is missing or altered.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -206,4 +306,5 @@ def open_run_store(run_dir: str | Path) -> ShardStore:
             f"{store.manifest_path} is missing or has no fingerprint: the shards cannot be "
             f"matched to a retriever; embed the collection into a new run.output_dir"
         )
+    store.verify(verify)
     return store
