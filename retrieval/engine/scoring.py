@@ -26,7 +26,7 @@ from retrieval.metrics import RetrievalEvaluation
 from retrieval.registry import DATASETS
 from retrieval.retrievers.base import Retriever
 from retrieval.store import ScoreResult, ShardStore, score_store
-from retrieval.store.shards import write_atomic
+from retrieval.store.shards import read_cache, write_atomic
 from retrieval.text import embed_queries
 
 if TYPE_CHECKING:
@@ -133,22 +133,6 @@ def query_embeddings(cfg: DictConfig, retriever: Retriever, queries: list[str], 
         emb = embed_queries(retriever.encode_text, queries, cfg.text.prompts, cfg.text.batch_size)
     write_atomic(path, lambda tmp: torch.save({"key": key, "embeddings": emb.cpu()}, tmp))
     return emb
-
-
-def read_cache(path: Path) -> dict[str, Any] | None:
-    """A ``torch.save``d dict cache, or None (with a warning) when it cannot be used."""
-    if not path.exists():
-        return None
-    try:
-        cached = torch.load(path, weights_only=True)
-    except Exception as e:  # any unreadable file: truncated, empty, refused pickle
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        log.warning("%s cannot be read (%s); rebuilding it", path, why)
-        return None
-    if not isinstance(cached, dict):
-        log.warning("%s is not a cache this project wrote; rebuilding it", path)
-        return None
-    return cached
 
 
 def peak_memory_mb() -> float:

@@ -35,7 +35,7 @@ from retrieval.index.exact import ExactBackend, exact_search
 from retrieval.index.table import MANIFEST, RepTable, replace_atomically
 from retrieval.index.tuning import recall_at_k
 from retrieval.representatives import Representatives
-from retrieval.store.shards import ShardReader, ShardStore, open_run_store
+from retrieval.store.shards import ShardReader, ShardStore, open_run_store, read_cache
 
 FORMAT = 1
 READ_IMAGES = 1024  # images read from a shard at once
@@ -96,9 +96,10 @@ def recall_queries(
         ``(queries [Q, D], source)``, ``source`` counting each kind.
     """
     parts, source = [], {"text": 0, "representatives": 0}
-    cached = run_dir / "text_embeddings.pt" if run_dir else None
-    if cached is not None and cached.exists():
-        text = torch.load(cached, weights_only=True)["embeddings"].float()
+    cached = read_cache(run_dir / "text_embeddings.pt") if run_dir else None
+    text = cached.get("embeddings") if cached else None
+    if isinstance(text, torch.Tensor) and text.ndim == 2:
+        text = text.float()
         if text.shape[1] == table.dim:
             parts.append(text[:count])
             source["text"] = len(parts[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ SHARD_SUFFIX = ".safetensors"
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 VERIFY = ("fast", "full")
+
+log = logging.getLogger("retrieval")
 
 
 @dataclass
@@ -308,3 +311,19 @@ def open_run_store(run_dir: str | Path, verify: str = "fast") -> ShardStore:
         )
     store.verify(verify)
     return store
+
+
+def read_cache(path: Path) -> dict[str, Any] | None:
+    """A ``torch.save``d dict cache, or None (with a warning) when it cannot be used."""
+    if not path.exists():
+        return None
+    try:
+        cached = torch.load(path, weights_only=True)
+    except Exception as e:  # any unreadable file: truncated, empty, refused pickle
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        log.warning("%s cannot be read (%s); rebuilding it", path, why)
+        return None
+    if not isinstance(cached, dict):
+        log.warning("%s is not a cache this project wrote; rebuilding it", path)
+        return None
+    return cached
