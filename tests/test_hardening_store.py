@@ -260,3 +260,26 @@ def test_text_cache_unreadable_is_rebuilt_and_written_atomically(
         query_embeddings(_text_cfg(), stub, ["bird"], tmp_path)  # type: ignore[arg-type]
     assert path.read_bytes() == intact
     assert [p.name for p in tmp_path.iterdir()] == ["text_embeddings.pt"]
+
+
+def test_eval_into_a_locked_folder_stops_before_building_the_model(
+    synthetic_coco, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant: `evaluate` takes the run folder's lock before the model is built, so a
+    second evaluation into a busy folder stops at once (no model built, nothing written)."""
+    from retrieval.engine import evaluate
+    from retrieval.engine import parts as run_parts
+    from retrieval.store.lock import RunLock
+
+    ann, images = synthetic_coco
+    run = tmp_path / "run"
+    cfg = load_config(
+        "demo",
+        [f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={run}",
+         "run.progress=false", "loader.num_workers=0", "logger.wandb.mode=disabled"],
+    )  # fmt: skip
+    built: list[int] = []
+    monkeypatch.setattr(run_parts, "build_retriever", lambda cfg: built.append(1))
+    with RunLock(run), pytest.raises(StoreError, match="is in use by another run"):
+        evaluate(cfg)
+    assert built == [] and not (run / "embeddings").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 import retrieval
 from retrieval.config import as_dict, to_yaml
+from retrieval.data.base import file_identity
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.parts import RunParts, build_parts
 from retrieval.engine.progress import ImageProgress
@@ -72,6 +74,7 @@ def plan_embedding(
     image_ids: np.ndarray,
     resume: str,
     verify: str = "fast",
+    on_bad_image: str = "skip",
 ) -> np.ndarray:
     """The image ids still to embed, after checking the stored shards may be reused.
 
@@ -81,6 +84,11 @@ def plan_embedding(
     ``run.verify``: every reused shard is checked against the checksums in the manifest
     (``fast``: hashed only when its size or mtime changed; ``full``: always hashed). A
     listed shard that is gone is fine here: its images are simply embedded again.
+
+    An image a shard records as unreadable counts as done (skipped) only while its file
+    is the one that failed (same size and mtime as recorded) and ``on_bad_image`` is
+    ``skip``; otherwise it is embedded again (a fixed file into a new shard, whose row
+    supersedes the old record; a still-bad one raises under ``error``).
 
     Raises:
         ConfigError: the shards cannot be reused; nothing is deleted or mixed.
@@ -104,10 +112,26 @@ def plan_embedding(
     for line in diff:
         log.warning("run.resume=force: reusing shards despite %s", line)
     store.verify(verify, allow_missing=True)
-    stored = store.accounted_ids()
-    if len(np.unique(stored)) != len(stored):
+    embedded, failures = store.contents()
+    if len(np.unique(embedded)) != len(embedded):
         raise ConfigError(f"{store.root}: an image appears in two shards; delete the folder")
-    return image_ids[~np.isin(image_ids, stored)]
+    skipped = [int(f["image_id"]) for f in failures if not _retry(f, on_bad_image)]
+    done = np.concatenate([embedded, np.array(skipped, dtype=np.int64)])
+    todo = image_ids[~np.isin(image_ids, done)]
+    retried = np.isin(todo, [int(f["image_id"]) for f in failures]).sum()
+    if retried:
+        why = "data.on_bad_image=error" if on_bad_image == "error" else "their files changed"
+        log.info("retrying %d image(s) recorded as unreadable: %s", retried, why)
+    return todo
+
+
+def _retry(failure: dict, on_bad_image: str) -> bool:
+    """Whether a stored failure record is to be tried again: always under ``error``;
+    under ``skip`` when its file is no longer the one that failed (a record without the
+    file's identity, written before shards kept it, is kept as it is)."""
+    if on_bad_image == "error":
+        return True
+    return "file" in failure and file_identity(failure.get("path")) != failure["file"]
 
 
 def make_trainer(cfg: DictConfig, writer: ShardWriter) -> L.Trainer:
@@ -128,18 +152,20 @@ def make_trainer(cfg: DictConfig, writer: ShardWriter) -> L.Trainer:
     )
 
 
-def _global_rank() -> int:
+def global_rank() -> int:
     """This process's global rank, which Lightning sets on ``rank_zero_only`` at import."""
     # lightning_utilities declares rank_zero_only as a function; ``rank`` is set on it later.
     return rank_zero_only.rank  # type: ignore[attr-defined]
 
 
-def embed(cfg: DictConfig, parts: RunParts | None = None) -> EmbedResult:
+def embed(cfg: DictConfig, parts: RunParts | None = None, locked: bool = False) -> EmbedResult:
     """Embeds every image of the configured dataset not yet in ``<run>/embeddings``.
 
     Args:
         cfg: a validated run config (``load_config``).
         parts: the run's retriever and dataset when the caller built them already.
+        locked: the caller already holds the run folder's lock (``evaluate`` takes it
+            before building the model and keeps it through scoring).
 
     Global rank 0 holds the run folder's lock (``<run>/.lock``) from before it reads the
     stored shards until their checksums are recorded; another run into the same folder
@@ -153,9 +179,11 @@ def embed(cfg: DictConfig, parts: RunParts | None = None) -> EmbedResult:
         StoreError: another run holds the folder's lock, or a stored shard was altered.
     """
     run_dir = Path(cfg.run.output_dir)
-    if _global_rank() != 0:
+    if global_rank() != 0:
         return _embed(cfg, parts or build_parts(cfg), run_dir)
-    with RunLock(run_dir):  # before the model is built: a second run stops at once
+    with (
+        nullcontext() if locked else RunLock(run_dir)
+    ):  # before the model is built: a second run stops at once
         make_folder(run_dir / "embeddings", "run.output_dir")
         return _embed(cfg, parts or build_parts(cfg), run_dir)
 
@@ -165,16 +193,17 @@ def _embed(cfg: DictConfig, parts: RunParts, run_dir: Path) -> EmbedResult:
     store = ShardStore(run_dir / "embeddings", cfg.store.dtype)
     fingerprint = embedding_fingerprint(cfg, retriever)
     verify = cfg.run.get("verify", "fast")
-    todo = plan_embedding(store, fingerprint, dataset.image_ids, cfg.run.resume, verify)
+    policy = cfg.data.get("on_bad_image", "error")
+    todo = plan_embedding(store, fingerprint, dataset.image_ids, cfg.run.resume, verify, policy)
     reused = len(dataset.image_ids) - len(todo)
     if not len(todo):
         log.info("embeddings in %s: 0 images embedded now, %d reused", store.root, reused)
-        return EmbedResult(store, 0, reused, 0.0, _global_rank() == 0)
+        return EmbedResult(store, 0, reused, 0.0, global_rank() == 0)
 
     source = dense_source(cfg.store.dense_from) if cfg.store.dense_from else None
     start = time.perf_counter()
     if source is not None:  # no backbone: one process aggregates stored dense features
-        if _global_rank() != 0:
+        if global_rank() != 0:
             return EmbedResult(store, 0, reused, 0.0, False)
         _start_store(store, fingerprint, run_dir, cfg)
         reaggregate(
@@ -192,7 +221,6 @@ def _embed(cfg: DictConfig, parts: RunParts, run_dir: Path) -> EmbedResult:
         trainer = make_trainer(cfg, writer)
         if trainer.is_global_zero:
             _start_store(store, fingerprint, run_dir, cfg)
-        policy = cfg.data.get("on_bad_image", "error")
         dataset.on_bad_image = "skip"  # the module applies the policy in the main process
         items: Dataset
         if isinstance(dataset, IterableDataset):  # streamed: no indexing, it skips the rest
