@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from test_data_lvis import HANDMADE as LVIS_HANDMADE
 
@@ -18,7 +21,7 @@ from retrieval.data.coco import CocoDataset
 from retrieval.data.images import BadImageError, load_image, to_rgb8
 from retrieval.data.listfile import ListDataset
 from retrieval.data.lvis import LvisDataset
-from retrieval.errors import DataError
+from retrieval.errors import DataError, RetrievalError
 
 
 def _coco(file_names: list[str]) -> dict:
@@ -248,3 +251,113 @@ def test_bad_annotations_fail_before_the_model_is_built(
     with pytest.raises(DataError, match="'images' is empty"):
         parts.build_parts(cfg)
     assert not built
+
+
+# -- fuzz: COCO-format annotation dicts -------------------------------------------------
+
+_JUNK = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+    ),
+    max_leaves=5,
+)
+_ID = st.integers(min_value=-2, max_value=4) | _JUNK
+_NUMBER = st.integers(min_value=-5, max_value=50) | st.floats(min_value=-5, max_value=50) | _JUNK
+
+
+_FIELDS = {
+    "images": ["id", "file_name", "width", "height"],
+    "categories": ["id", "name", "supercategory"],
+    "annotations": ["id", "image_id", "category_id", "bbox", "area", "iscrowd", "segmentation"],
+}
+_VALUES = (
+    _JUNK
+    | _ID
+    | _NUMBER
+    | st.sampled_from(["a.jpg", "b.png", "gone.jpg", "../a.jpg", "/etc/passwd", "", " "])
+    | st.lists(_NUMBER, min_size=0, max_size=5)
+)
+
+
+@st.composite
+def _annotations(draw: st.DrawFn) -> object:
+    """A valid COCO document over a.jpg/b.png, then 0-3 random breakages: a field set to
+    a value of any type, a field or entry dropped, an entry or section replaced by junk
+    (so most examples get past the first checks and reach the deeper ones)."""
+    n_images = draw(st.integers(1, 3))
+    n_categories = draw(st.integers(1, 2))
+    doc: dict = {
+        "images": [
+            {"id": k + 1, "file_name": ["a.jpg", "b.png"][k % 2], "width": 4, "height": 4}
+            for k in range(n_images)
+        ],
+        "categories": [{"id": k + 1, "name": f"thing{k}"} for k in range(n_categories)],
+        "annotations": [
+            {
+                "id": 100 + k,
+                "image_id": draw(st.integers(1, n_images)),
+                "category_id": draw(st.integers(1, n_categories)),
+                "bbox": [0, 0, draw(st.integers(0, 4)), draw(st.integers(0, 4))],
+                "area": draw(st.integers(0, 16)),
+                "iscrowd": draw(st.sampled_from([0, 1])),
+            }
+            for k in range(draw(st.integers(0, 4)))
+        ],
+    }
+    for _ in range(draw(st.integers(0, 3))):
+        section = draw(st.sampled_from([*_FIELDS, "top"]))
+        how = draw(st.sampled_from(["set", "set", "set", "drop", "entry", "section"]))
+        if section == "top":
+            doc[draw(st.sampled_from(["images", "categories", "annotations", "info"]))] = draw(
+                _VALUES
+            )
+            continue
+        entries = doc.get(section)
+        if how == "section" or not isinstance(entries, list) or not entries:
+            doc[section] = draw(_VALUES)
+            continue
+        k = draw(st.integers(0, len(entries) - 1))
+        if how == "entry" or not isinstance(entries[k], dict):
+            entries[k] = draw(_VALUES)
+        elif how == "drop":
+            entries[k].pop(draw(st.sampled_from(_FIELDS[section])), None)
+        else:
+            entries[k][draw(st.sampled_from(_FIELDS[section]))] = draw(_VALUES)
+    return draw(st.just(doc) | _JUNK) if draw(st.integers(0, 20)) == 0 else doc
+
+
+_ANNOTATIONS = _annotations()
+
+
+@settings(
+    max_examples=150,
+    deadline=timedelta(seconds=5),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=_ANNOTATIONS, policy=st.sampled_from(["skip", "error"]))
+def test_fuzz_coco_annotations_fail_only_with_named_errors(
+    tmp_path: Path, data: object, policy: str
+) -> None:
+    """Invariant: any JSON annotation file, valid-ish or broken in any field and type,
+    either builds a dataset (whose ground truth and first item can be read) or raises a
+    RetrievalError with a message -- never another exception."""
+    from retrieval.factory import create_dataset
+
+    images = tmp_path / "images"
+    if not images.is_dir():
+        _jpeg(images / "a.jpg")
+        Image.new("RGB", (5, 4), (1, 2, 3)).save(images / "b.png")
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps(data))
+    try:
+        dataset = create_dataset("coco", annotations=ann, images=images, on_bad_image=policy)
+        dataset.ground_truth()  # type: ignore[attr-defined]
+        if len(dataset):
+            dataset[0]
+    except RetrievalError as err:
+        assert str(err).strip()

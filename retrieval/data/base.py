@@ -32,6 +32,18 @@ def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def file_identity(path: str | Path | None) -> dict[str, int] | None:
+    """``dict(bytes, mtime_ns)`` of the file at ``path`` now, or None when there is none:
+    recorded with each unreadable image, so a later run sees that it was replaced."""
+    if path is None:
+        return None
+    try:
+        stat = Path(path).stat()
+    except (OSError, ValueError):
+        return None
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 class ImageDataset(Dataset):
     """Base of every dataset: images by id, validated common options, ``__getitem__``
     and ``collate``. Subclasses set :attr:`image_ids` and :attr:`failures_at_start` and
@@ -89,7 +101,9 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """``dict(image_id, pixels, error, path)``; under ``skip`` a bad file gives
-        ``pixels=None`` and the reason in ``error``.
+        ``pixels=None``, the reason in ``error`` and, in ``file``, the file's identity as
+        it was before the read (:func:`file_identity`: a file replaced during the read is
+        retried by the next run, never wrongly taken as the broken one).
 
         Raises:
             BadImageError: the file is bad or resolves outside :attr:`image_roots`, and
@@ -97,6 +111,7 @@ class ImageDataset(Dataset):
         """
         image_id = int(self.image_ids[index])
         path = self.image_path(image_id)
+        identity = file_identity(path)
         try:
             roots = getattr(self, "image_roots", None)
             reason = None if roots is None else outside_root(path, roots)
@@ -106,7 +121,13 @@ class ImageDataset(Dataset):
         except BadImageError as err:
             if self.on_bad_image == "error":
                 raise
-            return {"image_id": image_id, "pixels": None, "error": err.reason, "path": str(path)}
+            return {
+                "image_id": image_id,
+                "pixels": None,
+                "error": err.reason,
+                "path": str(path),
+                "file": identity,
+            }
         pixels = self.transform(image) if self.transform is not None else pil_to_uint8_tensor(image)
         return {"image_id": image_id, "pixels": pixels, "error": None, "path": str(path)}
 
@@ -117,11 +138,17 @@ class ImageDataset(Dataset):
         Returns:
             ``pixels``: ``[b, 3, H, W]`` of the b good items, or None when every item
             failed; ``image_ids``: ``[b]`` int64; ``failures``: one
-            ``dict(image_id, path, reason)`` per failed item.
+            ``dict(image_id, path, reason[, file])`` per failed item (``file``: its
+            identity when the item gives one).
         """
         good = [item for item in batch if item["pixels"] is not None]
         failures = [
-            {"image_id": item["image_id"], "path": item.get("path"), "reason": item["error"]}
+            {
+                "image_id": item["image_id"],
+                "path": item.get("path"),
+                "reason": item["error"],
+                **({"file": item["file"]} if "file" in item else {}),
+            }
             for item in batch
             if item["pixels"] is None
         ]

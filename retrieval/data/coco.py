@@ -31,7 +31,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 _REQUIRED_FIELDS = {
     "images": ("id", "file_name"),
     "categories": ("id", "name"),
-    "annotations": ("image_id", "category_id"),
+    "annotations": ("id", "image_id", "category_id"),
 }
 
 

@@ -73,11 +73,10 @@ def score_store(
     start = time.perf_counter()
     dev = resolve_device(device)
     text = text.to(dev, torch.float32)
-    scores, ids, counts, failures, nbytes = [], [], [], [], 0
+    scores, ids, counts, nbytes = [], [], [], 0
     for path in store.shard_paths():
         nbytes += path.stat().st_size
         with ShardReader(path) as shard:
-            failures += shard.failures
             keep = (
                 np.ones(shard.num_images, bool) if only is None else np.isin(shard.image_ids, only)
             )
@@ -92,6 +91,7 @@ def score_store(
                 ids.append(shard.image_ids[i : i + step][rows])
     if not ids:
         raise StoreError(f"no embedding shards in {store.root}: nothing was embedded")
+    failures = store.contents()[1]  # the newest record per image; none once it was embedded
     image_ids = np.concatenate(ids)
     order = np.argsort(image_ids, kind="stable")
     if len(np.unique(image_ids)) != len(image_ids):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +86,18 @@ class ShardReader:
         try:  # truncated, empty or foreign files: a named error, not a traceback
             file = safe_open(str(path), framework="pt")
             self.image_ids: np.ndarray = file.get_tensor("image_ids").numpy()
-            failures = json.loads((file.metadata() or {}).get("failures", "[]"))
+            metadata = file.metadata() or {}
+            failures = json.loads(metadata.get("failures", "[]"))
+            written_ns = int(metadata.get("written_ns", "0"))
             shape = file.get_slice("embeddings").get_shape()
         except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
             raise damaged_shard(path, f"cannot be read ({e})") from e
         if not isinstance(failures, list) or len(shape) < 2:
             raise damaged_shard(path, "is not a shard this project wrote")
+        if not all(isinstance(f, dict) and "image_id" in f for f in failures):
+            raise damaged_shard(path, "has failure records this project did not write")
+        #: when the shard was written (0: before shards recorded it); orders failure records
+        self.written_ns = written_ns
         self._file: safe_open | None = file  # None once the with block is left
         self.failures: list[dict[str, Any]] = failures
         self.num_images, self.num_reps = int(shape[0]), int(shape[1])
@@ -187,6 +194,26 @@ class ShardStore:
                 ids.append(np.array([f["image_id"] for f in shard.failures], dtype=np.int64))
         return np.concatenate(ids)
 
+    def contents(self) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """The ids of every embedded image (one entry per shard row), and the failure
+        records that still count: one per image id, the newest (by when its shard was
+        written, then by name), and none for an image that a shard holds embedded (a
+        retried image that now reads). Shards are never rewritten: a later shard's record
+        supersedes an earlier one's."""
+        ids = [np.zeros(0, np.int64)]
+        records: list[tuple[tuple[int, str], list[dict[str, Any]]]] = []
+        for path in self.shard_paths():
+            with ShardReader(path) as shard:
+                ids.append(shard.image_ids)
+                records.append(((shard.written_ns, path.name), shard.failures))
+        embedded = np.concatenate(ids)
+        latest: dict[int, dict[str, Any]] = {}
+        for _, failures in sorted(records, key=lambda r: r[0]):
+            for failure in failures:
+                latest[int(failure["image_id"])] = failure
+        done = set(embedded.tolist())
+        return embedded, [f for i, f in latest.items() if i not in done]
+
     def write_shard(
         self,
         name: str,
@@ -194,7 +221,12 @@ class ShardStore:
         reps: Representatives,
         failures: list[dict[str, Any]] | None = None,
     ) -> Path:
-        """Writes one shard atomically (temporary file, then rename)."""
+        """Writes one shard atomically (temporary file, then rename).
+
+        ``failures``: one ``dict(image_id, path, reason, file)`` per image that could not
+        be read, ``file`` the path's identity when it failed (``file_identity``), so a
+        later run retries it once the file changed. Its metadata records when it was
+        written, which orders the failure records of different shards (newest wins)."""
         self.root.mkdir(parents=True, exist_ok=True)
         dtype = DTYPES[self.dtype]
         tensors = {
@@ -207,7 +239,7 @@ class ShardStore:
         for key, value in (reps.extras or {}).items():
             tensors[f"extras.{key}"] = value.cpu().contiguous()
         path = self.root / f"{name}{SHARD_SUFFIX}"
-        metadata = {"failures": json.dumps(failures or [])}
+        metadata = {"failures": json.dumps(failures or []), "written_ns": str(time.time_ns())}
         return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @staticmethod
