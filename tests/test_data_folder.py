@@ -18,8 +18,14 @@ from pyarrow import csv
 
 from retrieval.cli import main
 from retrieval.config import data_schema, load_config
-from retrieval.data.collection import COLLECTION_FILE, FIXED_COLUMNS, live_image_ids
-from retrieval.data.folder import FolderDataset
+from retrieval.data.collection import (
+    COLLECTION_FILE,
+    FIXED_COLUMNS,
+    join_metadata,
+    live_image_ids,
+    read_listing,
+)
+from retrieval.data.folder import FolderDataset, list_images
 from retrieval.data.images import BadImageError
 from retrieval.data.listfile import ListDataset
 from retrieval.errors import ConfigError, DataError, MissingFileError, StoreError
@@ -110,6 +116,89 @@ def test_every_rank_computes_the_same_table(tmp_path: Path) -> None:
     folder(tmp_path / "rank0", images)
     assert read_table(tmp_path / "rank0").equals(read_table(tmp_path / "rank1"), True)
     assert (tmp_path / "rank0" / COLLECTION_FILE).stat().st_mtime_ns == written
+
+
+def test_a_zero_byte_file_gets_no_header_read(tmp_path: Path, monkeypatch) -> None:
+    """An empty file has no header to read: its width and height stay null without PIL
+    being asked (the embed phase reports it under data.on_bad_image)."""
+    import retrieval.data.collection as collection
+
+    images = tmp_path / "images"
+    make_image(images / "a.jpg", seed=0)
+    (images / "empty.jpg").write_bytes(b"")
+    read = collection.image_size
+    opened: list[str] = []
+
+    def image_size(path):
+        assert Path(path).name != "empty.jpg", "a zero-byte file's header was read"
+        opened.append(Path(path).name)
+        return read(path)
+
+    monkeypatch.setattr(collection, "image_size", image_size)
+    dataset = folder(tmp_path / "run", images)
+    assert opened == ["a.jpg"]
+    table = read_table(tmp_path / "run")
+    assert table.column("path").to_pylist() == ["a.jpg", "empty.jpg"]
+    assert table.column("width").to_pylist() == [40, None]
+    assert table.column("height").to_pylist() == [30, None]
+    np.testing.assert_array_equal(dataset.image_ids, [0, 1])  # still live: embed reports it
+
+
+@pytest.mark.parametrize("with_metadata", [False, True])
+def test_an_unchanged_rerun_keeps_the_table_as_it_is(
+    tmp_path: Path, monkeypatch, with_metadata: bool
+) -> None:
+    """A rerun over the same files (removed ids and metadata columns included) reuses the
+    previous table: no header read, no rewrite (the file's mtime stays), and the same
+    table the full assignment computes; any change still goes the full way."""
+    import retrieval.data.collection as collection
+
+    images, run = tmp_path / "images", tmp_path / "run"
+    for k, name in enumerate(["b.jpg", "a.png", "sub/c.jpg", "d.jpg"]):
+        make_image(images / name, seed=k)
+    options = {}
+    if with_metadata:
+        source = tmp_path / "meta.csv"
+        csv.write_csv(pa.table({"path": ["a.png", "d.jpg"], "camera": ["x", "y"]}), source)
+        options["metadata"] = str(source)
+    folder(run, images, **options)
+    (images / "d.jpg").unlink()
+    make_image(images / "0.jpg", seed=9)
+    folder(run, images, **options)  # d.jpg removed, 0.jpg new: out of path order
+    written = (run / COLLECTION_FILE).stat().st_mtime_ns
+    before = read_table(run)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an unchanged rerun read a header or rewrote the table")
+
+    monkeypatch.setattr(collection, "image_size", refuse)
+    monkeypatch.setattr(collection, "write_collection", refuse)
+    again = folder(run, images, **options)
+    assert (run / COLLECTION_FILE).stat().st_mtime_ns == written
+    assert again.collection.table.equals(before, check_metadata=True)
+    assert ids_by_path(again) == {"0.jpg": 4, "a.png": 0, "b.jpg": 1, "sub/c.jpg": 3}
+    np.testing.assert_array_equal(again.image_ids, [0, 1, 3, 4])
+
+    monkeypatch.setattr(collection, "_unchanged", lambda *args: False)  # the full way
+    files = list_images(images.absolute(), progress=False).table()
+    if with_metadata:
+        files = join_metadata(files, read_listing(source, "data.metadata"), source)
+    previous = collection.read_collection(run)
+    full_table = collection.assign_ids(previous, files, images.absolute(), False)
+    assert full_table.equals(before, check_metadata=True)
+
+
+def test_ids_follow_path_order_when_folders_interleave(tmp_path: Path) -> None:
+    """The listing comes in sorted chunks, one per folder; when a folder's files fall
+    between another's (``m/x.jpg`` between ``a.jpg`` and ``z.jpg``) ids still follow
+    path order."""
+    images = tmp_path / "images"
+    for k, name in enumerate(["z.jpg", "m/x.jpg", "a.jpg", "m-n/y.jpg", "m/a/b.jpg"]):
+        make_image(images / name, seed=k)
+    dataset = folder(tmp_path / "run", images)
+    paths = ["a.jpg", "m-n/y.jpg", "m/a/b.jpg", "m/x.jpg", "z.jpg"]
+    assert ids_by_path(dataset) == {p: k for k, p in enumerate(paths)}
+    assert read_table(tmp_path / "run").column("path").to_pylist() == paths
 
 
 def test_shards_without_a_table_are_refused(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, memory_map=True)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise StoreError(
             f"{path} cannot be read ({err}); its ids name the run's stored embeddings, so "
@@ -276,16 +276,19 @@ def assign_ids(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    files = files.sort_by("path")
+    files = _sorted_by_path(files)
+    if previous is not None and _unchanged(previous, files, root):
+        return previous  # a rerun over the same files: the table as it is, no copy
     n = files.num_rows
     sizes = files.column("size_bytes").to_numpy()
     mtimes = files.column("mtime_ns").to_numpy()
     if previous is None:
         previous = empty_collection()
     removed = previous.column("removed").to_numpy(zero_copy_only=False).astype(bool)
-    live = previous.filter(pa.array(~removed))
+    live = previous.filter(pa.array(~removed)) if removed.any() else previous
     row = pc.index_in(files.column("path"), value_set=live.column("path"))
     row_np = row.fill_null(-1).to_numpy()
+    del row
     found = row_np >= 0
     kept = found.copy()  # same path, size and mtime as a live row
     kept[found] = (live.column("size_bytes").to_numpy()[row_np[found]] == sizes[found]) & (
@@ -298,12 +301,17 @@ def assign_ids(
 
     width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
     known = np.zeros(n, bool)
-    take = pa.array(row_np, mask=~kept)
-    for name, out in (("width", width), ("height", height)):
-        old = live.column(name).take(take)
-        out[kept] = old.fill_null(0).to_numpy()[kept]
-        known[kept] = pc.is_valid(old).to_numpy(zero_copy_only=False)[kept]
-    new_rows = np.flatnonzero(~kept)
+    if kept.any():
+        take = pa.array(row_np, mask=~kept)
+        for name, out in (("width", width), ("height", height)):
+            old = live.column(name).take(take)
+            out[kept] = old.fill_null(0).to_numpy()[kept]
+            known[kept] = pc.is_valid(old).to_numpy(zero_copy_only=False)[kept]
+        del take, old
+    del live, row_np, found
+    # A zero-byte file has no header to read (and PIL would try every format on it): its
+    # size stays null and the embed phase reports it under data.on_bad_image.
+    new_rows = np.flatnonzero(~kept & (sizes != 0))
     ticker = Ticker("reading image sizes", len(new_rows), progress)
     paths = files.column("path")
     for k in new_rows.tolist():
@@ -326,12 +334,68 @@ def assign_ids(
             **{c: files.column(c) for c in files.column_names if c not in FIXED_COLUMNS},
         }
     )
-    gone = previous.filter(pc.invert(pc.is_in(previous.column("image_id"), pa.array(ids[kept]))))
-    gone = gone.set_column(
-        FIXED_COLUMNS.index("removed"), "removed", pa.array(np.ones(gone.num_rows, bool))
-    )
-    table = pa.concat_tables([_conform(gone, current.schema), current]).sort_by("image_id")
+    if kept.all() and not removed.any() and n == previous.num_rows:
+        table = current  # nothing vanished: no row of the previous table to carry over
+        order = ids
+    else:
+        gone = previous.filter(
+            pc.invert(pc.is_in(previous.column("image_id"), pa.array(ids[kept])))
+        )
+        gone = gone.set_column(
+            FIXED_COLUMNS.index("removed"), "removed", pa.array(np.ones(gone.num_rows, bool))
+        )
+        table = pa.concat_tables([_conform(gone, current.schema), current])
+        order = np.concatenate([gone.column("image_id").to_numpy(), ids])
+    if len(order) > 1 and not bool(np.all(order[1:] > order[:-1])):
+        table = table.sort_by("image_id")  # only when some id is out of order
     return table.replace_schema_metadata({ROOT_KEY: str(root).encode()})
+
+
+def _sorted_by_path(files: pa.Table) -> pa.Table:
+    """``files`` in path order; as it is when already sorted (no copy)."""
+    import pyarrow.compute as pc
+
+    paths = files.column("path")
+    if len(paths) > 1 and pc.all(pc.less(paths[:-1], paths[1:])).as_py():
+        return files
+    return files.sort_by("path")
+
+
+def _unchanged(previous: pa.Table, files: pa.Table, root: Path) -> bool:
+    """Whether :func:`assign_ids` would return ``previous`` itself: the same root and
+    columns, and ``files`` (in path order) equal to its live rows in every listed column,
+    so every id is kept, no header is read and nothing is marked removed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    fixed = empty_collection().schema
+    extra = [f for f in files.schema if f.name not in FIXED_COLUMNS]
+    expected = pa.schema(
+        [
+            fixed.field("image_id"),
+            pa.field("path", files.schema.field("path").type),
+            pa.field("size_bytes", files.schema.field("size_bytes").type),
+            pa.field("mtime_ns", files.schema.field("mtime_ns").type),
+            fixed.field("width"),
+            fixed.field("height"),
+            fixed.field("removed"),
+            *[pa.field(f.name, f.type) for f in extra],
+        ],
+        metadata={ROOT_KEY: str(root).encode()},
+    )
+    if not previous.schema.equals(expected, check_metadata=True):
+        return False
+    removed = previous.column("removed")
+    live_count = previous.num_rows - int(pc.sum(removed).as_py() or 0)
+    if live_count != files.num_rows or removed.null_count:
+        return False
+    ids = previous.column("image_id").to_numpy()
+    if len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+        return False  # not in id order: let the full path rebuild it
+    live = previous.filter(pc.invert(removed)) if live_count < previous.num_rows else previous
+    live = live.select(files.column_names)
+    live = _sorted_by_path(live)
+    return bool(live.equals(files.select(files.column_names)))
 
 
 def _conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -429,7 +493,8 @@ class Collection:
         self.root = root
         self.table = assign_ids(previous, files, root, progress, read_size)
         if run_dir is not None and (
-            previous is None or not previous.equals(self.table, check_metadata=True)
+            previous is None
+            or (self.table is not previous and not previous.equals(self.table, check_metadata=True))
         ):
             write_collection(run_dir, self.table)
         self._ids = self.table.column("image_id").to_numpy()

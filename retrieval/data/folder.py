@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,30 +29,55 @@ log = logging.getLogger("retrieval")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
+BATCH = 65_536
+"""Paths held as Python strings at most: each folder's (or this many) become one Arrow
+chunk, so a listing of millions holds its paths once, compactly."""
+
+
 @dataclass
 class Listing:
-    """The image files under a root, in listing order, and what was left out, by reason."""
+    """The image files under a root and what was left out, by reason. The files are held
+    in chunks (Arrow paths, NumPy sizes and mtimes), each sorted by path."""
 
-    paths: list[str] = field(default_factory=list)  # relative, '/'-separated
-    sizes: array = field(default_factory=lambda: array("q"))
-    mtimes: array = field(default_factory=lambda: array("q"))
+    chunks: list[tuple[pa.Array, np.ndarray, np.ndarray]] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    count: int = 0
+
+    def add(self, paths: list[str], sizes: list[int], mtimes: list[int]) -> None:
+        """Appends one batch of files (relative, '/'-separated paths)."""
+        import pyarrow as pa
+
+        if not paths:
+            return
+        order = sorted(range(len(paths)), key=paths.__getitem__)
+        self.chunks.append(
+            (
+                pa.array([paths[k] for k in order], pa.string()),
+                np.array(sizes, np.int64)[order],
+                np.array(mtimes, np.int64)[order],
+            )
+        )
+        self.count += len(paths)
 
     def summary(self) -> str:
         """``N images, M skipped (k hidden, j not images[, ...])``."""
         reasons = {"hidden": 0, "not images": 0, **dict(sorted(self.skipped.items()))}
         parts = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
-        return f"{len(self.paths)} images, {sum(self.skipped.values())} skipped ({parts})"
+        return f"{self.count} images, {sum(self.skipped.values())} skipped ({parts})"
 
     def table(self) -> pa.Table:
+        """One row per file; in path order when no folder's files interleave with another's
+        (the usual case, so the collection need not sort a copy)."""
         import pyarrow as pa
 
-        return pa.table(
-            {
-                "path": pa.array(self.paths, pa.string()),
-                "size_bytes": np.frombuffer(self.sizes, np.int64),
-                "mtime_ns": np.frombuffer(self.mtimes, np.int64),
-            }
+        chunks = sorted(self.chunks, key=lambda chunk: chunk[0][0].as_py())
+        return pa.Table.from_arrays(
+            [
+                pa.chunked_array([c[0] for c in chunks], pa.string()),
+                pa.chunked_array([pa.array(c[1]) for c in chunks], pa.int64()),
+                pa.chunked_array([pa.array(c[2]) for c in chunks], pa.int64()),
+            ],
+            names=["path", "size_bytes", "mtime_ns"],
         )
 
 
@@ -62,14 +86,18 @@ def list_images(root: Path, progress: bool = True) -> Listing:
 
     Extensions are matched case-insensitively; hidden entries (a leading ``.``) are
     skipped without descending; a symlinked folder is followed unless its real path was
-    listed already (loops end, a folder reached twice is listed once). Holds only the
-    path list and a stack of folders still to list.
+    listed already (loops end, a folder reached twice is listed once). Holds the paths
+    as Arrow chunks (one per folder, at most :data:`BATCH` long, each sorted), the
+    Python objects of one chunk, and a stack of folders still to list.
     """
     listing = Listing()
     skipped = listing.skipped
     seen = {os.path.realpath(root)}
     stack = [(str(root), "")]
     ticker = Ticker(f"listing {root}", enabled=progress)
+    batch: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
     while stack:
         folder, prefix = stack.pop()
         try:
@@ -97,11 +125,16 @@ def list_images(root: Path, progress: bool = True) -> Listing:
                         skipped["not images"] += 1
                     else:
                         stat = entry.stat()
-                        listing.paths.append(prefix + entry.name)
-                        listing.sizes.append(stat.st_size)
-                        listing.mtimes.append(stat.st_mtime_ns)
+                        batch.append(prefix + entry.name)
+                        sizes.append(stat.st_size)
+                        mtimes.append(stat.st_mtime_ns)
+                        if len(batch) >= BATCH:
+                            listing.add(batch, sizes, mtimes)
+                            batch, sizes, mtimes = [], [], []
                 except OSError:  # vanished or unreadable between listing and stat
                     skipped["unreadable"] += 1
+        listing.add(batch, sizes, mtimes)
+        batch, sizes, mtimes = [], [], []
     ticker.close()
     return listing
 
@@ -154,14 +187,14 @@ class FolderDataset(ImageDataset):
             raise MissingFileError(f"image folder {what}: {root}; set data.images to a folder")
         listing = list_images(root, progress)
         log.info("%s: %s", root, listing.summary())
-        if not listing.paths:
+        if not listing.count:
             raise DataError(
                 f"no images under {root}: {listing.summary()}. data.images must be a folder "
                 f"holding {', '.join(sorted(IMAGE_EXTENSIONS))} files (any case, searched "
                 f"recursively; names starting with '.' are left out)"
             )
         files = listing.table()
-        del listing  # the path list is in the table now: hold one copy, not two
+        del listing  # the paths are in the table now: hold one copy, not two
         if metadata is not None:
             files = join_metadata(files, read_listing(metadata, "data.metadata"), metadata)
         self.collection = Collection(files, root, run_dir, progress)
