@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+import fake_runs
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -35,35 +35,11 @@ SLACK = 0.1  # recall may fall this far below the recorded value on other querie
 
 
 def random_reps(images: int, seed: int) -> Representatives:
-    """Random unit vectors around shared centres (images compete), a ragged mask (slot
-    indices != row order; at least one valid slot) and a random box per slot."""
-    g = torch.Generator().manual_seed(seed)
-    centres = F.normalize(torch.randn(12, DIM, generator=torch.Generator().manual_seed(0)), dim=1)
-    pick = torch.randint(12, (images, R), generator=g)
-    noise = F.normalize(torch.randn(images, R, DIM, generator=g), dim=-1)
-    emb = F.normalize(centres[pick] + 0.5 * noise, dim=-1)
-    mask = torch.rand(images, R, generator=g) > 0.3
-    mask[:, 2] = True
-    xx, yy = torch.rand(2, images, R, 2, generator=g).sort(dim=-1).values
-    boxes = torch.stack([xx[..., 0], yy[..., 0], xx[..., 1], yy[..., 1]], dim=-1)
-    return Representatives(emb, mask, boxes)
+    return fake_runs.random_reps(images, R, seed, DIM, valid_slot=2)
 
 
 def write_collection(run: Path, ids: np.ndarray, removed: np.ndarray) -> None:
-    """images.parquet in the collection format (see retrieval/data/collection.py)."""
-    n = len(ids)
-    table = pa.table(
-        {
-            "image_id": pa.array(ids.astype(np.int64)),
-            "path": [f"photos/img_{i}.jpg" for i in ids],
-            "size_bytes": np.full(n, 2048, np.int64),
-            "mtime_ns": np.full(n, 1_700_000_000_000_000_000, np.int64),
-            "width": np.full(n, 640, np.int32),
-            "height": np.full(n, 480, np.int32),
-            "removed": pa.array(removed.astype(bool)),
-        }
-    )
-    pq.write_table(table, run / "images.parquet")
+    fake_runs.write_collection(run, ids, removed)
 
 
 def read_collection(run: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import fake_runs
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -55,37 +56,19 @@ EXPRESSIONS: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
 
 
 def random_reps(images: int, r: int, seed: int) -> Representatives:
-    """Unit vectors around shared centres (images compete), a ragged mask, random boxes."""
-    g = torch.Generator().manual_seed(seed)
-    centres = F.normalize(torch.randn(12, DIM, generator=torch.Generator().manual_seed(0)), dim=1)
-    pick = torch.randint(12, (images, r), generator=g)
-    noise = F.normalize(torch.randn(images, r, DIM, generator=g), dim=-1)
-    emb = F.normalize(centres[pick] + 0.5 * noise, dim=-1)
-    mask = torch.rand(images, r, generator=g) > 0.3
-    mask[:, 1] = True
-    xx, yy = torch.rand(2, images, r, 2, generator=g).sort(dim=-1).values
-    boxes = torch.stack([xx[..., 0], yy[..., 0], xx[..., 1], yy[..., 1]], dim=-1)
-    return Representatives(emb, mask, boxes)
+    return fake_runs.random_reps(images, r, seed, DIM)
 
 
 def write_collection(run: Path, ids: np.ndarray, removed: np.ndarray) -> None:
-    """images.parquet in the collection format with metadata columns camera, width,
-    height (some cameras null)."""
+    """images.parquet with metadata columns camera, width, height (some cameras null)."""
     rng = np.random.default_rng(1)
     n = len(ids)
-    table = pa.table(
-        {
-            "image_id": pa.array(ids.astype(np.int64)),
-            "path": [f"frames/{i:05d}.jpg" for i in ids],
-            "size_bytes": np.full(n, 4096, np.int64),
-            "mtime_ns": np.full(n, 1_700_000_000_000_000_000, np.int64),
-            "width": pa.array(rng.choice([640, 1024, 1600], n), pa.int32()),
-            "height": pa.array(rng.choice([480, 720, 900], n), pa.int32()),
-            "removed": pa.array(removed.astype(bool)),
-            "camera": pa.array([CAMERAS[i] for i in rng.integers(len(CAMERAS), size=n)]),
-        }
-    )
-    pq.write_table(table, run / "images.parquet")
+    columns = {
+        "width": pa.array(rng.choice([640, 1024, 1600], n), pa.int32()),
+        "height": pa.array(rng.choice([480, 720, 900], n), pa.int32()),
+        "camera": pa.array([CAMERAS[i] for i in rng.integers(len(CAMERAS), size=n)]),
+    }
+    fake_runs.write_collection(run, ids, removed, folder="frames", columns=columns)
 
 
 def make_run(root: Path, collection: bool = True) -> Path:
