@@ -103,14 +103,7 @@ def exact_search(
             vectors = resident[start:stop].float()
         else:
             vectors = torch.from_numpy(np.array(table.vectors[start:stop])).to(dev).float()
-        sims = vectors @ q.T
-        first = int(owner[start])
-        groups = int(owner[stop - 1]) - first + 1
-        chunk_best, chunk_arg = segment_best(sims, owner[start:stop] - first, groups)
-        view = slice(first, first + groups)
-        better = chunk_best > best[view]
-        best[view] = torch.where(better, chunk_best, best[view])
-        arg[view] = torch.where(better, chunk_arg + start, arg[view])
+        keep_best(best, arg, vectors @ q.T, owner[start:stop], start)
     if table.has_removed:  # tombstoned images: their rows are scored, never returned
         best[torch.from_numpy(table.removed).to(dev)] = float("-inf")
     if images is not None:  # a filter: images outside the allow-list are never returned
@@ -118,6 +111,19 @@ def exact_search(
         masked[images] = False
         best[torch.from_numpy(masked).to(dev)] = float("-inf")
     return top_images(best, arg, table.image_ids, k)
+
+
+def keep_best(best: Tensor, arg: Tensor, sims: Tensor, groups: Tensor, start: int) -> None:
+    """Folds one chunk of row scores ``sims [rows, Q]`` into the running per-image best
+    (in place): ``groups`` gives each row's image index (ascending, contiguous), ``start``
+    the chunk's first row, so ``arg`` keeps row numbers."""
+    first = int(groups[0])
+    count = int(groups[-1]) - first + 1
+    chunk_best, chunk_arg = segment_best(sims, groups - first, count)
+    view = slice(first, first + count)
+    better = chunk_best > best[view]
+    best[view] = torch.where(better, chunk_best, best[view])
+    arg[view] = torch.where(better, chunk_arg + start, arg[view])
 
 
 @torch.no_grad()
@@ -145,14 +151,7 @@ def subset_search(
             vectors = resident[torch.from_numpy(part).to(dev)].float()
         else:
             vectors = torch.from_numpy(table.vectors[part].astype(np.float32)).to(dev)
-        sims = vectors @ q.T
-        first = int(local[start])
-        groups = int(local[stop - 1]) - first + 1
-        chunk_best, chunk_arg = segment_best(sims, local[start:stop] - first, groups)
-        view = slice(first, first + groups)
-        better = chunk_best > best[view]
-        best[view] = torch.where(better, chunk_best, best[view])
-        arg[view] = torch.where(better, chunk_arg + start, arg[view])
+        keep_best(best, arg, vectors @ q.T, local[start:stop], start)
     return [(rows[r], s) for r, s in top_images(best, arg, table.image_ids[images], k)]
 
 
