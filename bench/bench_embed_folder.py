@@ -33,6 +33,16 @@ on. Use ``--threads 1`` with ``--clock cpu`` (more threads add their spin-waits 
         --files 1000000 --tmp /dev/shm --json results/bench/embed_folder_cpu.json \\
         --md results/bench/embed_folder_cpu.md
     python bench/bench_embed_folder.py --parts embed --backbones RN50 --images 32
+    python bench/bench_embed_folder.py --parts webdataset --images 256 --shards 4 \\
+        --clock cpu --threads 1 --tmp /dev/shm
+
+3. Webdataset (``--parts webdataset``, not in the default parts): the same generated JPEGs
+   packed into ``--shards`` plain tar shards (``tarfile``, members ``000123.jpg`` in
+   listing order, spread evenly), and ``retrieval.engine.embed`` timed over
+   ``dataset=webdataset data.shards=<dir>/{000000..N}.tar`` against ``dataset=folder``
+   over the files, interleaved in the same rounds, with the same retriever, batch size,
+   loader workers and torch threads, each into an emptied run folder. Goal: streaming is
+   no slower than the folder, webdataset / folder images/s >= 1.0.
 """
 
 from __future__ import annotations
@@ -58,8 +68,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-PARTS = ("embed", "listing")
+PARTS = ("embed", "listing", "webdataset")
+DEFAULT_PARTS = ("embed", "listing")
 EMBED_GOAL = 0.9  # framework images/s >= 0.9 x the plain loop's
+STREAM_GOAL = 1.0  # webdataset (streamed from tar shards) images/s >= the folder's
 MEMORY_GOAL_MB = 300.0  # listing a 10^6-file folder stays under this
 CLOCKS = ("wall", "cpu")
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -283,6 +295,141 @@ def bench_embed(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "clock": args.clock,
         "rows": rows,
     }
+
+
+# 3. webdataset ------------------------------------------------------------------------
+def pack_shards(images: Path, out: Path, shards: int) -> tuple[str, int]:
+    """The JPEGs under ``images`` (sorted) packed into ``shards`` uncompressed tars
+    ``out/000000.tar``... with members ``000123.jpg`` (contiguous runs, as even as can
+    be); returns the brace pattern naming them and the bytes written."""
+    import tarfile
+
+    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in EXTENSIONS)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = max(1, min(shards, len(paths)))
+    per, extra = divmod(len(paths), shards)
+    start, written = 0, 0
+    for k in range(shards):
+        end = start + per + (k < extra)
+        tar_path = out / f"{k:06d}.tar"
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(start, end):
+                tar.add(paths[i], arcname=f"{i:06d}.jpg", recursive=False)
+        written += tar_path.stat().st_size
+        start = end
+    return f"{out}/{{000000..{shards - 1:06d}}}.tar", written
+
+
+def webdataset_config(
+    args: argparse.Namespace, backbone: str, shards: str, run_dir: Path, workers: int
+) -> Any:
+    from retrieval.config import load_config
+
+    return load_config(
+        "demo",
+        [
+            "dataset=webdataset",
+            f"data.shards={shards}",
+            f"run.output_dir={run_dir}",
+            f"retriever.backbone={backbone}",
+            "retriever.pretrained=null",
+            f"loader.batch_size={args.batch}",
+            f"loader.num_workers={workers}",
+            "trainer.accelerator=cpu",
+            f"run.progress={str(args.progress).lower()}",
+        ],
+    )
+
+
+def bench_webdataset(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from retrieval.factory import build_retriever
+
+    images = root / "photos"
+    start = time.perf_counter()
+    if not images.exists():  # the embed part made the very same ones (same seed)
+        make_photos(images, args.images, args.width, args.height)
+    pattern, tar_bytes = pack_shards(images, root / "shards", args.shards)
+    pack_s = time.perf_counter() - start
+    rows = []
+    for backbone in args.backbones:
+        configs = {
+            "folder": embed_config(
+                args, backbone, images, root / f"wds-{backbone}-folder", args.workers
+            ),
+            "webdataset": webdataset_config(
+                args, backbone, pattern, root / f"wds-{backbone}-webdataset", args.workers
+            ),
+        }
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+            retriever = build_retriever(configs["folder"]).eval()
+        threads = torch.get_num_threads()
+        candidates: dict[str, Callable[[], dict[str, dict[str, float]]]] = {
+            name: lambda c=cfg, r=retriever: framework_pass(c, r, args.images)
+            for name, cfg in configs.items()
+        }
+        times = rounds(candidates, args.warmup, args.repeats)
+        if torch.get_num_threads() != threads:
+            raise RuntimeError(f"torch threads changed from {threads} to {torch.get_num_threads()}")
+        row: dict[str, Any] = {"backbone": backbone, "workers": args.workers}
+        for clock in CLOCKS:
+            seconds = {name: [t["total"][clock] for t in times[name]] for name in times}
+            row[clock] = {
+                name: {
+                    "img_s": args.images / statistics.median(seconds[name]),
+                    "listing_s": statistics.median(t["listing"][clock] for t in times[name]),
+                    "seconds": seconds[name],
+                }
+                for name in times
+            }
+            per_round = [
+                f / w for f, w in zip(seconds["folder"], seconds["webdataset"], strict=True)
+            ]
+            row[clock]["webdataset"].update(
+                ratio=row[clock]["webdataset"]["img_s"] / row[clock]["folder"]["img_s"],
+                ratio_min_round=min(per_round),
+                ratio_max_round=max(per_round),
+            )
+        row["ratio"] = row[args.clock]["webdataset"]["ratio"]
+        row["goal"] = STREAM_GOAL
+        row["met"] = row["ratio"] >= STREAM_GOAL
+        rows.append(row)
+        del retriever
+    return {
+        "images": args.images,
+        "size": [args.width, args.height],
+        "shards": len(list((root / "shards").glob("*.tar"))),
+        "shard_bytes": tar_bytes,
+        "pack_s": pack_s,
+        "batch": args.batch,
+        "workers": args.workers,
+        "clock": args.clock,
+        "rows": rows,
+    }
+
+
+def webdataset_table(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| backbone | clock | dataset | loader workers | img/s (median) | "
+        "ratio webdataset/folder | ratio range over rounds | listing s (median) | goal | met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        for clock in CLOCKS:
+            judged = clock == result["clock"]
+            for name, r in row[clock].items():
+                ratio = spread = goal = met = ""
+                if "ratio" in r:
+                    ratio = f"{r['ratio']:.3f}"
+                    spread = f"{r['ratio_min_round']:.3f}-{r['ratio_max_round']:.3f}"
+                    goal = f">= {row['goal']}"
+                    met = ("yes" if row["met"] else "NO") if judged else "(not judged)"
+                lines.append(
+                    f"| {row['backbone']} | {clock} | {name} | {row['workers']} | "
+                    f"{r['img_s']:.1f} | {ratio} | {spread} | {r['listing_s']:.3f} | {goal} | "
+                    f"{met} |"
+                )
+    return lines
 
 
 # 2. listing ---------------------------------------------------------------------------
@@ -528,6 +675,18 @@ def markdown(report: dict[str, Any]) -> str:
                 for row in e["rows"]
             ),
         ]
+    if "webdataset" in report:
+        w = report["webdataset"]
+        lines += [
+            "",
+            f"## Embed over webdataset tar shards vs the same folder ({w['images']} JPEGs "
+            f"{w['size'][0]}x{w['size'][1]} in {w['shards']} shards, "
+            f"{w['shard_bytes'] / MB:.1f} MiB; batch {w['batch']}, {w['workers']} loader "
+            f"workers; median of {report['args']['repeats']} interleaved rounds after "
+            f"{report['args']['warmup']} warm-up)",
+            "",
+            *webdataset_table(w),
+        ]
     if "listing" in report:
         li = report["listing"]
         lines += [
@@ -541,7 +700,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS))
     parser.add_argument("--images", type=int, default=256, help="embed: JPEGs generated")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
@@ -559,6 +718,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="embed: timed rounds")
     parser.add_argument("--clock", choices=CLOCKS, default="wall", help="the one judged")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--shards", type=int, default=4, help="webdataset: tar shards")
     parser.add_argument("--files", type=int, default=1_000_000, help="listing: files made")
     parser.add_argument("--subfolders", type=int, default=1000, help="listing: folders")
     parser.add_argument("--tmp", type=Path, default=None, help="where to generate files")
@@ -578,6 +738,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(tmp)
         if "embed" in args.parts:
             results["embed"] = bench_embed(args, root)
+        if "webdataset" in args.parts:
+            results["webdataset"] = bench_webdataset(args, root)
         if "listing" in args.parts:
             results["listing"] = bench_listing(args, root)
     argv = sys.argv[1:] if argv is None else argv

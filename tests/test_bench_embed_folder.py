@@ -1,11 +1,13 @@
-"""bench/bench_embed_folder.py runs end to end at tiny sizes and reports the two goals of
-issue 16 it measures (embed over a folder vs a plain loop; listing memory)."""
+"""bench/bench_embed_folder.py runs end to end at tiny sizes and reports the goals of
+issue 16 it measures (embed over a folder vs a plain loop; listing memory; webdataset
+streaming vs the folder)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import sys
+import tarfile
 from pathlib import Path
 from types import ModuleType
 
@@ -27,10 +29,11 @@ def _bench() -> ModuleType:
     return module
 
 
-@pytest.mark.slow  # ~15 s: torch + Lightning here, and two listing subprocesses
-def test_both_parts_run_and_report_the_goals(tmp_path: Path) -> None:
+@pytest.mark.slow  # ~20 s: torch + Lightning here, and two listing subprocesses
+def test_all_parts_run_and_report_the_goals(tmp_path: Path) -> None:
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     argv = (
+        "--parts embed webdataset listing --shards 3 "
         "--images 4 --width 96 --height 64 --batch 2 --workers 0 --compare-workers -1 "
         "--warmup 0 --repeats 1 --files 30 --subfolders 4 --clock cpu --threads 1"
     ).split() + ["--tmp", str(tmp_path), "--json", str(out), "--md", str(md)]
@@ -51,6 +54,16 @@ def test_both_parts_run_and_report_the_goals(tmp_path: Path) -> None:
         assert low - 1e-9 <= framework["ratio"] <= high + 1e-9  # one round: all three equal
     assert row["max_abs_diff_stored_vs_plain"] < 1e-2  # same model, same pixels
 
+    wds = report["webdataset"]
+    assert wds["images"] == 4 and wds["shards"] == 3 and wds["shard_bytes"] > 0
+    (row,) = wds["rows"]
+    assert row["goal"] == 1.0 and row["ratio"] == row["cpu"]["webdataset"]["ratio"] > 0
+    assert row["met"] == (row["ratio"] >= 1.0)
+    for clock in ("wall", "cpu"):
+        folder, streamed = row[clock]["folder"], row[clock]["webdataset"]
+        assert folder["img_s"] > 0 and streamed["img_s"] > 0
+        assert streamed["ratio"] == pytest.approx(streamed["img_s"] / folder["img_s"])
+
     listing = report["listing"]
     assert listing["files"] == 30 and listing["goal_mb"] == 300
     assert listing["ratio_to_goal"] == pytest.approx(listing["peak_rss_increase_mb"] / 300)
@@ -65,4 +78,17 @@ def test_both_parts_run_and_report_the_goals(tmp_path: Path) -> None:
         ("reading image sizes", False),
     ]
     assert first["progress"][0]["items"] == 34  # 30 files + 4 folders
-    assert "| RN-tiny |" in md.read_text() and "zero-byte" in md.read_text()
+    text = md.read_text()
+    assert "| RN-tiny |" in text and "zero-byte" in text and "| webdataset |" in text
+
+
+def test_shards_hold_every_image_under_numbered_keys(tmp_path: Path) -> None:
+    bench = _bench()
+    bench.make_photos(tmp_path / "photos", 5, 96, 64)
+    pattern, written = bench.pack_shards(tmp_path / "photos", tmp_path / "shards", 2)
+    assert pattern == f"{tmp_path}/shards/{{000000..000001}}.tar" and written > 0
+    names = []
+    for k in range(2):
+        with tarfile.open(tmp_path / "shards" / f"{k:06d}.tar") as tar:
+            names.append(tar.getnames())
+    assert names == [["000000.jpg", "000001.jpg", "000002.jpg"], ["000003.jpg", "000004.jpg"]]
