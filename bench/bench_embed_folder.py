@@ -60,7 +60,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -126,15 +126,16 @@ def make_photos(folder: Path, count: int, width: int, height: int, seed: int = 0
 
 
 def embed_config(
-    args: argparse.Namespace, backbone: str, images: Path, run_dir: Path, workers: int
+    args: argparse.Namespace, backbone: str, data: list[str], run_dir: Path, workers: int
 ) -> Any:
+    """The run config of one embed pass; ``data`` picks the dataset (``dataset=folder``
+    plus its keys)."""
     from retrieval.config import load_config
 
     return load_config(
         "demo",
         [
-            "dataset=folder",
-            f"data.images={images}",
+            *data,
             f"run.output_dir={run_dir}",
             f"retriever.backbone={backbone}",
             "retriever.pretrained=null",
@@ -144,6 +145,51 @@ def embed_config(
             f"run.progress={str(args.progress).lower()}",
         ],
     )
+
+
+def folder_data(images: Path) -> list[str]:
+    return ["dataset=folder", f"data.images={images}"]
+
+
+def measure(
+    candidates: dict[str, Callable[[], dict[str, dict[str, float]]]], args: argparse.Namespace
+) -> dict[str, list[dict[str, dict[str, float]]]]:
+    """:func:`rounds` of the candidates, refusing a run whose torch thread count moved."""
+    threads = torch.get_num_threads()
+    times = rounds(candidates, args.warmup, args.repeats)
+    if torch.get_num_threads() != threads:
+        raise RuntimeError(f"torch threads changed from {threads} to {torch.get_num_threads()}")
+    return times
+
+
+def per_clock(
+    times: dict[str, list[dict[str, dict[str, float]]]],
+    images: int,
+    baseline: str,
+    compared: Iterable[str],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per clock and candidate: median img/s, listing time and every round's seconds;
+    each ``compared`` candidate also gets its ratio to ``baseline`` (median and the
+    range over rounds)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for clock in CLOCKS:
+        seconds = {name: [t["total"][clock] for t in times[name]] for name in times}
+        out[clock] = {
+            name: {
+                "img_s": images / statistics.median(seconds[name]),
+                "listing_s": statistics.median(t["listing"][clock] for t in times[name]),
+                "seconds": seconds[name],
+            }
+            for name in times
+        }
+        for name in compared:
+            per_round = [b / c for b, c in zip(seconds[baseline], seconds[name], strict=True)]
+            out[clock][name].update(
+                ratio=out[clock][name]["img_s"] / out[clock][baseline]["img_s"],
+                ratio_min_round=min(per_round),
+                ratio_max_round=max(per_round),
+            )
+    return out
 
 
 def framework_pass(cfg: Any, retriever: Any, expected: int) -> dict[str, dict[str, float]]:
@@ -234,21 +280,20 @@ def bench_embed(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     rows = []
     for backbone in args.backbones:
         configs = {
-            name: embed_config(args, backbone, images, root / f"run-{backbone}-{name}", workers)
+            name: embed_config(
+                args, backbone, folder_data(images), root / f"run-{backbone}-{name}", workers
+            )
             for name, workers in variants.items()
         }
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
             retriever = build_retriever(configs["framework"]).eval()
-        threads = torch.get_num_threads()
         candidates: dict[str, Callable[[], dict[str, dict[str, float]]]] = {
             name: lambda c=cfg, r=retriever: framework_pass(c, r, args.images)
             for name, cfg in configs.items()
         }
         candidates["plain"] = lambda r=retriever: plain_pass(images, r, args.batch)
-        times = rounds(candidates, args.warmup, args.repeats)
-        if torch.get_num_threads() != threads:
-            raise RuntimeError(f"torch threads changed from {threads} to {torch.get_num_threads()}")
+        times = measure(candidates, args)
         kept: dict[str, torch.Tensor] = {}
         plain_pass(images, retriever, args.batch, kept)
         row: dict[str, Any] = {
@@ -261,24 +306,7 @@ def bench_embed(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             ),
             "workers": variants,
         }
-        for clock in CLOCKS:
-            seconds = {name: [t["total"][clock] for t in times[name]] for name in times}
-            row[clock] = {
-                name: {
-                    "img_s": args.images / statistics.median(seconds[name]),
-                    "listing_s": statistics.median(t["listing"][clock] for t in times[name]),
-                    "seconds": seconds[name],
-                }
-                for name in times
-            }
-            plain = row[clock]["plain"]["img_s"]
-            for name in variants:
-                per_round = [p / f for p, f in zip(seconds["plain"], seconds[name], strict=True)]
-                row[clock][name].update(
-                    ratio=row[clock][name]["img_s"] / plain,
-                    ratio_min_round=min(per_round),
-                    ratio_max_round=max(per_round),
-                )
+        row.update(per_clock(times, args.images, "plain", variants))
         row["framework_workers_cpu_s"] = [t["total"]["children_cpu"] for t in times["framework"]]
         row["ratio"] = row[args.clock]["framework"]["ratio"]
         row["goal"] = EMBED_GOAL
@@ -320,27 +348,6 @@ def pack_shards(images: Path, out: Path, shards: int) -> tuple[str, int]:
     return f"{out}/{{000000..{shards - 1:06d}}}.tar", written
 
 
-def webdataset_config(
-    args: argparse.Namespace, backbone: str, shards: str, run_dir: Path, workers: int
-) -> Any:
-    from retrieval.config import load_config
-
-    return load_config(
-        "demo",
-        [
-            "dataset=webdataset",
-            f"data.shards={shards}",
-            f"run.output_dir={run_dir}",
-            f"retriever.backbone={backbone}",
-            "retriever.pretrained=null",
-            f"loader.batch_size={args.batch}",
-            f"loader.num_workers={workers}",
-            "trainer.accelerator=cpu",
-            f"run.progress={str(args.progress).lower()}",
-        ],
-    )
-
-
 def bench_webdataset(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from retrieval.factory import build_retriever
 
@@ -354,42 +361,26 @@ def bench_webdataset(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     for backbone in args.backbones:
         configs = {
             "folder": embed_config(
-                args, backbone, images, root / f"wds-{backbone}-folder", args.workers
+                args, backbone, folder_data(images), root / f"wds-{backbone}-folder", args.workers
             ),
-            "webdataset": webdataset_config(
-                args, backbone, pattern, root / f"wds-{backbone}-webdataset", args.workers
+            "webdataset": embed_config(
+                args,
+                backbone,
+                ["dataset=webdataset", f"data.shards={pattern}"],
+                root / f"wds-{backbone}-webdataset",
+                args.workers,
             ),
         }
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
             retriever = build_retriever(configs["folder"]).eval()
-        threads = torch.get_num_threads()
         candidates: dict[str, Callable[[], dict[str, dict[str, float]]]] = {
             name: lambda c=cfg, r=retriever: framework_pass(c, r, args.images)
             for name, cfg in configs.items()
         }
-        times = rounds(candidates, args.warmup, args.repeats)
-        if torch.get_num_threads() != threads:
-            raise RuntimeError(f"torch threads changed from {threads} to {torch.get_num_threads()}")
+        times = measure(candidates, args)
         row: dict[str, Any] = {"backbone": backbone, "workers": args.workers}
-        for clock in CLOCKS:
-            seconds = {name: [t["total"][clock] for t in times[name]] for name in times}
-            row[clock] = {
-                name: {
-                    "img_s": args.images / statistics.median(seconds[name]),
-                    "listing_s": statistics.median(t["listing"][clock] for t in times[name]),
-                    "seconds": seconds[name],
-                }
-                for name in times
-            }
-            per_round = [
-                f / w for f, w in zip(seconds["folder"], seconds["webdataset"], strict=True)
-            ]
-            row[clock]["webdataset"].update(
-                ratio=row[clock]["webdataset"]["img_s"] / row[clock]["folder"]["img_s"],
-                ratio_min_round=min(per_round),
-                ratio_max_round=max(per_round),
-            )
+        row.update(per_clock(times, args.images, "folder", ["webdataset"]))
         row["ratio"] = row[args.clock]["webdataset"]["ratio"]
         row["goal"] = STREAM_GOAL
         row["met"] = row["ratio"] >= STREAM_GOAL
