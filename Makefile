@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,milvus]'
+	$(PY) -m pip install -q -e '.[dev,milvus,serve]'
 	touch $@
 
 setup: $(VENV)/.installed
