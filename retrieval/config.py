@@ -186,7 +186,7 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(
@@ -235,7 +235,7 @@ def _compose(path: Path, choices: dict[str, str], seen: tuple[Path, ...] = ()) -
     """Merges a file's defaults (group choices overridden by ``choices``), then the file."""
     if path in seen:
         raise ConfigError(f"{path}: defaults form a cycle through {[str(p) for p in seen]}")
-    content = _read_yaml(path)
+    content = read_yaml(path)
     pairs = dict(_defaults(content, path))
     pairs.update(choices)
     merged = OmegaConf.create()
@@ -454,7 +454,8 @@ def _check_sections(raw: DictConfig) -> None:
             )
 
 
-def _validated(raw: DictConfig) -> DictConfig:
+def validate(raw: DictConfig) -> DictConfig:
+    """Checks a composed config (keys, types, choices, values); returns it typed."""
     _check_sections(raw)
     schemas = {
         "retriever": retriever_schema(_section(raw, "retriever", None)),
@@ -518,7 +519,7 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> DictC
     except (OmegaConfBaseException, yaml.YAMLError, TypeError) as err:  # TypeError: a value
         # merged onto a section of another kind (``data=[]``)
         raise ConfigError(f"bad override: {' '.join(str(err).split())}") from None
-    cfg = _validated(raw)
+    cfg = validate(raw)
     _check_machine(cfg)
     return cfg
 
@@ -533,7 +534,7 @@ def load_stored_config(path: str | Path) -> DictConfig:
             message names the file: re-run the run to refresh it).
     """
     path = Path(path)
-    raw = OmegaConf.create(_read_yaml(path))
+    raw = OmegaConf.create(read_yaml(path))
     for old, new in RENAMED_KEYS.items():
         value = OmegaConf.select(raw, old, default=MISSING)
         if value is not MISSING:
@@ -554,7 +555,7 @@ def load_stored_config(path: str | Path) -> DictConfig:
         node = OmegaConf.select(raw, section) if section else raw
         node.pop(last)
     try:
-        return _validated(raw)
+        return validate(raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err} (written by another version? re-run that run)") from None
 

@@ -29,6 +29,7 @@ import dataclasses
 import io
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -628,6 +629,19 @@ def scenes_options(
     if seed is not None:
         changes["seed"] = seed
     return dataclasses.replace(options, **changes)
+
+
+def ensure_synthetic(data_dir: str | Path, options: SyntheticOptions) -> tuple[Path, Path]:
+    """``annotations.json`` and ``images/`` under ``data_dir``, generated unless already
+    there with exactly these options (recorded in the annotations' ``info``)."""
+    data_dir = Path(data_dir)
+    annotations, images = data_dir / "annotations.json", data_dir / "images"
+    if annotations.is_file():
+        info = json.loads(annotations.read_text()).get("info", {})
+        if info.get("options") == json.loads(json.dumps(dataclasses.asdict(options))):
+            return annotations, images
+        shutil.rmtree(images, ignore_errors=True)
+    return write_synthetic_coco(data_dir, options)
 
 
 SCENES_PRESETS: dict[str, SyntheticOptions] = {

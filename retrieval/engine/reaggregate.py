@@ -8,6 +8,7 @@ scoring device and writes its own shards (same names, so resume works as for emb
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ import torch
 from rich.progress import track
 
 from retrieval.config import ConfigError
+from retrieval.errors import differences
 from retrieval.representatives import Representatives
+from retrieval.retrievers.cluster_clip import DENSE_FEATURE_KEYS
+from retrieval.retrievers.dense_clip import DenseClipRetriever
 from retrieval.store import ShardStore
 from retrieval.store.scoring import resolve_device
 from retrieval.store.shards import ShardReader
@@ -44,6 +48,50 @@ def dense_source(path: str | Path) -> tuple[ShardStore, dict[str, Any]]:
     return store, retriever
 
 
+def cells_alone(stored: Representatives, dense_config: dict[str, Any]) -> Representatives:
+    """A ``dense_clip`` run's stored representatives without the global embedding its
+    source appended (the cells, bit for bit: nothing is recomputed)."""
+    if not dense_config.get("with_global"):
+        return stored
+    cells = stored.embeddings.shape[1] - 1
+    boxes = None if stored.boxes is None else stored.boxes[:, :cells]
+    return Representatives(stored.embeddings[:, :cells], stored.mask[:, :cells], boxes)
+
+
+def deriver(
+    retriever: Any, dense_config: dict[str, Any]
+) -> Callable[[Representatives], Representatives]:
+    """How ``retriever``'s representatives come from stored Dense-CLIP ones: Cluster-CLIP
+    re-aggregates them; Dense-CLIP takes the cells (when the source kept the global
+    embedding and this run does not).
+
+    Raises:
+        ConfigError: the retriever cannot be derived from them, or their feature settings
+            differ (each difference named).
+    """
+    if hasattr(retriever, "from_dense"):  # Cluster-CLIP, or a plugin that aggregates
+        try:
+            retriever.check_dense_source(dense_config)
+        except ValueError as err:
+            raise ConfigError(f"store.dense_from: {err}") from None
+        return lambda stored: retriever.from_dense(stored, dense_config)
+    if isinstance(retriever, DenseClipRetriever) and not retriever.with_global:
+        keys = DENSE_FEATURE_KEYS
+        diff = differences(
+            {k: dense_config.get(k) for k in keys}, {k: retriever.config.get(k) for k in keys}
+        )
+        if diff:
+            raise ConfigError(
+                "store.dense_from: the stored Dense-CLIP embeddings were made with other "
+                "settings: " + "; ".join(diff)
+            )
+        return lambda stored: cells_alone(stored, dense_config)
+    raise ConfigError(
+        "store.dense_from needs a retriever that aggregates Dense-CLIP features "
+        "(retriever.name=cluster_clip) or a dense_clip run without with_global"
+    )
+
+
 def reaggregate(
     source: ShardStore,
     dense_config: dict[str, Any],
@@ -63,15 +111,7 @@ def reaggregate(
         ConfigError: the retriever cannot aggregate, the dense features were made with
             other settings, or images are missing from the source.
     """
-    if not hasattr(retriever, "from_dense"):
-        raise ConfigError(
-            "store.dense_from needs a retriever that aggregates Dense-CLIP features "
-            "(retriever.name=cluster_clip)"
-        )
-    try:
-        retriever.check_dense_source(dense_config)
-    except ValueError as err:
-        raise ConfigError(f"store.dense_from: {err}") from None
+    derive = deriver(retriever, dense_config)
     missing = np.setdiff1d(todo, source.accounted_ids())
     if len(missing):
         raise ConfigError(
@@ -92,7 +132,7 @@ def reaggregate(
                 keep = torch.from_numpy(rows[i : i + batch_size])
                 if keep.any():
                     stored = shard.rows(i, i + batch_size).select(keep).to(dev, torch.float32)
-                    parts.append(retriever.from_dense(stored, dense_config).to("cpu"))
+                    parts.append(derive(stored).to("cpu"))
             ids = torch.from_numpy(shard.image_ids[rows])
             reps = Representatives.concat(parts) if parts else Representatives.empty()
             store.write_shard(f"dense-{path.stem}", ids, reps, failures)

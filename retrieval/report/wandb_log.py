@@ -139,8 +139,10 @@ def log_comparison(
     written: Mapping[str, Path],
     mode: WandbMode = "offline",
     project: str = "object-retrieval",
+    group: str | None = None,
 ) -> Path:
-    """Logs a ``retrieval compare`` result as one ``job_type="compare"`` run under ``out``.
+    """Logs a ``retrieval compare`` result as one ``job_type="compare"`` run under ``out``
+    (in W&B group ``group``; default: the datasets' names joined by ``+``).
 
     Returns:
         The wandb run folder.
@@ -152,7 +154,7 @@ def log_comparison(
     run = wandb.init(
         mode=mode,
         project=project,
-        group="+".join(datasets),
+        group=group or "+".join(datasets),
         tags=["compare", *datasets],
         job_type="compare",
         name="compare " + " vs ".join(r.label for r in comp.runs),

@@ -1,0 +1,1 @@
+"""`retrieval sweep`: a table of experiments planned (shared extractions), run and compared."""
