@@ -151,7 +151,7 @@ def test_shipped_weights_show_the_effect(benchmark) -> None:
     results = benchmark["shipped"]
     assert not any(m["random_weights"] for m in results.values())
     assert effect_failures(results) == []
-    held = {name: m["held_out.map@50_s-m"] for name, m in results.items()}
+    held = {name: m["held-out.map@50_s-m"] for name, m in results.items()}
     assert not math.isnan(held["dense_clip"])
     assert held["dense_clip"] - held["clip"] >= HELD_OUT_MARGIN, held
 

@@ -10,8 +10,11 @@ never seen in training) and evaluates the shipped RN-scenes model
 - ``cluster_clip_km`` / ``cluster_clip_agf``: those cells aggregated per image by
   k-means / agglomerative clustering into a few representatives.
 
-Then it prints one table (mAP@50, mAP@50 small-medium, mAP, the same on the held-out
-pairs, representatives per image) and writes everything under ``--out``
+It runs the ``scenes`` sweep (``configs/sweep/scenes.yaml``: what ``make demo`` runs as
+``retrieval sweep scenes``; both Cluster-CLIP rows re-aggregate the Dense-CLIP row's
+shards) on scenes generated with the chosen size and seed, deleting earlier run folders
+first unless ``--reuse``. Then it prints one table (mAP@50, mAP@50 small-medium, mAP, the
+same on the held-out pairs, representatives per image) and writes everything under ``--out``
 (``outputs/scenes``, git-ignored, so the demo leaves the checkout clean; random weights:
 ``outputs/scenes/random``): the run folders (``runs/<run>``), the table
 (``benchmark.md``) and ``retrieval compare``'s tables and plots. The committed summaries
@@ -29,9 +32,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import re
 import shutil
 import sys
@@ -43,14 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
-from retrieval.data.synthetic import (  # noqa: E402
-    HELD_OUT_PAIRS,
-    SyntheticOptions,
-    scenes_options,
-    write_synthetic_coco,
-)
+from retrieval.data.synthetic import HELD_OUT_PAIRS, ensure_synthetic, scenes_options  # noqa: E402
+from retrieval.sweep.plan import plan_sweep  # noqa: E402
+from retrieval.sweep.run import run_sweep  # noqa: E402
+from retrieval.sweep.spec import Sweep, load_sweep  # noqa: E402
+from retrieval.sweep.summary import columns, group_means, markdown_table, print_table  # noqa: E402
 
 EXPERIMENTS = {
     "clip": "scenes_clip",
@@ -58,50 +57,41 @@ EXPERIMENTS = {
     "cluster_clip_km": "scenes_cluster_clip_km",
     "cluster_clip_agf": "scenes_cluster_clip_agf",
 }
-"""Run name -> experiment config (configs/experiment/)."""
+"""Run name -> experiment config (configs/experiment/): the rows of ``configs/sweep/scenes``."""
 WEIGHTS = ROOT / "retrieval" / "weights" / "RN-scenes.safetensors"
 CARD = ROOT / "retrieval" / "weights" / "RN-scenes.md"
 OUTPUT = ROOT / "outputs" / "scenes"
 """Default ``--out``: git-ignored (``.gitignore``'s ``outputs/``), so ``make demo`` leaves
 ``git status`` clean."""
-COLUMNS = (
-    ("map@50", "mAP@50"),
-    ("map@50_s-m", "mAP@50 s-m"),
-    ("map", "mAP"),
-    ("held_out.map@50", "held-out mAP@50"),
-    ("held_out.map@50_s-m", "held-out mAP@50 s-m"),
-)
 
 
-def _jsonable(options: SyntheticOptions) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(options)))
-
-
-def ensure_dataset(data_dir: Path, options: SyntheticOptions) -> tuple[Path, Path]:
-    """The evaluation scenes under ``data_dir``, generated unless already there with
-    exactly these options."""
-    annotations, images = data_dir / "annotations.json", data_dir / "images"
-    if annotations.is_file():
-        info = json.loads(annotations.read_text()).get("info", {})
-        if info.get("options") == _jsonable(options):
-            return annotations, images
-        shutil.rmtree(images, ignore_errors=True)
-    return write_synthetic_coco(data_dir, options)
-
-
-def held_out_means(metrics: dict[str, Any], names: Sequence[str] = HELD_OUT_PAIRS) -> dict:
-    """Means of the per-category APs over the held-out pairs (skipped ones left out)."""
-    rows = [r for r in metrics["per_category"] if r["name"] in set(names)]
-    out = {}
-    for key in ("ap@50", "ap@50_s-m", "ap"):
-        values = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
-        out["held_out.m" + key] = sum(values) / len(values) if values else math.nan
-    return out
+def scenes_sweep(
+    data_dir: Path,
+    out: Path,
+    pretrained: str | None,
+    runs: Sequence[str] = tuple(EXPERIMENTS),
+    overrides: Sequence[str] = (),
+) -> Sweep:
+    """The ``scenes`` sweep on ``data_dir``'s scenes, writing under ``out``, with
+    ``pretrained`` weights (None: random) for every row, limited to ``runs``."""
+    sweep = load_sweep(
+        "scenes",
+        [
+            f"data.annotations={data_dir / 'annotations.json'}",
+            f"data.images={data_dir / 'images'}",
+            "prepare=none",
+            f"out={out}",
+            f"retriever.pretrained={'null' if pretrained is None else pretrained}",
+            *overrides,
+        ],
+    )
+    sweep.experiments = [e for e in sweep.experiments if e.name in runs]
+    return sweep
 
 
 def run_benchmark(
     data_dir: str | Path = ROOT / "data" / "scenes",
-    out_dir: str | Path = OUTPUT / "runs",
+    out: str | Path = OUTPUT,
     num_images: int | None = None,
     seed: int | None = None,
     pretrained: str | None = str(WEIGHTS),
@@ -109,85 +99,37 @@ def run_benchmark(
     overrides: Sequence[str] = (),
     reuse: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Generates the scenes (if needed) and evaluates each retriever in-process.
+    """Generates the scenes (if needed) and runs the ``scenes`` sweep in-process.
 
     Args:
         data_dir: where the evaluation scenes live (generated when missing).
-        out_dir: parent of the run folders (``out_dir/<run>``).
+        out: the sweep's folder: run folders in ``out/runs/<run>``.
         num_images, seed: override the ``scenes`` preset's (400 images, seed 2023).
         pretrained: weights for every retriever (None: random weights).
         runs: which of :data:`EXPERIMENTS` to run.
         overrides: more ``key=value`` config overrides for every run.
-        reuse: keep run folders (and their embeddings) from an earlier run; by default
-            each is deleted first, so retrained weights at the same path are re-embedded.
+        reuse: keep finished runs of an earlier call (the sweep skips them); by default
+            each run folder is deleted first, so retrained weights are re-embedded.
 
     Returns:
-        run name -> its metrics (``metrics.json``'s content) plus the ``held_out.*`` means.
+        run name -> its metrics (``metrics.json``'s content) plus the ``held-out.*`` means.
     """
-    from retrieval.config import load_config
-    from retrieval.engine import evaluate
-
-    annotations, images = ensure_dataset(Path(data_dir), scenes_options("eval", num_images, seed))
+    ensure_synthetic(Path(data_dir), scenes_options("eval", num_images, seed))
+    sweep = scenes_sweep(Path(data_dir), Path(out), pretrained, runs, overrides)
+    planned = plan_sweep(sweep)
+    if not reuse:
+        for run in planned:
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+        planned = plan_sweep(sweep)
+    outcome = run_sweep(planned, fail_fast=True)
+    assert not outcome.failed, outcome.failed
     results = {}
-    for name in runs:
-        run_dir = Path(out_dir) / name
-        if not reuse:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = load_config(
-            EXPERIMENTS[name],
-            [
-                f"data.annotations={annotations}",
-                f"data.images={images}",
-                f"run.output_dir={run_dir}",
-                f"retriever.pretrained={'null' if pretrained is None else pretrained}",
-                *overrides,
-            ],
-        )
-        result = evaluate(cfg)
-        metrics = json.loads((result.run_dir / "metrics.json").read_text())
-        results[name] = {**metrics, **held_out_means(metrics), "run_dir": str(result.run_dir)}
+    for run in planned:
+        metrics = json.loads((run.run_dir / "metrics.json").read_text())
+        for group, names in sweep.category_groups.items():
+            metrics.update(group_means(metrics, names, group))
+        results[run.name] = {**metrics, "run_dir": str(run.run_dir)}
     return results
-
-
-def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run: the table's metrics (fractions) and representatives per image."""
-    rows = []
-    for name, m in results.items():
-        row = {"run": name, **{key: m.get(key) for key, _ in COLUMNS}}
-        row["reps_per_image"] = m["reps_per_image"]["mean"]
-        row["random_weights"] = m.get("random_weights", False)
-        rows.append(row)
-    return rows
-
-
-def _pct(value: Any) -> str:
-    return "" if value is None or math.isnan(value) else f"{100 * value:.1f}"
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ["retriever", *(title for _, title in COLUMNS), "reps / image"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            row["run"],
-            *(_pct(row[key]) for key, _ in COLUMNS),
-            f"{row['reps_per_image']:.1f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console | None = None) -> None:
-    table = Table(title=title)
-    table.add_column("retriever", no_wrap=True, min_width=16)
-    for _, name in COLUMNS:
-        table.add_column(name, justify="right")
-    table.add_column("reps / image", justify="right")
-    for row in rows:
-        table.add_row(
-            row["run"], *(_pct(row[key]) for key, _ in COLUMNS), f"{row['reps_per_image']:.1f}"
-        )
-    (console or Console()).print(table)
 
 
 def update_card(card: Path, markdown: str, marker: str = "benchmark") -> None:
@@ -262,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = args.out if pretrained is not None else args.out / "random"
     results = run_benchmark(
         args.data,
-        out_dir / "runs",
+        out_dir,
         args.num_images,
         args.seed,
         pretrained,
@@ -270,14 +212,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides,
         args.reuse,
     )
-    rows = summary_rows(results)
+    groups = scenes_sweep(args.data, out_dir, pretrained).category_groups
+    rows = [
+        {
+            "run": name,
+            **{key: m.get(key) for key, _ in columns(groups)},
+            "reps_per_image": m["reps_per_image"]["mean"],
+        }
+        for name, m in results.items()
+    ]
     weights = "RANDOM weights" if pretrained is None else f"weights {Path(pretrained).name}"
     title = (
         f"{options.num_images} held-out scenes (256 x 256, seed {options.seed}), "
         f"64 colour-shape queries ({len(HELD_OUT_PAIRS)} held out), {weights}; percent"
     )
-    print_table(rows, title)
-    table = markdown_table(rows)
+    print_table(rows, groups, title, Console())
+    table = markdown_table(rows, groups)
     from retrieval.report.compare import build_comparison
 
     comparison = build_comparison([Path(r["run_dir"]) for r in results.values()], "none")

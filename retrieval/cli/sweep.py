@@ -23,7 +23,9 @@ def _retriever(run: PlannedRun) -> str:
 
 
 def _seconds(value: float) -> str:
-    return f"{value / 3600:.1f} h" if value >= 3600 else f"{value / 60:.1f} min"
+    if value >= 3600:
+        return f"{value / 3600:.1f} h"
+    return f"{value / 60:.1f} min" if value >= 60 else f"{value:.0f} s"
 
 
 def print_plan(runs: list[PlannedRun], calibrate: bool, console: Console) -> None:

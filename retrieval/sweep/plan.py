@@ -146,6 +146,9 @@ def run_status(run: PlannedRun) -> None:
             diff = differences(_compared(load_stored_config(stored)), _compared(run.cfg))
         except RetrievalError as err:
             diff = [str(err)]
+        weights = Path(str(run.cfg.retriever.get("pretrained")))
+        if weights.is_file() and weights.stat().st_mtime > metrics.stat().st_mtime:
+            diff.append(f"retriever.pretrained: {weights} changed after the results")
         run.status, run.detail = ("changed", "; ".join(diff)) if diff else ("done", "")
     elif (run.run_dir / "embeddings").is_dir():
         run.status, run.detail = "partial", "resumed from its shards"

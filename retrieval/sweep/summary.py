@@ -103,7 +103,8 @@ def summarise(
     from retrieval.report.compare import build_comparison, print_comparison, write_comparison
 
     console = console or Console()
-    rows = table_rows(runs, sweep.category_groups)
+    order = {e.name: i for i, e in enumerate(sweep.experiments)}  # the table's own order
+    rows = table_rows(sorted(runs, key=lambda r: order.get(r.name, -1)), sweep.category_groups)
     if not rows:
         console.print("no finished runs to summarise")
         return {}
