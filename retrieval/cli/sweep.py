@@ -43,7 +43,7 @@ def print_plan(runs: list[PlannedRun], calibrate: bool, console: Console) -> Non
         status = run.status + (f": {run.detail}" if run.status == "changed" else "")
         source = "backbone" if run.source is None else f"{run.source} (no backbone)"
         cells = [name, _retriever(run), source, status]
-        approx = "" if found.exact_bytes else "~"
+        approx = "" if found.exact_bytes else "<=" if found.at_most else "~"
         left = "?" if found.left is None else f"{found.left:,} of {found.images:,}"
         if found.disk is not None:
             disk = approx + human_bytes(found.disk)

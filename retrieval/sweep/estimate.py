@@ -39,6 +39,7 @@ class Estimate:
     bytes_per_image: float | None
     exact_bytes: bool  # measured (shards or calibration), not derived from the config
     seconds_per_image: float | None = None
+    at_most: bool = False  # the bytes are an upper bound (a threshold-based aggregation)
 
     @property
     def disk(self) -> float | None:
@@ -90,31 +91,33 @@ def _grid_cells(backbone: str, resolution: int | None) -> tuple[int, int] | None
     return int(config["embed_dim"]), side * side
 
 
-def reps_guess(retriever: dict[str, Any], cells: int) -> float:
-    """Representatives per image a retriever keeps (at most, for threshold methods)."""
+def reps_guess(retriever: dict[str, Any], cells: int) -> tuple[int, bool]:
+    """Representatives per image a retriever keeps, and whether that is only an upper
+    bound (a threshold-based aggregation keeps as many as the image needs)."""
     name = retriever["name"]
     extra = 1 if retriever.get("with_global") else 0
     if name == "clip":
-        return 1
+        return 1, False
     if name == "cluster_clip":
         aggregate = retriever.get("aggregate") or {}
-        count = aggregate.get("k") or aggregate.get("n_clusters") or cells
-        return min(int(count), cells) + extra
-    return cells + extra
+        count = aggregate.get("k") or aggregate.get("n_clusters")
+        return min(int(count or cells), cells) + extra, count is None
+    return cells + extra, False
 
 
-def bytes_guess(cfg: DictConfig) -> float | None:
-    """Stored bytes per image from the model's config, or None when it is unknown."""
+def bytes_guess(cfg: DictConfig) -> tuple[float | None, bool]:
+    """Stored bytes per image from the model's config (None: unknown) and whether that
+    is an upper bound."""
     retriever = as_dict(cfg.retriever)
     try:
         shape = _grid_cells(str(retriever.get("backbone")), retriever.get("resolution"))
     except (KeyError, TypeError, ValueError):
-        return None
+        return None, False
     if shape is None:
-        return None
+        return None, False
     dim, cells = shape
-    reps = reps_guess(retriever, cells)
-    return reps * (dim * DTYPE_BYTES[cfg.store.dtype] + BOX_BYTES + 1)
+    reps, at_most = reps_guess(retriever, cells)
+    return reps * (dim * DTYPE_BYTES[cfg.store.dtype] + BOX_BYTES + 1), at_most
 
 
 def stored(run: PlannedRun) -> tuple[np.ndarray, float | None]:
@@ -176,6 +179,8 @@ def estimate(run: PlannedRun, sizes: DatasetSizes, measure: bool = False) -> Est
     if measure and run.uses_backbone and left:
         seconds, measured = calibrate(run.cfg)
         per_image, exact = per_image or measured, True
+    at_most = False
     if per_image is None:
-        per_image = bytes_guess(run.cfg)
-    return Estimate(None if ids is None else len(ids), left, per_image, exact, seconds)
+        per_image, at_most = bytes_guess(run.cfg)
+    images = None if ids is None else len(ids)
+    return Estimate(images, left, per_image, exact, seconds, at_most)
