@@ -478,3 +478,42 @@ def test_bad_files_are_counted_or_named(tmp_path: Path) -> None:
 
     with pytest.raises(BadImageError, match=r"(cut|empty|text)\.jpg.*data.on_bad_image=skip"):
         embed(embed_config(images, tmp_path / "error"))
+
+
+@pytest.mark.slow
+def test_a_file_renamed_between_embed_and_update(tmp_path: Path) -> None:
+    """A file renamed after `embed`: `index update` alone changes nothing (the index
+    follows the run, which has not seen the rename); once `embed` runs again the new
+    path gets a new id (embedded, the 5 others reused), the old id is removed, and after
+    `index update` a search never returns the old id and finds the renamed file with the
+    score its pixels had before (same pixels, same embedding)."""
+    from retrieval.engine import embed
+    from retrieval.index import build_index, open_index
+    from retrieval.index.update import update_index
+
+    images, run = tmp_path / "images", tmp_path / "run"
+    for k in range(6):
+        make_image(images / f"img{k}.jpg", seed=k, size=(48 + 8 * k, 40))
+    embed(embed_config(images, run))
+    old_id = ids_by_path(folder(run, images))["img2.jpg"]
+    index_dir = build_index(run, "faiss-flat", device="cpu", progress=False)
+    with open_index(index_dir, "cpu") as index:
+        vector = index.embed(["a photo"])
+        before = {h.image_id: h.score for h in index.search_vectors(vector, top=6)[0]}
+
+    (images / "moved").mkdir()
+    os.rename(images / "img2.jpg", images / "moved" / "img2b.jpg")
+    unchanged = update_index(index_dir, progress=False, device="cpu")
+    assert (unchanged.added, unchanged.removed) == (0, 0)
+
+    again = embed(embed_config(images, run))
+    assert (again.embedded, again.reused) == (1, 5)
+    paths = ids_by_path(folder(run, images))
+    new_id = paths["moved/img2b.jpg"]
+    assert new_id != old_id and "img2.jpg" not in paths
+    updated = update_index(index_dir, progress=False, device="cpu")
+    assert (updated.added, updated.removed) == (1, 1)
+    with open_index(index_dir, "cpu") as index:
+        after = {h.image_id: h.score for h in index.search_vectors(vector, top=6)[0]}
+    assert old_id not in after and new_id in after
+    assert after[new_id] == pytest.approx(before[old_id], abs=1e-6)
