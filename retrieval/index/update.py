@@ -54,6 +54,7 @@ from retrieval.index.build import (
     write_manifest,
 )
 from retrieval.index.search import read_manifest
+from retrieval.store.lock import RunLock
 from retrieval.store.shards import ShardReader, ShardStore, open_run_store
 
 
@@ -161,8 +162,18 @@ def update_index(
     Returns:
         What changed, the generation now and the recall recorded.
     """
-    start = time.perf_counter()
     folder = Path(folder)
+    read_manifest(folder)  # a clear error for a folder that is no index, before locking it
+    with RunLock(
+        folder, "INDEX", "another index update", "two updates of one index would mix their files"
+    ):
+        return _update(folder, progress, device, run_dir, retune)
+
+
+def _update(
+    folder: Path, progress: bool, device: str, run_dir: str | Path | None, retune: bool
+) -> UpdateResult:
+    start = time.perf_counter()
     manifest = read_manifest(folder)
     store = open_run_store(Path(manifest["run"]))
     run = check_same_run(folder, manifest, store, Path(run_dir) if run_dir else None)

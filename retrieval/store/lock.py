@@ -1,4 +1,4 @@
-"""An exclusive lock on a run folder, so two runs never write one folder at once.
+"""An exclusive lock on a run (or index) folder, so two runs never write one at once.
 
 The lock is ``<run>/.lock``, held with ``fcntl.flock`` for as long as the run writes its
 shards; the file says who holds it (pid, host, start time, command). The kernel drops a
@@ -69,10 +69,18 @@ class RunLock:
         ConfigError: the run folder cannot be created.
     """
 
-    def __init__(self, folder: str | Path, key: str = "run.output_dir") -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        key: str = "run.output_dir",
+        holder: str = "another run",
+        why: str = "two runs writing one folder would mix their shards",
+    ) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK
         self.key = key
+        self.holder = holder
+        self.why = why
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -85,10 +93,10 @@ class RunLock:
                 holder = _read(fd)
                 os.close(fd)
                 raise StoreError(
-                    f"{self.folder} is in use by another run ({describe(holder)}): two runs "
-                    f"writing one folder would mix their shards. Wait for it to finish, or "
-                    f"choose another {self.key}; if that process is not running any more "
-                    f"(another host, a stale network file system lock), delete {self.path}"
+                    f"{self.folder} is in use by {self.holder} ({describe(holder)}): "
+                    f"{self.why}. Wait for it to finish, or choose another {self.key}; if "
+                    f"that process is not running any more (another host, a stale network "
+                    f"file system lock), delete {self.path}"
                 ) from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
