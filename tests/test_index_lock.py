@@ -26,3 +26,23 @@ def test_a_second_update_stops_at_once_and_the_first_completes(tmp_path: Path) -
     assert answers(index, queries(4, 1), 5) == before
     result = update_index(index, progress=False, device="cpu")
     assert result.added == 10 and not (index / LOCK).exists()
+
+
+def test_update_suggests_a_rebuild_when_tombstones_pile_up(tmp_path: Path, capsys) -> None:
+    """Removing most images leaves their rows as tombstones: the update says how many
+    and how to compact; a rebuild at the same folder leaves none."""
+    from retrieval.cli import main
+    from tests.test_index_update import shrink
+
+    run = make_run(tmp_path / "run")
+    index = build(run, "faiss-flat", tmp_path / "index")
+    shrink(run, np.arange(0, 100))
+    assert main(["index", "update", str(index), "--no-progress", "--device", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "belong to removed images" in out and "to compact it" in out
+    from retrieval.index import open_index
+
+    with open_index(index, "cpu") as opened:
+        assert opened.backend.require_table().has_removed
+    with open_index(build(run, "faiss-flat", index), "cpu") as opened:
+        assert not opened.backend.require_table().has_removed

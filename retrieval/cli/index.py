@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
+TOMBSTONE_NOTE = 0.25  # above this fraction of removed rows, `index update` suggests a rebuild
+
 
 def _build(args: argparse.Namespace) -> int:
     from retrieval.index import build_index, open_index
@@ -85,6 +87,14 @@ def _update(args: argparse.Namespace) -> int:
             f"[yellow]recall@{recall['k']} is below the target {recall['target']}: tune the "
             f"search settings again (`retrieval index update --retune`), or rebuild the index "
             f"(`retrieval index build`) to retrain it on the images it holds now"
+        )
+    if result.tombstones > TOMBSTONE_NOTE:
+        dead = result.rows - result.live_rows
+        console.print(
+            f"[yellow]{dead} of the index's {result.rows} rows ({result.tombstones:.0%}) "
+            f"belong to removed images: searches skip them, but they cost memory and time; "
+            f"rebuild the index (`retrieval index build RUN --backend ... --out "
+            f"{result.folder}`) to compact it"
         )
     return 0
 

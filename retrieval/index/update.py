@@ -72,6 +72,8 @@ class UpdateResult:
         seconds: wall time of the update.
         recall: the recall now recorded (re-measured when anything changed).
         images: live images in the index now.
+        rows, live_rows: table rows now, and those of live images (the rest are removed
+            images' tombstones, skipped by every search until a rebuild compacts them).
     """
 
     folder: Path
@@ -83,10 +85,17 @@ class UpdateResult:
     seconds: float = 0.0
     recall: dict[str, Any] = field(default_factory=dict)
     images: int = 0
+    rows: int = 0
+    live_rows: int = 0
 
     @property
     def changed(self) -> bool:
         return bool(self.added or self.removed)
+
+    @property
+    def tombstones(self) -> float:
+        """Fraction of the table's rows that belong to removed images."""
+        return 1 - self.live_rows / self.rows if self.rows else 0.0
 
 
 def rebuild_command(run: Path | str, manifest: dict[str, Any], folder: Path) -> str:
@@ -256,4 +265,6 @@ def _update(
         seconds,
         recall,
         int(new["images"]),
+        table.num_rows,
+        table.num_live_rows,
     )
