@@ -57,14 +57,14 @@ def test_every_shipped_sweep_plans(name: str) -> None:
 
 
 def test_paper_table_needs_one_extraction_per_backbone() -> None:
-    """The COCO table: 20 rows, 9 backbone passes (3 CLIP, 3 OWL-ViT, one Dense-CLIP pass
-    per ResNet: the CLIP + Dense-CLIP row, which keeps the global embedding every other
-    dense row of its backbone can use)."""
+    """The COCO table: 20 rows, 6 backbone passes (3 OWL-ViT, and one per ResNet: the CLIP
+    + Dense-CLIP row, whose cells every other dense row of its backbone uses and whose
+    native-size global embedding is the CLIP row's)."""
     runs = {r.name: r for r in plan_sweep(load_sweep("paper-coco"), prepare_data=False)}
     assert len(runs) == 20 and not any(r.hidden for r in runs.values())
     backbone = sorted(n for n, r in runs.items() if r.uses_backbone)
     assert backbone == sorted(
-        ["clip_rn50", "clip_rn50x4", "clip_rn50x64", "owlvit_b32", "owlvit_b16", "owlvit_l14"]
+        ["owlvit_b32", "owlvit_b16", "owlvit_l14"]
         + ["clip_dense_clip_rn50", "clip_dense_clip_rn50x4", "clip_dense_clip_rn50x64"]
     )
     for name, run in runs.items():
@@ -72,6 +72,9 @@ def test_paper_table_needs_one_extraction_per_backbone() -> None:
             assert run.source == "clip_dense_clip_rn50x64"
             assert run.cfg.store.dense_from == str(runs[run.source].run_dir)
     assert runs["dense_clip_rn50"].source == "clip_dense_clip_rn50"
+    assert runs["clip_rn50x4"].source == "clip_dense_clip_rn50x4"
+    order = list(runs)
+    assert all(order.index(r.source) < order.index(n) for n, r in runs.items() if r.source)
 
 
 def test_lone_cluster_rows_get_a_hidden_extraction(tmp_path: Path) -> None:
@@ -132,26 +135,39 @@ def test_scenes_sweep_equals_separate_evals_and_runs_the_backbone_once(
     assert not ran and [o.state for o in outcome.outcomes] == ["skipped"] * 4
 
 
-def test_dense_row_takes_the_cells_of_a_global_extraction(synthetic_coco, tmp_path: Path) -> None:
-    """A Dense-CLIP row planned onto a CLIP + Dense-CLIP extraction stores exactly the
-    cells a Dense-CLIP run from pixels stores, and scores the same."""
+def test_dense_and_clip_rows_take_their_part_of_a_global_extraction(
+    synthetic_coco, tmp_path: Path
+) -> None:
+    """Planned onto a CLIP + Dense-CLIP extraction (global pass at the native size), a
+    Dense-CLIP row stores exactly the cells a Dense-CLIP run from pixels stores, and a
+    CLIP row the global embedding a CLIP run from pixels computes: same scores."""
     sweep_file = tmp_path / "dense.yaml"
     sweep_file.write_text(
         "experiments:\n"
-        "  with_global: {config: demo, overrides: [retriever=clip_dense_clip_rn50]}\n"
-        "  cells: {config: demo, overrides: [retriever=dense_clip_rn50]}\n"
+        "  global: {config: demo, overrides: [retriever=clip_rn50]}\n"
+        "  with_global:\n"
+        "    config: demo\n"
+        "    overrides: [retriever=clip_dense_clip_rn50, retriever.resolution=128]\n"
+        "  cells:\n"
+        "    config: demo\n"
+        "    overrides: [retriever=dense_clip_rn50, retriever.resolution=128]\n"
     )
-    tiny = ["retriever.backbone=RN-tiny", "retriever.resolution=128"]
+    tiny = ["retriever.backbone=RN-tiny"]
     sweep = load_sweep(sweep_file, [*_data(synthetic_coco), f"out={tmp_path}", *FAST, *tiny])
     runs = plan_sweep(sweep)
-    assert runs[1].source == "with_global"
-    run_sweep(runs)
-    direct = load_config("demo", [*sweep.overrides, "retriever=dense_clip_rn50", *tiny,
-                                  f"run.output_dir={tmp_path / 'direct'}"])  # fmt: skip
-    evaluate(direct)
-    a = np.load(tmp_path / "runs" / "cells" / "scores.npz")["scores"]
-    b = np.load(tmp_path / "direct" / "scores.npz")["scores"]
-    np.testing.assert_array_equal(a, b)
+    assert [r.name for r in runs] == ["with_global", "global", "cells"]
+    assert [r.source for r in runs] == [None, "with_global", "with_global"]
+    assert [o.state for o in run_sweep(runs).outcomes] == ["ran"] * 3
+    for name, retriever, extra in (
+        ("cells", "dense_clip_rn50", ["retriever.resolution=128"]),
+        ("global", "clip_rn50", []),
+    ):
+        direct = tmp_path / "direct" / name
+        overrides = [*sweep.overrides, f"retriever={retriever}", *tiny, *extra]
+        evaluate(load_config("demo", [*overrides, f"run.output_dir={direct}"]))
+        a = np.load(tmp_path / "runs" / name / "scores.npz")["scores"]
+        b = np.load(direct / "scores.npz")["scores"]
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_a_failed_run_does_not_stop_the_others(synthetic_coco, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from rich.progress import track
 from retrieval.config import ConfigError
 from retrieval.errors import differences
 from retrieval.representatives import Representatives
+from retrieval.retrievers.clip import ClipRetriever
 from retrieval.retrievers.cluster_clip import DENSE_FEATURE_KEYS
 from retrieval.retrievers.dense_clip import DenseClipRetriever
 from retrieval.store import ShardStore
@@ -58,6 +59,17 @@ def cells_alone(stored: Representatives, dense_config: dict[str, Any]) -> Repres
     return Representatives(stored.embeddings[:, :cells], stored.mask[:, :cells], boxes)
 
 
+GLOBAL_SOURCE_KEYS = ("model", "pretrained", "weights_sha256")
+
+
+def global_alone(stored: Representatives) -> Representatives:
+    """The global embedding a CLIP + Dense-CLIP run stored after its cells (whole-image
+    box): the ``clip`` retriever's own embedding when that run's ``global_pass`` is
+    ``native`` (the same model on the same resize + centre-crop view)."""
+    boxes = None if stored.boxes is None else stored.boxes[:, -1:]
+    return Representatives(stored.embeddings[:, -1:], stored.mask[:, -1:], boxes)
+
+
 def deriver(
     retriever: Any, dense_config: dict[str, Any]
 ) -> Callable[[Representatives], Representatives]:
@@ -86,9 +98,22 @@ def deriver(
                 "settings: " + "; ".join(diff)
             )
         return lambda stored: cells_alone(stored, dense_config)
+    if isinstance(retriever, ClipRetriever) and retriever.config.get("resolution") is None:
+        source = {k: dense_config.get(k) for k in GLOBAL_SOURCE_KEYS}
+        diff = differences(source, {k: retriever.config.get(k) for k in GLOBAL_SOURCE_KEYS})
+        if not (dense_config.get("with_global") and dense_config.get("global_pass") == "native"):
+            diff.append("the Dense-CLIP run kept no native-size global embedding")
+        if diff:
+            raise ConfigError(
+                "store.dense_from: a clip run takes the global embedding of a dense_clip "
+                "run with with_global=true, global_pass=native and the same model: "
+                + "; ".join(diff)
+            )
+        return global_alone
     raise ConfigError(
         "store.dense_from needs a retriever that aggregates Dense-CLIP features "
-        "(retriever.name=cluster_clip) or a dense_clip run without with_global"
+        "(retriever.name=cluster_clip), a dense_clip run without with_global, or a clip "
+        "run at its native size (from a dense_clip run with global_pass=native)"
     )
 
 

@@ -17,6 +17,7 @@ from retrieval.report.plots import plot_run
 from retrieval.report.sizes import PER_SIZE_FILE, ap_by_size, size_bins
 from retrieval.report.wandb_log import log_to_wandb
 from retrieval.store import ScoreResult
+from retrieval.store.shards import write_atomic
 
 PER_CATEGORY_KEYS = ("ap@{k}", "ap", "ap@{k}_hits", "ap@{k}_s-m", "ap_s-m")
 COUNT_KEYS = ("positives", "positives_s-m")
@@ -64,13 +65,15 @@ def write_run(
     gt: GroundTruth,
     scored: ScoreResult,
 ) -> None:
-    """Writes metrics.json, per_category.csv, scores.npz, summary.md; prints; logs wandb."""
+    """Writes per_category.csv, scores.npz, summary.md, plots, then metrics.json; prints;
+    logs wandb. ``metrics.json`` comes last and whole (a temporary name renamed into
+    place): its presence says every results file is there (`retrieval sweep` skips such
+    a run), so a run killed while writing them is scored again, not taken as done."""
     top_k = cfg.protocol.top_k
     rows = per_category_rows(metrics, gt, top_k)
     summary = headline(metrics)
-    (run_dir / "metrics.json").write_text(
-        json.dumps(_clean({**summary, "per_category": rows}), indent=2, default=str)
-    )
+    for stale in ("metrics.json", ".metrics.json.tmp"):  # results of an earlier scoring
+        (run_dir / stale).unlink(missing_ok=True)
     with open(run_dir / "per_category.csv", "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["category_id"])
         out.writeheader()
@@ -97,5 +100,7 @@ def write_run(
     (run_dir / PER_SIZE_FILE).write_text(json.dumps(_clean(per_size), indent=2))
     plots = plot_run(run_dir, rows, per_size, top_k)
     (run_dir / "summary.md").write_text(summary_markdown(cfg, summary, rows))
+    text = json.dumps(_clean({**summary, "per_category": rows}), indent=2, default=str)
+    write_atomic(run_dir / "metrics.json", lambda tmp: tmp.write_text(text))
     print_summary(cfg, summary, rows)
     log_to_wandb(cfg, run_dir, summary, rows, plots)

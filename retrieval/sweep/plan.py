@@ -7,7 +7,9 @@ from one extraction run (``store.dense_from``): a ``dense_clip`` row of the swee
 one matches, else a hidden run ``_extract-<backbone>-<resolution>-<n>`` added for it.
 Rows that append the global embedding (CLIP + X) need an extraction that kept it with
 the same ``global_pass``; a ``dense_clip`` row without it is then the extraction's cells
-alone. A lone row is embedded directly (an extraction would only add disk).
+alone, and a global CLIP row at its native size is the global embedding of an extraction
+whose ``global_pass`` is ``native`` (the same model on the same view). A lone row is
+embedded directly (an extraction would only add disk).
 """
 
 from __future__ import annotations
@@ -132,8 +134,49 @@ def share_extractions(runs: list[PlannedRun], out: Path) -> list[PlannedRun]:
                 continue
             run.source = source.name
             run.cfg.store.dense_from = str(source.run_dir)
-    first = [r for r in extractions if r.hidden or r in runs]
-    return first + [r for r in runs if r not in first]
+    everything = [*(e for e in extractions if e.hidden), *runs]
+    share_globals(everything)
+    sources = {r.source for r in everything}
+    first = [r for r in everything if r.name in sources]  # before the runs reading them
+    return first + [r for r in everything if r not in first]
+
+
+def _global_key(cfg: DictConfig) -> str:
+    """What fixes a native-size global CLIP embedding: data, model, weights, precision,
+    storage and seed (not the dense resolution: the global pass has its own view)."""
+    retriever = as_dict(cfg.retriever)
+    return json.dumps(
+        {
+            "data": data_fingerprint(cfg),
+            "model": [retriever.get(k) for k in ("backbone", "pretrained", "cache_dir")],
+            "precision": cfg.trainer.precision,
+            "dtype": cfg.store.dtype,
+            "seed": cfg.run.seed,
+        },
+        sort_keys=True,
+        default=str,
+    )
+
+
+def share_globals(runs: list[PlannedRun]) -> None:
+    """Points each global CLIP row at its native size to a Dense-CLIP backbone run that
+    keeps the same embedding (``with_global``, ``global_pass=native``): no pass of its own."""
+    native = {
+        _global_key(e.cfg): e
+        for e in runs
+        if e.uses_backbone
+        and e.cfg.retriever.name == "dense_clip"
+        and e.cfg.retriever.with_global
+        and e.cfg.retriever.global_pass == "native"
+    }
+    for run in runs:
+        cfg = run.cfg
+        if cfg.retriever.name != "clip" or cfg.retriever.resolution or cfg.store.dense_from:
+            continue
+        source = native.get(_global_key(cfg))
+        if source is not None:
+            run.source = source.name
+            cfg.store.dense_from = str(source.run_dir)
 
 
 def run_status(run: PlannedRun) -> None:
