@@ -248,3 +248,27 @@ def test_a_killed_sweep_completes_only_what_is_missing(synthetic_coco, tmp_path:
         killed = _metrics(tmp_path / "killed" / "runs" / name)
         whole = _metrics(tmp_path / "whole" / "runs" / name)
         assert killed["map@50"] == pytest.approx(whole["map@50"], abs=1e-9), name
+
+
+@pytest.mark.slow
+def test_a_sweep_over_two_processes_equals_one(synthetic_coco, tmp_path: Path) -> None:
+    """`retrieval sweep` under DDP (2 CPU processes, Lightning's launcher re-running the
+    command for rank 1): every row's metrics equal a one-process sweep's; rank 1 prints
+    nothing of the plan."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "retrieval.cli", "sweep", "scenes", *_data(synthetic_coco)]
+    base += [*FAST, "trainer.accelerator=cpu"]
+    for name, extra in (("one", []), ("two", ["trainer.devices=2", "trainer.strategy=ddp"])):
+        done = subprocess.run(
+            [*base, f"out={tmp_path / name}", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("[1/4] dense_clip") == 1
+    for row in SCENES_ROWS:
+        one, two = (_metrics(tmp_path / n / "runs" / row) for n in ("one", "two"))
+        for key in ("map@50", "map@50_s-m", "map"):
+            assert one[key] == pytest.approx(two[key], abs=1e-9), (row, key)

@@ -73,12 +73,13 @@ def print_plan(runs: list[PlannedRun], calibrate: bool, console: Console) -> Non
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from retrieval.engine.embedding import global_rank
     from retrieval.sweep.plan import plan_sweep
     from retrieval.sweep.run import run_sweep
     from retrieval.sweep.spec import list_sweeps, load_sweep
     from retrieval.sweep.summary import summarise
 
-    console = Console()
+    console = Console(quiet=global_rank() != 0)  # under DDP every process walks the plan
     if args.list:
         for name in list_sweeps():
             console.print(f"{name}: {load_sweep(name).description}")
@@ -89,8 +90,6 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(runs, args.calibrate, console)
         return 0
-    from retrieval.engine.embedding import global_rank
-
     outcome = run_sweep(runs, args.fail_fast, console)
     if global_rank() != 0:
         return 0
