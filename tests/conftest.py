@@ -46,3 +46,8 @@ def dense_run(synthetic_coco, tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     evaluate(cfg)
     return out
+
+
+# the search service's session fixtures (a real uvicorn server over built indexes), here so
+# that every test module shares one server instead of starting its own
+from serve_server import serve_indexes, served_index  # noqa: E402, F401

@@ -14,10 +14,10 @@ import logging
 import os
 import sys
 
-from retrieval.cli import compare, data, evaluate, export, index, listing, search
+from retrieval.cli import compare, data, evaluate, export, index, listing, search, serve, sweep
 from retrieval.errors import RetrievalError
 
-COMMANDS = (evaluate, listing, data, index, search, export, compare)
+COMMANDS = (evaluate, listing, data, index, search, export, compare, sweep, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

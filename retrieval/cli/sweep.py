@@ -60,11 +60,11 @@ def print_plan(runs: list[PlannedRun], calibrate: bool, console: Console) -> Non
     backbone = [r for r in runs if r.uses_backbone and r.status != "done"]
     embed = sum(estimates[r.name].left or 0 for r in backbone)
     unknown = sum(estimates[r.name].left is None for r in runs)
-    disk = sum(e.disk or 0 for e in known)
+    disk_total = sum(e.disk or 0.0 for e in known)
     line = (
         f"{len(runs)} runs ({sum(r.hidden for r in runs)} hidden extractions), "
         f"{sum(r.status == 'done' for r in runs)} done; {len(backbone)} backbone passes over "
-        f"{embed:,} images; disk {human_bytes(disk)}"
+        f"{embed:,} images; disk {human_bytes(disk_total)}"
         + (f" (+ {unknown} runs whose data cannot be read yet)" if unknown else "")
     )
     if calibrate:

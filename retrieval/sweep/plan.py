@@ -111,7 +111,8 @@ def share_extractions(runs: list[PlannedRun], out: Path) -> list[PlannedRun]:
     for members in groups.values():
         if len(members) < 2:
             continue
-        needs = sorted({_global_need(r.cfg) for r in members} - {None}) or [None]
+        passes = sorted({n for r in members if (n := _global_need(r.cfg)) is not None})
+        needs: list[str | None] = [*passes] or [None]
         sources: dict[str | None, PlannedRun] = {}
         for need in needs:
             own = next(
@@ -136,8 +137,8 @@ def share_extractions(runs: list[PlannedRun], out: Path) -> list[PlannedRun]:
             run.cfg.store.dense_from = str(source.run_dir)
     everything = [*(e for e in extractions if e.hidden), *runs]
     share_globals(everything)
-    sources = {r.source for r in everything}
-    first = [r for r in everything if r.name in sources]  # before the runs reading them
+    read = {r.source for r in everything}
+    first = [r for r in everything if r.name in read]  # before the runs reading them
     return first + [r for r in everything if r not in first]
 
 

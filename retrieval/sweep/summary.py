@@ -52,7 +52,7 @@ def table_rows(runs: Sequence[PlannedRun], groups: dict[str, list[str]]) -> list
         metrics = json.loads(path.read_text())
         for group, names in groups.items():
             metrics.update(group_means(metrics, names, group))
-        row = {"run": run.name, "run_dir": str(run.run_dir)}
+        row: dict[str, Any] = {"run": run.name, "run_dir": str(run.run_dir)}
         row.update({key: metrics.get(key) for key, _ in columns(groups)})
         row["reps_per_image"] = metrics["reps_per_image"]["mean"]
         row["random_weights"] = bool(metrics.get("random_weights"))

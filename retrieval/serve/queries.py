@@ -1,0 +1,183 @@
+"""Query vectors beyond one text, and the batch function that answers them.
+
+Every query becomes one unit vector ``q`` in the index's embedding space; an image's
+score is then, as for a plain text query, the max cosine of ``q`` over its
+representatives (so every backend answers it, exact or approximate):
+
+- text ``t``: the run's prompt-ensembled text embedding (``SearchIndex.embed``);
+- compound (``positive`` texts ``t_i`` with weights ``w_i``, ``negative`` texts ``n_j``,
+  ``negative_weight`` λ): ``p = normalise(Σ_i w_i t_i)``, ``n = normalise(Σ_j n_j)``,
+  ``q = normalise(p - λ n)`` (without negatives ``q = p``); see docs/serve.md;
+- by example (``image_id``, ``rep_index``): the stored representative itself;
+- by upload: the normalised mean of the picture's valid representatives as the run's
+  retriever encodes it (global CLIP: its one embedding; Dense-/Cluster-CLIP: the mean
+  over cells / clusters), a whole-picture query that needs no choice of region.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from retrieval.errors import ConfigError, RetrievalError
+from retrieval.index import SearchIndex
+from retrieval.index.base import Hit
+
+DEFAULT_NEGATIVE_WEIGHT = 0.5
+TINY = 1e-6  # a combined vector shorter than this has cancelled out
+
+
+@dataclass
+class Counters:
+    """What the bench reads per index: model calls (text batches and image encodes),
+    queries answered, and searches (one per batch and ``(top, where)`` group)."""
+
+    model_calls: int = 0
+    queries: int = 0
+    searches: int = 0
+
+
+@dataclass
+class Job:
+    """One request's query. ``texts`` are embedded with the batch's other texts and
+    ``combine`` turns their ``[T, D]`` embeddings into the query vector ``[D]``; a job
+    without texts brings its ``vector``. ``top=None`` asks for the vector alone."""
+
+    texts: list[str] = field(default_factory=list)
+    combine: Callable[[Tensor], Tensor] | None = None
+    vector: Tensor | None = None
+    top: int | None = None
+    where: str | None = None
+
+
+@dataclass
+class Answer:
+    vector: Tensor
+    hits: list[Hit]
+
+
+def first(embeddings: Tensor) -> Tensor:
+    """A plain text query: its own embedding."""
+    return embeddings[0]
+
+
+def compound(
+    positives: int, weights: list[float] | None = None, negative_weight: float | None = None
+) -> Callable[[Tensor], Tensor]:
+    """The combine function of a compound query whose texts are the ``positives``
+    positive texts followed by the negative ones (module docstring for the formula)."""
+    w = torch.tensor(weights if weights is not None else [1.0] * positives)
+    lam = DEFAULT_NEGATIVE_WEIGHT if negative_weight is None else negative_weight
+
+    def combine(embeddings: Tensor) -> Tensor:
+        pos = (w[:, None] * embeddings[:positives].float()).sum(dim=0)
+        if pos.norm() < TINY:
+            raise ConfigError("the weighted positive texts cancel out: change their weights")
+        q = F.normalize(pos, dim=0)
+        if len(embeddings) > positives:
+            neg = embeddings[positives:].float().sum(dim=0)
+            q = q - lam * F.normalize(neg, dim=0)
+            if q.norm() < TINY:
+                raise ConfigError(
+                    "the negative texts cancel the positive ones out: lower negative_weight"
+                )
+        return F.normalize(q, dim=0)
+
+    return combine
+
+
+def representative(
+    index: SearchIndex, image_id: int, rep_index: int
+) -> tuple[Tensor, tuple[float, float, float, float] | None]:
+    """The stored vector of representative ``rep_index`` of image ``image_id`` (from the
+    index's own table) and its box.
+
+    Raises:
+        LookupError: the index has no such live image, or the image no such representative
+            (the message lists the ones it has).
+    """
+    table = index.backend.require_table(allow_empty=True)
+    where = np.flatnonzero((table.image_ids == image_id) & ~table.removed)
+    if not len(where):
+        raise LookupError(f"image {image_id} is not in this index")
+    rows = table.rows_of(where[-1:])
+    slots = table.slots[rows]
+    match = rows[slots == rep_index]
+    if not len(match):
+        raise LookupError(
+            f"image {image_id} has no representative {rep_index}; its representatives are "
+            f"{', '.join(map(str, slots.tolist()))}"
+        )
+    row = int(match[0])
+    box = None
+    if table.boxes is not None:
+        x0, y0, x1, y1 = (float(v) for v in table.boxes[row])
+        box = (x0, y0, x1, y1)
+    vector = torch.from_numpy(table.vectors[row].astype(np.float32))
+    return vector, box
+
+
+@torch.no_grad()
+def picture_vector(index: SearchIndex, image: Image.Image) -> Tensor:
+    """An uploaded picture's query vector: its valid representatives, as the run's
+    retriever encodes them, averaged and normalised."""
+    retriever = index.retriever()
+    pixels = retriever.image_transform(image).unsqueeze(0)
+    device = next(retriever.parameters()).device
+    reps = retriever.encode_images(pixels.to(device))
+    emb, mask = reps.embeddings[0].float().cpu(), reps.mask[0].cpu()
+    return F.normalize(emb[mask].mean(dim=0), dim=0)
+
+
+def answer_batch(index: SearchIndex, jobs: list[Job], counters: Counters) -> list[object]:
+    """Answers a batch: all its texts in one ``index.embed`` call, then one
+    ``search_vectors`` call per ``(top, where)`` group. A job's error (a query that
+    cancels out, a bad filter) is its result; the others still get answers."""
+    texts = list(dict.fromkeys(t for job in jobs for t in job.texts))
+    results: list[object] = [None] * len(jobs)
+    vectors: dict[int, Tensor] = {}
+    embedded: Tensor | None = None
+    failed: RetrievalError | None = None
+    if texts:
+        try:
+            embedded = index.embed(texts)
+        except RetrievalError as err:
+            failed = err
+        counters.model_calls += 1
+    position = {t: i for i, t in enumerate(texts)}
+    for i, job in enumerate(jobs):
+        try:
+            if job.vector is not None:
+                vectors[i] = job.vector
+            elif failed is not None:
+                raise failed
+            else:
+                assert embedded is not None and job.combine is not None
+                vectors[i] = job.combine(embedded[[position[t] for t in job.texts]])
+        except RetrievalError as err:
+            results[i] = err
+    groups: dict[tuple[int | None, str | None], list[int]] = {}
+    for i in vectors:
+        groups.setdefault((jobs[i].top, jobs[i].where), []).append(i)
+    for (top, where), members in groups.items():
+        if top is None:
+            for i in members:
+                results[i] = Answer(vectors[i], [])
+            continue
+        counters.searches += 1
+        try:
+            found = index.search_vectors(torch.stack([vectors[i] for i in members]), top, where)
+        except RetrievalError as err:
+            for i in members:
+                results[i] = err
+            continue
+        for i, hits in zip(members, found, strict=True):
+            results[i] = Answer(vectors[i], hits)
+    counters.queries += sum(job.top is not None for job in jobs)
+    return results

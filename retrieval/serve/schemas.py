@@ -1,0 +1,85 @@
+"""Request bodies and response shapes of the API (validation, and the /docs page)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TOP = 1000
+Box = tuple[float, float, float, float]
+
+
+class Filters(BaseModel):
+    """Fields every POST search takes."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: str | None = Field(None, description="index name (optional when one is served)")
+    top: int = Field(50, ge=1, le=MAX_TOP, description="images to return")
+    where: str | None = Field(None, description='metadata filter, e.g. "width >= 1024"')
+
+
+class CompoundQuery(Filters):
+    """Positive texts (weighted) minus negative ones: see docs/serve.md for the formula."""
+
+    positive: list[str] = Field(min_length=1, description="texts the images should show")
+    negative: list[str] = Field(default_factory=list, description="texts they should not")
+    weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        None, description="one weight per positive text (default 1 each)"
+    )
+    negative_weight: float | None = Field(
+        None, ge=0, le=10, allow_inf_nan=False, description="λ: how hard negatives push away"
+    )
+
+
+class ExampleQuery(Filters):
+    """More like this region: the stored representative ``rep_index`` of ``image_id``."""
+
+    image_id: int
+    rep_index: int = Field(ge=0)
+
+
+class HitOut(BaseModel):
+    rank: int
+    image_id: int
+    score: float
+    rep_index: int
+    box: Box | None = Field(description="x0, y0, x1, y1 in 0..1, or null")
+    file_name: str | None
+    path: str | None
+    image_url: str
+
+
+class SearchOut(BaseModel):
+    index: str
+    query: dict[str, Any]
+    top: int
+    took_ms: float
+    recall: dict[str, Any]
+    hits: list[HitOut]
+
+
+class IndexOut(BaseModel):
+    name: str
+    backend: str
+    retriever: dict[str, Any]
+    images: int
+    representatives: int
+    embed_dim: int
+    recall: dict[str, Any]
+    generation: int
+    metadata_columns: list[str]
+    random_weights: bool
+
+
+class IndexesOut(BaseModel):
+    indexes: list[IndexOut]
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem} for code in (400, 401, 404, 413, 422)
+}

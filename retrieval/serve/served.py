@@ -1,0 +1,96 @@
+"""One index as the server holds it: opened once, its model loaded, its own batcher,
+worker thread, image lookups and counters."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch import Tensor
+
+from retrieval.index import SearchIndex, open_index
+from retrieval.index.base import Hit
+from retrieval.serve.batching import Batcher
+from retrieval.serve.images import ImageFiles
+from retrieval.serve.queries import Answer, Counters, Job, answer_batch, picture_vector
+
+
+class ServedIndex:
+    """An index behind the API.
+
+    Args:
+        name: what requests call it (``?index=NAME``, ``/api/images/NAME/...``).
+        folder: the index folder.
+        device: where its model and exact search run.
+        max_batch, wait_ms: the batcher's settings.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        folder: str | Path,
+        device: str = "auto",
+        max_batch: int = 64,
+        wait_ms: float = 2.0,
+    ) -> None:
+        self.name = name
+        self.index: SearchIndex = open_index(folder, device)
+        self.retriever = self.index.retriever()  # loaded now, not on the first query
+        self.counters = Counters()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"index-{name}")
+        self.batcher: Batcher[Job, Answer] = Batcher(
+            self.run_batch, self.executor, max_batch, wait_ms
+        )
+        self.images = ImageFiles(name, self.index)
+        self.images.paths([])  # the id -> file map, built now rather than by a request
+        self.index.metadata()  # so is the filter table (a broken one fails at start)
+
+    def encode_picture(self, image: Image.Image) -> Tensor:
+        """An uploaded picture's query vector (in the worker thread, counted as a model call)."""
+        self.counters.model_calls += 1
+        return picture_vector(self.index, image)
+
+    def run_batch(self, jobs: list[Job]) -> list[Any]:
+        return answer_batch(self.index, jobs, self.counters)
+
+    def info(self) -> dict[str, Any]:
+        """The index as ``GET /api/indexes`` lists it."""
+        m = self.index.manifest
+        return {
+            "name": self.name,
+            "backend": m["backend"],
+            "retriever": m["retriever"],
+            "images": m["images"],
+            "representatives": m["representatives"],
+            "embed_dim": self.index.embed_dim,
+            "recall": self.index.recall,
+            "generation": self.index.generation,
+            "metadata_columns": self.index.metadata().column_names,
+            "random_weights": bool(getattr(self.retriever, "random_weights", False)),
+        }
+
+    def hits_json(self, hits: list[Hit]) -> list[dict[str, Any]]:
+        """Hits as the API returns them: rank, id, score, representative, box, file."""
+        files = self.images.paths([h.image_id for h in hits])
+        out = []
+        for rank, hit in enumerate(hits, start=1):
+            path = files.get(hit.image_id)
+            out.append(
+                {
+                    "rank": rank,
+                    "image_id": hit.image_id,
+                    "score": hit.score,
+                    "rep_index": hit.rep_index,
+                    "box": None if hit.box is None else list(hit.box),
+                    "file_name": None if path is None else path.name,
+                    "path": None if path is None else str(path),
+                    "image_url": f"/api/images/{self.name}/{hit.image_id}",
+                }
+            )
+        return out
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.index.close()
