@@ -18,6 +18,10 @@ setup: $(VENV)/.installed
 # results-scenes
 demo: setup
 	$(VENV)/bin/retrieval sweep scenes
+	$(VENV)/bin/retrieval index build outputs/scenes/runs/cluster_clip_km \
+		--out outputs/scenes/index --no-progress
+	@echo "search it in a browser: $(VENV)/bin/retrieval serve outputs/scenes/index" \
+		"(then open http://127.0.0.1:8000/)"
 
 # the same benchmark (shipped and random weights), also rewriting the committed tables
 results-scenes: setup

@@ -560,6 +560,17 @@ def load_stored_config(path: str | Path) -> DictConfig:
         raise ConfigError(f"{path}: {err} (written by another version? re-run that run)") from None
 
 
+def with_absolute_paths(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` whose ``data.*`` values naming an existing file or folder are
+    absolute: a run's stored config then finds its images from any working directory
+    (``retrieval serve``, the gallery), as the data fingerprint already does."""
+    out = cfg.copy()
+    for key, value in (cfg.data or {}).items():
+        if isinstance(value, str) and value and Path(value).exists():
+            out.data[key] = str(Path(value).resolve())
+    return out
+
+
 def to_yaml(cfg: DictConfig) -> str:
     """The resolved config as YAML (what a run folder's ``config.yaml`` holds)."""
     return OmegaConf.to_yaml(cfg, resolve=True)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 import retrieval
-from retrieval.config import as_dict, to_yaml
+from retrieval.config import as_dict, to_yaml, with_absolute_paths
 from retrieval.data.base import file_identity
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.parts import RunParts, build_parts
@@ -254,4 +254,4 @@ def _start_store(store: ShardStore, fingerprint: dict, run_dir: Path, cfg: DictC
     store.remove_partial_files()
     store.write_manifest(fingerprint=fingerprint, format=1, code_version=retrieval.__version__)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "config.yaml").write_text(to_yaml(with_absolute_paths(cfg)))

@@ -27,6 +27,7 @@ from retrieval.config import (
     load_stored_config,
     retriever_schema,
     validate,
+    with_absolute_paths,
 )
 from retrieval.errors import ConfigError, RetrievalError, differences
 from retrieval.factory import data_fingerprint
@@ -201,7 +202,7 @@ def run_status(run: PlannedRun) -> None:
 
 
 def _compared(cfg: DictConfig) -> dict[str, Any]:
-    plain = as_dict(cfg)
+    plain = as_dict(with_absolute_paths(cfg))
     for key in COSMETIC:
         section, _, last = key.rpartition(".")
         node = plain.get(section, {}) if section else plain
