@@ -130,3 +130,20 @@ def test_rescoring_reuses_embeddings(synthetic_coco, tmp_path: Path, monkeypatch
     assert "map@5" in second.metrics and second.metrics["protocol"]["prompts"] == "single"
     with pytest.raises(ConfigError, match="different settings"):
         evaluate(load_config("demo", [*base, "retriever.backbone=ViT-tiny"]))
+
+
+def test_a_run_stores_its_data_paths_absolute(synthetic_coco, tmp_path: Path, monkeypatch) -> None:
+    """Relative data paths on the command line are stored absolute in the run's
+    config.yaml, so a server or a gallery started from another folder finds the images;
+    the embeddings' data fingerprint is the same either way."""
+    from retrieval.config import load_stored_config
+    from retrieval.store import ShardStore
+
+    ann, images = synthetic_coco
+    monkeypatch.chdir(ann.parent)
+    evaluate(load_config("demo", _overrides((Path(ann.name), Path(images.name)), tmp_path / "r")))
+    stored = load_stored_config(tmp_path / "r" / "config.yaml")
+    assert stored.data.annotations == str(ann.resolve())
+    assert stored.data.images == str(images.resolve())
+    fingerprint = ShardStore(tmp_path / "r" / "embeddings").read_manifest()["fingerprint"]
+    assert fingerprint["data"]["annotations"] == str(ann.resolve())
