@@ -6,6 +6,13 @@ on the sphere with a Zipf frequency, so some are rare, as in mining; each image 
 noise, standing in for text). Half the queries tune approximate backends to
 ``--target``; recall@K is measured on the other half against the exact backend, whose
 times every ratio divides. Query time is one query at a time (the latency a user sees).
+Indexing rate is representatives per second of build; for Milvus the insert requests'
+own rate is shown beside it (its build also flushes, indexes and loads).
+
+``milvus`` is milvus-lite in the index folder; ``milvus-server`` a real Milvus server
+(the PyPI ``milvus`` package, 2.3.5 here) started in a temporary folder for the run
+(``--milvus-server``, on when that package is installed; tests/milvus_server.py starts
+it, on loopback), one collection per size.
 
     python bench/bench_search.py --sizes 10000 100000 1000000 --dim 512
 """
@@ -13,12 +20,17 @@ times every ratio divides. Query time is one query at a time (the latency a user
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +38,7 @@ import torch.nn.functional as F
 
 from retrieval.index import Backend, create_backend
 from retrieval.index.exact import exact_search
+from retrieval.index.milvus_backend import MilvusBackend
 from retrieval.index.tuning import recall_at_k
 from retrieval.representatives import Representatives
 
@@ -61,13 +74,68 @@ def make_queries(count: int, centres: torch.Tensor, seed: int) -> torch.Tensor:
     return F.normalize(centres[pick] + 1.0 * noise, dim=1)
 
 
-def build(name: str, folder: Path, data: Iterator, dim: int, device: str) -> tuple[Backend, float]:
+SERVER = "milvus-server"  # the milvus backend on the run's Milvus server
+
+
+@contextmanager
+def milvus_server(enabled: bool) -> Iterator[Any]:
+    """A Milvus server in a temporary folder for the run, or None."""
+    if not enabled:
+        yield None
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from milvus_server import MilvusTestServer
+
+    with tempfile.TemporaryDirectory(prefix="bench_milvus_") as tmp:
+        server = MilvusTestServer(Path(tmp))
+        server.start()
+        os.environ["MILVUS_TOKEN"] = server.token
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (the Milvus server's, which holds its collections)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return 1024 * int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS")))
+
+
+def timed_inserts(backend: Backend) -> list[float]:
+    """Seconds the milvus backend spends in insert requests (a one-item list, filled
+    during the build); empty for other backends."""
+    if not isinstance(backend, MilvusBackend):
+        return []
+    spent, insert = [0.0], backend._insert
+
+    def timed(rows: np.ndarray, progress: bool) -> None:
+        start = time.perf_counter()
+        insert(rows, progress)
+        spent[0] += time.perf_counter() - start
+
+    backend._insert = timed  # type: ignore[method-assign]
+    return spent
+
+
+def build(
+    name: str, folder: Path, data: Iterator, dim: int, device: str, options: dict[str, Any]
+) -> tuple[Backend, float, list[float]]:
     start = time.perf_counter()
-    backend = create_backend(name, folder, dim, device)
+    backend = create_backend(name, folder, dim, device, **options)
+    inserts = timed_inserts(backend)
     for ids, reps in data:
         backend.add(ids, reps)
     backend.finish(progress=False)
-    return backend, time.perf_counter() - start
+    return backend, time.perf_counter() - start, inserts
+
+
+def backend_options(name: str, rows: int, args: argparse.Namespace) -> tuple[str, dict]:
+    """The registered backend behind a bench name, and its options."""
+    if name != SERVER:
+        return name, {}
+    options = {"uri": args.milvus.uri, "collection": f"bench_{rows}"}
+    return "milvus", {**options, "index_type": args.milvus_server_index}
 
 
 def latency_ms(backend: Backend, queries: torch.Tensor, k: int) -> float:
@@ -90,8 +158,9 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
     for name in args.backends:
         folder = root / f"{rows}-{name}"
         data = batches(rows, args.reps, centres, freq, seed=2)
-        backend, build_s = build(name, folder, data, args.dim, args.device)
-        table = backend.table
+        kind, options = backend_options(name, rows, args)
+        backend, build_s, inserts = build(kind, folder, data, args.dim, args.device, options)
+        table = backend.require_table()
         k = min(args.k, table.num_images)
         truth = [table.owner[r] for r, _ in exact_search(table, queries, k, args.device)]
         start = time.perf_counter()
@@ -104,6 +173,8 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
             "images": table.num_images,
             "backend": name,
             "build_s": build_s,
+            "rows_per_s": table.num_rows / build_s,
+            "insert_rows_per_s": table.num_rows / inserts[0] if inserts else None,
             "tune_s": tune_s,
             "query_ms": latency_ms(backend, held_q, k),
             f"recall@{k}": recall,
@@ -111,12 +182,16 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
             "disk_bytes_per_image": disk / table.num_images,
             "settings": {k_: v for k_, v in backend.state().items() if k_ != "train_size"},
         }
+        if name == SERVER:  # its collections live in the server process, not this one
+            row["server_rss_bytes"] = rss_bytes(args.milvus.pid)
         exact = exact or row
         row["query_speedup_vs_exact"] = exact["query_ms"] / row["query_ms"]
         row["memory_vs_exact"] = row["memory_bytes_per_image"] / exact["memory_bytes_per_image"]
         row["build_vs_exact"] = row["build_s"] / exact["build_s"]
         results.append(row)
         print(json.dumps(row), flush=True)
+        if isinstance(backend, MilvusBackend) and not backend.lite:  # else kept loaded
+            backend.client.drop_collection(options["collection"], timeout=60)
         backend.close()
         del backend
         shutil.rmtree(folder, ignore_errors=True)
@@ -125,14 +200,16 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
 
 def markdown(rows: list[dict], k: int) -> str:
     head = (
-        f"| reps | backend | build s | query ms | x exact | recall@{k} | mem B/img | "
-        "x exact | disk B/img | settings |"
+        f"| reps | backend | build s | rows/s (insert) | query ms | x exact | recall@{k} | "
+        "mem B/img | x exact | disk B/img | settings |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         recall = next(v for key, v in r.items() if key.startswith("recall@"))
+        insert = f" ({r['insert_rows_per_s']:,.0f})" if r["insert_rows_per_s"] else ""
         lines.append(
             f"| {r['representatives']:,} | {r['backend']} | {r['build_s']:.2f} | "
+            f"{r['rows_per_s']:,.0f}{insert} | "
             f"{r['query_ms']:.2f} | {r['query_speedup_vs_exact']:.1f} | {recall:.3f} | "
             f"{r['memory_bytes_per_image']:,.0f} | {r['memory_vs_exact']:.2f} | "
             f"{r['disk_bytes_per_image']:,.0f} | {json.dumps(r['settings'])} |"
@@ -146,8 +223,17 @@ def main() -> None:
     parser.add_argument(
         "--backends",
         nargs="+",
-        default=["exact", "faiss-flat", "faiss-ivfpq", "lancedb", "milvus"],
-        help="exact first: the others' ratios divide by it",
+        default=["exact", "faiss-flat", "faiss-ivfpq", "lancedb", "milvus", SERVER],
+        help=f"exact first: the others' ratios divide by it ({SERVER}: see --milvus-server)",
+    )
+    parser.add_argument(
+        "--milvus-server",
+        action=argparse.BooleanOptionalAction,
+        default=importlib.util.find_spec("milvus") is not None,
+        help=f"start a Milvus server for {SERVER} (default: when `milvus` is installed)",
+    )
+    parser.add_argument(
+        "--milvus-server-index", default="HNSW", help=f"{SERVER}'s index_type (default HNSW)"
     )
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--reps", type=int, default=16, help="representatives per image")
@@ -160,9 +246,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.backends[0] != "exact":
         parser.error("--backends must start with exact (the reference)")
+    if SERVER in args.backends and not args.milvus_server:
+        print(f"{SERVER} skipped: no Milvus server (pip install milvus, or --milvus-server)")
+        args.backends.remove(SERVER)
     torch.set_grad_enabled(False)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
+    server = args.milvus_server and SERVER in args.backends
+    with milvus_server(server) as args.milvus, tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             rows += measure_size(size, args, Path(tmp))
     print(markdown(rows, args.k))
