@@ -37,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the server launcher and run writer the tests use
 
+from fake_runs import tiny_dense_run  # noqa: E402
 from serve_server import GRID, start_server, write_vector_run  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
@@ -46,26 +47,10 @@ GOAL = 2.0  # throughput at concurrency 16 over concurrency 1 (issue 17)
 
 def source_run(root: Path) -> Path:
     """The test suite's tiny Dense-CLIP run (tests/conftest.py ``dense_run``)."""
-    from retrieval.config import load_config
     from retrieval.data.synthetic import make_synthetic_coco
-    from retrieval.engine import evaluate
 
     ann, images = make_synthetic_coco(root / "synthetic", num_images=24, seed=3)
-    overrides = [
-        f"data.annotations={ann}",
-        f"data.images={images}",
-        f"run.output_dir={root / 'source'}",
-        "run.progress=false",
-        "loader.num_workers=0",
-        "logger.wandb.mode=disabled",
-        "retriever=dense_clip_rn50",
-        "retriever.backbone=RN-tiny",
-        "retriever.pretrained=null",
-        "retriever.resolution=128",
-        "text.prompts=single",
-    ]
-    evaluate(load_config("demo", overrides))
-    return root / "source"
+    return tiny_dense_run(ann, images, root / "source")
 
 
 def queries(count: int, seed: int) -> list[str]:

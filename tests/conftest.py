@@ -23,29 +23,9 @@ def synthetic_coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 @pytest.fixture(scope="session")
 def dense_run(synthetic_coco, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Dense-CLIP run (tiny random-weight backbone, 4 x 4 cells) made by `evaluate`."""
-    from retrieval.config import load_config
-    from retrieval.engine import evaluate
+    from fake_runs import tiny_dense_run
 
-    ann, images = synthetic_coco
-    out = tmp_path_factory.mktemp("dense_run")
-    cfg = load_config(
-        "demo",
-        [
-            f"data.annotations={ann}",
-            f"data.images={images}",
-            f"run.output_dir={out}",
-            "run.progress=false",
-            "loader.num_workers=0",
-            "logger.wandb.mode=disabled",
-            "retriever=dense_clip_rn50",
-            "retriever.backbone=RN-tiny",
-            "retriever.pretrained=null",
-            "retriever.resolution=128",
-            "text.prompts=single",
-        ],
-    )
-    evaluate(cfg)
-    return out
+    return tiny_dense_run(*synthetic_coco, tmp_path_factory.mktemp("dense_run"))
 
 
 # the search service's session fixtures (a real uvicorn server over built indexes), here so

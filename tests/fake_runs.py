@@ -52,3 +52,27 @@ def write_collection(
         **(columns or {}),
     }
     pq.write_table(pa.table(table), run / "images.parquet")
+
+
+def tiny_dense_run(annotations: Path, images: Path, out: Path) -> Path:
+    """A real Dense-CLIP run by ``evaluate`` (tiny random-weight RN, 128 px = 4 x 4 cells,
+    the single prompt) over a COCO-format set: the suite's ``dense_run`` and the serve
+    bench's text encoder."""
+    from retrieval.config import load_config
+    from retrieval.engine import evaluate
+
+    overrides = [
+        f"data.annotations={annotations}",
+        f"data.images={images}",
+        f"run.output_dir={out}",
+        "run.progress=false",
+        "loader.num_workers=0",
+        "logger.wandb.mode=disabled",
+        "retriever=dense_clip_rn50",
+        "retriever.backbone=RN-tiny",
+        "retriever.pretrained=null",
+        "retriever.resolution=128",
+        "text.prompts=single",
+    ]
+    evaluate(load_config("demo", overrides))
+    return out
