@@ -296,6 +296,7 @@ def test_create_retriever_round_trip_with_every_keyword(tmp_path):
         positional=True,
         with_global=True,
         global_pass="native",
+        dense_attention="maskclip",
     )
     assert set(kwargs) == set(RETRIEVERS.parameters("dense_clip"))
     retriever = create_retriever("dense_clip", **kwargs)

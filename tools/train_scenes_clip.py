@@ -1,4 +1,4 @@
-"""Trains RN-scenes, a small CLIP, on generated scenes: the offline benchmark's model.
+"""Trains RN-scenes or ViT-scenes, small CLIPs, on generated scenes: the offline benchmark.
 
 Pretrained CLIP weights cannot be downloaded offline, and random weights give chance
 metrics. This script trains an open_clip ModifiedResNet CLIP (``RN-scenes``, attention
@@ -14,9 +14,15 @@ object under ~32 px shrinks below what the model ever saw; Dense-CLIP reads the 
 image at 256 px (8 x 8 cells), where each cell sees small objects at their training
 scale.
 
+``--model ViT-scenes`` trains the same way a small ViT (``retrieval/model_configs/
+ViT-scenes.json``: 8 px patches, class-token pooling), the model of the ViT rows
+(``configs/experiment/scenes_vit_*``, Dense-CLIP's attention variants); its weights
+default to ``retrieval/weights/ViT-scenes.safetensors`` (``retriever.pretrained=scenes-vit``).
+
 Usage::
 
     python tools/train_scenes_clip.py                       # the shipped recipe
+    python tools/train_scenes_clip.py --model ViT-scenes --steps 1000   # the shipped ViT
     python tools/train_scenes_clip.py --steps 200 --out /tmp/try.safetensors  # a quick try
 
 Outputs: the weights (fp16 safetensors), a JSON-lines log, the loss curve PNG and the
@@ -69,10 +75,10 @@ from retrieval.data.synthetic import (  # noqa: E402
     scenes_options,
     size_word,
 )
-from retrieval.retrievers.openclip_loader import BUNDLED  # noqa: E402  (registers RN-scenes)
+from retrieval.retrievers.openclip_loader import BUNDLED  # noqa: E402  (registers *-scenes)
 
-WEIGHTS = BUNDLED["scenes"][1]
-CARD = WEIGHTS.with_suffix(".md")
+WEIGHTS = {model: path for model, path in BUNDLED.values()}
+"""Model -> where its shipped weights live (the card: the same name, ``.md``)."""
 TEMPLATES = (
     "a photo of {}.",
     "a photo of {}.",
@@ -280,7 +286,7 @@ def save_weights(model: torch.nn.Module, path: Path, meta: dict[str, str]) -> No
     save_file(state, str(path), metadata=meta)
 
 
-def loss_curve(log: list[dict], path: Path) -> None:
+def loss_curve(log: list[dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +301,7 @@ def loss_curve(log: list[dict], path: Path) -> None:
     if len(loss) >= window:
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         ax[0].plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
-    ax[0].set(xlabel="step", ylabel="contrastive loss", title="RN-scenes training loss")
+    ax[0].set(xlabel="step", ylabel="contrastive loss", title=f"{model} training loss")
     ax[0].legend()
     for key in ("pair_seen", "pair_held_out", "colour", "shape"):
         ax[1].plot([r["step"] for r in probes], [r["probe"][key] for r in probes], "o-", label=key)
@@ -333,7 +339,7 @@ def train(recipe: Recipe, args: argparse.Namespace) -> dict:
     args.log.parent.mkdir(parents=True, exist_ok=True)
     log_file = args.log.open("w")
     train_start = time.perf_counter()
-    bar = tqdm(range(recipe.steps), desc="training RN-scenes", unit="step", mininterval=5)
+    bar = tqdm(range(recipe.steps), desc=f"training {recipe.model}", unit="step", mininterval=5)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
@@ -399,17 +405,37 @@ def render_note(seconds: float) -> str:
     return f"took {seconds / 60:.1f} min to render"
 
 
+def tower_text(model: torch.nn.Module, name: str):
+    """The card's description of the image tower, and its grid at a given input side."""
+    visual = model.visual
+    config = f"`retrieval/model_configs/{name}.json`"
+    if isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
+        text = (
+            f"An open_clip CLIP with a ModifiedResNet image tower and attention pool ({config}), "
+            "so Dense-CLIP and Cluster-CLIP apply to it exactly as to OpenAI's RN50."
+        )
+        return text, lambda side: f"{side // 32} x {side // 32} attention-pool grid"
+    patch = visual.patch_size[0]
+    blocks = len(visual.transformer.resblocks)
+    text = (
+        f"An open_clip CLIP with a ViT image tower ({config}: {patch} px patches, {blocks} "
+        f"blocks of width {visual.transformer.width}, class-token pooling), so Dense-CLIP's "
+        "last-block variants (MaskCLIP, SCLIP, ClearCLIP, NACLIP) apply to it as to OpenAI's "
+        "ViT-B/16."
+    )
+    return text, lambda side: f"{side // patch} x {side // patch} patch grid"
+
+
 def write_card(path: Path, recipe: Recipe, result: dict, weights: Path, curve: Path) -> None:
     model = result["model"]
     params = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for p in model.visual.parameters())
     probe_ = result["final_probe"]
-    card = f"""# RN-scenes: a small CLIP trained on generated scenes
+    tower, grid = tower_text(model, recipe.model)
+    card = f"""# {recipe.model}: a small CLIP trained on generated scenes
 
 The model behind the offline benchmark (`configs/experiment/scenes_*.yaml`,
-`tools/run_scenes_benchmark.py`). An open_clip CLIP with a ModifiedResNet image tower
-and attention pool (`retrieval/model_configs/RN-scenes.json`), so Dense-CLIP and
-Cluster-CLIP apply to it exactly as to OpenAI's RN50. It knows 8 colours x 8 shapes
+`tools/run_scenes_benchmark.py`). {tower} It knows 8 colours x 8 shapes
 and nothing else: it is a test instrument, not a general model.
 
 | | |
@@ -418,7 +444,7 @@ and nothing else: it is a test instrument, not a general model.
 ({weights.stat().st_size / 2**20:.1f} MiB, fp16 safetensors, an open_clip state dict) |
 | parameters | {params / 1e6:.2f} M ({vision / 1e6:.2f} M image tower; most of the rest is \
 the 49,408-token embedding table of the CLIP BPE tokenizer) |
-| input | 64 x 64 (2 x 2 attention-pool grid); Dense-CLIP reads 256 x 256 (8 x 8 cells) |
+| input | 64 x 64 ({grid(64)}); Dense-CLIP reads 256 x 256 ({grid(256)} cells) |
 | text | CLIP BPE tokenizer, context length {model.context_length} |
 
 ## Training data
@@ -482,12 +508,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         else:
             parser.add_argument(flag, type=type(value), default=value)
-    parser.add_argument("--out", type=Path, default=WEIGHTS, help="weights (.safetensors)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="weights (.safetensors; default: the shipped file of --model, "
+        + ", ".join(f"{m}: {p.name}" for m, p in WEIGHTS.items())
+        + ")",
+    )
     parser.add_argument(
         "--card",
         type=Path,
         default=None,
-        help=f"write the model card here (the shipped one: {CARD})",
+        help="write the model card here (the shipped one: the weights' name, .md)",
     )
     parser.add_argument("--log", type=Path, default=None, help="JSON lines (default: OUT.jsonl)")
     parser.add_argument("--curve", type=Path, default=None, help="PNG (default: OUT-loss.png)")
@@ -508,6 +541,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.model_config:
         open_clip.add_model_config(args.model_config)
     recipe = Recipe(**{f: getattr(args, f) for f in asdict(defaults)})
+    if args.out is None:
+        if recipe.model not in WEIGHTS:
+            parser.error(f"--out is required for {recipe.model} (no shipped weights)")
+        args.out = WEIGHTS[recipe.model]
     stem = args.out.with_suffix("")
     args.log = args.log or stem.with_name(stem.name + "-train.jsonl")
     args.curve = args.curve or stem.with_name(stem.name + "-loss.png")
@@ -519,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "probe": json.dumps(result["final_probe"]),
     }
     save_weights(result["model"], args.out, meta)
-    loss_curve(result["log"], args.curve)
+    loss_curve(result["log"], args.curve, recipe.model)
     if args.card:
         write_card(args.card, recipe, result, args.out, args.curve)
     print(

@@ -33,7 +33,7 @@ class OpenClipRetriever(Retriever):
         self.tokenizer = loaded.tokenizer
         self.image_transform = loaded.preprocess
         self.random_weights = loaded.random_weights
-        self.embed_dim = int(self.model.text_projection.shape[-1])
+        self.embed_dim = loaded.embed_dim
         self.config: dict[str, Any] = {
             "backbone": backbone,
             "model": loaded.model_name,

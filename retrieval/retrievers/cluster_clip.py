@@ -26,6 +26,7 @@ from retrieval.representatives import Representatives
 from retrieval.retrievers.clip import FULL_IMAGE_BOX
 from retrieval.retrievers.dense_clip import DenseClipRetriever, DenseOutput
 from retrieval.retrievers.dense_features import Grid
+from retrieval.retrievers.vit_attention import DenseAttention
 
 # The keys each method reads; any other key must stay null (see AggregateOptions).
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
@@ -170,7 +171,7 @@ def append_global(reps: Representatives, global_embedding: Tensor) -> Representa
 
 
 # What fixes the Dense-CLIP features a Cluster-CLIP run may re-aggregate.
-DENSE_FEATURE_KEYS = ("model", "pretrained", "resolution", "positional")
+DENSE_FEATURE_KEYS = ("model", "pretrained", "resolution", "positional", "dense_attention")
 GLOBAL_KEYS = ("with_global", "global_pass")
 
 
@@ -186,8 +187,9 @@ class ClusterClipRetriever(DenseClipRetriever):
 
     Args:
         backbone, pretrained, resolution, cache_dir, positional, with_global,
-            global_pass: as ``dense_clip`` (the features being clustered, and the
-            appended global embedding).
+            global_pass, dense_attention: as ``dense_clip`` (the features being
+            clustered, and the appended global embedding). The aggregators only see
+            cell embeddings, so every backbone and attention variant clusters alike.
         aggregate: the aggregation (:class:`AggregateOptions`, or a mapping of its keys).
         keep_members: also store ``extras["members"]``, the ``[B, R, N]`` bool mask of
             each representative's cells (the global one has none), for visualising
@@ -207,11 +209,19 @@ class ClusterClipRetriever(DenseClipRetriever):
         global_pass: str = "same",
         aggregate: AggregateOptions = DEFAULT_AGGREGATE,
         keep_members: bool = False,
+        dense_attention: DenseAttention = "maskclip",
     ) -> None:
         options = AggregateOptions.coerce(aggregate)  # fail before the slow model load
         aggregator = options.build()
         super().__init__(
-            backbone, pretrained, resolution, cache_dir, positional, with_global, global_pass
+            backbone,
+            pretrained,
+            resolution,
+            cache_dir,
+            positional,
+            with_global,
+            global_pass,
+            dense_attention,
         )
         self.aggregate = options
         self.aggregator = aggregator

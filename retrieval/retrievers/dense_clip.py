@@ -29,6 +29,7 @@ from retrieval.retrievers.dense_features import (
     dense_features,
     is_resnet,
 )
+from retrieval.retrievers.vit_attention import DenseAttention
 
 if TYPE_CHECKING:
     from retrieval.retrievers.openclip_loader import ClipModel, ClipVisual
@@ -112,7 +113,13 @@ class DenseClipRetriever(OpenClipRetriever):
     own value (``out_proj(v_proj(ln_1(x)))``), then the block's residual and MLP,
     ``ln_post`` and ``proj``, as MaskCLIP does. Only the query-key mixing (which pulls
     every token towards image-level content) is removed; every map after it is the one
-    the class token takes into the joint space.
+    the class token takes into the joint space. ``dense_attention`` swaps in SCLIP,
+    ClearCLIP or NACLIP's last block instead (``vit_attention``, docs/dense_attention.md).
+
+    SigLIP / SigLIP2 (timm ViTs with a MAP attention-pool head): a patch's embedding is
+    the MAP head's output had it attended to that patch alone (its value path, then its
+    MLP residual; ``siglip_features``), after the trunk's last block (as trained for
+    ``maskclip``, rewritten for the other variants).
 
     Preprocessing: squash to ``resolution x resolution`` (no crop), the backbone's
     interpolation and mean / std. Grid = resolution / 32 (ResNet) or / patch (ViT).
@@ -135,6 +142,11 @@ class DenseClipRetriever(OpenClipRetriever):
             the native size with the ``clip`` retriever's resize + centre crop, so it is
             exactly the global CLIP embedding (docs/protocol.md, "CLIP + X"); ``image_transform``
             then returns both views, ``[2, 3, S, S]``.
+        dense_attention: ViTs only: the last block for the patches. ``maskclip`` (each
+            token's own value; residual and FFN kept), ``sclip`` (``softmax(q q^T) +
+            softmax(k k^T)``; residual and FFN kept), ``clearclip`` (``softmax(q q^T)``;
+            no residual, no FFN), ``naclip`` (``softmax(k k^T + Gaussian over the grid)``;
+            no residual, no FFN). ResNets take ``maskclip`` only.
     """
 
     def __init__(
@@ -146,6 +158,7 @@ class DenseClipRetriever(OpenClipRetriever):
         positional: bool = False,
         with_global: bool = False,
         global_pass: str = "same",
+        dense_attention: DenseAttention = "maskclip",
     ) -> None:
         if global_pass not in GLOBAL_PASSES:
             raise ConfigError(
@@ -153,7 +166,7 @@ class DenseClipRetriever(OpenClipRetriever):
             )
         super().__init__(backbone, pretrained, None, cache_dir)
         visual = self.model.visual
-        check_supported(visual)
+        check_supported(visual, dense_attention)
         if positional and not is_resnet(visual):
             raise ConfigError(
                 f"retriever.positional=true applies to ResNet backbones only; {backbone} is a "
@@ -163,6 +176,7 @@ class DenseClipRetriever(OpenClipRetriever):
         self.positional = positional
         self.with_global = with_global
         self.global_pass = global_pass
+        self.dense_attention = dense_attention
         self.native_size = native_size(visual)
         dense_view = square_transform(self.model, self.resolution)
         self.image_transform = (
@@ -178,6 +192,9 @@ class DenseClipRetriever(OpenClipRetriever):
             with_global=with_global,
             global_pass=global_pass,
         )
+        if dense_attention != "maskclip":
+            # only when set: runs stored before the option existed stay reusable
+            self.config["dense_attention"] = dense_attention
 
     @property
     def two_views(self) -> bool:
@@ -203,7 +220,9 @@ class DenseClipRetriever(OpenClipRetriever):
         """Cell embeddings of a batch from :attr:`image_transform`, before aggregation."""
         dense_pixels, native_pixels = self.split_views(pixels)
         same_pass = self.with_global and native_pixels is None
-        feats = dense_features(self.model.visual, dense_pixels, self.positional, same_pass)
+        feats = dense_features(
+            self.model.visual, dense_pixels, self.positional, same_pass, self.dense_attention
+        )
         embeddings = F.normalize(feats.dense.float(), dim=-1)
         mask = torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
         boxes = grid_cell_boxes(feats.grid, embeddings.device)

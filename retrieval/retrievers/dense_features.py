@@ -5,9 +5,12 @@ Cluster-CLIP share one implementation and tests can check each identity against
 open_clip's forward. Features come back unnormalised, because the identities tying them
 to the global embedding are linear; callers L2-normalise.
 
-Both families follow MaskCLIP (Zhou et al., ECCV 2022): a location's embedding is what
-the last attention layer's value path makes of that location alone, with the
-query-key mixing skipped, so it lands in the joint image-text space without training.
+By default every family follows MaskCLIP (Zhou et al., ECCV 2022): a location's
+embedding is what the last attention layer's value path makes of that location alone,
+with the query-key mixing skipped, so it lands in the joint image-text space without
+training. ViTs (open_clip's and SigLIP's timm towers) also take SCLIP, ClearCLIP and
+NACLIP's rewrites of the last block (``vit_attention``); SigLIP's MAP head is read
+through its value path (``siglip_features``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from retrieval.errors import ConfigError
+from retrieval.retrievers.siglip_features import check_siglip, is_siglip, siglip_dense_features
+from retrieval.retrievers.vit_attention import (
+    DenseAttention,
+    check_dense_attention,
+    open_clip_parts,
+    run_last_block,
+)
 
 Grid = tuple[int, int]
 
@@ -167,19 +177,6 @@ def vit_tokens(visual: VisionTransformer, pixels: Tensor) -> tuple[Tensor, Grid]
     return visual.ln_pre(x), grid
 
 
-def vit_value_path(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
-    """MaskCLIP's last block: each token's value alone, then the block's residual and MLP.
-
-    ``x + out_proj(v_proj(ln_1(x)))``, then ``+ mlp(ln_2(.))``: the attention is replaced
-    by the identity mixing (every token attends only to itself), the rest is unchanged.
-    """
-    attn = block.attn
-    width = x.shape[-1]
-    y = F.linear(block.ln_1(x), attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :])
-    x = x + block.ls_1(attn.out_proj(y))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-
 def vit_pool(visual: VisionTransformer, x: Tensor) -> Tensor:
     """``[B, D]``: the image embedding from the last block's output, as open_clip pools."""
     if not visual.final_ln_after_pool:
@@ -195,21 +192,27 @@ def _apply_block(block: nn.Module, x: Tensor, batch_first: bool) -> Tensor:
 
 
 def vit_dense_features(
-    visual: VisionTransformer, pixels: Tensor, with_global: bool = True
+    visual: VisionTransformer,
+    pixels: Tensor,
+    with_global: bool = True,
+    attention: DenseAttention = "maskclip",
 ) -> DenseFeatures:
-    """Dense-CLIP on a ViT: patch tokens through MaskCLIP's last-block value path.
+    """Dense-CLIP on a ViT: patch tokens through a rewritten last block.
 
     Every block but the last runs as usual (positions interpolated to the input size);
-    the last block's attention is skipped for the patch tokens (:func:`vit_value_path`),
-    then ``ln_post`` and ``proj`` map them into the joint space. The global embedding is
-    the class token through the real last block, from the same pass.
+    the last one runs as ``attention`` says (``vit_attention``: MaskCLIP's value path,
+    SCLIP, ClearCLIP or NACLIP), then ``ln_post`` and ``proj`` map the patch tokens into
+    the joint space. The global embedding is the class token through the real last block,
+    from the same pass.
 
     Args:
         visual: ``model.visual`` of an open_clip ViT CLIP.
         pixels: ``[B, 3, H, W]`` normalised images, any size (grid = size / patch).
         with_global: also run the real last block for the class token's embedding.
+        attention: the last block's variant (``retriever.dense_attention``).
     """
     _check_vit(visual)
+    spec = check_dense_attention(attention)
     x, grid = vit_tokens(visual, pixels)
     blocks = visual.transformer.resblocks
     batch_first = visual.transformer.batch_first
@@ -218,7 +221,8 @@ def vit_dense_features(
     global_embedding = (
         vit_pool(visual, _apply_block(blocks[-1], x, batch_first)) if with_global else None
     )
-    dense = visual.ln_post(vit_value_path(blocks[-1], x[:, 1:])) @ visual.proj
+    tokens = run_last_block(open_clip_parts(blocks[-1]), x, spec, grid, prefix=1)
+    dense = visual.ln_post(tokens[:, 1:]) @ visual.proj
     return DenseFeatures(dense, grid, global_embedding)
 
 
@@ -227,29 +231,48 @@ def is_resnet(visual: nn.Module) -> bool:
     return isinstance(visual, ModifiedResNet)
 
 
-def check_supported(visual: nn.Module) -> None:
-    """Raises a ValueError naming the tower when it has no dense-feature formulation here."""
+def check_supported(visual: nn.Module, attention: str = "maskclip") -> None:
+    """Raises a ConfigError naming the tower or the option when there is no dense-feature
+    formulation here for it."""
+    check_dense_attention(attention)
     if is_resnet(visual):
+        if attention != "maskclip":
+            raise ConfigError(
+                f"retriever.dense_attention={attention!r} rewrites a ViT's last block; a "
+                f"ResNet's attention pool takes maskclip only"
+            )
         return
     if isinstance(visual, VisionTransformer):
         _check_vit(visual)
         return
+    if is_siglip(visual):
+        check_siglip(visual)
+        return
     raise ConfigError(
         f"dense features need an open_clip ModifiedResNet or VisionTransformer image tower, "
-        f"got {type(visual).__name__}"
+        f"or a timm ViT with a MAP head (SigLIP), got {type(visual).__name__}"
     )
 
 
 def dense_features(
-    visual: nn.Module, pixels: Tensor, positional: bool = False, with_global: bool = True
+    visual: nn.Module,
+    pixels: Tensor,
+    positional: bool = False,
+    with_global: bool = True,
+    attention: DenseAttention = "maskclip",
 ) -> DenseFeatures:
-    """Dispatches to :func:`resnet_dense_features` or :func:`vit_dense_features`.
+    """Dispatches to :func:`resnet_dense_features`, :func:`vit_dense_features` or
+    :func:`~retrieval.retrievers.siglip_features.siglip_dense_features`.
 
     ``positional`` applies to ResNets only: a ViT adds its positions at the input.
     ``with_global=False`` skips the global embedding (Dense-CLIP without "CLIP + X").
+    ``attention`` (ViTs only) picks the last block's variant (``vit_attention``).
     """
+    check_supported(visual, attention)
     if is_resnet(visual):
         return resnet_dense_features(visual, pixels, positional, with_global)
     if positional:
         raise ConfigError("positional=True applies to ResNet backbones (the attention pool) only")
-    return vit_dense_features(visual, pixels, with_global)
+    if is_siglip(visual):
+        return DenseFeatures(*siglip_dense_features(visual, pixels, with_global, attention))
+    return vit_dense_features(visual, pixels, with_global, attention)

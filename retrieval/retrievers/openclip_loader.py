@@ -14,18 +14,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 from urllib.parse import urlparse
 
 import open_clip
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from retrieval.errors import ConfigError, WeightsNotFoundError
+from retrieval.retrievers import timm_towers  # noqa: F401  (ViT-tiny-MAP's trunk)
 
 if TYPE_CHECKING:
-    from torch import nn
-
     # open_clip ships no type hints: what the retrievers use of its CLIP models.
     class ClipVisual(nn.Module):
         image_size: int | tuple[int, int]
@@ -33,18 +32,21 @@ if TYPE_CHECKING:
 
     class ClipModel(nn.Module):
         visual: ClipVisual
-        text_projection: Tensor
 
         def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor: ...
         def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor: ...
 
 
 MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIGS)  # RN-tiny, ViT-tiny: seconds-fast pipeline checks
+open_clip.add_model_config(MODEL_CONFIGS)  # RN-tiny, ViT-tiny, ViT-tiny-MAP: fast checks
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-# pretrained names of weights shipped inside the package: name -> (model, file)
-BUNDLED = {"scenes": ("RN-scenes", BUNDLED_WEIGHTS / "RN-scenes.safetensors")}
+# pretrained names of weights shipped inside the package: name -> (model, file); one name
+# per model, so retriever.pretrained alone says which weights a run used
+BUNDLED = {
+    "scenes": ("RN-scenes", BUNDLED_WEIGHTS / "RN-scenes.safetensors"),
+    "scenes-vit": ("ViT-scenes", BUNDLED_WEIGHTS / "ViT-scenes.safetensors"),
+}
 
 HF_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -64,6 +66,16 @@ class LoadedClip:
     tokenizer: Callable[[list[str]], Tensor]
     random_weights: bool
     weights: str | None
+    embed_dim: int
+
+
+def joint_dim(model: nn.Module) -> int:
+    """The image-text embedding width: the text projection's output, which sits on the
+    model (CLIP) or on its text tower (``CustomTextCLIP``: SigLIP, a ``Linear`` there)."""
+    projection = getattr(model, "text", model).text_projection
+    if isinstance(projection, nn.Linear):
+        return projection.out_features
+    return int(cast(Tensor, projection).shape[-1])
 
 
 def is_checkpoint_path(pretrained: str) -> bool:
@@ -192,9 +204,11 @@ def load_open_clip(
     if pretrained in BUNDLED:
         model, path = BUNDLED[pretrained]
         if model_name != model:
+            other = [name for name, (m, _) in BUNDLED.items() if m == model_name]
+            hint = f", or retriever.pretrained={other[0]} for {backbone}" if other else ""
             raise ConfigError(
                 f"retriever.pretrained={pretrained!r} holds weights for backbone {model}, "
-                f"not {backbone}: set retriever.backbone={model}"
+                f"not {backbone}: set retriever.backbone={model}{hint}"
             )
         if not path.is_file():
             raise WeightsNotFoundError(
@@ -237,4 +251,5 @@ def load_open_clip(
         tokenizer=tokenizer_for(model_name),
         random_weights=pretrained is None,
         weights=weights,
+        embed_dim=joint_dim(model),
     )
