@@ -124,7 +124,8 @@ def run_benchmark(
     outcome = run_sweep(planned, fail_fast=True)
     assert not outcome.failed, outcome.failed
     results = {}
-    for run in planned:
+    order = [e.name for e in sweep.experiments]  # the table's order, not the run order
+    for run in sorted(planned, key=lambda r: order.index(r.name)):
         metrics = json.loads((run.run_dir / "metrics.json").read_text())
         for group, names in sweep.category_groups.items():
             metrics.update(group_means(metrics, names, group))

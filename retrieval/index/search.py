@@ -78,6 +78,7 @@ class SearchIndex:
 
     def __init__(self, folder: str | Path, device: str = "auto") -> None:
         self.folder = Path(folder)
+        self._opened = self._stamp() if (self.folder / MANIFEST).is_file() else (0, 0)
         self.manifest = read_manifest(self.folder)
         self.device = device
         self._check_run_unchanged()
@@ -260,6 +261,33 @@ class SearchIndex:
         if where is not None:
             self.allowed_ids(where)  # a bad filter fails before the model loads
         return self.search_vectors(self.embed([query], prompts), top, where)[0]
+
+    def refresh(self) -> bool:
+        """Follows ``retrieval index update``: when the folder's ``index.json`` changed since
+        this index was opened, reopens the backend at the generation it names (the model
+        and config stay loaded) and returns True. A long-lived process (``retrieval
+        serve``) calls it before searching, so a removed image is never returned and a
+        new one is, right after the update commits."""
+        stamp = self._stamp()
+        if stamp == self._opened:
+            return False
+        manifest = read_manifest(self.folder)
+        backend = open_backend(
+            manifest["backend"],
+            self.folder,
+            int(manifest["embed_dim"]),
+            self.device,
+            **{**manifest.get("backend_state", {}), "generation": manifest.get("generation", 0)},
+        )
+        old, self.backend, self.manifest = self.backend, backend, manifest
+        self._metadata, self._opened = None, stamp
+        old.close()
+        return True
+
+    def _stamp(self) -> tuple[int, int]:
+        """``index.json``'s (mtime, size): an update rewrites it last, when it commits."""
+        stat = (self.folder / MANIFEST).stat()
+        return stat.st_mtime_ns, stat.st_size
 
     def close(self) -> None:
         """Releases the backend's client or embedded engine (milvus, lancedb)."""

@@ -123,7 +123,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
             {
                 "index": item.name,
                 "query": query,
-                "top": job.top,
+                "top": item.index.capped_top(job.top) if job.top is not None else None,
                 "took_ms": 1000 * (time.perf_counter() - begin),
                 "recall": item.index.recall,
                 "hits": hits,
@@ -137,6 +137,8 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
     @app.get("/api/indexes", response_model=IndexesOut, tags=["service"])
     async def indexes() -> dict[str, Any]:
         """The served indexes: backend, retriever, size, recall, filterable columns."""
+        for item in served.values():
+            await item.current()
         return {"indexes": [item.info() for item in served.values()]}
 
     @app.get("/api/stats", tags=["service"])
@@ -162,9 +164,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
         """Top images of a text query: the same hits as ``open_index(folder).search``."""
         begin = time.perf_counter()
         item = pick(index)
-        job = Job(
-            [check_text(q, "q")], first, top=item.index.capped_top(top), where=check_where(where)
-        )
+        job = Job([check_text(q, "q")], first, top=top, where=check_where(where))
         return await answer(item, job, {"q": q, "where": job.where}, begin)
 
     @app.post(
@@ -220,7 +220,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
         job = Job(
             texts,
             compound(len(body.positive), body.weights, body.negative_weight),
-            top=item.index.capped_top(body.top),
+            top=body.top,
             where=check_where(body.where),
         )
         echo = body.model_dump(exclude={"index", "top"})
@@ -232,7 +232,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
             vector = representative(item.index, body.image_id, body.rep_index)[0]
         except LookupError as err:
             raise ApiError(404, f"{err} (index {item.name!r})") from None
-        job = Job(vector=vector, top=item.index.capped_top(body.top), where=check_where(body.where))
+        job = Job(vector=vector, top=body.top, where=check_where(body.where))
         echo = {"image_id": body.image_id, "rep_index": body.rep_index, "where": job.where}
         return await answer(item, job, echo, begin)
 
@@ -249,7 +249,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
         image = await run_in_threadpool(read_upload, data, limit, settings.max_pixels)
         loop = asyncio.get_running_loop()
         vector = await loop.run_in_executor(item.executor, item.encode_picture, image)
-        job = Job(vector=vector, top=item.index.capped_top(body.top), where=check_where(body.where))
+        job = Job(vector=vector, top=body.top, where=check_where(body.where))
         echo = {
             "image": upload.filename,
             "size_bytes": len(data),
@@ -272,6 +272,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
     ) -> Response:
         """The image (JPEG), by id only, resized and with a representative's box if asked."""
         item = pick(index)
+        await item.current()
         data = await run_in_threadpool(item.images.photo, image_id, size, rep)
         return Response(data, media_type="image/jpeg", headers=PRIVATE)
 
@@ -288,6 +289,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
     ) -> Response:
         """PNG of the query's cosine over the image's cells (Dense-/Cluster-CLIP)."""
         item = pick(index)
+        await item.current()
         item.images.path(image_id)  # an unknown id fails before the model runs
         result: Answer = await item.batcher.submit(Job([check_text(q, "q")], first))
         data = await run_in_threadpool(item.images.heatmap, image_id, result.vector, size)

@@ -3,6 +3,7 @@ worker thread, image lookups and counters."""
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,19 @@ class ServedIndex:
         return picture_vector(self.index, image)
 
     def run_batch(self, jobs: list[Job]) -> list[Any]:
+        self.refresh()
         return answer_batch(self.index, jobs, self.counters)
+
+    async def current(self) -> None:
+        """:meth:`refresh` in the index's worker thread (never beside a running search)."""
+        await asyncio.wrap_future(self.executor.submit(self.refresh))
+
+    def refresh(self) -> None:
+        """Picks up a committed ``retrieval index update`` (new generation) before a
+        batch is answered; the id -> file map is rebuilt with it."""
+        if self.index.refresh():
+            self.images = ImageFiles(self.name, self.index)
+            self.images.paths([])
 
     def info(self) -> dict[str, Any]:
         """The index as ``GET /api/indexes`` lists it."""
