@@ -73,27 +73,24 @@ def layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def open_clip_weights(block: nn.Module) -> dict[str, Tensor]:
-    """The block's raw matrices: W_q, W_k, W_v (and biases) from the packed in_proj."""
-    w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
+def split_qkv(w: Tensor, b: Tensor, out: nn.Linear, heads: int) -> dict[str, Tensor]:
+    """Raw matrices from a packed qkv projection: W_q, W_k, W_v (and biases), W_o."""
     width = w.shape[1]
     return {
         "wq": w[:width], "wk": w[width : 2 * width], "wv": w[2 * width :],
         "bq": b[:width], "bk": b[width : 2 * width], "bv": b[2 * width :],
-        "wo": block.attn.out_proj.weight, "bo": block.attn.out_proj.bias,
-        "heads": block.attn.num_heads,
+        "wo": out.weight, "bo": out.bias, "heads": heads,
     }  # fmt: skip
+
+
+def open_clip_weights(block: nn.Module) -> dict[str, Tensor]:
+    attn = block.attn
+    return split_qkv(attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, attn.num_heads)
 
 
 def timm_weights(block: nn.Module) -> dict[str, Tensor]:
-    w, b = block.attn.qkv.weight, block.attn.qkv.bias
-    width = w.shape[1]
-    return {
-        "wq": w[:width], "wk": w[width : 2 * width], "wv": w[2 * width :],
-        "bq": b[:width], "bk": b[width : 2 * width], "bv": b[2 * width :],
-        "wo": block.attn.proj.weight, "bo": block.attn.proj.bias,
-        "heads": block.attn.num_heads,
-    }  # fmt: skip
+    attn = block.attn
+    return split_qkv(attn.qkv.weight, attn.qkv.bias, attn.proj, attn.num_heads)
 
 
 def gaussian(grid: tuple[int, int], prefix: int, sigma: float = 5.0) -> Tensor:
