@@ -94,3 +94,25 @@ def test_incompatible_dense_source_is_refused(synthetic_coco, tmp_path):
                 f"store.dense_from={tmp_path / 'nothing'}",
             )
         )
+
+
+def test_what_cannot_come_from_stored_dense_features_is_named() -> None:
+    """`store.dense_from` on a retriever that cannot take stored Dense-CLIP features, or
+    from a source that lacks what it needs, is one ConfigError saying why."""
+    from retrieval.engine.reaggregate import deriver
+    from retrieval.retrievers.clip import ClipRetriever
+
+    clip = ClipRetriever("RN-tiny", None)
+    source = {**clip.config, "with_global": True, "global_pass": "native"}
+    deriver(clip, source)  # the matching source is taken
+    with pytest.raises(ConfigError, match="no native-size global embedding"):
+        deriver(clip, {**source, "global_pass": "same"})
+    with pytest.raises(ConfigError, match="model"):
+        deriver(clip, {**source, "model": "RN50"})
+    with pytest.raises(ConfigError, match="resolution set"):
+        deriver(ClipRetriever("RN-tiny", None, resolution=96), source)
+    dense = DenseClipRetriever("RN-tiny", None, resolution=128)
+    with pytest.raises(ConfigError, match="resolution"):
+        deriver(dense, {**dense.config, "resolution": 256})
+    with pytest.raises(ConfigError, match="clip, dense_clip, cluster_clip"):
+        deriver(object(), source)

@@ -17,11 +17,7 @@ import torch
 from rich.progress import track
 
 from retrieval.config import ConfigError
-from retrieval.errors import differences
 from retrieval.representatives import Representatives
-from retrieval.retrievers.clip import ClipRetriever
-from retrieval.retrievers.cluster_clip import DENSE_FEATURE_KEYS
-from retrieval.retrievers.dense_clip import DenseClipRetriever
 from retrieval.store import ShardStore
 from retrieval.store.scoring import resolve_device
 from retrieval.store.shards import ShardReader
@@ -49,72 +45,27 @@ def dense_source(path: str | Path) -> tuple[ShardStore, dict[str, Any]]:
     return store, retriever
 
 
-def cells_alone(stored: Representatives, dense_config: dict[str, Any]) -> Representatives:
-    """A ``dense_clip`` run's stored representatives without the global embedding its
-    source appended (the cells, bit for bit: nothing is recomputed)."""
-    if not dense_config.get("with_global"):
-        return stored
-    cells = stored.embeddings.shape[1] - 1
-    boxes = None if stored.boxes is None else stored.boxes[:, :cells]
-    return Representatives(stored.embeddings[:, :cells], stored.mask[:, :cells], boxes)
-
-
-GLOBAL_SOURCE_KEYS = ("model", "pretrained", "weights_sha256")
-
-
-def global_alone(stored: Representatives) -> Representatives:
-    """The global embedding a CLIP + Dense-CLIP run stored after its cells (whole-image
-    box): the ``clip`` retriever's own embedding when that run's ``global_pass`` is
-    ``native`` (the same model on the same resize + centre-crop view)."""
-    boxes = None if stored.boxes is None else stored.boxes[:, -1:]
-    return Representatives(stored.embeddings[:, -1:], stored.mask[:, -1:], boxes)
-
-
 def deriver(
     retriever: Any, dense_config: dict[str, Any]
 ) -> Callable[[Representatives], Representatives]:
-    """How ``retriever``'s representatives come from stored Dense-CLIP ones: Cluster-CLIP
-    re-aggregates them; Dense-CLIP takes the cells (when the source kept the global
-    embedding and this run does not).
+    """How ``retriever``'s representatives come from stored Dense-CLIP ones (each
+    retriever's own ``check_dense_source`` / ``from_dense``: Cluster-CLIP re-aggregates,
+    Dense-CLIP takes the cells, CLIP at its native size the global embedding).
 
     Raises:
-        ConfigError: the retriever cannot be derived from them, or their feature settings
-            differ (each difference named).
+        ConfigError: the retriever cannot be derived from them, or their settings differ
+            (each difference named).
     """
-    if hasattr(retriever, "from_dense"):  # Cluster-CLIP, or a plugin that aggregates
-        try:
-            retriever.check_dense_source(dense_config)
-        except ValueError as err:
-            raise ConfigError(f"store.dense_from: {err}") from None
-        return lambda stored: retriever.from_dense(stored, dense_config)
-    if isinstance(retriever, DenseClipRetriever) and not retriever.with_global:
-        keys = DENSE_FEATURE_KEYS
-        diff = differences(
-            {k: dense_config.get(k) for k in keys}, {k: retriever.config.get(k) for k in keys}
+    if not hasattr(retriever, "from_dense"):
+        raise ConfigError(
+            "store.dense_from needs a retriever that can take stored Dense-CLIP features "
+            "(clip, dense_clip, cluster_clip)"
         )
-        if diff:
-            raise ConfigError(
-                "store.dense_from: the stored Dense-CLIP embeddings were made with other "
-                "settings: " + "; ".join(diff)
-            )
-        return lambda stored: cells_alone(stored, dense_config)
-    if isinstance(retriever, ClipRetriever) and retriever.config.get("resolution") is None:
-        source = {k: dense_config.get(k) for k in GLOBAL_SOURCE_KEYS}
-        diff = differences(source, {k: retriever.config.get(k) for k in GLOBAL_SOURCE_KEYS})
-        if not (dense_config.get("with_global") and dense_config.get("global_pass") == "native"):
-            diff.append("the Dense-CLIP run kept no native-size global embedding")
-        if diff:
-            raise ConfigError(
-                "store.dense_from: a clip run takes the global embedding of a dense_clip "
-                "run with with_global=true, global_pass=native and the same model: "
-                + "; ".join(diff)
-            )
-        return global_alone
-    raise ConfigError(
-        "store.dense_from needs a retriever that aggregates Dense-CLIP features "
-        "(retriever.name=cluster_clip), a dense_clip run without with_global, or a clip "
-        "run at its native size (from a dense_clip run with global_pass=native)"
-    )
+    try:
+        retriever.check_dense_source(dense_config)
+    except ValueError as err:
+        raise ConfigError(f"store.dense_from: {err}") from None
+    return lambda stored: retriever.from_dense(stored, dense_config)
 
 
 def reaggregate(

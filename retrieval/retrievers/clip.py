@@ -8,12 +8,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retrieval.errors import ConfigError, differences
 from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.base import Retriever
 from retrieval.retrievers.openclip_loader import file_sha256, load_open_clip
 
 FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
+#: what a run deriving from stored Dense-CLIP embeddings (``store.dense_from``) must share
+#: with the run that stored them: the model and its weights
+GLOBAL_SOURCE_KEYS = ("model", "pretrained", "weights_sha256")
+
+
+def check_source(stored: dict[str, Any], own: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuses stored Dense-CLIP embeddings whose settings ``keys`` differ from this
+    retriever's.
+
+    Raises:
+        ConfigError: naming each setting that differs.
+    """
+    diff = differences({k: stored.get(k) for k in keys}, {k: own.get(k) for k in keys})
+    if diff:
+        raise ConfigError(
+            "the stored Dense-CLIP embeddings were made with other settings: " + "; ".join(diff)
+        )
 
 
 class OpenClipRetriever(Retriever):
@@ -75,3 +93,18 @@ class ClipRetriever(OpenClipRetriever):
         emb = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
         boxes = emb.new_tensor(FULL_IMAGE_BOX).expand(emb.shape[0], 1, 4)
         return Representatives.dense(emb.unsqueeze(1), boxes.contiguous())
+
+    def check_dense_source(self, dense_config: dict[str, Any]) -> None:
+        """A global CLIP run at its native size can take the global embedding a
+        ``dense_clip`` run kept with ``global_pass=native`` (the same model on the same
+        resize + centre-crop view); anything else is refused, naming why."""
+        if self.config.get("resolution") is not None:
+            raise ConfigError("a clip run with retriever.resolution set has no stored twin")
+        if not (dense_config.get("with_global") and dense_config.get("global_pass") == "native"):
+            raise ConfigError("the Dense-CLIP run kept no native-size global embedding")
+        check_source(dense_config, self.config, GLOBAL_SOURCE_KEYS)
+
+    def from_dense(self, stored: Representatives, dense_config: dict[str, Any]) -> Representatives:
+        """The global embedding such a run stored after its cells (whole-image box)."""
+        boxes = None if stored.boxes is None else stored.boxes[:, -1:]
+        return Representatives(stored.embeddings[:, -1:], stored.mask[:, -1:], boxes)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.aggregate import Aggregator, create_aggregator, list_aggregators
-from retrieval.errors import ConfigError, StoreError, did_you_mean, differences
+from retrieval.errors import ConfigError, StoreError, did_you_mean
 from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.clip import FULL_IMAGE_BOX
@@ -170,11 +170,6 @@ def append_global(reps: Representatives, global_embedding: Tensor) -> Representa
     return Representatives(embeddings, mask, boxes, extras)
 
 
-# What fixes the Dense-CLIP features a Cluster-CLIP run may re-aggregate.
-DENSE_FEATURE_KEYS = ("model", "pretrained", "resolution", "positional", "dense_attention")
-GLOBAL_KEYS = ("with_global", "global_pass")
-
-
 @register_retriever("cluster_clip")
 class ClusterClipRetriever(DenseClipRetriever):
     """Cluster-CLIP: Dense-CLIP cells aggregated per image (+ the global one: CLIP + Cluster-CLIP).
@@ -258,21 +253,6 @@ class ClusterClipRetriever(DenseClipRetriever):
         if out.global_embedding is not None:
             reps = append_global(reps, out.global_embedding)
         return reps
-
-    def check_dense_source(self, dense_config: dict[str, Any]) -> None:
-        """Refuses stored Dense-CLIP embeddings made with other feature settings.
-
-        Raises:
-            ConfigError: naming each setting that differs (a missing global included).
-        """
-        keys = DENSE_FEATURE_KEYS + (GLOBAL_KEYS if self.with_global else ())
-        diff = differences(
-            {k: dense_config.get(k) for k in keys}, {k: self.config.get(k) for k in keys}
-        )
-        if diff:
-            raise ConfigError(
-                "the stored Dense-CLIP embeddings were made with other settings: " + "; ".join(diff)
-            )
 
     def from_dense(self, stored: Representatives, dense_config: dict[str, Any]) -> Representatives:
         """Re-aggregates a ``dense_clip`` run's stored representatives (cells in raster

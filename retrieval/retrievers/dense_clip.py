@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from retrieval.aggregate import grid_cell_boxes
 from retrieval.errors import ConfigError
 from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
-from retrieval.retrievers.clip import FULL_IMAGE_BOX, OpenClipRetriever
+from retrieval.retrievers.clip import FULL_IMAGE_BOX, OpenClipRetriever, check_source
 from retrieval.retrievers.dense_features import (
     Grid,
     check_supported,
@@ -39,6 +39,11 @@ ImageTransform = Callable[[Image.Image], Tensor]
 # The paper's inputs: 512 gives RN50 / RN50x4 a 16 x 16 grid, 448 gives RN50x64 14 x 14.
 DEFAULT_RESOLUTION = {"RN50": 512, "RN50x4": 512, "RN50x64": 448}
 GLOBAL_PASSES = ("same", "native")
+
+
+# What fixes the Dense-CLIP features a run may take from stored shards (store.dense_from).
+DENSE_FEATURE_KEYS = ("model", "pretrained", "resolution", "positional", "dense_attention")
+GLOBAL_KEYS = ("with_global", "global_pass")
 
 
 class DenseOutput(NamedTuple):
@@ -246,3 +251,22 @@ class DenseClipRetriever(OpenClipRetriever):
             whole = boxes.new_tensor(FULL_IMAGE_BOX).expand(batch, 1, 4)
             boxes = torch.cat([boxes, whole], dim=1)
         return Representatives.dense(embeddings, boxes.contiguous())
+
+    def check_dense_source(self, dense_config: dict[str, Any]) -> None:
+        """Refuses stored Dense-CLIP embeddings made with other feature settings (or
+        without the global embedding this retriever appends).
+
+        Raises:
+            ConfigError: naming each setting that differs (a missing global included).
+        """
+        keys = DENSE_FEATURE_KEYS + (GLOBAL_KEYS if self.with_global else ())
+        check_source(dense_config, self.config, keys)
+
+    def from_dense(self, stored: Representatives, dense_config: dict[str, Any]) -> Representatives:
+        """A ``dense_clip`` run's stored representatives as this run's: the cells, bit for
+        bit, without the global embedding the source appended when this run has none."""
+        if self.with_global or not dense_config.get("with_global"):
+            return stored
+        cells = stored.embeddings.shape[1] - 1
+        boxes = None if stored.boxes is None else stored.boxes[:, :cells]
+        return Representatives(stored.embeddings[:, :cells], stored.mask[:, :cells], boxes)
