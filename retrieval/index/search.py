@@ -78,17 +78,11 @@ class SearchIndex:
 
     def __init__(self, folder: str | Path, device: str = "auto") -> None:
         self.folder = Path(folder)
-        self._opened = self._stamp() if (self.folder / MANIFEST).is_file() else (0, 0)
         self.manifest = read_manifest(self.folder)
+        self._opened = self._stamp()
         self.device = device
         self._check_run_unchanged()
-        self.backend: Backend = open_backend(
-            self.manifest["backend"],
-            self.folder,
-            self.embed_dim,
-            device,
-            **{**self.manifest.get("backend_state", {}), "generation": self.generation},
-        )
+        self.backend: Backend = self._open_backend(self.manifest)
         self._retriever = None
         self._cfg: DictConfig | None = None
         self._metadata: pa.Table | None = None
@@ -272,17 +266,21 @@ class SearchIndex:
         if stamp == self._opened:
             return False
         manifest = read_manifest(self.folder)
-        backend = open_backend(
+        backend = self._open_backend(manifest)
+        old, self.backend, self.manifest = self.backend, backend, manifest
+        self._metadata, self._opened = None, stamp
+        old.close()
+        return True
+
+    def _open_backend(self, manifest: dict[str, Any]) -> Backend:
+        """The backend at the generation ``manifest`` names, with its recorded settings."""
+        return open_backend(
             manifest["backend"],
             self.folder,
             int(manifest["embed_dim"]),
             self.device,
             **{**manifest.get("backend_state", {}), "generation": manifest.get("generation", 0)},
         )
-        old, self.backend, self.manifest = self.backend, backend, manifest
-        self._metadata, self._opened = None, stamp
-        old.close()
-        return True
 
     def _stamp(self) -> tuple[int, int]:
         """``index.json``'s (mtime, size): an update rewrites it last, when it commits."""

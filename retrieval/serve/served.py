@@ -44,8 +44,7 @@ class ServedIndex:
         self.batcher: Batcher[Job, Answer] = Batcher(
             self.run_batch, self.executor, max_batch, wait_ms
         )
-        self.images = ImageFiles(name, self.index)
-        self.images.paths([])  # the id -> file map, built now rather than by a request
+        self.images = self._image_files()
         self.index.metadata()  # so is the filter table (a broken one fails at start)
 
     def encode_picture(self, image: Image.Image) -> Tensor:
@@ -65,8 +64,13 @@ class ServedIndex:
         """Picks up a committed ``retrieval index update`` (new generation) before a
         batch is answered; the id -> file map is rebuilt with it."""
         if self.index.refresh():
-            self.images = ImageFiles(self.name, self.index)
-            self.images.paths([])
+            self.images = self._image_files()
+
+    def _image_files(self) -> ImageFiles:
+        """The index's id -> file map, built now rather than by a request."""
+        files = ImageFiles(self.name, self.index)
+        files.paths([])
+        return files
 
     def info(self) -> dict[str, Any]:
         """The index as ``GET /api/indexes`` lists it."""

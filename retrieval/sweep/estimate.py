@@ -74,6 +74,11 @@ class DatasetSizes:
         return self._ids[key]
 
 
+def bytes_per_rep(dim: int, dtype: str) -> int:
+    """Stored bytes of one representative: its vector, its box and its mask flag."""
+    return dim * DTYPE_BYTES[dtype] + BOX_BYTES + 1
+
+
 def _grid_cells(backbone: str, resolution: int | None) -> tuple[int, int] | None:
     """(embedding width, cells per image) from open_clip's model config."""
     import open_clip
@@ -117,7 +122,7 @@ def bytes_guess(cfg: DictConfig) -> tuple[float | None, bool]:
         return None, False
     dim, cells = shape
     reps, at_most = reps_guess(retriever, cells)
-    return reps * (dim * DTYPE_BYTES[cfg.store.dtype] + BOX_BYTES + 1), at_most
+    return reps * bytes_per_rep(dim, cfg.store.dtype), at_most
 
 
 def stored(run: PlannedRun) -> tuple[np.ndarray, float | None]:
@@ -161,10 +166,7 @@ def calibrate(cfg: DictConfig, batches: int = 2) -> tuple[float, float]:
         images += len(out.mask)
         reps += float(out.mask.sum())
         dim = out.embeddings.shape[-1]
-    per_image = reps / max(images, 1)
-    return seconds / max(images, 1), per_image * (
-        dim * DTYPE_BYTES[cfg.store.dtype] + BOX_BYTES + 1
-    )
+    return seconds / max(images, 1), reps / max(images, 1) * bytes_per_rep(dim, cfg.store.dtype)
 
 
 def estimate(run: PlannedRun, sizes: DatasetSizes, measure: bool = False) -> Estimate:

@@ -60,12 +60,9 @@ class PlannedRun:
         return self.source is None
 
 
-def _features_key(cfg: DictConfig) -> str | None:
-    """What fixes a dense-family run's cells (None: not dense-family, or already told
-    where its features come from)."""
-    if cfg.retriever.name not in DENSE_FAMILY or cfg.store.dense_from:
-        return None
-    retriever = {k: v for k, v in as_dict(cfg.retriever).items() if k not in AGGREGATION_KEYS}
+def _shared_key(cfg: DictConfig, retriever: dict[str, Any]) -> str:
+    """Runs with equal keys store equal embeddings for ``retriever``'s part: the data,
+    those retriever options, precision, storage dtype and seed (random weights)."""
     return json.dumps(
         {
             "data": data_fingerprint(cfg),
@@ -77,6 +74,15 @@ def _features_key(cfg: DictConfig) -> str | None:
         sort_keys=True,
         default=str,
     )
+
+
+def _features_key(cfg: DictConfig) -> str | None:
+    """What fixes a dense-family run's cells (None: not dense-family, or already told
+    where its features come from)."""
+    if cfg.retriever.name not in DENSE_FAMILY or cfg.store.dense_from:
+        return None
+    options = as_dict(cfg.retriever)
+    return _shared_key(cfg, {k: v for k, v in options.items() if k not in AGGREGATION_KEYS})
 
 
 def _global_need(cfg: DictConfig) -> str | None:
@@ -101,8 +107,9 @@ def _slug(cfg: DictConfig) -> str:
 
 
 def share_extractions(runs: list[PlannedRun], out: Path) -> list[PlannedRun]:
-    """Points every dense-family row at one extraction per feature setting; returns the
-    runs in order: extractions first, then the rest (table order)."""
+    """Points every dense-family row at one extraction per feature setting (and global
+    CLIP rows at an extraction's native-size global); returns the runs in order: those
+    other runs read first, then the rest (table order)."""
     groups: dict[str, list[PlannedRun]] = {}
     for run in runs:
         key = _features_key(run.cfg)
@@ -144,20 +151,10 @@ def share_extractions(runs: list[PlannedRun], out: Path) -> list[PlannedRun]:
 
 
 def _global_key(cfg: DictConfig) -> str:
-    """What fixes a native-size global CLIP embedding: data, model, weights, precision,
-    storage and seed (not the dense resolution: the global pass has its own view)."""
-    retriever = as_dict(cfg.retriever)
-    return json.dumps(
-        {
-            "data": data_fingerprint(cfg),
-            "model": [retriever.get(k) for k in ("backbone", "pretrained", "cache_dir")],
-            "precision": cfg.trainer.precision,
-            "dtype": cfg.store.dtype,
-            "seed": cfg.run.seed,
-        },
-        sort_keys=True,
-        default=str,
-    )
+    """What fixes a native-size global CLIP embedding: the model and its weights (not the
+    dense resolution: the global pass has its own view), with the data and the rest."""
+    options = as_dict(cfg.retriever)
+    return _shared_key(cfg, {k: options.get(k) for k in ("backbone", "pretrained", "cache_dir")})
 
 
 def share_globals(runs: list[PlannedRun]) -> None:

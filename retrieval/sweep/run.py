@@ -9,6 +9,7 @@ walks the same list. A failed run is reported and the sweep goes on (unless
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,8 +57,6 @@ def run_sweep(
     Raises:
         RetrievalError: the first failure, when ``fail_fast`` (after the summary line).
     """
-    import time
-
     console = console or Console()
     result = SweepOutcome()
     broken: set[str] = set()
