@@ -50,10 +50,11 @@ def _metrics(run_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", list_sweeps())
-def test_every_shipped_sweep_plans(name: str) -> None:
-    """Every shipped sweep's experiments validate (no data needed to plan)."""
-    runs = plan_sweep(load_sweep(name), prepare_data=False)
-    assert runs and all(r.status == "todo" or r.status == "done" for r in runs)
+def test_every_shipped_sweep_plans(name: str, tmp_path: Path) -> None:
+    """Every shipped sweep's experiments validate (no data needed to plan); into an empty
+    folder every run is still to do."""
+    runs = plan_sweep(load_sweep(name, [f"out={tmp_path}"]), prepare_data=False)
+    assert runs and all(r.status == "todo" for r in runs)
 
 
 def test_paper_table_needs_one_extraction_per_backbone() -> None:
@@ -202,13 +203,16 @@ def test_a_failed_run_does_not_stop_the_others(synthetic_coco, tmp_path: Path) -
         ("experiments: {'../x': demo}\n", "plain folder name"),
         ("experiments: {a: demo}\noverrides: [nokey]\n", "key=value"),
         ("experiments: {a: nosuchconfig}\n", "experiment 'a'"),
+        ("experiments: {a: demo}\nreference: papers\n", "reference must be 'paper' or 'none'"),
+        ("experiments: {a: demo}\ncategory_groups: {x: 3}\n", "category_groups must map"),
+        ("experiments: {a: demo}\nprepare: scenez\n", "unknown data step 'scenez'"),
     ],
 )
 def test_bad_sweep_files_are_named(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        plan_sweep(load_sweep(path, [f"out={tmp_path}"]), prepare_data=False)
+        plan_sweep(load_sweep(path, [f"out={tmp_path}"]))
 
 
 def test_dry_run_prints_the_plan(synthetic_coco, tmp_path: Path, capsys, monkeypatch) -> None:
