@@ -103,7 +103,7 @@ def representative(
             (the message lists the ones it has).
     """
     table = index.backend.require_table(allow_empty=True)
-    where = np.flatnonzero((table.image_ids == image_id) & ~table.removed)
+    where = index.backend.positions_of(np.array([image_id]))
     if not len(where):
         raise LookupError(f"image {image_id} is not in this index")
     rows = table.rows_of(where[-1:])
