@@ -2,15 +2,20 @@
 
 The core (retrievers, aggregate, data, metrics, store, index) imports neither Lightning
 nor wandb; ``retrieval.engine`` and ``retrieval.report`` do (docs/architecture.md).
+The names below load on first use (:mod:`retrieval.lazy`), so ``import retrieval``
+costs no torch.
 """
 
-from retrieval.factory import (
-    create_retriever,
-    list_retrievers,
-    register_retriever,
-)
-from retrieval.representatives import Representatives
-from retrieval.retrievers.base import Retriever
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from retrieval.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from retrieval.factory import create_retriever, list_retrievers, register_retriever
+    from retrieval.representatives import Representatives
+    from retrieval.retrievers.base import Retriever
 
 __version__ = "0.1.0"
 
@@ -22,3 +27,15 @@ __all__ = [
     "list_retrievers",
     "register_retriever",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "create_retriever": "retrieval.factory",
+        "list_retrievers": "retrieval.factory",
+        "register_retriever": "retrieval.factory",
+        "Representatives": "retrieval.representatives",
+        "Retriever": "retrieval.retrievers.base",
+    },
+)

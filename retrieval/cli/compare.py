@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
-
-from retrieval.report.compare import build_comparison, print_comparison, write_comparison
-
 
 def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from retrieval.report.compare import build_comparison, print_comparison, write_comparison
+
     comp = build_comparison(args.run_dirs, args.reference, args.metric)
     out = (
         Path(args.out)

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from retrieval.errors import ConfigError
 from retrieval.index import SearchIndex, open_index
-from retrieval.index.base import Hit
+from retrieval.index.hits import Hit
 
 
 def _search(args: argparse.Namespace) -> int:

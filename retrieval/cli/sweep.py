@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
 
-from retrieval.report.plots import human_bytes
-from retrieval.sweep.estimate import DatasetSizes, Estimate, estimate
-from retrieval.sweep.plan import PlannedRun
+    from retrieval.sweep.plan import PlannedRun
 
 
 def _retriever(run: PlannedRun) -> str:
@@ -30,6 +29,11 @@ def _seconds(value: float) -> str:
 
 def print_plan(runs: list[PlannedRun], calibrate: bool, console: Console) -> None:
     """The plan as a table: each run, what it reuses, images left, disk and time."""
+    from rich.table import Table
+
+    from retrieval.report.plots import human_bytes
+    from retrieval.sweep.estimate import DatasetSizes, Estimate, estimate
+
     sizes = DatasetSizes()
     table = Table(title="sweep plan")
     for column in ("run", "retriever", "features from", "status", "images left", "disk"):
@@ -73,6 +77,8 @@ def print_plan(runs: list[PlannedRun], calibrate: bool, console: Console) -> Non
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from retrieval.engine.embedding import global_rank
     from retrieval.sweep.plan import plan_sweep
     from retrieval.sweep.run import run_sweep
@@ -88,6 +94,11 @@ def _sweep(args: argparse.Namespace) -> int:
     console.print(f"sweep {sweep.name} ({sweep.path}): {sweep.description}")
     runs = plan_sweep(sweep, prepare_data=not args.dry_run)
     if args.dry_run:
+        if sweep.prepare:
+            from retrieval.sweep.prepare import describe
+
+            for line in describe(sweep.prepare, [r.cfg for r in runs]):
+                console.print(line, markup=False)
         print_plan(runs, args.calibrate, console)
         return 0
     outcome = run_sweep(runs, args.fail_fast, console)
@@ -117,7 +128,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="*",
         help="key=value for every run; out=DIR, data.root=DIR and prepare=none set the sweep",
     )
-    parser.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and what a prepare step would write; write nothing",
+    )
     parser.add_argument(
         "--calibrate",
         action="store_true",

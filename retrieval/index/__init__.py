@@ -7,15 +7,26 @@ Backends (``exact``, ``faiss``, ``faiss-flat``, ``faiss-ivfpq``, ``lancedb``, ``
 share one interface (:class:`Backend`); approximate ones record their recall against
 exact search. ``update_index(folder)`` follows the run as it grows and shrinks (new
 images added, removed ones dropped, recall measured again) by generations.
+
+Opening an index and reading its manifest need no torch; the names that do (backends,
+build, update) load on first use (:mod:`retrieval.lazy`).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from retrieval.errors import IndexFileError
-from retrieval.factory import create_backend, list_backends, open_backend, register_backend
-from retrieval.index.base import Backend, Hit
-from retrieval.index.build import build_index
-from retrieval.index.search import SearchIndex, open_index, search
-from retrieval.index.table import RepTable
-from retrieval.index.update import UpdateResult, update_index
+from retrieval.index.hits import Hit
+from retrieval.index.search import SearchIndex, open_index, search  # the function, not the module
+from retrieval.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from retrieval.factory import create_backend, list_backends, open_backend, register_backend
+    from retrieval.index.base import Backend
+    from retrieval.index.build import build_index
+    from retrieval.index.table import RepTable
+    from retrieval.index.update import UpdateResult, update_index
 
 __all__ = [
     "Backend",
@@ -33,3 +44,19 @@ __all__ = [
     "search",
     "update_index",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "Backend": "retrieval.index.base",
+        "RepTable": "retrieval.index.table",
+        "UpdateResult": "retrieval.index.update",
+        "build_index": "retrieval.index.build",
+        "create_backend": "retrieval.factory",
+        "list_backends": "retrieval.factory",
+        "open_backend": "retrieval.factory",
+        "register_backend": "retrieval.factory",
+        "update_index": "retrieval.index.update",
+    },
+)

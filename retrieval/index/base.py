@@ -38,26 +38,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from retrieval.errors import ConfigError, IndexFileError
+from retrieval.index.hits import Hit
 from retrieval.index.table import RepTable, TableWriter
 from retrieval.representatives import Representatives
 
 RowHits = tuple[np.ndarray, np.ndarray]  # (table rows, scores), best first
-
-
-class Hit(NamedTuple):
-    """One retrieved image: its score and the representative that gave it."""
-
-    image_id: int
-    score: float
-    rep_index: int
-    box: tuple[float, float, float, float] | None
 
 
 class Backend(ABC):

@@ -32,12 +32,12 @@ from retrieval.errors import ConfigError, IndexFileError
 from retrieval.factory import create_backend
 from retrieval.index.base import Backend
 from retrieval.index.exact import ExactBackend, exact_search
+from retrieval.index.manifest import FORMAT
 from retrieval.index.table import MANIFEST, RepTable, replace_atomically
 from retrieval.index.tuning import recall_at_k
 from retrieval.representatives import Representatives
 from retrieval.store.shards import ShardReader, ShardStore, open_run_store, read_cache
 
-FORMAT = 1
 READ_IMAGES = 1024  # images read from a shard at once
 SCORE_RULE = "max cosine over an image's representatives"
 

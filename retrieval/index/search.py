@@ -8,24 +8,22 @@ would return confident nonsense, so it is refused.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from omegaconf import DictConfig
-from torch import Tensor
 
-from retrieval.errors import ConfigError, IndexFileError, MissingFileError, differences
-from retrieval.factory import open_backend
-from retrieval.index.base import Backend, Hit
-from retrieval.index.build import FORMAT
-from retrieval.index.table import MANIFEST, VECTORS, corrupt
-from retrieval.store.shards import ShardStore
+from retrieval.errors import ConfigError, IndexFileError, differences
+from retrieval.index.hits import Hit
+from retrieval.index.manifest import MANIFEST, RunChanges, read_manifest, run_changes
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    from omegaconf import DictConfig
+    from torch import Tensor
+
+    from retrieval.index.base import Backend
 
 COLLECTION_FILE = "images.parquet"  # retrieval.data.collection's, named in messages
 
@@ -35,37 +33,6 @@ def check_query(query: object) -> str:
     if not isinstance(query, str) or not query.strip():
         raise ConfigError(f'query {query!r} is empty: search for some text, e.g. "a stroller"')
     return query
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """``index.json`` of an index folder, or a clear error saying how to make one."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise MissingFileError(
-            f"index folder not found: {folder}; pass a folder made by `retrieval index build`"
-        )
-    if not path.exists():
-        raise IndexFileError(
-            f"{folder} is not an index (no {MANIFEST}); build one with "
-            f"`retrieval index build RUN_DIR --out {folder}`"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise corrupt(path, f"not valid JSON: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise corrupt(path, f"not an index manifest of format {FORMAT}")
-    for name, size in manifest.get("files", {}).items():
-        file = folder / name
-        if not file.exists():
-            raise corrupt(file, "file missing")
-        now = file.stat().st_size
-        # the vectors file is append-only: bytes past the recorded size are an unfinished
-        # update's, which the table ignores
-        if now != size and not (name == VECTORS and now > size):
-            raise corrupt(file, f"{now} bytes, the manifest says {size}")
-    return manifest
 
 
 class SearchIndex:
@@ -115,8 +82,15 @@ class SearchIndex:
             f"{m['run']}{generation}; recall@{r['k']} vs exact {r['value']:.3f} ({how})"
         )
 
+    def run_changes(self) -> RunChanges:
+        """How far the run has moved on from this index's generation (images an
+        ``retrieval index update`` would add and remove)."""
+        return run_changes(self.folder, self.manifest)
+
     def _check_run_unchanged(self) -> None:
         """Refuses an index whose run was re-embedded with other settings since."""
+        from retrieval.store.shards import ShardStore
+
         store = ShardStore(self.run_dir / "embeddings")
         now = store.read_manifest().get("fingerprint")
         diff = differences(self.manifest["fingerprint"], now) if now is not None else []
@@ -274,6 +248,8 @@ class SearchIndex:
 
     def _open_backend(self, manifest: dict[str, Any]) -> Backend:
         """The backend at the generation ``manifest`` names, with its recorded settings."""
+        from retrieval.factory import open_backend
+
         return open_backend(
             manifest["backend"],
             self.folder,

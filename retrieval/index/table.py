@@ -30,20 +30,9 @@ import numpy as np
 import torch
 
 from retrieval.errors import IndexFileError
+from retrieval.index.manifest import MANIFEST as MANIFEST
+from retrieval.index.manifest import META, VECTORS, corrupt, generation_name
 from retrieval.representatives import Representatives
-
-VECTORS = "vectors.f16"
-META = "table.npz"
-MANIFEST = "index.json"
-
-
-def generation_name(name: str, generation: int) -> str:
-    """The file ``name`` of generation ``generation``: ``name`` itself for generation 0
-    (so index folders from before updates open unchanged), ``stem.G.suffix`` after it."""
-    if generation == 0:
-        return name
-    stem, dot, suffix = name.partition(".")
-    return f"{stem}.{generation}{dot}{suffix}"
 
 
 def replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -55,16 +44,6 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def corrupt(path: Path, why: str) -> IndexFileError:
-    """The error for a damaged index file, naming it and the rebuild command (with the
-    index folder: the nearest parent holding the manifest)."""
-    folder = next((p for p in path.parents if (p / MANIFEST).exists()), path.parent)
-    return IndexFileError(
-        f"index file {path} is corrupt ({why}); rebuild the index with "
-        f"`retrieval index build RUN_DIR --out {folder}`"
-    )
 
 
 class TableWriter:
