@@ -48,7 +48,7 @@ def test_deterministic(tmp_path: Path, dataset) -> None:
     make_synthetic_coco(tmp_path / "again", num_images=12, seed=0)
     first = files(dataset[0].parent)
     assert first == files(tmp_path / "again")
-    assert len(first) == 13
+    assert len(first) == 14  # 12 images, annotations.json, the generator's marker
     make_synthetic_coco(tmp_path / "other", num_images=12, seed=1)
     assert files(tmp_path / "other")["annotations.json"] != first["annotations.json"]
 

@@ -28,8 +28,8 @@ import argparse
 import dataclasses
 import io
 import json
+import logging
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, RetrievalError, differences
+
+log = logging.getLogger("retrieval")
 
 SMALL_AREA = 32**2
 """COCO's size buckets (pixels, absolute): small < 32², medium < 96² <= large."""
@@ -515,13 +517,23 @@ def write_synthetic_coco(out_dir: str | Path, options: SyntheticOptions) -> tupl
     Each image record carries ``captions`` (one caption naming its objects); in
     ``colour_shape`` mode each category carries ``colour``, ``shape`` and ``held_out``.
 
+    Only into a new or empty folder, or one it generated before (:data:`MARKER`), whose
+    listed files it replaces; anything else is refused untouched.
+
     Returns:
         (annotation file, images folder): the ``data.annotations`` and ``data.images``
         of a ``coco`` dataset config.
+
+    Raises:
+        ConfigError: ``out_dir`` holds files the generator did not write.
     """
     out_dir = Path(out_dir)
+    previous = generation_state(out_dir, options).marker
+    for name in previous.get("files", []) if previous else []:
+        (out_dir / name).unlink(missing_ok=True)  # only what it wrote: the user's files stay
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    _write_marker(out_dir, options, None)  # first: a killed generation stays its own
     category_id = {name: k + 1 for k, name in enumerate(options.category_names)}
     width, height = options.image_size
     images: list[dict[str, Any]] = []
@@ -573,7 +585,101 @@ def write_synthetic_coco(out_dir: str | Path, options: SyntheticOptions) -> tupl
     }
     annotation_file = out_dir / "annotations.json"
     annotation_file.write_text(json.dumps(dataset))
+    files = [annotation_file.name] + [f"images/{image['file_name']}" for image in images]
+    _write_marker(out_dir, options, files)
     return annotation_file, images_dir
+
+
+MARKER = ".retrieval-generated.json"
+"""The file that marks a folder as this generator's own: the options it was generated
+with and every file it wrote. The generator writes only into a new or empty folder or one
+holding this marker, and on regenerating removes only the files the marker lists."""
+
+
+@dataclass(frozen=True)
+class GenerationState:
+    """What generating ``options`` into a folder would do (:func:`generation_state`)."""
+
+    folder: Path
+    action: str  # "ready" (already there, same options) | "new" | "regenerate"
+    changes: tuple[str, ...] = ()  # for "regenerate": the options that differ
+    marker: dict[str, Any] | None = None  # the folder's marker, when it has one
+
+    def describe(self) -> str:
+        """One line for a dry run or a log."""
+        if self.action == "ready":
+            return f"{self.folder}: already generated with these options; nothing to write"
+        what = f"annotations.json and images/ ({self.folder})"
+        if self.action == "new":
+            return f"would write {what}"
+        return f"would regenerate {what}, made with other options: " + "; ".join(self.changes)
+
+
+def _options_json(options: SyntheticOptions) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(options)))
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    path = folder / MARKER
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and "options" in marker else None
+
+
+def _write_marker(folder: Path, options: SyntheticOptions, files: list[str] | None) -> None:
+    marker = {
+        "generator": "retrieval.data.synthetic",
+        "options": _options_json(options),
+        "complete": files is not None,
+        "files": files or [],
+    }
+    (folder / MARKER).write_text(json.dumps(marker))
+
+
+def generation_state(folder: str | Path, options: SyntheticOptions) -> GenerationState:
+    """What generating ``options`` into ``folder`` would do, checked before anything is
+    written: a missing or empty folder is new; a folder holding :data:`MARKER` is the
+    generator's own (ready when complete with the same options, else regenerated); one
+    whose ``annotations.json`` records exactly these options (generated before folders
+    were marked) is ready. Anything else is the user's.
+
+    Raises:
+        ConfigError: ``folder`` is a file, or holds files the generator did not write
+            (named, with the fix); nothing is changed.
+    """
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ConfigError(f"{folder} is not a folder: the generator writes into a folder")
+    if not folder.exists() or not any(folder.iterdir()):
+        return GenerationState(folder, "new")
+    marker = _read_marker(folder)
+    wanted = _options_json(options)
+    if marker is not None:
+        if marker.get("complete") and marker["options"] == wanted:
+            return GenerationState(folder, "ready", marker=marker)
+        changes = differences(marker["options"], wanted) if marker.get("complete") else []
+        return GenerationState(
+            folder, "regenerate", tuple(changes or ["an earlier generation did not finish"]),
+            marker,
+        )  # fmt: skip
+    annotations = folder / "annotations.json"
+    try:
+        info = json.loads(annotations.read_text()).get("info", {})
+    except (OSError, ValueError, AttributeError):
+        info = {}
+    if isinstance(info, dict) and info.get("options") == wanted:
+        return GenerationState(folder, "ready")
+    shown = ", ".join(sorted(p.name for p in folder.iterdir())[:5])
+    raise ConfigError(
+        f"{folder} holds files the generator did not write ({shown}, ...): it writes only "
+        f"into a new or empty folder, or one it generated itself (marked by {MARKER}). "
+        f"Nothing was changed; point the generated set at another folder (for a sweep: "
+        f"data.root=DIR, or data.annotations=DIR/annotations.json data.images=DIR/images)"
+    )
 
 
 def make_synthetic_coco(
@@ -633,14 +739,19 @@ def scenes_options(
 
 def ensure_synthetic(data_dir: str | Path, options: SyntheticOptions) -> tuple[Path, Path]:
     """``annotations.json`` and ``images/`` under ``data_dir``, generated unless already
-    there with exactly these options (recorded in the annotations' ``info``)."""
+    there with exactly these options. Only a new or empty folder, or one the generator
+    marked as its own, is written (:func:`generation_state`); regenerating an own folder
+    made with other options says so in a warning.
+
+    Raises:
+        ConfigError: ``data_dir`` holds files the generator did not write.
+    """
     data_dir = Path(data_dir)
-    annotations, images = data_dir / "annotations.json", data_dir / "images"
-    if annotations.is_file():
-        info = json.loads(annotations.read_text()).get("info", {})
-        if info.get("options") == json.loads(json.dumps(dataclasses.asdict(options))):
-            return annotations, images
-        shutil.rmtree(images, ignore_errors=True)
+    state = generation_state(data_dir, options)
+    if state.action == "ready":
+        return data_dir / "annotations.json", data_dir / "images"
+    if state.action == "regenerate":
+        log.warning("regenerating %s: %s", data_dir, "; ".join(state.changes))
     return write_synthetic_coco(data_dir, options)
 
 
@@ -691,6 +802,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--bad-images", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        _generate(args)
+    except RetrievalError as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+def _generate(args: argparse.Namespace) -> None:
     if args.preset:
         split = "eval" if args.preset == "scenes" else "train"
         options = scenes_options(split, args.num_images, args.seed, bad_images=args.bad_images)

@@ -4,7 +4,8 @@ The index folder holds the representative table, the backend's files, a copy of 
 run's ``config.yaml`` (so text queries need only the index) and ``index.json``: the
 run, the retriever fingerprint, embedding size, backend and its tuned settings, build
 time, bytes per image, and recall@K against exact search on held-out queries. It is
-built in a temporary folder and renamed, so a killed build leaves no half index.
+built in a temporary folder and renamed, so a killed build leaves no half index; a
+rebuild replaces only the files the project wrote and keeps the user's (:func:`_replace`).
 
 Only the run's live images are indexed: for an unlabelled run, the ids its collection
 table (``images.parquet``) has not marked removed; for a labelled run, every stored
@@ -14,7 +15,9 @@ as it grows and shrinks; a build is generation 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -33,7 +36,7 @@ from retrieval.factory import create_backend
 from retrieval.index.base import Backend
 from retrieval.index.exact import ExactBackend, exact_search
 from retrieval.index.manifest import FORMAT
-from retrieval.index.table import MANIFEST, RepTable, replace_atomically
+from retrieval.index.table import MANIFEST, META, VECTORS, RepTable, replace_atomically
 from retrieval.index.tuning import recall_at_k
 from retrieval.representatives import Representatives
 from retrieval.store.shards import ShardReader, ShardStore, open_run_store, read_cache
@@ -230,17 +233,59 @@ def check_out(out: Path) -> None:
         )
 
 
+def own_names(out: Path, new: Path) -> set[str]:
+    """Top-level names in the index folder ``out`` that this project wrote: the manifest,
+    config copy and lock, each file its manifest lists, every generation of the table's
+    and the built-in backends' files (and their temporary names), and whatever the new
+    build ``new`` holds. Anything else in ``out`` is the user's."""
+    from retrieval.index.faiss_backend import FAISS_FILE
+    from retrieval.index.lancedb_backend import LANCE_DIR
+    from retrieval.index.milvus_backend import LITE_DIR
+    from retrieval.store.lock import LOCK
+
+    names = {MANIFEST, "config.yaml", LOCK, LANCE_DIR, LITE_DIR}
+    names |= {p.name for p in new.iterdir()}
+    files = json.loads((out / MANIFEST).read_text()).get("files") if is_index_folder(out) else None
+    if isinstance(files, dict):
+        names |= {Path(name).parts[0] for name in files if Path(name).parts}
+    generations = "|".join(
+        re.escape(stem) + r"(\.\d+)?\." + re.escape(suffix)
+        for stem, _, suffix in (n.partition(".") for n in (VECTORS, META, FAISS_FILE))
+    )
+    pattern = re.compile(rf"\.?({generations}|{'|'.join(map(re.escape, names))})(\.tmp|\.lock)?")
+    return {p.name for p in out.iterdir() if pattern.fullmatch(p.name)}
+
+
 def _replace(out: Path, new: Path) -> None:
     """Puts the finished index folder ``new`` at ``out``, checking ``out`` again first (it
-    may have changed during the build); an old index is moved aside, then deleted."""
+    may have changed during the build). The user's own files in an old index folder (a
+    gallery page, notes: whatever the project did not write, :func:`own_names`) are moved
+    into the new folder first and so kept; the old index is then moved aside and deleted.
+    If the swap fails, they are moved back."""
     check_out(out)
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if not out.exists():
+        new.rename(out)
+        return
+    kept = sorted({p.name for p in out.iterdir()} - own_names(out, new))
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    moved: list[str] = []
+    try:
+        for name in kept:
+            (out / name).rename(new / name)
+            moved.append(name)
+        out.rename(aside / out.name)
+        try:
+            new.rename(out)
+        except BaseException:
+            (aside / out.name).rename(out)
+            raise
+    except BaseException:
+        for name in moved:
+            (new / name).rename(out / name)
+        with contextlib.suppress(OSError):
+            aside.rmdir()  # empty again once the old index is back
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def build_index(
@@ -260,8 +305,8 @@ def build_index(
         run_dir: the run folder (``embeddings/``, ``config.yaml``).
         backend: a registered backend (``exact``, ``faiss``, ``faiss-flat``, ...).
         out: the index folder (default ``RUN_DIR/index/BACKEND``); an index this
-            project built there is replaced, any other non-empty folder (or a file) is
-            refused and left as it is.
+            project built there is replaced (files in it the project did not write are
+            kept), any other non-empty folder (or a file) is refused and left as it is.
         device: where exact scoring runs (``auto``: GPU when present).
         recall_k: K of the recall@K recorded against exact search.
         recall_target: recall an approximate backend is tuned to reach.

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ class RunLock:
     def acquire(self) -> RunLock:
         make_folder(self.folder, self.key)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -125,6 +126,30 @@ class RunLock:
         self._fd = fd
         return self
 
+    def _open(self) -> int:
+        """The lock file, opened without following a symbolic link; anything but a plain
+        file at its path (a link to a user's file, a folder, a pipe) is refused untouched.
+
+        Raises:
+            StoreError: something other than a plain file is at the lock's path.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise
+            fd = None
+        if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        if fd is not None:
+            os.close(fd)
+        kind = _kind(self.path)
+        raise StoreError(
+            f"{self.path} is {kind}, not the lock file this project writes: it was left "
+            f"as it is. Remove or rename it (the run's lock is a plain file named {LOCK}), "
+            f"or choose another {self.key}"
+        )
+
     def release(self) -> None:
         if self._fd is None:
             return
@@ -142,6 +167,15 @@ class RunLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _kind(path: Path) -> str:
+    """What is at ``path``, in words, for a message."""
+    if path.is_symlink():
+        return f"a symbolic link (to {os.readlink(path)})"
+    if path.is_dir():
+        return "a folder"
+    return "not a plain file (a pipe, socket or device)" if path.exists() else "unreadable"
 
 
 def _read(fd: int) -> dict[str, Any]:
