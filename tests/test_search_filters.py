@@ -52,6 +52,13 @@ EXPRESSIONS: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "camera NOT IN ('CAM_FRONT') AND \"height\" <= 720.5": lambda d: (
         d.camera.notna() & (d.camera != "CAM_FRONT") & (d.height <= 720.5)
     ),
+    # SQL LIKE: % any run, _ one character, \_ a literal underscore
+    "path LIKE 'frames/010__.jpg' OR camera LIKE 'CAM\\_B%'": lambda d: (
+        d.path.str.fullmatch(r"frames/010\d\d\.jpg") | (d.camera == "CAM_BACK")
+    ),
+    "path NOT LIKE '%0.jpg' AND width > 700": lambda d: (
+        ~d.path.str.endswith("0.jpg") & (d.width > 700)
+    ),
 }
 
 

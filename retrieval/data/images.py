@@ -7,7 +7,7 @@ import os
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -63,17 +63,44 @@ def image_source(path: str | Path) -> Path | io.BytesIO:
     return path
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, roots: Iterable[str | Path] | None = None) -> Image.Image:
     """Reads an image as the annotator saw it: EXIF orientation applied, RGB, fully decoded.
 
+    The one way the project opens a picture by path: embedding, the gallery and the
+    server all come here (a webdataset member's bytes go to :func:`decode_image`).
     Decoding everything here (not lazily in a transform) makes a truncated or corrupt
     file fail at one place, with the file named.
 
+    Args:
+        path: the file (or a member path through a tar shard, :func:`image_source`).
+        roots: the folders the path must resolve inside (:func:`outside_root`, the
+            dataset's ``image_roots``), checked at the moment of reading; None for none.
+
     Raises:
-        BadImageError: the file is missing, not an image, truncated or corrupt.
+        BadImageError: the file is missing, outside ``roots``, not an image, truncated or
+            corrupt.
+    """
+    if roots is not None and (reason := outside_root(path, roots)) is not None:
+        raise BadImageError(path, reason)
+    try:
+        source = image_source(path)
+    except FileNotFoundError:
+        raise BadImageError(path, "file not found") from None
+    except (OSError, tarfile.TarError) as err:
+        raise BadImageError(path, f"{type(err).__name__}: {err}") from None
+    return decode_image(source, path)
+
+
+def decode_image(source: str | Path | IO[bytes], path: str | Path) -> Image.Image:
+    """``source`` (a file, or an image's bytes) decoded as :func:`load_image` reads a
+    file: fully, EXIF orientation applied, 8-bit RGB by :func:`to_rgb8` (a 16-bit PNG
+    keeps its grey levels instead of turning white).
+
+    Raises:
+        BadImageError: missing, not an image, truncated or corrupt (``path`` names it).
     """
     try:
-        with Image.open(image_source(path)) as image:
+        with Image.open(source) as image:
             image.load()
             upright = ImageOps.exif_transpose(image)
             return to_rgb8(upright)

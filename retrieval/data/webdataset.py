@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from retrieval.data.base import ImageDataset, OnBadImage, Transform, pil_to_uint8_tensor
 from retrieval.data.collection import Collection, image_size
-from retrieval.data.images import BadImageError
+from retrieval.data.images import BadImageError, decode_image
 from retrieval.errors import DataError, MissingFileError
 from retrieval.factory import register_dataset
 
@@ -195,8 +195,9 @@ class WebDataset(ImageDataset, IterableDataset):
             several joined by ``::``; ``~`` expanded. Uncompressed tars only.
         transform: PIL image -> tensor, normally the retriever's ``image_transform``.
         on_bad_image: ``error`` stops at a missing or unreadable shard (when listing) and
-            at an undecodable or cut-off sample (when embedding); ``skip`` leaves them
-            out and lists the samples in the run's shards (config ``data.on_bad_image``).
+            at an undecodable or cut-off sample (when embedding); ``skip`` (the default
+            for a collection) leaves them out and lists them in the run folder's
+            ``skipped.csv`` (config ``data.on_bad_image``).
         max_images: keep only the first N live ids (ascending), for quick runs.
         run_dir: the run folder holding the collection table (``run.output_dir``); None
             assigns ids in memory only.
@@ -212,7 +213,7 @@ class WebDataset(ImageDataset, IterableDataset):
         self,
         shards: str,
         transform: Transform | None = None,
-        on_bad_image: OnBadImage = "error",
+        on_bad_image: OnBadImage = "skip",
         max_images: int | None = None,
         run_dir: str | Path | None = None,
         progress: bool = True,
@@ -429,19 +430,13 @@ class WebDataset(ImageDataset, IterableDataset):
 
 
 def _decode(data: bytes, path: str) -> Image.Image:
-    """A member's image as :func:`retrieval.data.images.load_image` reads a file: EXIF
-    orientation applied, RGB, fully decoded.
+    """A member's image exactly as :func:`retrieval.data.images.load_image` reads a file
+    (the same :func:`~retrieval.data.images.decode_image`: a 16-bit PNG stays grey).
 
     Raises:
         BadImageError: not an image, truncated or corrupt (``path`` names the member).
     """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-        raise BadImageError(path, reason) from err
+    return decode_image(io.BytesIO(data), path)
 
 
 class _MemberSizes:

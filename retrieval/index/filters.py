@@ -1,4 +1,5 @@
-"""Metadata filters for search: ``--where "camera = 'CAM_FRONT' AND width >= 1024"``.
+"""Metadata filters for search: ``--where "camera = 'CAM_FRONT' AND width >= 1024"`` (the
+CLI), ``where=`` (the API), the filter field (the page).
 
 A small SQL-like grammar, tokenised and parsed here (no ``eval``, no SQL engine) into a
 pyarrow compute expression, which is evaluated once per search over the run's metadata
@@ -13,6 +14,7 @@ Grammar (keywords case-insensitive, column names exact)::
     factor     := NOT factor | '(' expr ')' | predicate
     predicate  := column op literal
                 | column [NOT] IN '(' literal (',' literal)* ')'
+                | column [NOT] LIKE 'pattern'
                 | column IS [NOT] NULL
     op         := = | == | != | <> | < | <= | > | >=
     column     := name | "quoted name"
@@ -21,11 +23,20 @@ Grammar (keywords case-insensitive, column names exact)::
 Comparisons follow SQL's three-valued logic: a null value matches no comparison (test it
 with ``IS NULL``). A string is compared with text columns only, a number with numeric
 ones, ``TRUE``/``FALSE`` with boolean ones; a date or timestamp column takes a string
-that pyarrow can cast (``'2024-05-01'``).
+that pyarrow can cast (``'2024-05-01'``). ``LIKE`` (text columns) is SQL's: ``%`` matches
+any run of characters, ``_`` exactly one, ``\%`` and ``\_`` the characters themselves;
+case-sensitive, and the whole value must match (``path LIKE 'trips/2023/%'``).
+
+Numbers are 64-bit (integers within ±2^63, finite floats), nesting (parentheses and
+``NOT``) is at most :data:`MAX_DEPTH` deep and an expression holds at most
+:data:`MAX_PREDICATES` comparisons: anything else is refused with the same one
+error as a syntax mistake, never an overflow or a recursion error. ``AND`` / ``OR``
+chains of any length are flat lists, not nested nodes.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,7 +49,13 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-KEYWORDS = {"AND", "OR", "NOT", "IN", "IS", "NULL", "TRUE", "FALSE"}
+KEYWORDS = {"AND", "OR", "NOT", "IN", "IS", "LIKE", "NULL", "TRUE", "FALSE"}
+MAX_DEPTH = 64
+"""Deepest nesting of parentheses and ``NOT`` an expression may have."""
+MAX_PREDICATES = 1000
+"""Most comparisons one expression may hold (pyarrow's evaluator crashes the process on
+some 10^4-term chains; a long list of values is one ``IN (...)``)."""
+INT64 = (-(2**63), 2**63 - 1)
 OPERATORS = {"=": "==", "==": "==", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">"}
 OPERATORS[">="] = ">="
 _TOKEN = re.compile(
@@ -78,6 +95,14 @@ class InList:
 
 
 @dataclass(frozen=True)
+class Like:
+    column: str
+    pattern: str
+    negated: bool
+    at: int
+
+
+@dataclass(frozen=True)
 class IsNull:
     column: str
     negated: bool
@@ -87,8 +112,7 @@ class IsNull:
 @dataclass(frozen=True)
 class BoolOp:
     op: str  # AND, OR
-    left: Node
-    right: Node
+    operands: tuple[Node, ...]  # two or more, flat: a long chain is one node
 
 
 @dataclass(frozen=True)
@@ -96,14 +120,14 @@ class Not:
     operand: Node
 
 
-Node = Compare | InList | IsNull | BoolOp | Not
+Node = Compare | InList | Like | IsNull | BoolOp | Not
 
 
 def bad(text: str, at: int, why: str) -> ConfigError:
     """The one error a filter raises: the expression, where (``at``: its position, -1
     for none) and why; :func:`compile_where` adds the columns."""
     where = f"{text}\n  {' ' * at}^" if 0 <= at <= len(text) else text
-    return ConfigError(f"bad --where expression ({why}):\n  {where}")
+    return ConfigError(f"bad filter expression ({why}):\n  {where}")
 
 
 def with_columns(err: ConfigError, columns: list[str]) -> ConfigError:
@@ -123,9 +147,7 @@ def tokenize(text: str) -> list[Token]:
         kind, raw = match.lastgroup, match.group(match.lastgroup)
         at = match.start(kind)
         if kind == "number":
-            number = float(raw)
-            value: Any = int(raw) if re.fullmatch(r"[-+]?\d+", raw) else number
-            tokens.append(Token("number", value, at))
+            tokens.append(Token("number", _number(text, raw, at), at))
         elif kind == "string":
             tokens.append(Token("string", raw[1:-1].replace("''", "'"), at))
         elif kind == "quoted":
@@ -139,6 +161,24 @@ def tokenize(text: str) -> list[Token]:
     return tokens
 
 
+def _number(text: str, raw: str, at: int) -> int | float:
+    """A number token's value: an int within int64, else a finite float (else refused)."""
+    if re.fullmatch(r"[-+]?\d+", raw):
+        digits = raw.lstrip("+-").lstrip("0")
+        value = int(raw) if len(digits) <= 19 else None  # int() of 4300+ digits raises
+        if value is not None and INT64[0] <= value <= INT64[1]:
+            return value
+        raise bad(text, at, f"integer {_short(raw)} is out of range: numbers are 64-bit")
+    number = float(raw)
+    if not math.isfinite(number):
+        raise bad(text, at, f"number {_short(raw)} is too large for a 64-bit float")
+    return number
+
+
+def _short(raw: str) -> str:
+    return raw if len(raw) <= 30 else f"{raw[:12]}...{raw[-6:]} ({len(raw)} characters)"
+
+
 class Parser:
     """Recursive descent over :func:`tokenize`'s tokens into a :data:`Node` tree."""
 
@@ -146,6 +186,8 @@ class Parser:
         self.text = text
         self.tokens = tokenize(text)
         self.i = 0
+        self.depth = 0
+        self.predicates = 0
 
     @property
     def peek(self) -> Token:
@@ -179,31 +221,55 @@ class Parser:
         return node
 
     def expr(self) -> Node:
-        node = self.term()
+        terms = [self.term()]
         while self.accept("keyword", "OR"):
-            node = BoolOp("OR", node, self.term())
-        return node
+            terms.append(self.term())
+        return terms[0] if len(terms) == 1 else BoolOp("OR", tuple(terms))
 
     def term(self) -> Node:
-        node = self.factor()
+        factors = [self.factor()]
         while self.accept("keyword", "AND"):
-            node = BoolOp("AND", node, self.factor())
-        return node
+            factors.append(self.factor())
+        return factors[0] if len(factors) == 1 else BoolOp("AND", tuple(factors))
 
     def factor(self) -> Node:
+        token = self.peek
+        if (token.kind, token.value) in (("keyword", "NOT"), ("punct", "(")):
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise bad(
+                    self.text,
+                    token.at,
+                    f"nested more than {MAX_DEPTH} levels deep (parentheses and NOT): "
+                    f"write it flatter, e.g. a IN (1, 2) for a = 1 OR a = 2",
+                )
+            try:
+                return self.nested()
+            finally:
+                self.depth -= 1
+        return self.predicate()
+
+    def nested(self) -> Node:
         if self.accept("keyword", "NOT"):
             return Not(self.factor())
-        if self.accept("punct", "("):
-            node = self.expr()
-            if not self.accept("punct", ")"):
-                raise self.fail("')'")
-            return node
-        return self.predicate()
+        self.take()  # "("
+        node = self.expr()
+        if not self.accept("punct", ")"):
+            raise self.fail("')'")
+        return node
 
     def predicate(self) -> Node:
         token = self.peek
         if token.kind != "name":
             raise self.fail("a column name")
+        self.predicates += 1
+        if self.predicates > MAX_PREDICATES:
+            raise bad(
+                self.text,
+                token.at,
+                f"more than {MAX_PREDICATES} comparisons: list many values in one "
+                f"column IN (...) instead",
+            )
         self.i += 1
         column = str(token.value)
         if self.peek.kind == "op":
@@ -215,6 +281,12 @@ class Parser:
                 raise self.fail("NULL")
             return IsNull(column, negated, token.at)
         negated = self.accept("keyword", "NOT")
+        if self.accept("keyword", "LIKE"):
+            pattern = self.peek
+            if pattern.kind != "string":
+                raise self.fail("a 'quoted pattern' after LIKE")
+            self.i += 1
+            return Like(column, str(pattern.value), negated, token.at)
         if self.accept("keyword", "IN"):
             if not self.accept("punct", "("):
                 raise self.fail("'(' after IN")
@@ -224,7 +296,7 @@ class Parser:
             if not self.accept("punct", ")"):
                 raise self.fail("',' or ')'")
             return InList(column, tuple(values), negated, token.at)
-        raise self.fail("a comparison (= != < <= > >=), IN or IS after the column")
+        raise self.fail("a comparison (= != < <= > >=), IN, LIKE or IS after the column")
 
     def literal(self) -> Any:
         token = self.peek
@@ -298,12 +370,24 @@ class _Compiler:
         import pyarrow.compute as pc
 
         if isinstance(node, BoolOp):
-            left, right = self.compile(node.left), self.compile(node.right)
-            return left & right if node.op == "AND" else left | right
+            return _balanced([self.compile(n) for n in node.operands], node.op)
         if isinstance(node, Not):
             return ~self.compile(node.operand)
         field = self.field(node.column, node.at)
         column = pc.field(node.column)
+        if isinstance(node, Like):
+            import pyarrow as pa
+
+            if _kind(field.type) != "text":
+                raise bad(
+                    self.text,
+                    node.at,
+                    f"column {field.name!r} is {field.type}: LIKE takes a text column",
+                )
+            if pa.types.is_dictionary(field.type):  # match_like has no dictionary kernel
+                column = column.cast(field.type.value_type)
+            found = pc.match_like(column, node.pattern)
+            return ~found if node.negated else found
         if isinstance(node, IsNull):
             return ~column.is_null() if node.negated else column.is_null()
         if isinstance(node, InList):
@@ -312,9 +396,9 @@ class _Compiler:
             values = [self.value(field, v, node.at) for v in node.values]
             value_type = field.type.value_type if pa.types.is_dictionary(field.type) else None
             array = pa.array(values, type=value_type) if value_type else pa.array(values)
-            found = column.isin(array)
-            # SQL: NULL IN (...) and NULL NOT IN (...) are both unknown (no match)
-            return (~found & column.is_valid()) if node.negated else found
+            # SQL: NULL IN (...) is unknown (null), so NOT (NULL IN ...) is no match either
+            found = pc.if_else(column.is_null(), pa.scalar(None, pa.bool_()), column.isin(array))
+            return ~found if node.negated else found
         value = self.value(field, node.value, node.at)
         ops = {
             "==": column.__eq__,
@@ -325,6 +409,16 @@ class _Compiler:
             ">=": column.__ge__,
         }
         return ops[node.op](value)
+
+
+def _balanced(parts: list[pc.Expression], op: str) -> pc.Expression:
+    """``parts`` joined by ``op`` as a balanced tree (depth log2 n, not n)."""
+    while len(parts) > 1:
+        pairs = [
+            (a & b if op == "AND" else a | b) for a, b in zip(parts[::2], parts[1::2], strict=False)
+        ]
+        parts = pairs + parts[len(pairs) * 2 :]
+    return parts[0]
 
 
 def compile_where(text: str, schema: pa.Schema) -> pc.Expression:
@@ -349,7 +443,7 @@ def allowed_ids(metadata: pa.Table, where: str) -> np.ndarray:
     expression = compile_where(where, metadata.schema)
     try:
         kept = metadata.filter(expression)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+    except (pa.ArrowException, OverflowError, ValueError) as err:
         reason = str(err).splitlines()[0]
         error = bad(where, -1, f"pyarrow cannot evaluate it: {reason}")
         raise with_columns(error, metadata.column_names) from None
