@@ -346,12 +346,12 @@ def test_list_errors(three_images: Path, tmp_path: Path) -> None:
     listing = three_images / "list.csv"
     listing.write_text("path\na.jpg\nb.jpg\n./a.jpg\nsub/../b.jpg\n")
     with pytest.raises(DataError, match=r"data.list=.*list.csv: 2 path\(s\).*\(a.jpg, b.jpg\)"):
-        ListDataset(str(listing), progress=False)
+        ListDataset(str(listing), on_bad_image="error", progress=False)
     listing.write_text("path\na.jpg\nmissing.jpg\n")
     with pytest.raises(
         MissingFileError, match=r"(?s)1 of 2 files listed in .*list.csv.*missing.jpg"
     ):
-        ListDataset(str(listing), progress=False)
+        ListDataset(str(listing), on_bad_image="error", progress=False)
     dataset = ListDataset(str(listing), on_bad_image="skip", progress=False)
     assert len(dataset) == 1 and dataset.failures_at_start[0]["path"].endswith("missing.jpg")
     listing.write_text("path\nmissing.jpg\n")
@@ -445,7 +445,7 @@ def test_own_images_embed_grow_index_search(tmp_path: Path, monkeypatch) -> None
     assert main([*argv, "--json", str(out)]) == 0
     files = dict(zip(written["image_id"].to_pylist(), written["path"].to_pylist(), strict=True))
     for hit in json.loads(out.read_text())["hits"]:
-        assert hit["file"] == str(images / files[hit["image_id"]])
+        assert hit["path"] == str(images / files[hit["image_id"]])
     assert read_table(run).equals(written, True)
 
 
@@ -466,7 +466,7 @@ def test_bad_files_are_counted_or_named(tmp_path: Path) -> None:
 
     run = tmp_path / "skip"
     result = embed(embed_config(images, run, "data.on_bad_image=skip"))
-    assert result.embedded == 6
+    assert (result.embedded, result.skipped) == (3, 3)  # counted apart
     store = ShardStore(run / "embeddings")
     failures = [f for shard in store.iter_shards() for f in shard.failures]
     assert sorted(Path(f["path"]).name for f in failures) == ["cut.jpg", "empty.jpg", "text.jpg"]
@@ -477,7 +477,7 @@ def test_bad_files_are_counted_or_named(tmp_path: Path) -> None:
     assert embed(embed_config(images, run, "data.on_bad_image=skip")).embedded == 0
 
     with pytest.raises(BadImageError, match=r"(cut|empty|text)\.jpg.*data.on_bad_image=skip"):
-        embed(embed_config(images, tmp_path / "error"))
+        embed(embed_config(images, tmp_path / "error", "data.on_bad_image=error"))
 
 
 @pytest.mark.slow

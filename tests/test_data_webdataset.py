@@ -143,10 +143,10 @@ def test_expansion_root_and_errors(tmp_path: Path) -> None:
         webdataset(str(tmp_path / "nothing*.tar"))
     make_shard(tmp_path / "s" / "000000.tar", 0, 2)
     with pytest.raises(MissingFileError, match=r"(?s)1 of 2 shards .*000001.tar: shard not found"):
-        webdataset(str(tmp_path / "s" / "{000000..000001}.tar"))
+        webdataset(str(tmp_path / "s" / "{000000..000001}.tar"), on_bad_image="error")
     (tmp_path / "s" / "000001.tar").write_bytes(b"")
     with pytest.raises(DataError, match=r"000001.tar: not an uncompressed tar file"):
-        webdataset(str(tmp_path / "s" / "{000000..000001}.tar"))
+        webdataset(str(tmp_path / "s" / "{000000..000001}.tar"), on_bad_image="error")
     skipped = webdataset(str(tmp_path / "s" / "*.tar"), on_bad_image="skip")
     assert len(skipped.image_ids) == 2 and skipped.failures_at_start[0]["path"].endswith(
         "000001.tar"
@@ -295,7 +295,7 @@ def test_shard_cut_short_before_listing(tmp_path: Path, caplog) -> None:
     assert bad[0]["path"].endswith("000001.tar/000006.PNG")
     assert bad[0]["error"].startswith("tar shard 000001.tar is cut short")
 
-    strict = webdataset(pattern, run)
+    strict = webdataset(pattern, run, on_bad_image="error")
     with pytest.raises(BadImageError, match=r"000001.tar/000006.PNG: tar shard 000001.tar is cut"):
         list(strict)
 
@@ -410,11 +410,11 @@ def test_embed_a_cut_shard(tmp_path: Path) -> None:
     cut(shards / "000001.tar", info.offset_data + info.size // 2)
     run = tmp_path / "run"
     with pytest.raises(BadImageError, match=r"000001.tar/000006.PNG: tar shard 000001.tar"):
-        embed(embed_config(pattern, run, "loader.batch_size=2"))
+        embed(embed_config(pattern, run, "loader.batch_size=2", "data.on_bad_image=error"))
     assert sorted(stored(run)) == list(range(6))  # the batches before the cut
 
     resumed = embed(embed_config(pattern, run, "data.on_bad_image=skip"))
-    assert (resumed.embedded, resumed.reused) == (1, 6)
+    assert (resumed.embedded, resumed.skipped, resumed.reused) == (0, 1, 6)
     store = ShardStore(run / "embeddings")
     failures = [f for shard in store.iter_shards() for f in shard.failures]
     assert [(f["image_id"], Path(f["path"]).name) for f in failures] == [(6, "000006.PNG")]

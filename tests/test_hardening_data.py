@@ -96,7 +96,7 @@ def test_image_paths_never_leave_the_image_root(tmp_path: Path) -> None:
     listing.write_text(f"path\ngood2.jpg\n{outside}\n")
     _jpeg(images / "good2.jpg")
     with pytest.raises(DataError, match="outside the image root"):
-        ListDataset(str(listing), images=str(images))
+        ListDataset(str(listing), images=str(images), on_bad_image="error")
     listed = ListDataset(str(listing), images=str(images), on_bad_image="skip")
     assert len(listed.image_ids) == 1
     assert "outside the image root" in listed.failures_at_start[0]["reason"]

@@ -152,8 +152,10 @@ class FolderDataset(ImageDataset):
     Args:
         images: the folder, listed recursively (config ``data.images``; ``~`` expanded).
         transform: PIL image -> tensor, normally the retriever's ``image_transform``.
-        on_bad_image: ``error`` stops at an unreadable image; ``skip`` leaves it out and
-            lists it in the run's shards (config ``data.on_bad_image``).
+        on_bad_image: ``skip`` (the default for a collection: one corrupt file among
+            thousands must not stop the embed) leaves an unreadable image out and lists
+            it in the run folder's ``skipped.csv``; ``error`` stops at it (config
+            ``data.on_bad_image``).
         metadata: an optional CSV or Parquet file with a ``path`` column (relative to
             ``images``); its other columns join the collection table.
         max_images: keep only the first N live ids (ascending), for quick runs.
@@ -170,7 +172,7 @@ class FolderDataset(ImageDataset):
         self,
         images: str | Path,
         transform: Transform | None = None,
-        on_bad_image: OnBadImage = "error",
+        on_bad_image: OnBadImage = "skip",
         metadata: str | None = None,
         max_images: int | None = None,
         run_dir: str | Path | None = None,

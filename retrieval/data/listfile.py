@@ -45,7 +45,8 @@ class ListDataset(ImageDataset):
         images: the folder relative paths start from (config ``data.images``); default:
             the list file's folder.
         transform: PIL image -> tensor, normally the retriever's ``image_transform``.
-        on_bad_image: ``error`` or ``skip`` (config ``data.on_bad_image``).
+        on_bad_image: ``skip`` (the default for a collection) or ``error`` (config
+            ``data.on_bad_image``); skipped files are listed in the run's ``skipped.csv``.
         max_images: keep only the first N live ids (ascending), for quick runs.
         run_dir: the run folder holding the collection table (``run.output_dir``); None
             assigns ids in memory only.
@@ -61,7 +62,7 @@ class ListDataset(ImageDataset):
         list: str,  # shadows the builtin: the config key is data.list
         images: str | None = None,
         transform: Transform | None = None,
-        on_bad_image: OnBadImage = "error",
+        on_bad_image: OnBadImage = "skip",
         max_images: int | None = None,
         run_dir: str | Path | None = None,
         progress: bool = True,

@@ -8,6 +8,7 @@ not embedded again, and no Trainer is built when nothing is left to embed.
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 import retrieval
 from retrieval.config import as_dict, to_yaml, with_absolute_paths
-from retrieval.data.base import file_identity
+from retrieval.data.base import ImageDataset, file_identity
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.parts import RunParts, build_parts
 from retrieval.engine.progress import ImageProgress
@@ -51,9 +52,11 @@ class EmbedResult:
 
     store: ShardStore
     embedded: int  # images embedded now (all ranks); 0 when every image was stored
-    reused: int  # images found in the store from earlier runs
+    reused: int  # images found in the store from earlier runs (or recorded unreadable)
     seconds: float  # wall time of the backbone or re-aggregation pass
     is_global_zero: bool  # this process is the one that scores and reports
+    skipped: int = 0  # images read now that could not be (listed in SKIPPED), not embedded
+    skipped_total: int = 0  # every image of the dataset left out, as SKIPPED lists them
 
 
 def embedding_fingerprint(cfg: DictConfig, retriever: Retriever) -> dict:
@@ -195,16 +198,18 @@ def _embed(cfg: DictConfig, parts: RunParts, run_dir: Path) -> EmbedResult:
     verify = cfg.run.get("verify", "fast")
     policy = cfg.data.get("on_bad_image", "error")
     todo = plan_embedding(store, fingerprint, dataset.image_ids, cfg.run.resume, verify, policy)
-    reused = len(dataset.image_ids) - len(todo)
     if not len(todo):
-        log.info("embeddings in %s: 0 images embedded now, %d reused", store.root, reused)
-        return EmbedResult(store, 0, reused, 0.0, global_rank() == 0)
+        if global_rank() != 0:
+            return EmbedResult(store, 0, len(dataset.image_ids), 0.0, False)
+        tally = _tally(store, dataset, todo, run_dir)
+        log.info("embeddings in %s: %s", store.root, tally.describe(run_dir))
+        return EmbedResult(store, 0, tally.reused, 0.0, True, 0, tally.listed)
 
     source = dense_source(cfg.store.dense_from) if cfg.store.dense_from else None
     start = time.perf_counter()
     if source is not None:  # no backbone: one process aggregates stored dense features
         if global_rank() != 0:
-            return EmbedResult(store, 0, reused, 0.0, False)
+            return EmbedResult(store, 0, len(dataset.image_ids) - len(todo), 0.0, False)
         _start_store(store, fingerprint, run_dir, cfg)
         reaggregate(
             *source,
@@ -239,14 +244,63 @@ def _embed(cfg: DictConfig, parts: RunParts, run_dir: Path) -> EmbedResult:
         dataset.on_bad_image = policy
         is_zero = trainer.is_global_zero
     seconds = time.perf_counter() - start
-    if is_zero:
-        store.record_checksums()
-        how = f" (aggregated from {source[0].root})" if source else ""
-        log.info(
-            "embeddings in %s: %d images embedded now%s, %d reused from stored shards",
-            store.root, len(todo), how, reused,
-        )  # fmt: skip
-    return EmbedResult(store, len(todo), reused, seconds, is_zero)
+    if not is_zero:
+        return EmbedResult(store, len(todo), len(dataset.image_ids) - len(todo), seconds, False)
+    store.record_checksums()
+    tally = _tally(store, dataset, todo, run_dir)
+    how = f" (aggregated from {source[0].root})" if source else ""
+    log.info("embeddings in %s%s: %s", store.root, how, tally.describe(run_dir))
+    return EmbedResult(
+        store, tally.embedded, tally.reused, seconds, True, tally.skipped, tally.listed
+    )
+
+
+SKIPPED = "skipped.csv"
+"""The run folder's list of the images left out: ``path``, ``reason``, ``image_id``
+(empty for a listed file that was not found), one row each; absent when none was."""
+
+
+@dataclass
+class Tally:
+    """The dataset's images after an embed phase, counted apart."""
+
+    embedded: int  # embedded now
+    skipped: int  # read now and unreadable: left out
+    reused: int  # embedded by earlier runs
+    listed: int  # every image left out, now or before, as :data:`SKIPPED` lists them
+
+    def describe(self, run_dir: Path) -> str:
+        text = f"{self.embedded} images embedded now, {self.reused} reused from stored shards"
+        if self.skipped:
+            text += f", {self.skipped} unreadable now (left out)"
+        if self.listed:
+            text += f"; {self.listed} left out in all, listed in {run_dir / SKIPPED}"
+        return text
+
+
+def _tally(store: ShardStore, dataset: ImageDataset, todo: np.ndarray, run_dir: Path) -> Tally:
+    """Counts the phase's images apart and writes :data:`SKIPPED` for those left out
+    (missing when listed, or recorded unreadable in a shard), or removes a stale list.
+
+    Only failure records that still count (:meth:`ShardStore.contents`: a file that
+    reads now is no longer one) of the dataset's current images are listed."""
+    ids, wanted = dataset.image_ids, set(dataset.image_ids.tolist())
+    failed = [f for f in store.contents()[1] if int(f["image_id"]) in wanted]
+    failed_ids = [int(f["image_id"]) for f in failed]
+    skipped = int(np.isin(todo, failed_ids).sum())
+    rows = list(dataset.failures_at_start) + failed
+    path = run_dir / SKIPPED
+    if rows:
+        with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "reason", "image_id"])
+            for row in rows:
+                image_id = row.get("image_id")
+                writer.writerow([row["path"], row["reason"], "" if image_id is None else image_id])
+    else:
+        path.unlink(missing_ok=True)
+    reused = int((~np.isin(ids, todo) & ~np.isin(ids, failed_ids)).sum())
+    return Tally(len(todo) - skipped, skipped, reused, len(rows))
 
 
 def _start_store(store: ShardStore, fingerprint: dict, run_dir: Path, cfg: DictConfig) -> None:
