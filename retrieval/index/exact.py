@@ -84,12 +84,53 @@ def exact_search(
             alone are scored when they are at most ``SUBSET_SHARE`` of the table, else
             the whole table is and the other images are masked before the top-k.
     """
+    best, arg, positions = image_best(table, queries, device, resident, images)
+    return top_images(best, arg, table.image_ids[positions], k)
+
+
+@torch.no_grad()
+def maxsim_search(
+    table: RepTable,
+    queries: Tensor,
+    k: int,
+    device: str = "auto",
+    resident: Tensor | None = None,
+    images: np.ndarray | None = None,
+) -> RowHits:
+    """Exact top ``k`` images of one multi-vector query ``Q = queries [m, D]`` by
+    Chamfer / MaxSim: an image's score is the mean over ``q`` in ``Q`` of the max cosine
+    of ``q`` over the image's representatives (with one vector, the max cosine itself).
+
+    Every image is scored in one pass over the table (or over the rows of ``images``,
+    as :func:`exact_search` does). Each hit's row is the image's representative of the
+    single best match (the query vector and representative of the highest cosine).
+    """
+    best, arg, positions = image_best(table, queries, device, resident, images)
+    score = best.mean(dim=1, keepdim=True)  # -inf for images not searched
+    which = best.argmax(dim=1, keepdim=True)
+    ((rows, scores),) = top_images(score, arg.gather(1, which), table.image_ids[positions], k)
+    return rows, scores
+
+
+def image_best(
+    table: RepTable,
+    queries: Tensor,
+    device: str,
+    resident: Tensor | None,
+    images: np.ndarray | None,
+) -> tuple[Tensor, Tensor, np.ndarray]:
+    """Per image, the max cosine of each query over its rows and the first row reaching
+    it: ``best [G, Q]`` (``-inf`` for an image not searched: removed, empty, or outside
+    ``images``), ``arg [G, Q]`` table rows, and the images' table positions ``[G]``."""
     if images is not None:
         images = np.unique(np.asarray(images, dtype=np.int64))
         images = images[~table.removed[images]]
         rows = table.rows_of(images)
         if len(rows) <= SUBSET_SHARE * table.num_rows:
-            return subset_search(table, queries, k, device, resident, images, rows)
+            best, arg = subset_best(table, queries, device, resident, images, rows)
+            if len(rows):  # row numbers of the table (no rows: every image is -inf)
+                arg = torch.from_numpy(rows).to(arg.device)[arg]
+            return best, arg, images
     dev = resolve_device(device)
     q = queries.to(dev, torch.float32)
     owner = torch.from_numpy(table.owner).to(dev)
@@ -110,7 +151,7 @@ def exact_search(
         masked = np.ones(table.num_images, bool)
         masked[images] = False
         best[torch.from_numpy(masked).to(dev)] = float("-inf")
-    return top_images(best, arg, table.image_ids, k)
+    return best, arg, np.arange(n)
 
 
 def keep_best(best: Tensor, arg: Tensor, sims: Tensor, groups: Tensor, start: int) -> None:
@@ -126,18 +167,16 @@ def keep_best(best: Tensor, arg: Tensor, sims: Tensor, groups: Tensor, start: in
     arg[view] = torch.where(better, chunk_arg + start, arg[view])
 
 
-@torch.no_grad()
-def subset_search(
+def subset_best(
     table: RepTable,
     queries: Tensor,
-    k: int,
     device: str,
     resident: Tensor | None,
     images: np.ndarray,
     rows: np.ndarray,
-) -> list[RowHits]:
-    """Exact top ``k`` among the image positions ``images`` (ascending, live), scoring
-    only their ``rows`` (``table.rows_of(images)``), by chunk."""
+) -> tuple[Tensor, Tensor]:
+    """:func:`image_best` among the image positions ``images`` (ascending, live), scoring
+    only their ``rows`` (``table.rows_of(images)``), by chunk; ``arg`` indexes ``rows``."""
     dev = resolve_device(device)
     q = queries.to(dev, torch.float32)
     local = torch.from_numpy(np.searchsorted(images, table.owner[rows])).to(dev)
@@ -152,7 +191,7 @@ def subset_search(
         else:
             vectors = torch.from_numpy(table.vectors[part].astype(np.float32)).to(dev)
         keep_best(best, arg, vectors @ q.T, local[start:stop], start)
-    return [(rows[r], s) for r, s in top_images(best, arg, table.image_ids[images], k)]
+    return best, arg
 
 
 @torch.no_grad()
@@ -211,6 +250,11 @@ class ExactBackend(Backend):
         """The allowed images' rows alone, or the table with the rest masked."""
         table = self.require_table()
         return exact_search(table, queries, k, self.device, self._resident(), images)
+
+    def maxsim_rows(self, queries: Tensor, k: int, images: np.ndarray | None) -> RowHits:
+        """A multi-vector query's exact top ``k`` (:func:`maxsim_search`), resident."""
+        table = self.require_table()
+        return maxsim_search(table, queries, k, self.device, self._resident(), images)
 
     def memory_bytes(self) -> int:
         """Every vector is read by every query: the resident copy (or the table) counts."""

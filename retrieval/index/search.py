@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.errors import ConfigError, IndexFileError, differences
+from retrieval.errors import ConfigError, DataError, IndexFileError, differences
 from retrieval.index.hits import Hit
 from retrieval.index.manifest import MANIFEST, RunChanges, read_manifest, run_changes
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from omegaconf import DictConfig
+    from PIL import Image
     from torch import Tensor
 
     from retrieval.index.base import Backend
@@ -229,6 +230,99 @@ class SearchIndex:
         if where is not None:
             self.allowed_ids(where)  # a bad filter fails before the model loads
         return self.search_vectors(self.embed([query], prompts), top, where)[0]
+
+    def search_multivector(
+        self, queries: Tensor | np.ndarray, top: int = 50, where: str | None = None
+    ) -> list[Hit]:
+        """Top images of one multi-vector query ``[m, D]`` (a picture's representatives)
+        by Chamfer / MaxSim: the mean over the query vectors of each one's max cosine over
+        an image's representatives (:mod:`retrieval.index.multivector`); a hit names the
+        image's representative of the best single match."""
+        from retrieval.index.multivector import check_queries, multivector_rows
+
+        top = self.capped_top(top)
+        q = check_queries(queries, self.embed_dim)
+        self.backend.require_table()
+        images = None
+        if where is not None:
+            images = self.backend.positions_of(self.allowed_ids(where))
+            if not len(images):
+                return []
+        return self.backend.hits(*multivector_rows(self.backend, q, top, images))
+
+    def picture_queries(self, picture: str | Path | Image.Image) -> Tensor:
+        """The representatives ``[R, D]`` (unit rows) the index's retriever makes of a
+        picture (a file or a PIL image), as the embed phase made an indexed image's."""
+        import torch
+        from PIL import Image
+
+        from retrieval.data.images import BadImageError, load_image, to_rgb8
+
+        if isinstance(picture, Image.Image):
+            image = to_rgb8(picture)
+        else:
+            try:
+                image = load_image(picture)
+            except BadImageError as err:
+                raise DataError(
+                    f"cannot read the query picture {err.path}: {err.reason}; pass an "
+                    f"image file (JPEG, PNG, ...)"
+                ) from None
+        retriever = self.retriever()
+        device = next(retriever.parameters()).device
+        with torch.no_grad():
+            reps = retriever.encode_images(retriever.image_transform(image)[None].to(device))
+        return reps.embeddings[0][reps.mask[0]].float().cpu()
+
+    def stored_queries(self, image_id: int, rep_index: int | None = None) -> Tensor:
+        """An indexed image's stored representatives ``[R, D]`` ("more like this"), or
+        its representative ``rep_index`` alone (a region, ``[1, D]``).
+
+        Raises:
+            ConfigError: the index has no such live image, or the image no such
+                representative (the message lists the ones it has).
+        """
+        import torch
+
+        table = self.backend.require_table(allow_empty=True)
+        where = self.backend.positions_of(np.array([image_id]))
+        if not len(where):
+            raise ConfigError(
+                f"image {image_id} is not in index {self.folder}: pass the id of an indexed "
+                f"image (a search's hits name them)"
+            )
+        rows = table.rows_of(where[-1:])
+        if rep_index is not None:
+            slots = table.slots[rows]
+            if not (slots == rep_index).any():
+                raise ConfigError(
+                    f"image {image_id} has no representative {rep_index}; its "
+                    f"representatives are {', '.join(map(str, slots.tolist()))}"
+                )
+            rows = rows[slots == rep_index][:1]
+        return torch.from_numpy(table.vectors[rows].astype(np.float32))
+
+    def search_picture(
+        self, picture: str | Path | Image.Image, top: int = 50, where: str | None = None
+    ) -> list[Hit]:
+        """Top images like a picture (a file or a PIL image): :meth:`search_multivector`
+        of its :meth:`picture_queries`; an indexed image's own file ranks it first."""
+        self.capped_top(top)  # a bad --top or filter fails before the model loads
+        if where is not None:
+            self.allowed_ids(where)
+        return self.search_multivector(self.picture_queries(picture), top, where)
+
+    def search_like(
+        self,
+        image_id: int,
+        rep_index: int | None = None,
+        top: int = 50,
+        where: str | None = None,
+    ) -> list[Hit]:
+        """Top images like an indexed one ("more like this": MaxSim of its stored
+        representatives; it ranks itself first), or like one of its regions
+        (``rep_index``: that representative's max cosine, as a text query's)."""
+        return self.search_multivector(self.stored_queries(image_id, rep_index), top, where)
 
     def refresh(self) -> bool:
         """Follows ``retrieval index update``: when the folder's ``index.json`` changed since
