@@ -176,9 +176,15 @@ def test_npy_collection_run(collection_run: Path, tmp_path: Path) -> None:
     expected = stored_rows(collection_run, live_ids(collection_run))
     embeddings, frame = read_npy_export(out)
     assert_rows(frame, embeddings, expected, "float32")
-    assert list(frame.columns) == ["image_id", "path", "rep_index", "box"]
+    assert list(frame.columns) == [
+        "image_id", "path", "file_name", "rep_index", "box", "size_bytes", "caption"
+    ]  # fmt: skip
     paths = paths_by_id(collection_run)
     assert frame.path.tolist() == [paths[i] for i in frame.image_id]
+    # the hit shape's file_name, and the collection's metadata columns, row by row
+    assert frame.file_name.tolist() == [Path(paths[i]).name for i in frame.image_id]
+    assert frame.caption.tolist() == [f"caption {i}" for i in frame.image_id]
+    assert (frame.size_bytes == 1000).all()
     # shard 4 has no live image: 11 pairs, keys 00..10 (zero-padded: sorted = numeric)
     names = sorted(p.name for p in (out / "img_emb").iterdir())
     assert names == [f"img_emb_{k:02d}.npy" for k in range(11)]

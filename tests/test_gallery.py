@@ -141,7 +141,7 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
         "--no-progress",
     )
     assert "recall@" in built and "bytes/image" in built
-    assert json.loads(run("index", "info", str(out)))["backend"] == "faiss-flat"
+    assert json.loads(run("index", "info", str(out), "--json"))["backend"] == "faiss-flat"
     found = run(
         "search",
         str(out),
@@ -158,7 +158,7 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
     index = open_index(out, "cpu")
     expected = index.search("circle", top=3)
     assert [h["image_id"] for h in record["hits"]] == [h.image_id for h in expected]
-    assert all(Path(h["file"]).is_file() for h in record["hits"])
+    assert all(Path(h["path"]).is_file() for h in record["hits"])
     assert record["recall"] == index.recall and record["hits"][0]["rank"] == 1
     ivfpq = tmp_path / "ivfpq"
     run(

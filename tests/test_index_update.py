@@ -309,13 +309,13 @@ def test_cli_update_prints_changes_and_info_shows_generation(
 
     run = make_run(tmp_path / "run")
     index = build(run, "faiss-ivfpq", tmp_path / "ix")
-    assert json.loads(cli("index", "info", str(index)))["generation"] == 0
+    assert json.loads(cli("index", "info", str(index), "--json"))["generation"] == 0
     grow(run, np.arange(5000, 5010), seed=2)
     shrink(run, np.array([1, 2, 3]))
     out = cli("index", "update", str(index), "--no-progress")
     assert "+10 images" in out and "-3 images" in out and "generation 1" in out
     assert "recall@10" in out
-    assert json.loads(cli("index", "info", str(index)))["generation"] == 1
+    assert json.loads(cli("index", "info", str(index), "--json"))["generation"] == 1
     assert "no change" in cli("index", "update", str(index), "--no-progress")
 
 

@@ -290,7 +290,7 @@ def test_cli_where_json_writes_only_allowed_hits(
     assert record["where"] == where
     want = reference(run, q, EXPRESSIONS[where], 5)[0]
     assert [h["image_id"] for h in record["hits"]] == [i for i, _ in want]
-    assert all(h["file"].endswith(f"frames/{h['image_id']:05d}.jpg") for h in record["hits"])
+    assert all(h["path"].endswith(f"frames/{h['image_id']:05d}.jpg") for h in record["hits"])
     assert main([*argv, "--where", "camra = 'x'"]) == 2  # one `error:` line, status 2
 
 

@@ -1,19 +1,25 @@
-"""``retrieval index build RUN_DIR``, ``retrieval index update INDEX`` and
-``retrieval index info INDEX``."""
+"""``retrieval index build RUN_DIR``, ``retrieval index update INDEX|RUN`` and
+``retrieval index info INDEX``. ``index info`` reads the manifest and the run's image ids
+only (no torch): what the index holds and whether its run has moved on."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from retrieval.index import UpdateResult
 
 TOMBSTONE_NOTE = 0.25  # above this fraction of removed rows, `index update` suggests a rebuild
 
 
 def _build(args: argparse.Namespace) -> int:
     from retrieval.index import build_index, open_index
+    from retrieval.index.manifest import record_index
 
     options = dict(_option(o) for o in args.option)
     out = build_index(
@@ -43,6 +49,7 @@ def _build(args: argparse.Namespace) -> int:
             f"rebuild with a higher --recall-target or set the backend's knobs by --option"
         )
     console.print(f"index folder: {out}")
+    record_index(args.run_dir, out)
     return 0
 
 
@@ -57,22 +64,42 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def _update(args: argparse.Namespace) -> int:
+    from retrieval.errors import IndexFileError
     from retrieval.index import update_index
+    from retrieval.index.manifest import MANIFEST, run_indexes
 
-    result = update_index(
-        args.index,
-        progress=not args.no_progress,
-        device=args.device,
-        run_dir=args.run,
-        retune=args.retune,
-    )
+    target = Path(args.index)
+    if (target / MANIFEST).is_file() or not (target / "embeddings").is_dir():
+        folders = [target]  # an index (or a missing folder: update_index names the error)
+    else:
+        folders = run_indexes(target)
+        if not folders:
+            raise IndexFileError(
+                f"{target} is a run folder with no index yet: build one with "
+                f"`retrieval index build {target}`"
+            )
+        if args.run is not None:
+            raise IndexFileError(f"--run {args.run}: give it with an index folder, not a run")
     console = Console()
+    for folder in folders:
+        result = update_index(
+            folder,
+            progress=not args.no_progress,
+            device=args.device,
+            run_dir=args.run,
+            retune=args.retune,
+        )
+        _report_update(console, result)
+    return 0
+
+
+def _report_update(console: Console, result: UpdateResult) -> None:
     if not result.changed:
         console.print(
             f"{result.folder}: no change (the index holds the run's {result.images} live "
             f"images); generation {result.generation} kept"
         )
-        return 0
+        return
     recall = result.recall
     how = "exact" if not recall.get("queries") else f"{recall['queries']} fresh held-out queries"
     console.print(
@@ -96,24 +123,73 @@ def _update(args: argparse.Namespace) -> int:
             f"rebuild the index (`retrieval index build RUN --backend ... --out "
             f"{result.folder}`) to compact it"
         )
-    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def summary(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """``index info``'s lines: what the index is, holds and costs, and its recall."""
+    retriever = manifest.get("retriever") or {}
+    model = " ".join(
+        str(retriever[k]) for k in ("name", "backbone", "resolution") if retriever.get(k)
+    )
+    recall = manifest["recall"]
+    how = "measured exact" if not recall.get("queries") else f"{recall['queries']} held-out queries"
+    disk = sum(manifest.get("files", {}).values())
+    history = manifest.get("history", [])
+    lines = [
+        f"index      {folder}",
+        f"backend    {manifest['backend']}"
+        + (" (approximate)" if manifest.get("approximate") else " (exact)"),
+        f"run        {manifest['run']}",
+        f"retriever  {model} (D={manifest['embed_dim']})",
+        f"holds      {manifest['images']} images, {manifest['representatives']} representatives",
+        f"recall@{recall['k']:<4} {recall['value']:.3f} vs exact search ({how})",
+        f"size       {_size(disk)} on disk ({_size(manifest['disk_bytes_per_image'])}/image), "
+        f"{_size(manifest['memory_bytes_per_image'])}/image in memory",
+        f"generation {manifest.get('generation', 0)}: built {manifest.get('created', '?')}"
+        + (f", {len(history)} updates, last {manifest.get('updated')}" if history else ""),
+    ]
+    return lines
 
 
 def _info(args: argparse.Namespace) -> int:
-    from retrieval.index.search import read_manifest
+    from retrieval.index.manifest import read_manifest, run_changes
 
     manifest = read_manifest(args.index)
     manifest.setdefault("generation", 0)  # an index from before updates: as built
-    print(json.dumps(manifest, indent=2))
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    console = Console(highlight=False)
+    for line in summary(Path(args.index), manifest):
+        console.print(line, markup=False)
+    changes = run_changes(args.index, manifest)
+    if changes.stale:
+        console.print(changes.note(), style="yellow", markup=False)
+    else:
+        console.print("up to date with its run", markup=False)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``index build RUN_DIR``, ``index update INDEX`` and ``index info INDEX``."""
-    index = subparsers.add_parser("index", help="build a search index over a run's embeddings")
+    index = subparsers.add_parser(
+        "index", help="build, update and describe search indexes over a run's embeddings"
+    )
     commands = index.add_subparsers(dest="index_command", required=True)
     build = commands.add_parser("build", help="index a run's stored representatives")
-    build.add_argument("run_dir", help="run folder made by `retrieval eval`")
+    build.add_argument(
+        "run_dir",
+        help="run folder (run.output_dir) made by `retrieval embed` (your own images) or "
+        "`retrieval eval` (a benchmark)",
+    )
     build.add_argument(
         "--backend",
         default="exact",
@@ -141,9 +217,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.set_defaults(func=_build)
     update = commands.add_parser(
         "update",
-        help="add the run's new images to an index and drop its removed ones (a new generation)",
+        help="add the run's new images to an index and drop its removed ones (a new "
+        "generation); given a run folder, update every index of the run",
     )
-    update.add_argument("index", help="index folder made by `retrieval index build`")
+    update.add_argument(
+        "index",
+        help="index folder made by `retrieval index build`, or a run folder: every index "
+        "built from it (RUN/index/* and those built elsewhere with `index build`)",
+    )
     update.add_argument(
         "--run", help="the run the index should follow (refused if it was built from another)"
     )
@@ -156,7 +237,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     update.add_argument("--no-progress", action="store_true", help="no progress bars")
     update.set_defaults(func=_update)
     info = commands.add_parser(
-        "info", help="print an index's manifest (recall, sizes, run, generation)"
+        "info",
+        help="what an index holds (images, recall, size, generation) and whether its run "
+        "has moved on since",
     )
-    info.add_argument("index")
+    info.add_argument("index", help="index folder made by `retrieval index build`")
+    info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     info.set_defaults(func=_info)

@@ -143,3 +143,44 @@ def run_changes(folder: str | Path, manifest: dict[str, Any] | None = None) -> R
         added=len(np.setdiff1d(wanted, held)),
         removed=len(np.setdiff1d(held, wanted)),
     )
+
+
+INDEXES = "indexes.json"  # in a run folder: the index folders built from it
+
+
+def record_index(run: str | Path, folder: str | Path) -> None:
+    """Notes in the run folder that ``folder`` indexes it, so that ``retrieval index
+    update RUN`` finds every index of the run, wherever it was built (written by rename:
+    a reader sees the old list or the new one)."""
+    run, folder = Path(run), Path(folder).resolve()
+    known = [str(p) for p in _recorded(run)]
+    if str(folder) in known:
+        return
+    path = run / INDEXES
+    tmp = path.with_name(f".{INDEXES}.tmp")
+    tmp.write_text(json.dumps(sorted([*known, str(folder)]), indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _recorded(run: Path) -> list[Path]:
+    try:
+        listed = json.loads((run / INDEXES).read_text())
+    except (OSError, ValueError):
+        return []
+    return [Path(p) for p in listed if isinstance(p, str)] if isinstance(listed, list) else []
+
+
+def run_indexes(run: str | Path) -> list[Path]:
+    """The index folders of ``run``: those recorded in its ``indexes.json`` and those in
+    its default place ``RUN/index/*``, each still an index whose manifest names this run."""
+    run = Path(run)
+    found: dict[Path, None] = {}
+    default = sorted(p for p in (run / "index").glob("*") if (p / MANIFEST).is_file())
+    for folder in [*_recorded(run), *default]:
+        try:
+            built_from = Path(read_manifest(folder)["run"])
+        except (IndexFileError, MissingFileError, KeyError):
+            continue
+        if built_from.resolve() == run.resolve():
+            found.setdefault(folder.resolve())
+    return list(found)

@@ -25,12 +25,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from retrieval.errors import ConfigError, RetrievalError
+from retrieval.errors import RetrievalError
 from retrieval.index import SearchIndex
 from retrieval.index.base import Hit
-
-DEFAULT_NEGATIVE_WEIGHT = 0.5
-TINY = 1e-6  # a combined vector shorter than this has cancelled out
+from retrieval.index.compound import compound_vector
 
 
 @dataclass
@@ -71,23 +69,11 @@ def compound(
     positives: int, weights: list[float] | None = None, negative_weight: float | None = None
 ) -> Callable[[Tensor], Tensor]:
     """The combine function of a compound query whose texts are the ``positives``
-    positive texts followed by the negative ones (module docstring for the formula)."""
-    w = torch.tensor(weights if weights is not None else [1.0] * positives)
-    lam = DEFAULT_NEGATIVE_WEIGHT if negative_weight is None else negative_weight
+    positive texts followed by the negative ones (the formula and its checks:
+    :func:`retrieval.index.compound.compound_vector`, which the CLI uses too)."""
 
     def combine(embeddings: Tensor) -> Tensor:
-        pos = (w[:, None] * embeddings[:positives].float()).sum(dim=0)
-        if pos.norm() < TINY:
-            raise ConfigError("the weighted positive texts cancel out: change their weights")
-        q = F.normalize(pos, dim=0)
-        if len(embeddings) > positives:
-            neg = embeddings[positives:].float().sum(dim=0)
-            q = q - lam * F.normalize(neg, dim=0)
-            if q.norm() < TINY:
-                raise ConfigError(
-                    "the negative texts cancel the positive ones out: lower negative_weight"
-                )
-        return F.normalize(q, dim=0)
+        return compound_vector(embeddings, positives, weights, negative_weight)
 
     return combine
 

@@ -1,9 +1,12 @@
 """Export a run's stored representatives for other tools: one row per valid representative.
 
-Each row holds ``image_id``, ``path`` (the image file), ``rep_index`` (the slot in the
-run's padded ``[B, R, D]`` layout: what search hits name), ``box`` (normalised ``xyxy``,
-or null when the retriever gives no boxes) and ``embedding`` (fp16 or fp32). Only live
-images are exported when the run has a collection table (``images.parquet``).
+Each row holds the fields a search hit names the same way (:mod:`retrieval.index.hits`):
+``image_id``, ``path`` (the image file), ``file_name``, ``rep_index`` (the slot in the
+run's padded ``[B, R, D]`` layout) and ``box`` (normalised ``xyxy``, or null when the
+retriever gives no boxes); then ``embedding`` (fp16 or fp32) and, for a collection, its
+table's columns (``size_bytes``, ``mtime_ns``, ``width``, ``height`` and the metadata
+CSV's columns). Only live images are exported when the run has a collection table
+(``images.parquet``).
 
 Two formats:
 
@@ -42,6 +45,7 @@ from tqdm.auto import tqdm
 
 from retrieval.data.collection import collection_path, live_image_ids
 from retrieval.errors import ConfigError, MissingFileError, RetrievalError, StoreError
+from retrieval.index.hits import ROW_FIELDS
 from retrieval.store.shards import ShardReader, ShardStore, open_run_store
 
 log = logging.getLogger(__name__)
@@ -127,7 +131,7 @@ def export_run(
     shard_paths = store.shard_paths()
     writer: _Writer | None = None
     try:
-        writer = _Writer(tmp, format, dtype, store, run_dir)
+        writer = _Writer(tmp, format, dtype, store, run_dir, paths.fields)
         with tqdm(
             total=len(shard_paths), desc="exporting", unit="shard", disable=not progress
         ) as bar:
@@ -177,24 +181,38 @@ def _remove(path: Path) -> None:
 
 
 class _Paths:
-    """Image files by id: from the collection table, or from the labelled dataset."""
+    """Image files by id, from the collection table (with its metadata columns) or from
+    the labelled dataset (no metadata)."""
 
     def __init__(
-        self, ids: np.ndarray | None = None, files: pa.Array | None = None, dataset: Any = None
+        self,
+        ids: np.ndarray | None = None,
+        files: pa.Array | None = None,
+        dataset: Any = None,
+        columns: pa.Table | None = None,
     ) -> None:
         self.ids, self.files, self.dataset = ids, files, dataset
+        self.columns = columns  # the collection's other columns, rows in ``ids`` order
 
-    def lookup(self, image_ids: np.ndarray) -> pa.Array:
-        """A string array, one path per id (null where unknown)."""
+    @property
+    def fields(self) -> list[pa.Field]:
+        """The metadata columns an export carries after the hit fields."""
+        return [] if self.columns is None else list(self.columns.schema)
+
+    def lookup(self, image_ids: np.ndarray) -> tuple[pa.Array, list[pa.Array]]:
+        """One path per id (null where unknown) and each metadata column's values."""
         if self.ids is not None and self.files is not None:
             if not len(self.ids):
-                return pa.nulls(len(image_ids), pa.string())
+                return pa.nulls(len(image_ids), pa.string()), [
+                    pa.nulls(len(image_ids), f.type) for f in self.fields
+                ]
             pos = np.clip(np.searchsorted(self.ids, image_ids), 0, len(self.ids) - 1)
-            found = self.ids[pos] == image_ids
-            return self.files.take(pa.array(pos, mask=~found))
+            take = pa.array(pos, mask=self.ids[pos] != image_ids)
+            extra = [] if self.columns is None else [c.take(take) for c in self.columns.columns]
+            return self.files.take(take), extra
         if self.dataset is not None:
-            return pa.array([self._dataset_path(int(i)) for i in image_ids], pa.string())
-        return pa.nulls(len(image_ids), pa.string())
+            return pa.array([self._dataset_path(int(i)) for i in image_ids], pa.string()), []
+        return pa.nulls(len(image_ids), pa.string()), []
 
     def _dataset_path(self, image_id: int) -> str | None:
         try:
@@ -211,7 +229,7 @@ def _path_source(run_dir: Path) -> _Paths:
     table_path = collection_path(run_dir)
     if table_path.exists():
         try:
-            table = pq.read_table(table_path, columns=["image_id", "path"])
+            table = pq.read_table(table_path)
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise StoreError(
                 f"{table_path} cannot be read ({err}); restore it from a backup or embed the "
@@ -224,7 +242,13 @@ def _path_source(run_dir: Path) -> _Paths:
         if root:  # relative paths under the images root; an absolute one stays as it is
             joined = pc.binary_join_element_wise(root.rstrip("/") + "/", files, "")
             files = pc.if_else(pc.starts_with(files, "/"), files, joined)
-        return _Paths(ids=ids[order], files=files.take(pa.array(order)))
+        shared = {"removed", *ROW_FIELDS}  # a name drop_columns sees twice drops another
+        columns = table.drop_columns([c for c in table.column_names if c in shared])
+        return _Paths(
+            ids=ids[order],
+            files=files.take(pa.array(order)),
+            columns=columns.take(pa.array(order)),
+        )
     config = run_dir / "config.yaml"
     try:
         if not config.exists():
@@ -251,8 +275,17 @@ def _valid_mask(path: Path) -> torch.Tensor:
 class _Writer:
     """Streams rows into the temporary output (a parquet file, or an npy folder)."""
 
-    def __init__(self, tmp: Path, format: str, dtype: str, store: ShardStore, run_dir: Path):
+    def __init__(
+        self,
+        tmp: Path,
+        format: str,
+        dtype: str,
+        store: ShardStore,
+        run_dir: Path,
+        extra_fields: list[pa.Field],
+    ):
         self.tmp, self.format, self.dtype = tmp, format, dtype
+        self.extra_fields = extra_fields
         self.np_dtype = np.dtype(DTYPES[dtype])
         self.arrow_dtype = pa.float16() if dtype == "float16" else pa.float32()
         fingerprint = store.read_manifest().get("fingerprint")
@@ -269,16 +302,20 @@ class _Writer:
             (tmp / METADATA_DIR).mkdir()
 
     def schema(self, with_embedding: bool) -> pa.Schema:
+        """The hit fields an export row shares (:data:`retrieval.index.hits.ROW_FIELDS`),
+        the embedding, then the collection's metadata columns."""
         fields = [
             pa.field("image_id", pa.int64(), nullable=False),
             pa.field("path", pa.string()),
+            pa.field("file_name", pa.string()),
             pa.field("rep_index", pa.int32(), nullable=False),
             pa.field("box", pa.list_(pa.float32(), 4)),
         ]
+        assert tuple(f.name for f in fields) == ROW_FIELDS
         if with_embedding:
             assert self.dim is not None
             fields.append(pa.field("embedding", pa.list_(self.arrow_dtype, self.dim), False))
-        return pa.schema(fields, metadata=self.metadata)
+        return pa.schema(fields + self.extra_fields, metadata=self.metadata)
 
     def shard(
         self,
@@ -358,7 +395,10 @@ class _Writer:
             boxes = pa.FixedSizeListArray.from_arrays(flat, 4)
         else:
             boxes = pa.nulls(len(slots), pa.list_(pa.float32(), 4))
-        image_paths = paths.lookup(ids).take(pa.array(image_pos))
+        files, extra = paths.lookup(ids)
+        rows = pa.array(image_pos)
+        image_paths = files.take(rows)
+        names = pc.replace_substring_regex(image_paths, pattern=r"^.*/", replacement="")
         assert self.dim is not None
         embedding = pa.FixedSizeListArray.from_arrays(
             pa.array(vectors.reshape(-1), self.arrow_dtype), self.dim
@@ -367,7 +407,15 @@ class _Writer:
         result.images += len(np.unique(image_pos))
         result.missing_paths += image_paths.null_count
         return pa.Table.from_arrays(
-            [pa.array(ids[image_pos]), image_paths, pa.array(slots, pa.int32()), boxes, embedding],
+            [
+                pa.array(ids[image_pos]),
+                image_paths,
+                names,
+                pa.array(slots, pa.int32()),
+                boxes,
+                embedding,
+                *(column.take(rows) for column in extra),
+            ],
             schema=self.schema(with_embedding=True),
         )
 
