@@ -6,8 +6,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from retrieval.index.hits import HitRecord
+
 MAX_TOP = 1000
-Box = tuple[float, float, float, float]
 
 
 class Filters(BaseModel):
@@ -39,14 +40,11 @@ class ExampleQuery(Filters):
     rep_index: int = Field(ge=0)
 
 
-class HitOut(BaseModel):
-    rank: int
-    image_id: int
-    score: float
-    rep_index: int
-    box: Box | None = Field(description="x0, y0, x1, y1 in 0..1, or null")
-    file_name: str | None
-    path: str | None
+class HitOut(HitRecord):
+    """A hit: the one hit shape (:mod:`retrieval.index.hits`: rank, image_id, score,
+    rep_index, box as x0, y0, x1, y1 in 0..1 or null, path, file_name) plus the URL of
+    the image on this server."""
+
     image_url: str
 
 

@@ -89,24 +89,16 @@ class ServedIndex:
         }
 
     def hits_json(self, hits: list[Hit]) -> list[dict[str, Any]]:
-        """Hits as the API returns them: rank, id, score, representative, box, file."""
+        """Hits as the API returns them: the one hit shape (:mod:`retrieval.index.hits`,
+        as ``retrieval search --json`` writes it) plus each image's URL here."""
         files = self.images.paths([h.image_id for h in hits])
-        out = []
-        for rank, hit in enumerate(hits, start=1):
-            path = files.get(hit.image_id)
-            out.append(
-                {
-                    "rank": rank,
-                    "image_id": hit.image_id,
-                    "score": hit.score,
-                    "rep_index": hit.rep_index,
-                    "box": None if hit.box is None else list(hit.box),
-                    "file_name": None if path is None else path.name,
-                    "path": None if path is None else str(path),
-                    "image_url": f"/api/images/{self.name}/{hit.image_id}",
-                }
-            )
-        return out
+        return [
+            {
+                **hit.record(rank, files.get(hit.image_id)),
+                "image_url": f"/api/images/{self.name}/{hit.image_id}",
+            }
+            for rank, hit in enumerate(hits, start=1)
+        ]
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
