@@ -217,6 +217,8 @@ def read_listing(path: str | Path, key: str) -> pa.Table:
 
 def join_metadata(files: pa.Table, metadata: pa.Table, source: str | Path) -> pa.Table:
     """``files`` with ``metadata``'s columns joined by ``path`` (null where it has no row).
+    Rows that name no listed file are counted and the first :data:`SAMPLE` named in a
+    warning (a typo'd or absolute path is otherwise silently lost).
 
     Raises:
         DataError: no path of ``metadata`` names a listed file (a sample of each side).
@@ -232,6 +234,14 @@ def join_metadata(files: pa.Table, metadata: pa.Table, source: str | Path) -> pa
             f"(its paths: {theirs}; images found: {ours}); its 'path' column must hold "
             f"paths relative to data.images"
         )
+    unmatched = pc.invert(pc.is_in(metadata.column("path"), value_set=files.column("path")))
+    if (count := pc.sum(unmatched).as_py() or 0) > 0:
+        shown = metadata.column("path").filter(unmatched)[:SAMPLE].to_pylist()
+        log.warning(
+            "metadata file %s: %d of its %d rows name no image found (%s%s), so their "
+            "columns are not used; its 'path' column holds paths relative to data.images",
+            source, count, metadata.num_rows, ", ".join(shown), ", ..." if count > SAMPLE else "",
+        )  # fmt: skip
     extra = metadata.drop_columns(["path"]).take(rows)
     for name in extra.column_names:
         files = files.append_column(name, extra.column(name))
