@@ -149,12 +149,28 @@ def near_queries(run: Path, n: int, seed: int) -> torch.Tensor:
     return F.normalize(emb[pick] + 0.5 * F.normalize(torch.randn(n, DIM, generator=g), 1), 1)
 
 
+def probe_every_partition(index: SearchIndex) -> None:
+    """LanceDB's IVF k-means takes no seed, so which images share a partition, and the
+    recall at the tuned ``nprobes``, changes from build to build (a recall check against
+    the recorded one failed 1 run in 3). Probing every partition makes the answer exact
+    whatever the partitioning: the prefilter push-down is then checked deterministically."""
+    options = index.backend.options
+    options["nprobes"] = options["num_partitions"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_filtered_top_k_equals_pandas_reference(
     run: Path, indexes: dict[str, Path], backend: str
 ) -> None:
+    """Exact backends equal the reference; LanceDB probing every partition gives its
+    scores rank by rank (its own fp16 distances may swap images tied within 1e-4); the
+    seeded faiss ivfpq (fixed training sample, faiss's fixed k-means seed: the same
+    index every run) recalls at least its recorded recall minus ``SLACK``."""
     q = torch.cat([queries(6, 0), near_queries(run, 6, 1)])
     with open_index(indexes[backend], "cpu") as index:
+        if backend == "lancedb":
+            probe_every_partition(index)
+        exact = backend in EXACT or backend == "lancedb"
         recorded = index.recall["value"]
         for expression, mask in EXPRESSIONS.items():
             want = reference(run, q, mask, K)
@@ -162,12 +178,13 @@ def test_filtered_top_k_equals_pandas_reference(
             assert [len(h) for h in got] == [len(w) for w in want], expression
             for hits, ref in zip(got, want, strict=True):
                 assert not {h.image_id for h in hits} & set(REMOVED)
-                if backend in EXACT:
-                    assert [h.image_id for h in hits] == [i for i, _ in ref], expression
+                if exact:  # LanceDB ranks by its own distances: near ties (< 1e-4) may swap
+                    if backend != "lancedb":
+                        assert [h.image_id for h in hits] == [i for i, _ in ref], expression
                     np.testing.assert_allclose(
                         [h.score for h in hits], [s for _, s in ref], atol=1e-4
                     )
-            if backend not in EXACT:
+            if not exact:
                 found = [{h.image_id for h in hits} for hits in got]
                 truth = [{i for i, _ in ref} for ref in want]
                 recall = np.mean([len(f & t) / len(t) for f, t in zip(found, truth, strict=True)])
