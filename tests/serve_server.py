@@ -147,18 +147,23 @@ def write_vector_run(
     seed: int = 0,
     images_dir: Path | None = None,
     grid: int = GRID,
+    whole_image_clip: bool = False,
 ) -> Path:
     """A run folder whose images have random unit vectors as their ``grid x grid`` cell
     representatives (``grid=1``: one whole-image vector, no cells), embedded (so text
     queries encode) by ``source``'s retriever: its ``config.yaml`` and fingerprint are
     copied. With ``images_dir`` (the source's image
     files, ``000000000007.jpg``), the images are copied beside the run and listed in a
-    collection table with metadata columns ``camera`` and ``night``."""
+    collection table with metadata columns ``camera`` and ``night``. With
+    ``whole_image_clip`` the run names plain CLIP (the same RN-tiny towers, no cells:
+    nothing to draw a heatmap on) instead of the source's Dense-CLIP."""
     import fake_runs
 
     out.mkdir(parents=True)
     shutil.copy(source / "config.yaml", out / "config.yaml")
     fingerprint = ShardStore(source / "embeddings").read_manifest()["fingerprint"]
+    if whole_image_clip:
+        fingerprint = as_clip(out / "config.yaml", fingerprint)
     store = ShardStore(out / "embeddings")
     dim = ShardStore(source / "embeddings").iter_shards().__next__().reps.embeddings.shape[-1]
     boxes = grid_cell_boxes((grid, grid))
@@ -182,6 +187,24 @@ def write_vector_run(
             out, image_ids, np.zeros(len(image_ids), bool), str(photos), columns
         )
     return out
+
+
+def as_clip(config: Path, fingerprint: dict) -> dict:
+    """Rewrites ``config`` (a Dense-CLIP run's) to name plain CLIP with the same backbone;
+    returns ``fingerprint`` with that retriever's description."""
+    import yaml
+
+    from retrieval.config import load_stored_config
+    from retrieval.factory import build_retriever
+
+    data = yaml.safe_load(config.read_text())
+    old = data["retriever"]
+    data["retriever"] = {"name": "clip", **{k: old[k] for k in ("backbone", "pretrained")}}
+    data["retriever"] |= {"resolution": old["resolution"], "cache_dir": None}
+    config.write_text(yaml.safe_dump(data))
+    built = build_retriever(load_stored_config(config))
+    retriever = {"name": "clip", **built.describe()}
+    return {**fingerprint, "retriever": retriever, "retriever_options": data["retriever"]}
 
 
 @pytest.fixture(scope="session")

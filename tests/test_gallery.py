@@ -176,3 +176,38 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
     assert "recall was measured for the top 3" in run("search", str(ivfpq), "circle", "--top", "5")
     with pytest.raises(ValueError, match="the target is a fraction in"):
         run("index", "build", str(dense_run), "--recall-target", "95", "--out", str(ivfpq))
+
+
+def test_heat_overlay_is_translucent_smooth_and_scaled(tmp_path: Path) -> None:
+    """The heat panel keeps the photo readable (its stripes survive under the colour:
+    column-to-column changes correlate with the photo's), is interpolated (a hard step
+    between cells becomes a ramp: no jump between neighbouring pixels like a mosaic's),
+    and carries a colour bar of the map's colours, low to high, under the picture."""
+    import matplotlib
+
+    from retrieval.report.gallery import BAR_H, HEAT_MAP, heat_panel, legend
+
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::4] = stripes[:, 1::4] = 255  # 2-pixel white stripes every 4
+    Image.fromarray(stripes).save(tmp_path / "stripes.png")
+    step = np.array([[0.1, 0.4], [0.1, 0.4]])  # a hard step between the two cell columns
+    item = GalleryItem(1, Hit(1, 0.4, 0, None), tmp_path / "stripes.png", heatmap=step)
+    panel = np.asarray(heat_panel(item, side=64), dtype=float)
+    assert panel.shape == (64 + BAR_H, 64, 3)
+    picture = panel[:64]
+    grey = picture.mean(axis=2)
+    photo_grey = stripes.mean(axis=2).astype(float)
+    readable = np.corrcoef(np.diff(grey, axis=1).ravel(), np.diff(photo_grey, axis=1).ravel())
+    assert readable[0, 1] > 0.9
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(tmp_path / "grey.png")
+    flat = GalleryItem(1, Hit(1, 0.4, 0, None), tmp_path / "grey.png", heatmap=step)
+    layer = np.asarray(heat_panel(flat, side=64), dtype=float)[:64]
+    assert np.abs(np.diff(layer, axis=1)).max() < 30  # a ramp, not a mosaic's jump
+    assert np.abs(layer[:, -1] - layer[:, 0]).max() > 60  # yet low and high differ
+    bar = panel[64:, :, :][-1]  # the bar's bottom row, below its labels
+    colours = matplotlib.colormaps[HEAT_MAP](np.linspace(0, 1, 64))[:, :3] * 255
+    middle = slice(20, 44)
+    np.testing.assert_allclose(bar[middle], colours[middle], atol=3)
+    text = legend([item])
+    assert "cosine similarity with each cell" in text and "Cyan" not in text
+    assert "Cyan" in legend([GalleryItem(1, item.hit, None, members=np.ones((2, 2), bool))])

@@ -84,6 +84,9 @@ def test_health_and_index_listing(served_index: str, serve_indexes: dict[str, Pa
     assert dense["random_weights"] is True
     docs = get(f"{served_index}/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert not re.search(r"(src|href)=.(https?:)?//", docs.text), "docs load nothing remote"
+    for asset in re.findall(r"(?:src|href)=.(/docs/assets/[^'\"]+)", docs.text):
+        assert get(f"{served_index}{asset}").status_code == 200, asset
     assert "/api/search" in ok(get(f"{served_index}/openapi.json"))["paths"]
 
 
@@ -172,10 +175,90 @@ def test_more_like_this_region(served_index: str, local) -> None:
     ]
 
 
+def cell_weights(grid: int, box: list[float]) -> np.ndarray:
+    """Share of each cell of a grid x grid raster covered by ``box`` (plain loops)."""
+    x0, y0, x1, y1 = box
+    out = np.zeros((grid, grid))
+    for r in range(grid):
+        for c in range(grid):
+            cx0, cx1, cy0, cy1 = c / grid, (c + 1) / grid, r / grid, (r + 1) / grid
+            w = max(0.0, min(cx1, x1) - max(cx0, x0)) * grid
+            h = max(0.0, min(cy1, y1) - max(cy0, y0)) * grid
+            out[r, c] = w * h
+    return out
+
+
+@pytest.mark.parametrize("box", [[0.1, 0.3, 0.6, 0.9], [0.26, 0.26, 0.49, 0.49], [0, 0, 1, 1]])
+def test_drawn_region_is_the_cells_under_it(served_index: str, local, box) -> None:
+    """A drawn box's query is normalise(Σ a_c x_c) over the image's stored cells x_c, a_c
+    the share of cell c inside the box (NumPy loops here); its hits are the library's
+    search with that vector. A box inside one cell is that cell: its image comes first
+    with cosine ~1 (these cells are random vectors, so a wide box need not)."""
+    index = local["vectors"]
+    table = index.backend.table
+    pos = int(np.flatnonzero(table.image_ids == 11)[0])
+    rows = np.arange(table.offsets[pos], table.offsets[pos + 1])
+    cells = table.vectors[rows[np.argsort(table.slots[rows])]].astype(np.float64)  # raster
+    weights = cell_weights(4, box).reshape(-1, 1)
+    q = unit((weights * cells).sum(axis=0)).astype(np.float32)
+    body = {"index": "vectors", "image_id": 11, "box": box, "top": 6}
+    found = ok(post(f"{served_index}/api/search", json=body))
+    expected = index.search_vectors(torch.from_numpy(q)[None], 6)[0]
+    assert [h["image_id"] for h in found["hits"]] == [h.image_id for h in expected]
+    np.testing.assert_allclose(
+        [h["score"] for h in found["hits"]], [h.score for h in expected], atol=1e-4
+    )
+    assert found["query"]["box"] == box
+    if box == [0.26, 0.26, 0.49, 0.49]:
+        assert found["hits"][0]["image_id"] == 11
+        assert found["hits"][0]["score"] == pytest.approx(1.0, abs=2e-3)
+
+
+def test_bad_requests_under_load_fail_alone(served_index: str, local) -> None:
+    """200 concurrent requests, every 10th a bad one (a huge integer, 300 nested
+    parentheses, a huge region image_id, overflowing weights), batched together: every
+    bad one is its own 4xx with its message, every good one the library's answer."""
+    index = local["vectors"]
+    texts = ["a red square", "a dog", "two cars", "grass", "a blue circle"]
+    expected = {t: [h.image_id for h in index.search(t, 5, where="night = FALSE")] for t in texts}
+    bad = [
+        ({"params": {"q": "a", "where": "image_id = 99999999999999999999999"}}, 400),
+        ({"params": {"q": "a", "where": "(" * 300 + "night" + ")" * 300}}, 400),
+        ({"json": {"image_id": 10**23, "rep_index": 0}}, 422),
+        ({"json": {"positive": ["a", "b"], "weights": [1e308, 1e308]}}, 422),
+    ]
+
+    async def run() -> list[tuple[int, httpx.Response]]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=served_index, timeout=300, limits=limits) as http:
+            tasks = []
+            for i in range(200):
+                if i % 10 == 9:
+                    kwargs, _ = bad[(i // 10) % len(bad)]
+                    kwargs = {k: {**v, "index": "vectors"} for k, v in kwargs.items()}
+                    method = "POST" if "json" in kwargs else "GET"
+                else:
+                    params = {"q": texts[i % 5], "index": "vectors", "top": 5}
+                    kwargs, method = {"params": params | {"where": "night = FALSE"}}, "GET"
+                tasks.append(http.request(method, "/api/search", **kwargs))
+            return list(enumerate(await asyncio.gather(*tasks)))
+
+    for i, response in asyncio.run(run()):
+        if i % 10 == 9:
+            _, status = bad[(i // 10) % len(bad)]
+            assert response.status_code == status, (i, response.text)
+            assert isinstance(response.json()["detail"], str)
+        else:
+            assert response.status_code == 200, (i, response.text)
+            ids = [h["image_id"] for h in response.json()["hits"]]
+            assert ids == expected[texts[i % 5]], i
+
+
 def test_search_by_uploaded_picture(served_index: str, local) -> None:
-    """An upload's query is the normalised mean of its representatives as the run's
-    retriever encodes them (random weights blur images together, so the reference is the
-    library's search with that vector, not "the same image first")."""
+    """An upload is a multi-vector query: its representatives as the run's retriever
+    encodes them, MaxSim over each image's (random ResNet weights blur images together,
+    so the reference is the library's search_picture, not "the same image first";
+    tests/test_multivector.py shows pictures finding themselves)."""
     index = local["dense"]
     path = image_file(index, 7)
     with open(path, "rb") as f:
@@ -183,14 +266,9 @@ def test_search_by_uploaded_picture(served_index: str, local) -> None:
         body = ok(
             post(f"{served_index}/api/search", files=files, data={"index": "dense", "top": "6"})
         )
-    retriever = index.retriever()
-    with torch.no_grad():
-        reps = retriever.encode_images(
-            retriever.image_transform(Image.open(path).convert("RGB"))[None]
-        )
-    q = torch.nn.functional.normalize(reps.embeddings[0][reps.mask[0]].mean(0), dim=0)
-    expected = index.search_vectors(q[None], 6)[0]
+    expected = index.search_picture(path, 6)
     assert [h["image_id"] for h in body["hits"]] == [h.image_id for h in expected]
+    assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in expected])
     assert body["query"]["image"] == "photo.jpg" and body["query"]["width"] == 160
 
 
@@ -280,7 +358,7 @@ BAD_REQUESTS = [
         "/api/search",
         {"q": "a", "index": "vectors", "where": "camera = "},
         400,
-        r"bad --where expression",
+        r"bad filter expression",
     ),
     (
         "GET",
@@ -415,6 +493,63 @@ BAD_REQUESTS = [
         422,
         r"'weights.0'.*finite",
     ),
+    (
+        "POST",
+        "/api/search",
+        {"json": {"index": "dense", "positive": ["a", "b"], "weights": [1e308, 1e308]}},
+        422,
+        r"not a finite number",
+    ),
+    (
+        "GET",
+        "/api/search",
+        {"q": "a", "index": "vectors", "where": "image_id = 99999999999999999999999"},
+        400,
+        r"integer 99999999999999999999999 is out of range",
+    ),
+    (
+        "GET",
+        "/api/search",
+        {"q": "a", "index": "vectors", "where": "(" * 300 + "night" + ")" * 300},
+        400,
+        r"nested more than 64 levels deep",
+    ),
+    (
+        "POST",
+        "/api/search",
+        {"json": {"index": "vectors", "image_id": 10**23, "rep_index": 0}},
+        422,
+        r"'image_id'.*less than or equal to 9223372036854775807",
+    ),
+    (
+        "POST",
+        "/api/search",
+        {"json": {"index": "vectors", "image_id": 10**23, "box": [0, 0, 1, 1]}},
+        422,
+        r"'image_id'.*less than or equal to",
+    ),
+    (
+        "POST",
+        "/api/search",
+        {"json": {"index": "vectors", "image_id": 3, "box": [0.5, 0.2, 0.5, 0.9]}},
+        422,
+        r"box \[0.5, 0.2, 0.5, 0.9\] has no area",
+    ),
+    (
+        "POST",
+        "/api/search",
+        {"json": {"index": "vectors", "image_id": 3, "box": [0, 0, 1.5, 1]}},
+        422,
+        r"'box.2'.*less than or equal to 1",
+    ),
+    (
+        "POST",
+        "/api/search",
+        {"json": {"index": "vectors", "image_id": 999, "box": [0, 0, 1, 1]}},
+        404,
+        r"image 999 is not in index 'vectors'",
+    ),
+    ("GET", "/api/images/vectors/99999999999999999999999", {}, 422, r"'image_id'.*less than"),
     ("GET", "/api/nothing", {}, 404, r"no such endpoint: /api/nothing"),
     ("DELETE", "/api/search", {}, 405, r"DELETE is not allowed"),
 ]
@@ -434,14 +569,22 @@ def test_bad_requests_get_one_json_message(served_index, method, path, kwargs, s
 
 @pytest.fixture(scope="session", autouse=True)
 def guarded_server(dense_run: Path, tmp_path_factory) -> Iterator[Server]:
-    """A second server: a token, a 1 MB upload limit, and a one-vector-per-image index
-    (no cell grid: nothing to draw a heatmap on). Autouse, so it is started before the
+    """A second server: a token, a 1 MB upload limit, ``global`` (plain CLIP, one vector
+    per image: nothing to draw a heatmap on) and ``pooled`` (a Dense-CLIP retriever whose
+    run stored one pooled vector per image instead of its cells, as Cluster-CLIP stores
+    cluster means: cells are computed on demand). Autouse, so it is started before the
     shared server and both load side by side."""
     root = tmp_path_factory.mktemp("guarded")
     fingerprint = ShardStore(dense_run / "embeddings").read_manifest()["fingerprint"]
     images = Path(fingerprint["data"]["images"])
-    run = write_vector_run(dense_run, root / "run", np.arange(1, 25), 3, images, grid=1)
-    folders = {"global": build_index(run, "exact", root / "global", "cpu", progress=False)}
+    run = write_vector_run(
+        dense_run, root / "run", np.arange(1, 25), 3, images, grid=1, whole_image_clip=True
+    )
+    pooled = write_vector_run(dense_run, root / "pooled_run", np.arange(1, 25), 5, images, grid=1)
+    folders = {
+        "global": build_index(run, "exact", root / "global", "cpu", progress=False),
+        "pooled": build_index(pooled, "exact", root / "pooled", "cpu", progress=False),
+    }
     with Server(folders, token=TOKEN, args=("--max-upload-mb", "1")) as server:
         yield server
 
@@ -493,11 +636,54 @@ def test_upload_limits_and_global_heatmap(guarded: str) -> None:
     Image.new("1", (8000, 6000)).save(buffer, format="PNG")
     assert len(buffer.getvalue()) < 2**20
     bomb = {"image": ("bomb.png", buffer.getvalue(), "image/png")}
-    response = post(f"{guarded}/api/search", files=bomb, headers=bearer)
+    response = post(f"{guarded}/api/search", files=bomb, data={"index": "global"}, headers=bearer)
     assert response.status_code == 413, response.text
     assert "8000 x 6000 = 48,000,000 pixels; the limit is 40,000,000" in response.json()["detail"]
     response = get(f"{guarded}/api/images/global/3/heatmap", params={"q": "a"}, headers=bearer)
-    assert response.status_code == 404 and "no cell grid" in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert response.status_code == 404 and "whole-image embeddings, with no cells" in detail
+    assert "Cluster-CLIP indexes have them" in detail and "(exact)" not in detail
+
+
+def test_heatmaps_without_stored_cells_are_computed_once(guarded: str) -> None:
+    """An index whose run stored no cells (``pooled``; Cluster-CLIP alike) answers
+    heatmaps by one backbone pass per image, cached: two queries on one image cost two
+    text encodes and one pass; the PNG is the photo's size."""
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    before = ok(get(f"{guarded}/api/stats", headers=bearer))["indexes"]["pooled"]
+    base = f"{guarded}/api/images/pooled/5"
+    photo = decode(get(base, params={"size": 96}, headers=bearer), "image/jpeg")
+    for q in ("a dog", "a red square"):
+        heat = decode(
+            get(f"{base}/heatmap", params={"q": q, "size": 96}, headers=bearer), "image/png"
+        )
+        assert heat.size == photo.size
+    after = ok(get(f"{guarded}/api/stats", headers=bearer))["indexes"]["pooled"]
+    assert after["model_calls"] - before["model_calls"] == 3
+
+
+def test_computed_cells_equal_the_retrievers_forward_pass(serve_indexes, tmp_path) -> None:
+    """ImageFiles.cells of an image whose run stored no cells is the retriever's own
+    encode_dense of that picture (open_clip's forward pass, reshaped [h, w, D]), kept
+    for the next call (one model call for two)."""
+    from retrieval.data.images import load_image
+    from retrieval.serve.images import ImageFiles
+    from retrieval.serve.queries import Counters
+
+    dense = open_index(serve_indexes["dense"], "cpu")
+    counters = Counters()
+    files = ImageFiles("dense", dense, counters)
+    files._shard_rows = {}  # as if the run had stored no cells: computed from the picture
+    path = image_file(dense, 4)
+    retriever = dense.retriever()
+    with torch.no_grad():
+        out = retriever.encode_dense(retriever.image_transform(load_image(path))[None])
+    expected = out.embeddings[0].reshape(*out.grid, -1)
+    cells = files.cells(4)
+    torch.testing.assert_close(cells, expected.float())
+    assert files.cells(4) is cells and counters.model_calls == 1
+    stored = ImageFiles("dense", dense).cells(4)  # the run's own cells: the same features
+    torch.testing.assert_close(stored, expected.float(), atol=2e-3, rtol=0)  # fp16 storage
 
 
 def test_health_answers_while_batches_run(served_index: str) -> None:

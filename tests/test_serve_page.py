@@ -25,6 +25,7 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from serve_server import start_server, write_vector_run
@@ -176,7 +177,10 @@ def test_page_lists_the_indexes(browser: Any, served_index: str) -> None:
     for ix in listed:  # the filter field and the warning follow the picked index
         open_page(browser, served_index, ix["name"])
         assert by_id(browser, "random-warning").is_displayed() == ix["random_weights"]
-        assert ix["retriever"]["name"] in by_id(browser, "index-info").text
+        info = by_id(browser, "index-info").text
+        assert ix["retriever"]["name"] in info
+        if ix["backend"] == "faiss" and ix["recall"]["method"].startswith("exact"):
+            assert " faiss (exact) " in info  # a flat faiss index answers exactly
         columns = [c for c in ix["metadata_columns"] if c != "image_id"]
         where = by_id(browser, "where")
         assert where.is_displayed() == bool(columns), ix["name"]
@@ -197,7 +201,9 @@ def test_results_match_the_api_with_region_boxes(browser: Any, served_index: str
     for card, hit in zip(cards(browser), hits, strict=True):
         caption = card.find_element("css selector", "figcaption").text
         assert f"#{hit['rank']}" in caption and f"score {hit['score']:.4f}" in caption
-        assert hit["file_name"] in card.find_element("css selector", ".file").get_attribute("title")
+        name = card.find_element("css selector", ".file")
+        assert hit["file_name"] in name.get_attribute("title")
+        assert name.text == "/".join(Path(hit["path"]).parts[-2:])  # whole, with its folder
         overlay = card.find_element("css selector", ".box").rect
         img = card.find_element("css selector", "img").rect
         x0, y0, x1, y1 = hit["box"]
@@ -221,6 +227,72 @@ def test_clicking_a_region_searches_by_example(browser: Any, served_index: str) 
     assert ids == [
         h["image_id"] for h in api(served_index, "/api/search", "POST", json=body)["hits"]
     ]
+
+
+def drag(driver: Any, img: Any, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Presses at ``start`` on the picture (fractions of its width and height), moves to
+    ``end`` and releases, as a mouse does."""
+    w, h = img.rect["width"], img.rect["height"]
+    x0, y0 = start[0] * w - w / 2, start[1] * h - h / 2  # offsets from the centre
+    chain = ActionChains(driver).move_to_element_with_offset(img, x0, y0).click_and_hold()
+    chain.move_by_offset((end[0] - start[0]) * w / 2, (end[1] - start[1]) * h / 2)
+    chain.move_by_offset((end[0] - start[0]) * w / 2, (end[1] - start[1]) * h / 2)
+    chain.release().perform()
+
+
+def test_drawing_a_region_searches_for_it(browser: Any, served_index: str) -> None:
+    """Dragging a box around an object on any result searches for it (the image's cells
+    under the box): that image ranks first, its card shows the drawn box where it was
+    drawn, the text box is cleared, and the hits are the API's for the same box."""
+    open_page(browser, served_index, "vectors")
+    search(browser, "a red circle", top=12)
+    wait(browser, pictures_loaded, "the thumbnails")
+    card = cards(browser)[7]
+    image_id = int(card.get_attribute("data-image-id"))
+    img = card.find_element("css selector", "img")
+    after(browser, lambda: drag(browser, img, (0.28, 0.3), (0.47, 0.46)), "the drawn search")
+    said = status(browser)
+    assert said.startswith("search by drawn region on "), said
+    assert by_id(browser, "query").get_attribute("value") == ""
+    ids = card_ids(browser)
+    assert ids[0] == image_id and len(ids) == 12
+    first = cards(browser)[0]
+    mark = first.find_element("css selector", ".drawn").rect
+    shown = first.find_element("css selector", "img").rect
+    box = [
+        (mark["x"] - shown["x"]) / shown["width"],
+        (mark["y"] - shown["y"]) / shown["height"],
+        (mark["x"] + mark["width"] - shown["x"]) / shown["width"],
+        (mark["y"] + mark["height"] - shown["y"]) / shown["height"],
+    ]
+    assert box == pytest.approx([0.28, 0.3, 0.47, 0.46], abs=0.03)
+    assert not cards(browser)[1].find_elements("css selector", ".drawn")
+    body = {"index": "vectors", "top": 12, "image_id": image_id, "box": box}
+    assert ids == [
+        h["image_id"] for h in api(served_index, "/api/search", "POST", json=body)["hits"]
+    ]
+
+
+def test_api_docs_render_with_no_outside_request(browser: Any, served_index: str) -> None:
+    """/docs (Swagger UI) renders its operations with every https request blocked, and
+    every resource it loaded came from the server itself."""
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["https://*"]})
+    try:
+        browser.get(f"{served_index}/docs")
+        wait(
+            browser,
+            lambda d: d.find_elements("css selector", ".opblock-summary-path"),
+            "Swagger UI's operations",
+        )
+        paths = [e.text for e in browser.find_elements("css selector", ".opblock-summary-path")]
+        assert any("/api/search" in p for p in paths), paths
+        loaded = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+        assert loaded and all(u.startswith(served_index) for u in loaded), loaded
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
 
 
 def test_compound_query_syntax(browser: Any, served_index: str) -> None:
@@ -298,14 +370,16 @@ def test_the_apis_errors_are_shown(browser: Any, served_index: str) -> None:
 def guarded(
     serve_indexes: dict[str, Path], dense_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """A second server, with a token, over ``vectors`` and ``whole``: one whole-image
-    vector per image (no cell grid, so no heatmaps)."""
+    """A second server, with a token, over ``vectors`` and ``whole``: plain CLIP, one
+    whole-image vector per image (no cells, so no heatmaps)."""
     from retrieval.index import build_index
 
     root = tmp_path_factory.mktemp("page")
     fingerprint = ShardStore(dense_run / "embeddings").read_manifest()["fingerprint"]
     images = Path(fingerprint["data"]["images"])
-    run = write_vector_run(dense_run, root / "whole_run", np.arange(1, 25), 3, images, grid=1)
+    run = write_vector_run(
+        dense_run, root / "whole_run", np.arange(1, 25), 3, images, grid=1, whole_image_clip=True
+    )
     whole = build_index(run, "exact", root / "whole", "cpu", progress=False)
     with start_server({"vectors": serve_indexes["vectors"], "whole": whole}, token=TOKEN) as url:
         yield url

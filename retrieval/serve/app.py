@@ -17,15 +17,19 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from retrieval.serve.docs import install_docs
 from retrieval.serve.errors import ApiError, describe_validation, install_handlers
-from retrieval.serve.queries import Answer, Job, compound, first, representative
+from retrieval.serve.queries import NON_FINITE, Answer, Job, compound, first, representative
 from retrieval.serve.schemas import (
     ERRORS,
+    INT64_MAX,
+    INT64_MIN,
     MAX_TOP,
     CompoundQuery,
     ExampleQuery,
     Filters,
     IndexesOut,
+    RegionQuery,
     SearchOut,
 )
 from retrieval.serve.security import BodyLimit, TokenGate, read_upload
@@ -33,12 +37,18 @@ from retrieval.serve.served import ServedIndex
 from retrieval.serve.settings import ServeSettings
 
 IMAGE_SIZE = Query(None, ge=16, le=2048, description="fit into size x size pixels")
+IMAGE_ID = Path(ge=INT64_MIN, le=INT64_MAX, description="an id of the index's images")
+FLOAT32_MAX = 3.4e38
 POST_BODY = {
     "requestBody": {
         "content": {
             "application/json": {
                 "schema": {
-                    "oneOf": [CompoundQuery.model_json_schema(), ExampleQuery.model_json_schema()]
+                    "oneOf": [
+                        CompoundQuery.model_json_schema(),
+                        ExampleQuery.model_json_schema(),
+                        RegionQuery.model_json_schema(),
+                    ]
                 }
             },
             "multipart/form-data": {
@@ -75,8 +85,11 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
         title="retrieval",
         summary="Object-centric open-vocabulary image search over built indexes",
         lifespan=lifespan,
+        docs_url=None,  # install_docs: Swagger UI from local files, not a CDN
+        redoc_url=None,
     )
     install_handlers(app)
+    install_docs(app)
     app.add_middleware(BodyLimit, upload_bytes=settings.max_upload_bytes)
     if settings.token:
         app.add_middleware(TokenGate, token=settings.token)
@@ -108,12 +121,24 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
             )
         return text
 
-    def check_where(where: str | None) -> str | None:
+    async def check_where(item: ServedIndex, where: str | None) -> str | None:
+        """The filter, checked whole (length, syntax, columns) before its query joins a
+        batch: a bad one is this request's 400 alone."""
         if where is not None and len(where) > settings.max_where_chars:
             raise ApiError(
-                422, f"where is {len(where)} characters; the limit is {settings.max_where_chars}"
+                422,
+                f"the filter (where) is {len(where)} characters; the limit is "
+                f"{settings.max_where_chars}",
             )
+        if where:
+            await run_in_threadpool(item.check_where, where)
         return where or None
+
+    async def in_worker(item: ServedIndex, function: Any, *args: Any) -> Any:
+        """``function(*args)`` in the index's worker thread (the model runs one call at a
+        time there), after picking up a committed index update."""
+        await item.current()
+        return await asyncio.get_running_loop().run_in_executor(item.executor, function, *args)
 
     async def answer(item: ServedIndex, job: Job, query: dict, begin: float) -> JSONResponse:
         """The search response (built here: FastAPI's encoder would walk every hit again)."""
@@ -164,7 +189,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
         """Top images of a text query: the same hits as ``open_index(folder).search``."""
         begin = time.perf_counter()
         item = pick(index)
-        job = Job([check_text(q, "q")], first, top=top, where=check_where(where))
+        job = Job([check_text(q, "q")], first, top=top, where=await check_where(item, where))
         return await answer(item, job, {"q": q, "where": job.where}, begin)
 
     @app.post(
@@ -192,11 +217,15 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
             raise ApiError(422, f"the body is not valid JSON: {err}") from None
         if not isinstance(body, dict):
             raise ApiError(422, "the body must be a JSON object (see /docs)")
+        if "box" in body:
+            return await search_region(parse(RegionQuery, body), begin)
         if "image_id" in body or "rep_index" in body:
             return await search_example(parse(ExampleQuery, body), begin)
         if "positive" not in body:
             raise ApiError(
-                422, "the body needs 'positive' (texts) or 'image_id' and 'rep_index' (see /docs)"
+                422,
+                "the body needs 'positive' (texts), 'image_id' and 'rep_index' (a stored "
+                "region) or 'image_id' and 'box' (a drawn region) (see /docs)",
             )
         return await search_compound(parse(CompoundQuery, body), begin)
 
@@ -217,11 +246,13 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
                 f"weights has {len(body.weights)} values for "
                 f"{len(body.positive)} positive texts: give one per text",
             )
+        if body.weights is not None and not sum(abs(w) for w in body.weights) < FLOAT32_MAX:
+            raise ApiError(422, NON_FINITE)  # Σ|w_i| bounds every component (unit texts)
         job = Job(
             texts,
             compound(len(body.positive), body.weights, body.negative_weight),
             top=body.top,
-            where=check_where(body.where),
+            where=await check_where(item, body.where),
         )
         echo = body.model_dump(exclude={"index", "top"})
         return await answer(item, job, echo, begin)
@@ -232,8 +263,16 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
             vector = representative(item.index, body.image_id, body.rep_index)[0]
         except LookupError as err:
             raise ApiError(404, f"{err} (index {item.name!r})") from None
-        job = Job(vector=vector, top=body.top, where=check_where(body.where))
+        job = Job(vector=vector, top=body.top, where=await check_where(item, body.where))
         echo = {"image_id": body.image_id, "rep_index": body.rep_index, "where": job.where}
+        return await answer(item, job, echo, begin)
+
+    async def search_region(body: RegionQuery, begin: float) -> JSONResponse:
+        item = pick(body.index)
+        where = await check_where(item, body.where)
+        vector = await in_worker(item, item.images.region_vector, body.image_id, body.box)
+        job = Job(vector=vector, top=body.top, where=where)
+        echo = {"image_id": body.image_id, "box": list(body.box), "where": where}
         return await answer(item, job, echo, begin)
 
     async def search_upload(request: Request, begin: float) -> JSONResponse:
@@ -249,7 +288,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
         image = await run_in_threadpool(read_upload, data, limit, settings.max_pixels)
         loop = asyncio.get_running_loop()
         vector = await loop.run_in_executor(item.executor, item.encode_picture, image)
-        job = Job(vector=vector, top=body.top, where=check_where(body.where))
+        job = Job(vector=vector, top=body.top, where=await check_where(item, body.where))
         echo = {
             "image": upload.filename,
             "size_bytes": len(data),
@@ -266,7 +305,7 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
     )
     async def image(
         index: str,
-        image_id: int = Path(description="an id of the index's images"),
+        image_id: int = IMAGE_ID,
         size: int | None = IMAGE_SIZE,
         rep: int | None = Query(None, ge=0, description="draw this representative's box"),
     ) -> Response:
@@ -283,16 +322,18 @@ def create_app(served: Mapping[str, ServedIndex], settings: ServeSettings) -> Fa
     )
     async def heatmap(
         index: str,
-        image_id: int,
+        image_id: int = IMAGE_ID,
         q: str = Query(description="the query whose cosine per cell is drawn"),
         size: int | None = IMAGE_SIZE,
     ) -> Response:
-        """PNG of the query's cosine over the image's cells (Dense-/Cluster-CLIP)."""
+        """PNG of the query's cosine with each of the image's cells, a translucent colour
+        layer over the photo (blue low, red high, scaled to this image's range, stated by
+        the bar along its bottom edge), on any Dense-/Cluster-CLIP index."""
         item = pick(index)
         await item.current()
         item.images.path(image_id)  # an unknown id fails before the model runs
         result: Answer = await item.batcher.submit(Job([check_text(q, "q")], first))
-        data = await run_in_threadpool(item.images.heatmap, image_id, result.vector, size)
+        data = await in_worker(item, item.images.heatmap, image_id, result.vector, size)
         return Response(data, media_type="image/png", headers=PRIVATE)
 
     page = settings.static_dir / "index.html"

@@ -6,6 +6,10 @@ more, up to ``max_batch``) and hands the batch to a single worker thread, so the
 loop stays free (``/healthz`` answers during a search) and the model never runs two
 batches at once. Jobs queued while a batch runs form the next one: under load batches
 grow by themselves, and a lone query waits only ``wait_ms``.
+
+A job's failure is that job's alone: ``run`` returns an exception per job, and should it
+raise for a whole batch (a bug, or a bad input that slipped past the request's checks),
+each job of that batch is run again by itself, so only the job that fails gets the error.
 """
 
 from __future__ import annotations
@@ -83,6 +87,21 @@ class Batcher(Generic[J, R]):
                 break
         return [(job, future) for job, future in batch if not future.cancelled()]
 
+    def _isolated(self, jobs: list[J]) -> Sequence[R | BaseException]:
+        """``run(jobs)``; if it raises, each job run alone (its own result or error)."""
+        try:
+            return self.run(jobs)
+        except Exception as err:
+            if len(jobs) == 1:
+                return [err]
+        results: list[R | BaseException] = []
+        for job in jobs:
+            try:
+                results.extend(self.run([job]))
+            except Exception as err:
+                results.append(err)
+        return results
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -90,12 +109,7 @@ class Batcher(Generic[J, R]):
             if not batch:
                 continue
             jobs = [job for job, _ in batch]
-            try:
-                results: Sequence[R | BaseException] = await loop.run_in_executor(
-                    self.executor, self.run, jobs
-                )
-            except Exception as err:  # a bug in run: every waiting request gets it (a 500)
-                results = [err] * len(jobs)
+            results = await loop.run_in_executor(self.executor, self._isolated, jobs)
             self.batches += 1
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():  # the client went away

@@ -29,6 +29,13 @@ from retrieval.errors import RetrievalError
 from retrieval.index import SearchIndex
 from retrieval.index.base import Hit
 from retrieval.index.compound import compound_vector
+from retrieval.serve.errors import ApiError
+
+NON_FINITE = (
+    "the compound query's weighted sum is not a finite number (the weights overflow "
+    "32-bit floats): give weights whose absolute values add up to less than 1e38, e.g. 1 "
+    "and 0.5"
+)
 
 
 @dataclass
@@ -73,7 +80,10 @@ def compound(
     :func:`retrieval.index.compound.compound_vector`, which the CLI uses too)."""
 
     def combine(embeddings: Tensor) -> Tensor:
-        return compound_vector(embeddings, positives, weights, negative_weight)
+        q = compound_vector(embeddings, positives, weights, negative_weight)
+        if not bool(torch.isfinite(q).all()):
+            raise ApiError(422, NON_FINITE)
+        return q
 
     return combine
 
@@ -124,7 +134,8 @@ def picture_vector(index: SearchIndex, image: Image.Image) -> Tensor:
 def answer_batch(index: SearchIndex, jobs: list[Job], counters: Counters) -> list[object]:
     """Answers a batch: all its texts in one ``index.embed`` call, then one
     ``search_vectors`` call per ``(top, where)`` group. A job's error (a query that
-    cancels out, a bad filter) is its result; the others still get answers."""
+    cancels out or overflows, a filter that fails) is its result (its group's, for a
+    filter); the other jobs still get answers."""
     texts = list(dict.fromkeys(t for job in jobs for t in job.texts))
     results: list[object] = [None] * len(jobs)
     vectors: dict[int, Tensor] = {}
@@ -146,7 +157,7 @@ def answer_batch(index: SearchIndex, jobs: list[Job], counters: Counters) -> lis
             else:
                 assert embedded is not None and job.combine is not None
                 vectors[i] = job.combine(embedded[[position[t] for t in job.texts]])
-        except RetrievalError as err:
+        except Exception as err:  # this job's alone (a bad input: its 4xx; a bug: its 500)
             results[i] = err
     groups: dict[tuple[int | None, str | None], list[int]] = {}
     for i in vectors:
@@ -159,7 +170,7 @@ def answer_batch(index: SearchIndex, jobs: list[Job], counters: Counters) -> lis
         counters.searches += 1
         try:
             found = index.search_vectors(torch.stack([vectors[i] for i in members]), top, where)
-        except RetrievalError as err:
+        except Exception as err:  # the group's filter (checked before the batch: a bug)
             for i in members:
                 results[i] = err
             continue

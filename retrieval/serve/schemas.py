@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from retrieval.index.hits import HitRecord
 
 MAX_TOP = 1000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # image ids are int64 everywhere
+ImageId = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX, description="an image id")]
 
 
 class Filters(BaseModel):
@@ -36,8 +38,22 @@ class CompoundQuery(Filters):
 class ExampleQuery(Filters):
     """More like this region: the stored representative ``rep_index`` of ``image_id``."""
 
-    image_id: int
-    rep_index: int = Field(ge=0)
+    image_id: ImageId
+    rep_index: int = Field(ge=0, le=INT64_MAX)
+
+
+class RegionQuery(Filters):
+    """A region drawn on an indexed image: the query is the normalised mean of the
+    image's Dense-CLIP cells under ``box``, each weighted by the share of it the box
+    covers (an index without cells encodes the crop instead); see docs/serve.md."""
+
+    image_id: ImageId
+    box: tuple[
+        Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
+        Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
+        Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
+        Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
+    ] = Field(description="x0, y0, x1, y1 in 0..1 of the image's width and height")
 
 
 class HitOut(HitRecord):
@@ -79,5 +95,5 @@ class Problem(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem} for code in (400, 401, 404, 413, 422)
+    code: {"model": Problem} for code in (400, 401, 403, 404, 413, 422)
 }

@@ -47,6 +47,15 @@ class ServedIndex:
         self.images = self._image_files()
         self.index.metadata()  # so is the filter table (a broken one fails at start)
 
+    def check_where(self, where: str) -> None:
+        """Evaluates ``where`` over the index's filter columns, so a bad filter is its own
+        request's 400 before the query joins a batch, never a batch-mate's failure.
+
+        Raises:
+            ConfigError: the filter's one message (as the search would give it).
+        """
+        self.index.allowed_ids(where)
+
     def encode_picture(self, image: Image.Image) -> Tensor:
         """An uploaded picture's query vector (in the worker thread, counted as a model call)."""
         self.counters.model_calls += 1
@@ -68,7 +77,7 @@ class ServedIndex:
 
     def _image_files(self) -> ImageFiles:
         """The index's id -> file map, built now rather than by a request."""
-        files = ImageFiles(self.name, self.index)
+        files = ImageFiles(self.name, self.index, self.counters)
         files.paths([])
         return files
 

@@ -8,6 +8,7 @@
 (() => {
   const TOKEN_KEY = "retrieval.token";
   const THUMB = 256; // thumbnail side asked from the server, pixels
+  const DRAG_MIN = 6; // pixels a press must move to draw a region instead of clicking
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -35,6 +36,7 @@
     shownIndex: null, // the index the results shown come from
     tokenWaiting: null, // a promise while the token form is open
     answered: 0, // searches answered (results or error) so far
+    drawn: null, // {image_id, box} of the region the shown results were searched with
   };
 
   // ---------------------------------------------------------------- small helpers
@@ -199,6 +201,12 @@
     return `${ix.name} — ${count(ix.images)} images, ${recallText(ix.recall)}, generation ${generation}`;
   }
 
+  // "faiss (exact)" for an index whose backend answers exactly (a flat faiss index).
+  function backendLabel(ix) {
+    const exact = recallText(ix.recall) === "exact search";
+    return exact && ix.backend !== "exact" ? `${ix.backend} (exact)` : String(ix.backend);
+  }
+
   function showIndex() {
     const ix = currentIndex();
     if (!ix) {
@@ -209,7 +217,7 @@
     }
     const retriever = (ix.retriever && ix.retriever.name) || "?";
     ui.indexInfo.textContent =
-      `${retriever} · ${ix.backend} · ${count(ix.representatives)} representatives · ` +
+      `${retriever} · ${backendLabel(ix)} · ${count(ix.representatives)} representatives · ` +
       `${ix.embed_dim}-d`;
     ui.indexInfo.title = JSON.stringify(ix.retriever || {});
     ui.warning.hidden = !ix.random_weights;
@@ -299,7 +307,7 @@
     answered();
   }
 
-  async function runSearch(request, describe, heatText) {
+  async function runSearch(request, describe, heatText, drawn = null) {
     const seq = ++state.seq;
     showError("");
     setStatus("searching…");
@@ -309,6 +317,7 @@
       if (seq !== state.seq) return;
       state.heatText = heatText;
       state.shownIndex = body.index;
+      state.drawn = drawn;
       render(body);
       const hits = body.hits || [];
       const parts = [`${describe(body)}: ${hits.length} ${hits.length === 1 ? "result" : "results"}`];
@@ -374,11 +383,27 @@
     const payload = { index, top: topValue(), image_id: hit.image_id, rep_index: hit.rep_index };
     const where = whereValue();
     if (where) payload.where = where;
-    const name = hit.file_name ? ` (${hit.file_name})` : "";
+    const name = hit.file_name ? ` (${shownName(hit)})` : "";
+    ui.query.value = ""; // the results are no longer the text's
     return runSearch(
       () => postJson(payload),
       () => `search by example: region ${hit.rep_index} of image ${hit.image_id}${name}`,
       null,
+    );
+  }
+
+  // A region drawn on a result: the image's cells under the box are the query.
+  function searchRegion(hit, box) {
+    const index = state.shownIndex || ui.index.value;
+    const payload = { index, top: topValue(), image_id: hit.image_id, box };
+    const where = whereValue();
+    if (where) payload.where = where;
+    ui.query.value = "";
+    return runSearch(
+      () => postJson(payload),
+      () => `search by drawn region on ${shownName(hit)}`,
+      null,
+      { image_id: hit.image_id, box },
     );
   }
 
@@ -388,6 +413,7 @@
       refuse(`${file.name} is not an image (${file.type})`);
       return;
     }
+    ui.query.value = "";
     const index = ui.index.value;
     const top = topValue();
     const where = whereValue();
@@ -423,11 +449,13 @@
     return url(`${hit.image_url}/heatmap`, { q: state.heatText, size: THUMB }, true);
   }
 
-  // The end of a long file name, where names differ ("…0000064.jpg"); the whole name is
-  // in the link's title.
-  function tail(text, keep) {
-    const chars = [...text];
-    return chars.length > keep ? `…${chars.slice(1 - keep).join("")}` : text;
+  // The file name with its folder ("2023/IMG_0042.jpg"), whole; the full path is in the
+  // link's title.
+  function shownName(hit) {
+    if (typeof hit.path === "string" && hit.path) {
+      return hit.path.split(/[\\/]/).filter(Boolean).slice(-2).join("/");
+    }
+    return hit.file_name || `image ${hit.image_id}`;
   }
 
   function clamp01(v) {
@@ -451,6 +479,65 @@
       searchByExample(hit);
     });
     return box;
+  }
+
+  function placeBox(node, box) {
+    const [x0, y0, x1, y1] = box.map(clamp01);
+    node.style.left = `${100 * x0}%`;
+    node.style.top = `${100 * y0}%`;
+    node.style.width = `${100 * Math.max(x1 - x0, 0)}%`;
+    node.style.height = `${100 * Math.max(y1 - y0, 0)}%`;
+  }
+
+  // Drag on a picture to draw a region; on release it is searched (searchRegion). A
+  // press that barely moves stays a click (on a matched box: search by example).
+  function wireDrawing(thumb, img, hit) {
+    let dragged = false;
+    thumb.addEventListener(
+      "click",
+      (event) => {
+        if (!dragged) return;
+        dragged = false; // the click that ends a drag is not a click on the box under it
+        event.preventDefault();
+        event.stopPropagation();
+      },
+      true,
+    );
+    thumb.addEventListener("pointerdown", (event) => {
+      if (event.button !== 0) return;
+      const rect = img.getBoundingClientRect();
+      if (!rect.width || !rect.height) return;
+      const start = { x: event.clientX, y: event.clientY };
+      const at = (e) => {
+        const xs = [start.x, e.clientX].map((x) => clamp01((x - rect.left) / rect.width));
+        const ys = [start.y, e.clientY].map((y) => clamp01((y - rect.top) / rect.height));
+        return [Math.min(...xs), Math.min(...ys), Math.max(...xs), Math.max(...ys)];
+      };
+      let band = null;
+      thumb.setPointerCapture(event.pointerId);
+      const move = (e) => {
+        if (!band && Math.hypot(e.clientX - start.x, e.clientY - start.y) < DRAG_MIN) return;
+        if (!band) {
+          band = el("div", "drawing");
+          thumb.append(band);
+        }
+        placeBox(band, at(e));
+      };
+      const up = (e) => {
+        thumb.removeEventListener("pointermove", move);
+        thumb.removeEventListener("pointerup", up);
+        thumb.removeEventListener("pointercancel", up);
+        if (!band) return;
+        band.remove();
+        dragged = true;
+        const box = at(e);
+        if ((box[2] - box[0]) * rect.width < 3 || (box[3] - box[1]) * rect.height < 3) return;
+        searchRegion(hit, box);
+      };
+      thumb.addEventListener("pointermove", move);
+      thumb.addEventListener("pointerup", up);
+      thumb.addEventListener("pointercancel", up);
+    });
   }
 
   function setThumb(img, hit, heat) {
@@ -499,9 +586,18 @@
     const img = el("img");
     img.alt = `rank ${hit.rank}: image ${hit.image_id}`;
     img.decoding = "async";
+    img.draggable = false; // a drag draws a region, not a dragged picture
     img.addEventListener("error", () => pictureFailed(img, fig, hit));
     thumb.append(img);
     if (Array.isArray(hit.box) && hit.box.length === 4) thumb.append(boxOverlay(hit));
+    const drawn = state.drawn;
+    if (drawn && drawn.image_id === hit.image_id) {
+      const mark = el("div", "drawn");
+      mark.title = "the region this search was drawn with";
+      placeBox(mark, drawn.box);
+      thumb.append(mark);
+    }
+    wireDrawing(thumb, img, hit);
     fig.append(thumb);
     setThumb(img, hit, false); // render() swaps in heatmaps when the toggle is on
 
@@ -516,7 +612,7 @@
       el("span", "rank", `#${hit.rank}`),
       el("span", "score", `score ${Number.isFinite(score) ? score.toFixed(4) : hit.score}`),
     );
-    const name = el("a", "file", tail(hit.file_name || `image ${hit.image_id}`, 12));
+    const name = el("a", "file", shownName(hit));
     name.href = url(hit.image_url, { size: 1024 }, true);
     name.target = "_blank";
     name.rel = "noopener";
