@@ -10,11 +10,11 @@ traceback of user errors too).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from retrieval.cli import compare, data, evaluate, export, index, listing, search, serve, sweep
+from retrieval.cli.output import configure
 from retrieval.errors import RetrievalError
 
 COMMANDS = (evaluate, listing, data, index, search, export, compare, sweep, serve)
@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrieval", description="Object-centric open-vocabulary image retrieval."
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show library messages (Lightning's start-up lines) and deprecation warnings",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
@@ -34,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; a user-caused error prints one message and exits with status 2."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("retrieval").setLevel(logging.INFO)
+    configure(args.verbose)
     try:
         return int(args.func(args))
     except RetrievalError as err:

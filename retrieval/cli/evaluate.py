@@ -1,26 +1,55 @@
-"""``retrieval eval CONFIG [key=value ...]`` and ``retrieval embed CONFIG [...]``."""
+"""``retrieval eval CONFIG [key=value ...]`` and ``retrieval embed CONFIG [...]``.
+
+A run that fails before writing anything leaves no folder behind: the empty folders it
+created (``run.output_dir``, ``embeddings/``) are removed, never a file nor a folder that
+was there before.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from pathlib import Path
 
-from retrieval.config import load_config
+from retrieval.cli.output import follow_libraries
+
+
+def remove_empty_folders(folder: Path) -> None:
+    """Removes ``folder`` and the folders under it that hold no file (deepest first)."""
+    if folder.is_symlink():
+        return
+    for root, _, _ in os.walk(folder, topdown=False):
+        with contextlib.suppress(OSError):  # not empty (or gone): kept
+            Path(root).rmdir()
+
+
+def _run(args: argparse.Namespace, phase: str) -> int:
+    from retrieval.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad key fails before Lightning loads
+    import retrieval.engine
+
+    follow_libraries(args.verbose)
+    created = Path(str(cfg.run.output_dir)).absolute()  # the outermost folder the run makes
+    while not created.parent.exists():
+        created = created.parent
+    existed = created.exists()
+    try:
+        getattr(retrieval.engine, phase)(cfg)
+    except BaseException:
+        if not existed:
+            remove_empty_folders(created)
+        raise
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    from retrieval.engine import evaluate  # Lightning: only once a run starts
-
-    evaluate(cfg)
-    return 0
+    return _run(args, "evaluate")
 
 
 def _embed(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    from retrieval.engine import embed
-
-    embed(cfg)
-    return 0
+    return _run(args, "embed")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -65,6 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
     for name, folder in folders.items():
         item = ServedIndex(name, folder, args.device, args.max_batch, args.batch_wait_ms)
         print(f"{name}: {item.index.describe()}", flush=True)
+        changes = item.index.run_changes()
+        if changes.stale:
+            print(f"note: {changes.note()}", flush=True)
         served[name] = item
     host = f"[{args.host}]" if ":" in args.host else args.host
     auth = "token required" if token else "no token (loopback only)"

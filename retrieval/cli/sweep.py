@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from retrieval.cli.output import follow_libraries
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -84,6 +86,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from retrieval.sweep.run import run_sweep
     from retrieval.sweep.spec import list_sweeps, load_sweep
     from retrieval.sweep.summary import summarise
+
+    follow_libraries(args.verbose)
 
     console = Console(quiet=global_rank() != 0)  # under DDP every process walks the plan
     if args.list:
