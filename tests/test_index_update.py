@@ -29,7 +29,7 @@ from retrieval.store import ShardStore
 DIM = 32
 R = 6
 FINGERPRINT = {"retriever": {"name": "fake", "dim": DIM}, "dtype": "float16"}
-BACKENDS = ("exact", "faiss-flat", "faiss-ivfpq", "lancedb")
+BACKENDS = ("exact", "faiss-flat", "faiss-ivfpq", "faiss-ivfpqfs", "faiss-rabitq", "lancedb")
 EXACT = ("exact", "faiss-flat")
 SLACK = 0.1  # recall may fall this far below the recorded value on other queries
 

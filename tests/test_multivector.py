@@ -27,7 +27,7 @@ from retrieval.store import ShardStore
 DIM = 32
 FINGERPRINT = {"retriever": {"name": "fake", "dim": DIM}, "dtype": "float16"}
 EXACT = ("exact", "faiss-flat")
-APPROXIMATE = ("faiss-ivfpq", "lancedb")
+APPROXIMATE = ("faiss-ivfpq", "faiss-ivfpqfs", "faiss-rabitq", "lancedb")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,15 @@ from retrieval.retrievers.base import argmax_representative, max_cosine
 from retrieval.store import ShardStore, score_store
 
 DIM = 32
-BACKENDS = ("exact", "faiss-flat", "faiss-ivfpq", "lancedb", "milvus")  # milvus: milvus-lite
+BACKENDS = (  # milvus: milvus-lite
+    "exact",
+    "faiss-flat",
+    "faiss-ivfpq",
+    "faiss-ivfpqfs",
+    "faiss-rabitq",
+    "lancedb",
+    "milvus",
+)
 FINGERPRINT = {"retriever": {"name": "fake", "dim": DIM}, "dtype": "float16"}
 
 
@@ -161,7 +169,9 @@ def test_faiss_flat_is_exact(run: Path, indexes: dict[str, Path]) -> None:
     assert [[h.image_id for h in f] for f in index.search_vectors(q, 40)] == top
 
 
-@pytest.mark.parametrize("backend", ["faiss-ivfpq", "lancedb", "milvus"])
+@pytest.mark.parametrize(
+    "backend", ["faiss-ivfpq", "faiss-ivfpqfs", "faiss-rabitq", "lancedb", "milvus"]
+)
 def test_approximate_recall_meets_recorded(
     run: Path, indexes: dict[str, Path], backend: str
 ) -> None:

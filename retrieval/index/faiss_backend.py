@@ -9,7 +9,10 @@ x k`` best images over all their representatives (without re-ranking PQ recall w
 ~0.5; re-ranking every candidate's image cost 16x more rows at 16 reps per image and
 capped the affordable over-fetch below what 10^5 clustered reps needed). ``auto`` picks
 flat up to ``FLAT_MAX_ROWS`` representatives. :meth:`FaissBackend.tune` sets
-``overfetch`` (and ``nprobe``) from queries with known exact answers.
+``overfetch`` (and ``nprobe``) from queries with known exact answers. Two more compressed
+kinds share ivfpq's path (candidates by codes, exact re-rank from the fp16 table):
+``ivfpqfs`` (``faiss-ivfpqfs``, 4-bit fast-scan PQ, ``IVF...,PQ{D/4}x4fs``) and
+``ivfrabitq`` (``faiss-rabitq``, IVF-RaBitQ); results/bench/search_cpu.md compares them.
 
 faiss ids are table rows (``add_with_ids``): ``flat`` wraps its codes in an
 ``IndexIDMap`` (a flat index renumbers its rows on removal), ``ivfpq`` keeps ids in its
@@ -54,7 +57,12 @@ ADD_ROWS = 65_536
 SMALL_TRAIN = 20_000
 TRAIN_PER_LIST = 64  # training vectors per inverted list (faiss wants >= 39)
 MIN_TRAIN = 20_000  # enough for 8-bit PQ codebooks (256 centroids x 39 points, doubled)
-KINDS = ("auto", "flat", "ivfpq")
+KINDS = ("auto", "flat", "ivfpq", "ivfpqfs", "ivfrabitq")
+# the compressed kinds beside ivfpq, as faiss factory strings: 4-bit fast-scan PQ with a
+# sub-quantiser per 4 dimensions (1 bit per dimension, scanned in SIMD registers), and
+# IVF-RaBitQ (1 bit per dimension plus two floats, trained by the IVF k-means alone)
+FACTORY = {"ivfpqfs": "IVF{nlist},PQ{m}x4fs", "ivfrabitq": "IVF{nlist},RaBitQ"}
+DIMS_PER_CODE = {"ivfpqfs": 4, "ivfrabitq": 8}  # dimensions per byte-sized cost unit
 OVERFETCH = (2, 4, 10, 20, 50, 100, 200, 400)
 RERANK_IMAGES = 2  # images re-ranked in full per result, best by their fetched rows
 NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -98,6 +106,8 @@ def pq_layout(rows: int, dim: int) -> tuple[int, int, int]:
 @register_backend("faiss", kind="auto")
 @register_backend("faiss-flat", kind="flat")
 @register_backend("faiss-ivfpq", kind="ivfpq")
+@register_backend("faiss-ivfpqfs", kind="ivfpqfs")
+@register_backend("faiss-rabitq", kind="ivfrabitq")
 class FaissBackend(Backend):
     """faiss behind the backend interface (options: ``kind``, ``overfetch``, ``nprobe``,
     ``nlist``, ``m``, ``nbits``, ``train_size``)."""
@@ -107,7 +117,8 @@ class FaissBackend(Backend):
         if kind not in KINDS:
             raise ConfigError(
                 f"faiss kind {kind!r} is not one of {', '.join(KINDS)}: pass --option "
-                f"kind=auto|flat|ivfpq or use backend faiss-flat / faiss-ivfpq."
+                f"kind=auto|flat|ivfpq|ivfpqfs|ivfrabitq or use backend faiss-flat / "
+                f"faiss-ivfpq / faiss-ivfpqfs / faiss-rabitq."
                 f"{did_you_mean(str(kind), KINDS)}"
             )
         options.setdefault("overfetch", 4)
@@ -117,7 +128,7 @@ class FaissBackend(Backend):
 
     @property
     def approximate(self) -> bool:  # type: ignore[override]
-        return self.options["kind"] == "ivfpq"
+        return self.options["kind"] != "flat"
 
     def _make_index(self, rows: int) -> faiss.Index:
         if self.options["kind"] == "auto":
@@ -130,8 +141,15 @@ class FaissBackend(Backend):
         defaults = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": 16, "train_size": train}
         for key, value in defaults.items():
             self.options.setdefault(key, value)
-        quantizer = faiss.IndexFlatIP(self.dim)
         o = self.options
+        if o["kind"] in FACTORY:  # m: bytes per code, what the cost model counts
+            o["m"] = self.dim // DIMS_PER_CODE[o["kind"]]
+            spec = FACTORY[o["kind"]].format(nlist=o["nlist"], m=self.dim // 4)
+            index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
+            faiss.extract_index_ivf(index).cp.min_points_per_centroid = 1
+            o.pop("nbits", None)
+            return index
+        quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQ(
             quantizer, self.dim, o["nlist"], o["m"], o["nbits"], faiss.METRIC_INNER_PRODUCT
         )
@@ -330,7 +348,7 @@ class FaissBackend(Backend):
         self._built()  # a clear error before any work when it is not
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
         kp = math.ceil(self.options["overfetch"] * k)
-        if self.options["kind"] == "ivfpq":
+        if self.options["kind"] != "flat":
             return self._ivfpq(queries, q, k, kp, allowed)
         return self._flat(q, k, kp, allowed)
 
