@@ -9,9 +9,10 @@ representatives (so every backend answers it, exact or approximate):
   ``negative_weight`` λ): ``p = normalise(Σ_i w_i t_i)``, ``n = normalise(Σ_j n_j)``,
   ``q = normalise(p - λ n)`` (without negatives ``q = p``); see docs/serve.md;
 - by example (``image_id``, ``rep_index``): the stored representative itself;
-- by upload: the normalised mean of the picture's valid representatives as the run's
-  retriever encodes it (global CLIP: its one embedding; Dense-/Cluster-CLIP: the mean
-  over cells / clusters), a whole-picture query that needs no choice of region.
+- by upload: not one vector but the picture's representatives ``Q`` as the run's
+  retriever encodes it, answered by ``SearchIndex.search_multivector`` (MaxSim: the
+  mean over ``q`` in ``Q`` of its max cosine over an image's representatives, so a
+  picture finds itself first; :mod:`retrieval.index.multivector`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from retrieval.errors import RetrievalError
@@ -119,18 +118,6 @@ def representative(
     return vector, box
 
 
-@torch.no_grad()
-def picture_vector(index: SearchIndex, image: Image.Image) -> Tensor:
-    """An uploaded picture's query vector: its valid representatives, as the run's
-    retriever encodes them, averaged and normalised."""
-    retriever = index.retriever()
-    pixels = retriever.image_transform(image).unsqueeze(0)
-    device = next(retriever.parameters()).device
-    reps = retriever.encode_images(pixels.to(device))
-    emb, mask = reps.embeddings[0].float().cpu(), reps.mask[0].cpu()
-    return F.normalize(emb[mask].mean(dim=0), dim=0)
-
-
 def answer_batch(index: SearchIndex, jobs: list[Job], counters: Counters) -> list[object]:
     """Answers a batch: all its texts in one ``index.embed`` call, then one
     ``search_vectors`` call per ``(top, where)`` group. A job's error (a query that
@@ -159,17 +146,21 @@ def answer_batch(index: SearchIndex, jobs: list[Job], counters: Counters) -> lis
                 vectors[i] = job.combine(embedded[[position[t] for t in job.texts]])
         except Exception as err:  # this job's alone (a bad input: its 4xx; a bug: its 500)
             results[i] = err
-    groups: dict[tuple[int | None, str | None], list[int]] = {}
+    groups: dict[tuple[int | None, str | None, int | None], list[int]] = {}
     for i in vectors:
-        groups.setdefault((jobs[i].top, jobs[i].where), []).append(i)
-    for (top, where), members in groups.items():
+        picture = i if vectors[i].ndim == 2 else None  # [R, D]: its own MaxSim search
+        groups.setdefault((jobs[i].top, jobs[i].where, picture), []).append(i)
+    for (top, where, picture), members in groups.items():
         if top is None:
             for i in members:
                 results[i] = Answer(vectors[i], [])
             continue
         counters.searches += 1
         try:
-            found = index.search_vectors(torch.stack([vectors[i] for i in members]), top, where)
+            if picture is not None:
+                found = [index.search_multivector(vectors[picture], top, where)]
+            else:
+                found = index.search_vectors(torch.stack([vectors[i] for i in members]), top, where)
         except Exception as err:  # the group's filter (checked before the batch: a bug)
             for i in members:
                 results[i] = err

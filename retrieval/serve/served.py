@@ -15,7 +15,7 @@ from retrieval.index import SearchIndex, open_index
 from retrieval.index.base import Hit
 from retrieval.serve.batching import Batcher
 from retrieval.serve.images import ImageFiles
-from retrieval.serve.queries import Answer, Counters, Job, answer_batch, picture_vector
+from retrieval.serve.queries import Answer, Counters, Job, answer_batch
 
 
 class ServedIndex:
@@ -57,9 +57,10 @@ class ServedIndex:
         self.index.allowed_ids(where)
 
     def encode_picture(self, image: Image.Image) -> Tensor:
-        """An uploaded picture's query vector (in the worker thread, counted as a model call)."""
+        """An uploaded picture's representatives ``[R, D]``, its multi-vector query (in
+        the worker thread, counted as a model call)."""
         self.counters.model_calls += 1
-        return picture_vector(self.index, image)
+        return self.index.picture_queries(image)
 
     def run_batch(self, jobs: list[Job]) -> list[Any]:
         self.refresh()
