@@ -30,13 +30,14 @@ def _run(args: argparse.Namespace, phase: str) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad key fails before Lightning loads
     import retrieval.engine
 
+    run = getattr(retrieval.engine, phase)  # imports Lightning, which sets up its loggers
     follow_libraries(args.verbose)
     created = Path(str(cfg.run.output_dir)).absolute()  # the outermost folder the run makes
     while not created.parent.exists():
         created = created.parent
     existed = created.exists()
     try:
-        getattr(retrieval.engine, phase)(cfg)
+        run(cfg)
     except BaseException:
         if not existed:
             remove_empty_folders(created)

@@ -25,12 +25,13 @@ def configure(verbose: bool) -> None:
     if not verbose:
         for category in DEVELOPER_WARNINGS:
             warnings.filterwarnings("ignore", category=category)
-    follow_libraries(verbose)
 
 
 def follow_libraries(verbose: bool) -> None:
-    """Routes the library loggers that set up their own handler when imported (Lightning)
-    through ours: called again once a command has imported them."""
+    """Routes the loggers Lightning sets up when imported (each with its own handler)
+    through ours; called by the commands that run Lightning (eval, embed, sweep)."""
+    import lightning.pytorch  # noqa: F401 - its import adds the handlers removed here
+
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
