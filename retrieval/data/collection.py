@@ -147,6 +147,20 @@ def normalise_path(path: str) -> str:
     return posixpath.normpath(path)
 
 
+NOT_UTF8 = "names not UTF-8"
+NOT_UTF8_REASON = "its name is not valid UTF-8 (the collection table stores text): rename it"
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from the file system or a tar header (undecodable bytes held as
+    surrogates) is UTF-8, as the collection table's ``path`` column must be."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_listing(path: str | Path, key: str) -> pa.Table:
     """A CSV or Parquet file keyed by a ``path`` column (normalised), other columns kept.
 
@@ -185,6 +199,12 @@ def read_listing(path: str | Path, key: str) -> pa.Table:
             )
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{key}={path} cannot be read as {suffix[1:]}: {err}") from None
+    repeated_columns = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if repeated_columns:
+        raise DataError(
+            f"{key}={path}: column(s) {', '.join(map(repr, repeated_columns))} appear more "
+            f"than once in the header; give each column its own name"
+        )
     if "path" not in table.column_names:
         raise DataError(
             f"{key}={path} has no 'path' column (columns: {', '.join(table.column_names)}); "
@@ -196,7 +216,10 @@ def read_listing(path: str | Path, key: str) -> pa.Table:
             f"{key}={path}: column(s) {', '.join(clash)} clash with the collection table's "
             f"own (image_id, size_bytes, mtime_ns, width, height, removed); rename them"
         )
-    paths = table.column("path").cast(pa.string())
+    try:
+        paths = table.column("path").cast(pa.string())
+    except pa.ArrowException as err:  # e.g. a binary column that is not UTF-8
+        raise DataError(f"{key}={path}: its 'path' column is not text: {err}") from None
     empty = pc.or_kleene(pc.is_null(paths), pc.equal(paths, "")).to_numpy(zero_copy_only=False)
     if empty.any():
         row = int(np.flatnonzero(empty)[0])

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.data.base import ImageDataset, OnBadImage, Transform
-from retrieval.data.collection import Collection, Ticker, join_metadata, read_listing
+from retrieval.data.collection import (
+    NOT_UTF8,
+    NOT_UTF8_REASON,
+    Collection,
+    Ticker,
+    is_utf8,
+    join_metadata,
+    read_listing,
+)
 from retrieval.errors import DataError, MissingFileError
 from retrieval.factory import register_dataset
 
@@ -42,6 +50,7 @@ class Listing:
     chunks: list[tuple[pa.Array, np.ndarray, np.ndarray]] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     count: int = 0
+    not_utf8: list[str] = field(default_factory=list)  # entries left out for their name
 
     def add(self, paths: list[str], sizes: list[int], mtimes: list[int]) -> None:
         """Appends one batch of files (relative, '/'-separated paths)."""
@@ -85,10 +94,12 @@ def list_images(root: Path, progress: bool = True) -> Listing:
     """Every image file under ``root``, recursively, one ``os.scandir`` at a time.
 
     Extensions are matched case-insensitively; hidden entries (a leading ``.``) are
-    skipped without descending; a symlinked folder is followed unless its real path was
-    listed already (loops end, a folder reached twice is listed once). Holds the paths
-    as Arrow chunks (one per folder, at most :data:`BATCH` long, each sorted), the
-    Python objects of one chunk, and a stack of folders still to list.
+    skipped without descending, and so are names that are not UTF-8 (kept in
+    :attr:`Listing.not_utf8`, for the run's list of what was left out); a symlinked
+    folder is followed unless its real path was listed already (loops end, a folder
+    reached twice is listed once). Holds the paths as Arrow chunks (one per folder, at
+    most :data:`BATCH` long, each sorted), the Python objects of one chunk, and a stack
+    of folders still to list.
     """
     listing = Listing()
     skipped = listing.skipped
@@ -110,6 +121,10 @@ def list_images(root: Path, progress: bool = True) -> Listing:
                 ticker.step()
                 if entry.name.startswith("."):
                     skipped["hidden"] += 1
+                    continue
+                if not is_utf8(entry.name):  # the collection table holds UTF-8 text
+                    skipped[NOT_UTF8] += 1
+                    listing.not_utf8.append(entry.path)
                     continue
                 try:
                     if entry.is_dir():
@@ -195,13 +210,15 @@ class FolderDataset(ImageDataset):
                 f"holding {', '.join(sorted(IMAGE_EXTENSIONS))} files (any case, searched "
                 f"recursively; names starting with '.' are left out)"
             )
+        self.failures_at_start: list[dict[str, Any]] = [
+            {"image_id": None, "path": path, "reason": NOT_UTF8_REASON} for path in listing.not_utf8
+        ]
         files = listing.table()
         del listing  # the paths are in the table now: hold one copy, not two
         if metadata is not None:
             files = join_metadata(files, read_listing(metadata, "data.metadata"), metadata)
         self.collection = Collection(files, root, run_dir, progress)
         self.image_ids: np.ndarray = self.collection.live_ids[:max_images]
-        self.failures_at_start: list[dict[str, Any]] = []
 
     def image_path(self, image_id: int) -> Path:
         """The file of any id the collection table holds (removed ones too)."""

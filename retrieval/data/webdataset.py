@@ -2,13 +2,14 @@
 are added.
 
 ``data.shards`` names the shards: a brace pattern (``shards/{000000..000099}.tar``,
-expanded by webdataset's own ``expand_urls``), a glob (``shards/*.tar``), or several
-joined by ``::``. Listing them reads tar headers only. A sample's identity is its shard
-(relative to the pattern's fixed folder, the collection root) and its ``__key__``, kept in
-the run's collection table (:mod:`retrieval.data.collection`) as the path
-``<shard>/<member>`` (``000001.tar/000123.jpg``: the member is the sample's image), with
-the member's size and tar-header mtime; so a sample keeps its id as shards are added,
-exactly as a file of ``folder`` does.
+expanded as webdataset does, once counted: at most :data:`MAX_SHARDS` names), a glob
+(``shards/*.tar``), or several joined by ``::``. Listing them reads tar headers only. A
+sample's identity is its shard (relative to the pattern's fixed folder, the collection
+root) and its ``__key__``, kept in the run's collection table
+(:mod:`retrieval.data.collection`) as the path ``<shard>/<member>``
+(``000001.tar/000123.jpg``: the member is the sample's image), with the member's size
+and tar-header mtime; so a sample keeps its id as shards are added, exactly as a file
+of ``folder`` does.
 
 The dataset is a torch ``IterableDataset``: it decodes images straight from the tar
 streams, split over DDP ranks and DataLoader workers so that every image is read by
@@ -20,6 +21,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+import string
 import tarfile
 from array import array
 from collections import Counter
@@ -33,9 +36,9 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from retrieval.data.base import ImageDataset, OnBadImage, Transform, pil_to_uint8_tensor
-from retrieval.data.collection import Collection, image_size
+from retrieval.data.collection import NOT_UTF8, NOT_UTF8_REASON, Collection, image_size, is_utf8
 from retrieval.data.images import BadImageError, decode_image
-from retrieval.errors import DataError, MissingFileError
+from retrieval.errors import ConfigError, DataError, MissingFileError
 from retrieval.factory import register_dataset
 
 log = logging.getLogger("retrieval")
@@ -48,19 +51,99 @@ _WILDCARDS = "{*?[$"
 _SHOWN = 3
 
 
+MAX_SHARDS = 100_000
+"""The most shard names ``data.shards`` may expand to (a typo'd range such as
+``{000000..999999999}`` names a billion): counted before anything is expanded."""
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")  # braceexpand's own
+_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
+_LETTERS = string.ascii_uppercase + string.ascii_lowercase  # braceexpand's letter order
+
+
+def count_names(pattern: str) -> int:
+    """How many names ``braceexpand`` (webdataset's expander) makes of ``pattern``,
+    counted without expanding it: its parser's walk (``{a,b}`` alternatives, ``{0..9}``
+    / ``{a..z}`` / ``{0..10..2}`` ranges, nesting, ``\\`` escapes), with each part's
+    count in place of its names. Unbalanced braces count as text (braceexpand then
+    refuses them)."""
+    total, start, depth, pos = 1, 0, 0, 0
+    while pos < len(pattern):
+        c = pattern[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            if depth == 0:
+                start = pos
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                expr = pattern[start + 1 : pos]
+                part = _count_expression(expr)
+                total *= count_names(expr) if part is None else part
+        pos += 1
+    return total
+
+
+def _count_expression(expr: str) -> int | None:
+    """A brace group's count: a range's length, the sum over its alternatives, or None
+    when it is neither (braceexpand keeps the braces as text)."""
+    for regex in (_INT_RANGE, _CHAR_RANGE):
+        ranged = regex.match(expr)
+        if ranged:
+            low, high, step = ranged.groups()
+            if regex is _CHAR_RANGE:
+                low, high = str(_LETTERS.index(low)), str(_LETTERS.index(high))
+            return abs(int(high) - int(low)) // ((int(step) or 1) if step else 1) + 1
+    counts, start, depth, pos = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            counts.append(count_names(expr[start:pos]))
+            start = pos + 1
+        pos += 1
+    if depth != 0 or not counts:
+        return None
+    return sum(counts) + count_names(expr[start:])
+
+
 def expand_shards(pattern: str) -> tuple[Path, list[Path]]:
     """The collection root and the shard files ``pattern`` names, in order, each once.
 
-    Braces are expanded by webdataset (``expand_urls``: ``::`` lists, ``{a..b}`` ranges,
-    ``${WDS_*}`` variables), then each result that holds ``*``, ``?`` or ``[`` is globbed
-    (sorted). The root is the folder before the first wildcard (the common folder of
-    several patterns), so a shard's name relative to it does not change as the range or
-    the glob grows. Names that match no file are kept (the listing reports them).
+    Braces are expanded as webdataset does (``::`` lists, ``{a..b}`` ranges, ``${WDS_*}``
+    variables), only after counting the names (at most :data:`MAX_SHARDS`),
+    then each result that holds ``*``, ``?`` or ``[`` is globbed (sorted). The root is
+    the folder before the first wildcard (the common folder of several patterns), so a
+    shard's name relative to it does not change as the range or the glob grows. Names
+    that match no file are kept (the listing reports them).
+
+    Raises:
+        ConfigError: the pattern names more than :data:`MAX_SHARDS` shards.
     """
     import glob
 
-    from webdataset.shardlists import expand_urls
+    from braceexpand import UnbalancedBracesError, braceexpand
+    from webdataset.shardlists import envsubst
 
+    parts = []
+    for part in pattern.split("::"):
+        for _ in range(10):  # webdataset's expand_urls: variables may name variables
+            part, last = envsubst(part), part
+            if part == last:
+                break
+        parts.append(part)
+    counts = [count_names(part) for part in parts]
+    if sum(counts) > MAX_SHARDS:
+        raise ConfigError(
+            f"data.shards={pattern} names {sum(counts):,} shards, over the limit of "
+            f"{MAX_SHARDS:,} (MAX_SHARDS in retrieval/data/webdataset.py): is a brace range "
+            f"mistyped? Check its bounds (e.g. {{000000..000099}}), or split the collection "
+            f"into several runs"
+        )
     roots = []
     for part in pattern.split("::"):
         cut = min((k for k, c in enumerate(part) if c in _WILDCARDS), default=len(part))
@@ -68,14 +151,28 @@ def expand_shards(pattern: str) -> tuple[Path, list[Path]]:
     root = Path(os.path.commonpath(roots))
     shards: list[Path] = []
     seen: set[str] = set()
-    for url in expand_urls(pattern):
-        url = os.path.expanduser(url)
-        names = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
-        for name in names:
-            path = os.path.abspath(name)
-            if path not in seen:
-                seen.add(path)
-                shards.append(Path(path))
+    for part in parts:
+        try:  # counted above: what braceexpand builds in memory is bounded
+            urls = braceexpand(part)
+        except UnbalancedBracesError:
+            raise ConfigError(
+                f"data.shards={pattern}: unbalanced braces in {part!r}; a range is written "
+                f"{{000000..000099}} and alternatives {{a,b}} (\\{{ for a literal brace)"
+            ) from None
+        for url in urls:
+            url = os.path.expanduser(url)
+            names = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
+            for name in names:
+                path = os.path.abspath(name)
+                if path not in seen:
+                    seen.add(path)
+                    shards.append(Path(path))
+            if len(shards) > MAX_SHARDS:
+                raise ConfigError(
+                    f"data.shards={pattern} matches more than {MAX_SHARDS:,} shards (the "
+                    f"limit, MAX_SHARDS in retrieval/data/webdataset.py): narrow the glob, "
+                    f"or split the collection into several runs"
+                )
     return root, shards
 
 
@@ -98,6 +195,7 @@ class ShardListing:
     skipped: Counter[str] = field(default_factory=Counter)
     cut: dict[int, str] = field(default_factory=dict)  # shard index -> how it ends
     unreadable: dict[int, str] = field(default_factory=dict)  # shard index -> why
+    not_utf8: list[str] = field(default_factory=list)  # members left out for their name
 
     def paths(self) -> list[str]:
         """Each sample's identity, the collection table's ``path``: ``<shard>/<member>``."""
@@ -120,7 +218,8 @@ def list_shards(root: Path, shards: list[Path], progress: bool = True) -> ShardL
     A regular member is a sample's image when webdataset's key split
     (``base_plus_ext``) gives an extension in :data:`IMAGE_EXTENSIONS`; the first such
     member of a key is the sample's, later ones of the same key are skipped and counted,
-    as are hidden members (a path part starting with ``.``) and every other file. A shard
+    as are hidden members (a path part starting with ``.``), members whose names are not
+    UTF-8 (kept in :attr:`ShardListing.not_utf8`) and every other file. A shard
     cut short keeps the samples before the cut (one cut through is listed with the bytes
     it has, and fails when embedded); one that cannot be opened as a tar is recorded in
     :attr:`ShardListing.unreadable`.
@@ -132,6 +231,10 @@ def list_shards(root: Path, shards: list[Path], progress: bool = True) -> ShardL
     skipped = listing.skipped
     bar = _ShardBar(f"listing {len(shards)} tar shards", len(shards), progress)
     for index, path in enumerate(shards):
+        if not is_utf8(names[index]):  # the collection table holds UTF-8 text
+            listing.unreadable[index] = NOT_UTF8_REASON
+            bar.step()
+            continue
         try:
             file_size = path.stat().st_size
             with tarfile.open(path, mode="r:") as tar:
@@ -150,6 +253,10 @@ def list_shards(root: Path, shards: list[Path], progress: bool = True) -> ShardL
                         continue
                     if any(p.startswith(".") for p in info.name.split("/") if p != "."):
                         skipped["hidden"] += 1
+                        continue
+                    if not is_utf8(info.name):
+                        skipped[NOT_UTF8] += 1
+                        listing.not_utf8.append(f"{path}/{info.name}")
                         continue
                     key, ext = base_plus_ext(info.name)
                     if key is None or ext.lower() not in IMAGE_EXTENSIONS:
@@ -233,6 +340,10 @@ class WebDataset(ImageDataset, IterableDataset):
         ]
         if self.failures_at_start:
             self._report_unreadable(shards, len(paths), on_bad_image)
+        self.failures_at_start += [
+            {"image_id": None, "path": member, "reason": NOT_UTF8_REASON}
+            for member in listing.not_utf8
+        ]
         for k, how in listing.cut.items():
             log.warning(
                 "tar shard %s is cut short (%s): its samples before the cut are embedded, "
