@@ -39,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; a user-caused error prints one message and exits with status 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse hands an optional positional (export's OUT) its empty match at the first
+    # positional, so `export RUN --format parquet OUT` leaves OUT over: it is that OUT
+    if args.command == "export" and len(extra) == 1 and args.out is None and extra[0][:1] != "-":
+        args.out = extra[0]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure(args.verbose)
     try:
         return int(args.func(args))
