@@ -514,10 +514,11 @@
         return [Math.min(...xs), Math.min(...ys), Math.max(...xs), Math.max(...ys)];
       };
       let band = null;
-      thumb.setPointerCapture(event.pointerId);
       const move = (e) => {
         if (!band && Math.hypot(e.clientX - start.x, e.clientY - start.y) < DRAG_MIN) return;
         if (!band) {
+          // captured only once it is a drag: a plain click still reaches the box under it
+          thumb.setPointerCapture(e.pointerId);
           band = el("div", "drawing");
           thumb.append(band);
         }
