@@ -26,6 +26,7 @@ def _search(args: argparse.Namespace) -> int:
     from retrieval.devices import check_device
     from retrieval.index.compound import parse_compound
     from retrieval.index.search import check_query
+    from retrieval.outputs import check_output
 
     console = Console()
     label = query_label(args)
@@ -34,6 +35,9 @@ def _search(args: argparse.Namespace) -> int:
     check_device(args.device, "--device")
     if args.top < 1:
         raise ConfigError(f"--top {args.top}: ask for at least 1 image (e.g. --top 50)")
+    for key in ("json", "gallery", "sheet"):  # before any work: one message, no traceback
+        if getattr(args, key):
+            check_output(getattr(args, key), f"--{key}")
     if label is None:
         parse_compound(args.query)  # a query with nothing to find fails before the model loads
     index = open_index(args.index, args.device)

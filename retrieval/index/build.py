@@ -38,6 +38,7 @@ from retrieval.index.exact import ExactBackend, exact_search
 from retrieval.index.manifest import FORMAT
 from retrieval.index.table import MANIFEST, META, VECTORS, RepTable, replace_atomically
 from retrieval.index.tuning import recall_at_k
+from retrieval.outputs import check_output
 from retrieval.representatives import Representatives
 from retrieval.store.shards import ShardReader, ShardStore, open_run_store, read_cache
 
@@ -219,12 +220,14 @@ def is_index_folder(folder: Path) -> bool:
 
 def check_out(out: Path) -> None:
     """Refuses an ``--out`` the build may not replace: anything but a missing path, an
-    empty folder or an index folder this project wrote (:func:`is_index_folder`)."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if out.is_symlink() or not out.is_dir():
+    empty folder or an index folder this project wrote (:func:`is_index_folder`), and any
+    path a folder cannot be made at (:func:`retrieval.outputs.check_output`)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         kind = "a symbolic link" if out.is_symlink() else "a file"
         raise IndexFileError(f"--out {out} is {kind}, not an index folder: choose another --out")
+    check_output(out, "--out", "folder")
+    if not out.exists():
+        return
     if any(out.iterdir()) and not is_index_folder(out):
         raise IndexFileError(
             f"--out {out} is a non-empty folder that is not an index made by `retrieval index "

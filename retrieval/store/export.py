@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from retrieval.data.collection import collection_path, live_image_ids
 from retrieval.errors import ConfigError, MissingFileError, RetrievalError, StoreError
 from retrieval.index.hits import ROW_FIELDS
+from retrieval.outputs import check_output
 from retrieval.store.shards import ShardReader, ShardStore, open_run_store
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def export_run(
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     run_dir = Path(run_dir)
-    out = Path(out)
+    out = check_output(out, "OUT", "file" if format == "parquet" else "folder")
     store = open_run_store(run_dir)
     _check_out(out, format, force)
     live = live_image_ids(run_dir)
