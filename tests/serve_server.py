@@ -184,7 +184,15 @@ def write_vector_run(
             "night": (image_ids % 3 == 0).tolist(),
         }
         fake_runs.write_collection(
-            out, image_ids, np.zeros(len(image_ids), bool), str(photos), columns
+            out, image_ids, np.zeros(len(image_ids), bool), "photos", columns
+        )
+        import pyarrow.parquet as pq
+
+        from retrieval.data.collection import ROOT_KEY
+
+        table = pq.read_table(out / "images.parquet")  # paths relative to the root, as embed's
+        pq.write_table(
+            table.replace_schema_metadata({ROOT_KEY: str(out).encode()}), out / "images.parquet"
         )
     return out
 

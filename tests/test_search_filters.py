@@ -346,3 +346,28 @@ def test_milvus_filter_recall(run: Path, tmp_path: Path) -> None:
             assert recall >= recorded - SLACK, (expression, recall, recorded)
             assert not set().union(*found) & set(REMOVED)
         assert index.search_vectors(q[:1], K, where="camera = 'CAM_NONE'") == [[]]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("image_id = 99999999999999999999999", "is out of range: numbers are 64-bit"),
+        ("(" * 500 + "width > 1" + ")" * 500, "nested more than 64 levels deep"),
+    ],
+)
+def test_cli_refuses_huge_numbers_and_deep_nesting(
+    indexes: dict[str, Path], where: str, message: str, capsys, monkeypatch
+) -> None:
+    """The red team's filters end the CLI search with one `error:` line (status 2), no
+    OverflowError or RecursionError traceback."""
+    from retrieval.cli import main
+
+    class FakeRetriever:
+        random_weights = False
+
+    monkeypatch.setattr(SearchIndex, "retriever", lambda self: FakeRetriever())
+    monkeypatch.setattr(SearchIndex, "embed", lambda self, texts, prompts=None: queries(1, 4))
+    argv = ["search", str(indexes["exact"]), "a stroller", "--device", "cpu", "--where", where]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -686,6 +686,29 @@ def test_computed_cells_equal_the_retrievers_forward_pass(serve_indexes, tmp_pat
     torch.testing.assert_close(stored, expected.float(), atol=2e-3, rtol=0)  # fp16 storage
 
 
+def test_a_picture_swapped_for_a_symlink_out_of_the_root_is_refused(
+    served_index: str, local, tmp_path: Path
+) -> None:
+    """After indexing, an image file replaced by a symlink to a file outside the run's
+    image root is refused (403, saying why) for the picture and its heatmap, as the
+    embed phase refuses it; put back, it is served again."""
+    path = image_file(local["vectors"], 23)
+    secret = tmp_path / "secret.jpg"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(secret)
+    kept = path.with_name(".kept.jpg")
+    path.rename(kept)
+    path.symlink_to(secret)
+    try:
+        for url in ("/api/images/vectors/23", "/api/images/vectors/23/heatmap?q=a+dog"):
+            response = get(f"{served_index}{url}")
+            assert response.status_code == 403, response.text
+            assert "outside the image root" in response.json()["detail"]
+    finally:
+        path.unlink()
+        kept.rename(path)
+    assert get(f"{served_index}/api/images/vectors/23").status_code == 200
+
+
 def test_health_answers_while_batches_run(served_index: str) -> None:
     """Searches run off the event loop: /healthz answers while 48 heavy compound queries
     (16 distinct texts each) are in flight, and they share model calls (batching)."""

@@ -8,10 +8,10 @@ import secrets
 import warnings
 from urllib.parse import parse_qs
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from retrieval.data.images import to_rgb8
+from retrieval.data.images import BadImageError, decode_image
 from retrieval.errors import ConfigError
 from retrieval.serve.errors import ApiError, problem
 
@@ -21,14 +21,30 @@ FORM_SLACK = 64 * 1024  # the form fields and multipart framing around an upload
 IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 
+MIN_TOKEN_LENGTH = 16
+"""The shortest token accepted for a bind beyond loopback: a guessable one is no gate."""
+
+
 def check_bind(host: str, token: str | None) -> None:
-    """Refuses to listen beyond this machine without a token: anyone who can reach the
-    port could read every indexed image."""
-    if host not in LOOPBACK and not token:
+    """Refuses to listen beyond this machine without a real secret (at least
+    :data:`MIN_TOKEN_LENGTH` characters, no whitespace): anyone who can reach the port
+    could read every indexed image."""
+    if host in LOOPBACK:
+        return
+    make = "python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+    if not token:
         raise ConfigError(
             f"--host {host} would let other machines search this index and read its images "
             f"without any authentication: set {TOKEN_ENV}=SOME_LONG_SECRET (clients then send "
-            f"'Authorization: Bearer SOME_LONG_SECRET'), or serve on --host 127.0.0.1"
+            f"'Authorization: Bearer SOME_LONG_SECRET'; make one with {make}), or serve on "
+            f"--host 127.0.0.1"
+        )
+    spaced = any(c.isspace() for c in token)
+    if len(token) < MIN_TOKEN_LENGTH or spaced:
+        raise ConfigError(
+            f"{TOKEN_ENV} is {len(token)} characters{' holding whitespace' if spaced else ''}: "
+            f"for --host {host} it must be a real secret of at least {MIN_TOKEN_LENGTH} "
+            f"characters without whitespace; make one with {make}"
         )
 
 
@@ -135,8 +151,15 @@ def read_upload(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
                     f"uploaded image is {width} x {height} = {width * height:,} pixels; the "
                     f"limit is {max_pixels:,}: send a smaller picture",
                 )
-            image.load()
-            return to_rgb8(ImageOps.exif_transpose(image))
+            return decode_image(io.BytesIO(data), "the upload")  # as every picture is read
+    except BadImageError as err:
+        if isinstance(
+            err.__cause__, (Image.DecompressionBombError, Image.DecompressionBombWarning)
+        ):
+            raise ApiError(
+                413, f"uploaded image decodes to more than {max_pixels:,} pixels"
+            ) from None
+        raise ApiError(400, f"uploaded image cannot be decoded: {err.reason}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ApiError(413, f"uploaded image decodes to more than {max_pixels:,} pixels") from None
     except UnidentifiedImageError:
