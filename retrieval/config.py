@@ -143,8 +143,9 @@ def find_config(name: str | Path, group: str | None = None) -> Path:
     for candidate in (base / f"{name}.yaml", CONFIG_DIR / "experiment" / f"{name}.yaml"):
         if candidate.exists():
             return candidate
-    known = sorted(p.stem for p in base.glob("*.yaml")) if base.exists() else []
-    where = f"group {group!r}" if group else "configs/ or as a file path"
+    folders = [base] if group else [base, CONFIG_DIR / "experiment"]  # what is searched
+    known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+    where = f"group {group!r}" if group else "configs/experiment/ or as a file path"
     hint = did_you_mean(str(path.stem), known)
     raise ConfigError(f"config {str(name)!r} not found in {where}.{hint} Known: {', '.join(known)}")
 
@@ -394,6 +395,13 @@ MINIMUMS: dict[str, int] = {
     "store.shard_size": 1,
     "text.batch_size": 1,
 }
+#: the largest any integer key may be: past it, counts and sizes overflow 32-bit kernels
+LARGEST_INT = 2**31 - 1
+#: ``trainer.precision`` values Lightning accepts (written as strings in a config)
+PRECISIONS = (
+    "64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16",
+    "16-true", "bf16-true", "transformer-engine", "transformer-engine-float16",
+)  # fmt: skip
 #: image sides a retriever may be asked to embed at (``retriever.resolution``)
 RESOLUTION_RANGE = (32, 4096)
 
@@ -405,6 +413,14 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < least:
             raise ConfigError(f"{key}={value!r} must be at least {least}")
+        if value is not None and value > LARGEST_INT:
+            raise ConfigError(f"{key}={value!r} must be at most {LARGEST_INT}")
+    precision = str(cfg.trainer.precision)
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not one of {', '.join(PRECISIONS)}"
+            f".{did_you_mean(precision, PRECISIONS)} (32-true: full precision on any device)"
+        )
     memory = cfg.score.max_memory_gb
     if not memory > 0 or memory == float("inf"):  # also NaN
         raise ConfigError(f"score.max_memory_gb={memory!r} must be a positive number (e.g. 2)")

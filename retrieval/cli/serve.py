@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 from pathlib import Path
 
 from retrieval.errors import ConfigError
@@ -29,12 +31,43 @@ def parse_indexes(specs: list[str]) -> dict[str, Path]:
     return named
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuses a port outside 1..65535, or one this host cannot listen on now (taken by
+    another server, or privileged), by binding it once and letting go.
+
+    Raises:
+        ConfigError: names the port and the fix.
+    """
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a TCP port is 1..65535 (default 8000)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise ConfigError(f"--host {host}: not an address of this machine ({err})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            why = {
+                errno.EADDRINUSE: "another process is listening on it",
+                errno.EACCES: "ports below 1024 need administrator rights",
+                errno.EADDRNOTAVAIL: f"{host} is not an address of this machine",
+            }.get(err.errno or 0, err.strerror or str(err))
+            raise ConfigError(
+                f"--port {port} on {host}: cannot listen ({why}); choose another --port (e.g. "
+                f"--port {port + 1 if port < 65535 else 8000}) or stop that process (`ss -ltnp "
+                f"'sport = :{port}'` names it)"
+            ) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from retrieval.devices import check_device
     from retrieval.serve.security import TOKEN_ENV, check_bind
 
     token = os.environ.get(TOKEN_ENV) or None
     check_bind(args.host, token)
+    check_port(args.host, args.port)  # before the model loads: a taken port fails at once
     check_device(args.device, "--device")
     if args.max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: give a positive size")

@@ -50,6 +50,10 @@ def _read_annotations(path: Path) -> dict[str, Any]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"annotation file {path} is not valid JSON ({err}); {fix}") from None
+    except RecursionError:  # arrays or objects nested thousands deep: not annotations
+        raise DataError(
+            f"annotation file {path} nests its values too deeply to be COCO annotations; {fix}"
+        ) from None
     if not isinstance(data, dict):
         raise DataError(
             f"annotation file {path} holds a {type(data).__name__}, not an object; {fix}"

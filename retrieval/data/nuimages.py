@@ -78,6 +78,8 @@ def read_tables(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
             records = json.loads(path.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DataError(f"nuImages table {path} is not valid JSON ({err}); {_FIX}") from None
+        except RecursionError:  # nested thousands deep: not a table of records
+            raise DataError(f"nuImages table {path} nests values too deeply; {_FIX}") from None
         if not isinstance(records, list):
             raise DataError(f"nuImages table {path} must hold a list of records; {_FIX}")
         bad = [r for r in records if not isinstance(r, dict) or any(k not in r for k in need)]

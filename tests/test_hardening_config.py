@@ -1,0 +1,82 @@
+"""Values that used to escape validation (issue 24, items 12 and 13): each is one
+message naming the key or option and the fix, before any model or data is loaded."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from retrieval.cli import main
+from retrieval.config import LARGEST_INT, load_config
+from retrieval.data.coco import CocoDataset
+from retrieval.errors import ConfigError, DataError
+from retrieval.serve.security import MIN_TOKEN_LENGTH, check_bind
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.precision=8-bogus", r"trainer.precision='8-bogus' is not one of .*32-true"),
+        ("trainer.precision=16-mixd", r"Did you mean '16-mixed'\?"),
+        ("protocol.top_k=99999999999999999999", f"must be at most {LARGEST_INT}"),
+        ("loader.batch_size=4294967296", f"must be at most {LARGEST_INT}"),
+    ],
+)
+def test_impossible_values_fail_at_load(override: str, message: str) -> None:
+    """`trainer.precision=8-bogus` (a Lightning traceback before) and a top_k past any
+    index size (failed after the whole embed) are refused when the config loads."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+def test_experiment_typo_names_the_experiment() -> None:
+    """A typo'd experiment name suggests the experiment and lists the known ones (the
+    lookup searches configs/experiment/, and so does the list; it was empty)."""
+    with pytest.raises(ConfigError) as err:
+        load_config("clip_rn50_cocoo")
+    text = str(err.value)
+    assert "Did you mean 'clip_rn50_coco'?" in text
+    known = text.split("Known: ")[1].split(", ")
+    assert "clip_rn50_coco" in known and "demo" in known
+
+
+def test_deeply_nested_annotations_are_one_message(tmp_path: Path, synthetic_coco) -> None:
+    """Annotation JSON nested 100,000 deep (a RecursionError before): a DataError."""
+    _, images = synthetic_coco
+    path = tmp_path / "deep.json"
+    path.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DataError, match="nests its values too deeply"):
+        CocoDataset(str(path), str(images))
+
+
+def test_serve_port_out_of_range_or_taken_fails_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`serve --port 99999` (a traceback after loading the model) and a port another
+    process listens on (exit 3 after 30 s) are one message at once, naming the fix."""
+    start = time.perf_counter()
+    assert main(["serve", str(tmp_path / "ix"), "--port", "99999"]) == 2
+    assert "--port 99999: a TCP port is 1..65535" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path / "ix"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port} on 127.0.0.1: cannot listen (another process is listening" in err
+    assert "choose another --port" in err
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("token", [" ", "x", "   " * 8, "short-secret", "a" * 15, "a b" * 8])
+def test_a_public_bind_needs_a_real_secret(token: str) -> None:
+    """A whitespace-only, one-character or short token (or one with whitespace) is refused
+    for a bind beyond loopback; a real one is accepted, and loopback needs none."""
+    with pytest.raises(ConfigError, match=f"at least {MIN_TOKEN_LENGTH} characters"):
+        check_bind("0.0.0.0", token)
+    check_bind("0.0.0.0", "k3Y-" * 4)
+    check_bind("127.0.0.1", token)
+    check_bind("127.0.0.1", None)
