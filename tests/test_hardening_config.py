@@ -12,7 +12,7 @@ import pytest
 from retrieval.cli import main
 from retrieval.config import LARGEST_INT, load_config
 from retrieval.data.coco import CocoDataset
-from retrieval.errors import ConfigError, DataError
+from retrieval.errors import ConfigError, DataError, StoreError
 from retrieval.serve.security import MIN_TOKEN_LENGTH, check_bind
 
 
@@ -80,3 +80,21 @@ def test_a_public_bind_needs_a_real_secret(token: str) -> None:
     check_bind("0.0.0.0", "k3Y-" * 4)
     check_bind("127.0.0.1", token)
     check_bind("127.0.0.1", None)
+
+
+def test_a_run_whose_only_shard_is_gone_says_so(tmp_path: Path) -> None:
+    """A run with one shard, deleted: the message names the missing shard and the fix
+    (it read "not a run folder"); a folder that never held a run still reads that."""
+    from retrieval.store import ShardStore
+    from retrieval.store.shards import open_run_store
+    from tests.test_search import make_run
+
+    run = make_run(tmp_path / "run", [(range(5), 2)])
+    ShardStore(run / "embeddings").record_checksums()
+    for shard in (run / "embeddings").glob("*.safetensors"):
+        shard.unlink()
+    with pytest.raises(StoreError, match=r"rank000-00000.safetensors listed in .* are missing"):
+        open_run_store(run)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="is not a run folder"):
+        open_run_store(tmp_path / "empty")

@@ -332,6 +332,7 @@ def open_run_store(run_dir: str | Path, verify: str = "fast") -> ShardStore:
         raise MissingFileError(f"run folder not found: {run_dir} (made by `retrieval eval`)")
     store = ShardStore(run_dir / "embeddings")
     if not store.shard_paths():
+        store.verify(verify)  # a run whose listed shards are all gone is named as such
         raise StoreError(
             f"{run_dir} is not a run folder: it holds no embeddings ({store.root}/*.safetensors); "
             f"pass the run.output_dir of a `retrieval eval` or `retrieval embed` run"
