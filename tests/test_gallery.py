@@ -211,3 +211,31 @@ def test_heat_overlay_is_translucent_smooth_and_scaled(tmp_path: Path) -> None:
     text = legend([item])
     assert "cosine similarity with each cell" in text and "Cyan" not in text
     assert "Cyan" in legend([GalleryItem(1, item.hit, None, members=np.ones((2, 2), bool))])
+
+
+def test_heatmaps_without_stored_cells_come_from_one_backbone_pass(
+    dense_run: Path, tmp_path: Path
+) -> None:
+    """A run that stored no cells (one pooled vector per image, as Cluster-CLIP stores
+    cluster means) still gets a heatmap per hit: the query's cosine with the cells of
+    the retriever's own encode_dense of the picture (open_clip's forward pass)."""
+    from serve_server import write_vector_run
+
+    from retrieval.data.images import load_image
+    from retrieval.store import ShardStore
+
+    images = Path(
+        ShardStore(dense_run / "embeddings").read_manifest()["fingerprint"]["data"]["images"]
+    )
+    run = write_vector_run(dense_run, tmp_path / "run", np.arange(1, 25), 5, images, grid=1)
+    index = open_index(build_index(run, "exact", tmp_path / "ix", "cpu", progress=False), "cpu")
+    query = index.embed(["a red square"])[0]
+    hits = index.search_vectors(query[None], 3)[0]
+    items = explain(index, query, hits)
+    retriever = index.retriever()
+    for item in items:
+        assert item.path is not None and item.heatmap is not None
+        with torch.no_grad():
+            out = retriever.encode_dense(retriever.image_transform(load_image(item.path))[None])
+        cells = out.embeddings[0].reshape(*out.grid, -1)
+        np.testing.assert_allclose(item.heatmap, (cells @ query).numpy(), atol=1e-5)
