@@ -332,6 +332,7 @@ def test_search_by_uploaded_picture(browser: Any, served_index: str) -> None:
     )
     after(browser, lambda: by_id(browser, "file").send_keys(str(picture)), "the upload's answer")
     assert status(browser).startswith(f"search by picture: {picture.name}")
+    assert by_id(browser, "query").get_attribute("value") == ""  # no longer the text's results
     form = {"index": "vectors", "top": "5"}
     with picture.open("rb") as f:
         files = {"image": (picture.name, f, "image/jpeg")}
@@ -360,7 +361,8 @@ def test_the_apis_errors_are_shown(browser: Any, served_index: str) -> None:
         )
         assert 400 <= response.status_code < 500
         assert error.text == response.json()["detail"]
-    assert HOSTILE in error.text
+    assert HOSTILE in error.text and error.text.startswith("bad filter expression")
+    assert "--where" not in error.text  # the page's word is "filter"
     assert_nothing_injected(browser)
     search(browser, "a red circle", where="camera = 'front'")  # the error goes away
     assert not by_id(browser, "error").is_displayed() and len(cards(browser)) == 12
