@@ -126,7 +126,7 @@ def expand_shards(pattern: str) -> tuple[Path, list[Path]]:
     """
     import glob
 
-    from braceexpand import UnbalancedBracesError, braceexpand
+    from braceexpand import braceexpand
     from webdataset.shardlists import envsubst
 
     parts = []
@@ -154,7 +154,7 @@ def expand_shards(pattern: str) -> tuple[Path, list[Path]]:
     for part in parts:
         try:  # counted above: what braceexpand builds in memory is bounded
             urls = braceexpand(part)
-        except UnbalancedBracesError:
+        except ValueError:  # braceexpand's UnbalancedBracesError
             raise ConfigError(
                 f"data.shards={pattern}: unbalanced braces in {part!r}; a range is written "
                 f"{{000000..000099}} and alternatives {{a,b}} (\\{{ for a literal brace)"
