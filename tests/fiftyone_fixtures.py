@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 START_S = 60
+RUNNING: list[str] = []  # the session's database URI, once started
 
 
 def mongod_path() -> Path | None:
@@ -74,7 +75,12 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> Non
 
 @pytest.fixture(scope="session")
 def fiftyone_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The database's URI; FiftyOne (imported after this) uses it, and nothing else."""
+    """The database's URI; FiftyOne (imported after this) uses it, and nothing else. One
+    database per session: a second test module's instance of this fixture reuses it
+    (FiftyOne reads its config once, so a second database would go unused)."""
+    if RUNNING:
+        yield RUNNING[0]
+        return
     folder = tmp_path_factory.mktemp("fiftyone")
     port = free_port()
     log = folder / "mongod.log"
@@ -111,8 +117,10 @@ def fiftyone_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ.update(env)
     try:
         wait_for_port(port, process, log)
+        RUNNING.append(uri)
         yield uri
     finally:
+        RUNNING.clear()
         if "fiftyone.core.odm.database" in sys.modules:
             import fiftyone.core.odm.database as fodb
 
