@@ -33,7 +33,7 @@ from retrieval.index.base import Backend, RowHits
 from retrieval.index.exact import ExactBackend, maxsim_search
 
 FETCH_GROWTH = 4
-MAX_FETCH = 16  # images fetched per query vector, at most, in multiples of k
+MAX_FETCH = 4  # images fetched per query vector, at most, in multiples of k
 
 
 def check_queries(queries: Tensor | np.ndarray, dim: int) -> Tensor:
