@@ -69,8 +69,9 @@ def collection_path(run_dir: str | Path) -> Path:
 def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
-    try:
-        return pq.read_table(path, columns=columns, memory_map=True)
+    try:  # one file: ParquetFile (pq.read_table imports pyarrow.dataset, and pandas with it)
+        with pq.ParquetFile(path, memory_map=True) as file:
+            return file.read(columns=columns)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise StoreError(
             f"{path} cannot be read ({err}); its ids name the run's stored embeddings, so "

@@ -47,7 +47,8 @@ def parse_compound(text: str) -> CompoundText:
     (the module docstring has the rule); plain text is one positive phrase."""
     positive: list[str] = []
     negative: list[str] = []
-    sign, words, marked = "+", [], False
+    sign, marked = "+", False
+    words: list[str] = []
 
     def flush() -> None:
         if words:

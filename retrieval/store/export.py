@@ -230,7 +230,8 @@ def _path_source(run_dir: Path) -> _Paths:
     table_path = collection_path(run_dir)
     if table_path.exists():
         try:
-            table = pq.read_table(table_path)
+            with pq.ParquetFile(table_path) as file:
+                table = file.read()
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise StoreError(
                 f"{table_path} cannot be read ({err}); restore it from a backup or embed the "
