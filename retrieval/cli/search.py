@@ -15,15 +15,17 @@ from rich.table import Table
 from rich.text import Text
 
 from retrieval.errors import ConfigError
-from retrieval.index import SearchIndex, open_index
-from retrieval.index.hits import Hit, HitRecord
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the index package (numpy) loads when a search runs, not for --help
     from torch import Tensor
+
+    from retrieval.index import SearchIndex
+    from retrieval.index.hits import Hit, HitRecord
 
 
 def _search(args: argparse.Namespace) -> int:
     from retrieval.devices import check_device
+    from retrieval.index import open_index
     from retrieval.index.compound import parse_compound
     from retrieval.index.search import check_query
     from retrieval.outputs import check_output
