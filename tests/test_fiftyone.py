@@ -23,7 +23,7 @@ from serve_server import GRID, write_vector_run
 
 from retrieval.aggregate import grid_cell_boxes
 from retrieval.cli import main
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, DataError
 from retrieval.index import build_index, open_index
 from retrieval.index.update import update_index
 from retrieval.representatives import Representatives
@@ -155,10 +155,11 @@ def test_a_region_query_and_refusals(labelled: Any) -> None:
 
 
 def test_a_dataset_of_another_run_is_not_overwritten(
-    labelled: Any, tmp_path: Path, dense_run: Path
+    labelled: Any, fo: Any, tmp_path: Path, dense_run: Path
 ) -> None:
-    """Exporting a run under the name of another run's dataset stops, naming both, and
-    leaves the dataset as it was."""
+    """Exporting a run under the name of another run's dataset, or with an index of
+    another run, stops naming both, and leaves the dataset and its brain run as they were;
+    a run whose images have no file path is refused before any dataset is made."""
     dataset, _ = labelled
     before = len(dataset)
     other = write_vector_run(dense_run, tmp_path / "other", np.arange(1, 5), 1)
@@ -166,7 +167,14 @@ def test_a_dataset_of_another_run_is_not_overwritten(
 
     with pytest.raises(ConfigError, match="was not exported from"):
         export_dataset(other, "dense")
-    assert len(dataset) == before
+    index = build_index(other, "exact", tmp_path / "other-index", "cpu", progress=False)
+    with pytest.raises(ConfigError, match="was built from run"):
+        export_dataset(dense_run, "dense", index=index)
+    assert len(dataset) == before and dataset.list_brain_runs() == ["retrieval"]
+    unlisted = write_vector_run(dense_run, tmp_path / "unlisted", np.arange(100, 103), 2)
+    with pytest.raises(DataError, match="3 images of .* have no file path"):
+        export_dataset(unlisted, "unlisted")  # ids its COCO file does not list
+    assert "unlisted" not in fo.list_datasets()
 
 
 def test_reexport_after_embed_and_index_update(fo: Any, dense_run: Path, tmp_path: Path) -> None:

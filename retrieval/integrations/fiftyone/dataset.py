@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from retrieval.data.collection import live_image_ids
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, DataError
 from retrieval.store.export import _path_source, export_run
 from retrieval.store.shards import open_run_store
 
@@ -98,10 +98,19 @@ def export_dataset(
     """
     fo = require_fiftyone()
     run_dir = Path(run_dir).resolve()
+    if index is not None:
+        _check_index_run(index, run_dir, f"run {run_dir}")  # before the dataset changes
     ids = _live_embedded_ids(run_dir)
     rows = _representative_rows(run_dir, progress)
     paths = _path_source(run_dir)
     files, columns = paths.lookup(ids)
+    if files.null_count:
+        lost = ids[np.asarray(files.is_null())]
+        raise DataError(
+            f"{len(lost)} images of {run_dir} have no file path (image id {lost[0]} first): "
+            f"its images.parquet or dataset (data.annotations, data.images in its "
+            f"config.yaml) no longer lists them; a FiftyOne sample needs its file"
+        )
     names = [f.name + COLUMN_SUFFIX if f.name in RESERVED else f.name for f in paths.fields]
     values = {n: c.to_pylist() for n, c in zip(names, columns, strict=True)}
     reps = _representatives(rows, _retriever_name(run_dir))
@@ -150,18 +159,13 @@ def register_index(dataset: Any, index: str | Path, brain_key: str = BRAIN_KEY) 
     run of that key; returns the :class:`RetrievalSimilarityIndex`."""
     import fiftyone.brain as fob
 
-    from retrieval.index import open_index
     from retrieval.integrations.fiftyone.similarity import RetrievalSimilarityConfig
 
-    folder = Path(index).resolve()
-    with open_index(folder) as opened:
-        run = opened.run_dir.resolve()
-    exported = Path(dataset.info.get(RUN_INFO, ""))
-    if run != exported:
-        raise ConfigError(
-            f"index {folder} was built from run {run}, but dataset {dataset.name!r} was "
-            f"exported from {exported}: export that run, or pass an index built from it"
-        )
+    folder = _check_index_run(
+        index,
+        Path(dataset.info.get(RUN_INFO, "")),
+        f"dataset {dataset.name!r}, exported from {dataset.info.get(RUN_INFO)}",
+    )
     if brain_key in dataset.list_brain_runs():
         dataset.delete_brain_run(brain_key)
     return fob.compute_similarity(
@@ -172,6 +176,22 @@ def register_index(dataset: Any, index: str | Path, brain_key: str = BRAIN_KEY) 
         backend=RetrievalSimilarityConfig,
         index=str(folder),
     )
+
+
+def _check_index_run(index: str | Path, run_dir: Path, what: str) -> Path:
+    """The index folder (absolute), if it was built from ``run_dir``; else a
+    :class:`ConfigError` naming both runs."""
+    from retrieval.index import open_index
+
+    folder = Path(index).resolve()
+    with open_index(folder) as opened:
+        run = opened.run_dir.resolve()
+    if run != run_dir:
+        raise ConfigError(
+            f"index {folder} was built from run {run}, not from {what}: pass an index "
+            f"built from it (retrieval index build RUN --out INDEX)"
+        )
+    return folder
 
 
 def _open_dataset(fo: Any, name: str, run_dir: Path) -> Any:
@@ -242,7 +262,7 @@ def _ground_truth(dataset: Any, ids: np.ndarray) -> dict[int, list[Any]] | None:
 
     out: dict[int, list[Any]] = {}
     for image_id in ids.tolist():
-        image = coco.imgs[image_id]
+        image = coco.imgs[image_id]  # every id has a path, so the dataset lists it
         w, h = float(image["width"]), float(image["height"])
         out[image_id] = [
             fo.Detection(
