@@ -103,7 +103,8 @@ def test_export_holds_each_image_its_representatives_and_ground_truth(
 def test_sort_by_similarity_equals_retrieval_search(labelled: Any, fo: Any) -> None:
     """For each prompt, the sorted view's images are ``retrieval search``'s top k in the
     same order, each showing only the representative that gave its score; the patches
-    view lists those patches in that order; the App's stage (``SortBySimilarity``, which
+    view lists those patches in that order; on a filtered view, the first k of the full
+    exact ranking that the view holds; the App's stage (``SortBySimilarity``, which
     reloads the brain run from the database) gives the same order."""
     dataset, index = labelled
     searcher = open_index(index, "cpu")
@@ -127,6 +128,10 @@ def test_sort_by_similarity_equals_retrieval_search(labelled: Any, fo: Any) -> N
                     strict=True,
                 )
             ) == [(h.image_id, h.rep_index) for h in hits]
+        even = dataset.match(fo.ViewField("image_id") % 2 == 0)
+        ranked = [h.image_id for h in searcher.search(prompt, top=len(dataset))]
+        got = even.sort_by_similarity(prompt, k=5, brain_key="retrieval").values("image_id")
+        assert got == [i for i in ranked if i % 2 == 0][:5]
         staged = dataset.add_stage(fo.SortBySimilarity(prompt, k=5, brain_key="retrieval"))
         assert staged.values("image_id") == [h.image_id for h in searcher.search(prompt, top=5)]
 
