@@ -1,10 +1,13 @@
 """One hit, one shape (issue 28.6) and compound queries in the CLI (28.7): the CLI's
---json, the Python Hit, the API's schema and the export name a hit's fields the same way;
+--json, the Python Hit, the gallery, the API's schema and the export name a hit's fields
+the same way;
 a compound query from the shell is the server's formula, checked against NumPy."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 from typing import get_type_hints
 
@@ -116,8 +119,9 @@ def test_cli_json_python_api_and_export_share_one_shape(
     each hit's file."""
     monkeypatch.setenv("COLUMNS", "400")  # the table's file column unfolded
     out = tmp_path / "hits.json"
+    gallery = tmp_path / "hits.html"
     argv = ["search", str(index_dir), "circle", "--top", "5", "--device", "cpu"]
-    assert main([*argv, "--json", str(out)]) == 0
+    assert main([*argv, "--json", str(out), "--gallery", str(gallery)]) == 0
     table = capsys.readouterr().out
     hits = json.loads(out.read_text())["hits"]
     assert all(tuple(h) == HIT_FIELDS for h in hits)
@@ -132,6 +136,10 @@ def test_cli_json_python_api_and_export_share_one_shape(
         assert record["box"] == pytest.approx(h["box"], abs=1e-6)
         assert Path(h["path"]).is_file() and h["file_name"] == Path(h["path"]).name
         assert h["file_name"] in table
+    shown = [
+        json.loads(html.unescape(m)) for m in re.findall(r'data-hit="([^"]*)"', gallery.read_text())
+    ]
+    assert shown == hits  # the gallery's figures carry the same records
     from retrieval.serve.schemas import HitOut
 
     assert tuple(get_type_hints(HitOut)) == (*HIT_FIELDS, "image_url")

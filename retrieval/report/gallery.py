@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import textwrap
 from dataclasses import dataclass
@@ -405,8 +406,9 @@ def write_html(out: str | Path, query: str, items: list[GalleryItem], info: str)
         box = item.hit.box
         box_text = "" if box is None else " box " + ", ".join(f"{v:.2f}" for v in box)
         lines = "<br>".join(html.escape(line) for line in caption(item))
+        record = html.escape(json.dumps(item.hit.record(item.rank, item.path)))  # the hit shape
         figures.append(
-            f'<figure><img src="{_data_uri(panels(item))}" '
+            f'<figure data-hit="{record}"><img src="{_data_uri(panels(item))}" '
             f'alt="rank {item.rank}, image {item.hit.image_id}">'
             f"<figcaption>{lines}{html.escape(box_text)}</figcaption></figure>"
         )
