@@ -540,6 +540,19 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> DictC
     return cfg
 
 
+def output_dir_of(config: str | Path, overrides: list[str] | None = None) -> Path | None:
+    """``run.output_dir`` as :func:`load_config` will set it, read from the composed
+    files and overrides without validating them (validation imports every retriever):
+    for checks that must come first. None when it cannot be read that way."""
+    try:
+        choices, dotlist = _split_overrides(list(overrides or []))
+        raw = _merge(_compose(find_config(config), choices), OmegaConf.from_dotlist(dotlist))
+        value = OmegaConf.select(raw, "run.output_dir", default=RunConfig.output_dir)
+    except (ConfigError, OmegaConfBaseException, yaml.YAMLError, TypeError, ValueError):
+        return None
+    return Path(str(value)) if value else None
+
+
 def load_stored_config(path: str | Path) -> DictConfig:
     """A run's stored ``config.yaml`` (a run folder's or an index's), readable across
     versions: renamed keys (:data:`RENAMED_KEYS`) take their new names, and keys this

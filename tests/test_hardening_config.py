@@ -98,3 +98,28 @@ def test_a_run_whose_only_shard_is_gone_says_so(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(StoreError, match="is not a run folder"):
         open_run_store(tmp_path / "empty")
+
+
+def test_a_folder_in_use_is_said_before_the_model_loads(tmp_path: Path, synthetic_coco) -> None:
+    """`retrieval embed` into a folder another run holds: the error names the holder
+    before validation imports the retrievers (it came after ~20 s of imports and model
+    building): in a fresh interpreter, open_clip is never imported."""
+    import subprocess
+    import sys
+
+    from retrieval.store.lock import RunLock
+
+    ann, images = synthetic_coco
+    run = tmp_path / "run"
+    code = (
+        "import sys; from retrieval.cli import main; "
+        f"rc = main(['embed', 'demo', 'data.annotations={ann}', 'data.images={images}', "
+        f"'run.output_dir={run}']); print(rc, 'open_clip' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    with RunLock(run):
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300
+        )
+    assert done.stdout.split() == ["2", "False"], done.stderr[-2000:]
+    assert f"{run} is in use by another run (pid" in done.stderr

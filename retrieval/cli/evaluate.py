@@ -24,9 +24,20 @@ def remove_empty_folders(folder: Path) -> None:
             Path(root).rmdir()
 
 
-def _run(args: argparse.Namespace, phase: str) -> int:
-    from retrieval.config import load_config
+def _launched_rank() -> bool:
+    """Whether this process is a rank > 0 of a distributed run (its launcher's variables,
+    as Lightning reads them): it runs under rank 0's lock."""
+    ranks = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+    return any(os.environ.get(name, "0") != "0" for name in ranks)
 
+
+def _run(args: argparse.Namespace, phase: str) -> int:
+    from retrieval.config import load_config, output_dir_of
+    from retrieval.store.lock import check_unlocked
+
+    folder = output_dir_of(args.config, args.overrides)
+    if folder is not None and not _launched_rank():  # a folder in use: said at once
+        check_unlocked(folder)
     cfg = load_config(args.config, args.overrides)  # a bad key fails before Lightning loads
     import retrieval.engine
 

@@ -169,6 +169,34 @@ class RunLock:
         self.release()
 
 
+def check_unlocked(folder: str | Path, key: str = "run.output_dir") -> None:
+    """Fails at once when a live process holds ``folder``'s lock, creating nothing: the
+    check a command makes before its slow start (imports, model), so a second run into
+    a folder in use says so in a second. The lock itself is still taken later.
+
+    Raises:
+        StoreError: the folder is in use (names the holder), or its lock path is not a
+            plain file.
+    """
+    path = Path(folder) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    except OSError:
+        RunLock(folder, key).acquire().release()  # its own message for what is there
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StoreError(
+            f"{folder} is in use by another run ({describe(_read(fd))}): two runs writing one "
+            f"folder would mix their shards. Wait for it to finish, or choose another {key}"
+        ) from None
+    finally:
+        os.close(fd)
+
+
 def _kind(path: Path) -> str:
     """What is at ``path``, in words, for a message."""
     if path.is_symlink():
