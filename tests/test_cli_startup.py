@@ -17,6 +17,7 @@ import torch
 import retrieval
 import retrieval.data
 import retrieval.index
+import retrieval.store
 from retrieval.cli import build_parser, main
 
 HEAVY = ("torch", "open_clip", "timm", "transformers", "lightning", "wandb", "matplotlib")
@@ -84,7 +85,20 @@ def test_index_info_imports_no_torch(index_folder: Path) -> None:
     assert "holds      40 images" in done.stdout and "up to date with its run" in done.stdout
 
 
-@pytest.mark.parametrize("package", [retrieval, retrieval.data, retrieval.index])
+def test_export_imports_no_torch(index_folder: Path, tmp_path: Path) -> None:
+    """`retrieval export` of a collection run reads its shards as NumPy: no torch, and
+    the parquet it writes holds one row per valid slot of the shard read through torch."""
+    import pyarrow.parquet as pq
+
+    from retrieval.store import ShardStore
+
+    run, out = index_folder.parent.parent, tmp_path / "reps.parquet"
+    assert imported_by("export", str(run), "--format", "parquet", str(out)) == []
+    (shard,) = ShardStore(run / "embeddings").iter_shards()
+    assert pq.read_metadata(out).num_rows == int(shard.reps.mask.sum())
+
+
+@pytest.mark.parametrize("package", [retrieval, retrieval.data, retrieval.index, retrieval.store])
 def test_lazy_names_are_the_defining_modules(package) -> None:
     """Every public name of a lazy package resolves to the object its module defines."""
     for name in package.__all__:

@@ -39,8 +39,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from retrieval.data.collection import collection_path, live_image_ids
@@ -268,10 +266,9 @@ def _path_source(run_dir: Path) -> _Paths:
         return _Paths()
 
 
-def _valid_mask(path: Path) -> torch.Tensor:
+def _valid_mask(shard: ShardReader) -> np.ndarray:
     """A shard's ``mask [B, R]`` alone (no embeddings read)."""
-    with safe_open(str(path), framework="pt") as file:
-        return file.get_tensor("mask").bool()
+    return shard.arrays(0, shard.num_images, ("mask",))["mask"].astype(bool)
 
 
 class _Writer:
@@ -330,7 +327,7 @@ class _Writer:
     ) -> None:
         """Exports one shard, ``READ_SLOTS`` padded slots at a time."""
         with ShardReader(path) as shard:
-            dim = int(shard.rows(0, 1).embeddings.shape[2])
+            dim = int(shard.arrays(0, 1, ("embeddings",))["embeddings"].shape[2])
             if self.dim is None:
                 self.dim = dim
             elif dim != self.dim:
@@ -345,7 +342,7 @@ class _Writer:
             npy = meta = None
             expected = 0
             if self.format == "npy":
-                mask = _valid_mask(path) & torch.from_numpy(keep)[:, None]
+                mask = _valid_mask(shard) & keep[:, None]
                 expected = int(mask.sum())
                 if not expected:
                     return
@@ -385,15 +382,15 @@ class _Writer:
         result: ExportResult,
     ) -> pa.Table | None:
         """The rows of images ``start:stop`` of a shard (None when there are none)."""
-        reps = shard.rows(start, stop)
-        mask = reps.mask.bool() & torch.from_numpy(keep)[:, None]
-        image_pos, slots = (t.numpy() for t in mask.nonzero(as_tuple=True))
+        reps = shard.arrays(start, stop, ("embeddings", "mask", "boxes"))
+        mask = reps["mask"].astype(bool) & keep[:, None]
+        image_pos, slots = mask.nonzero()
         if not len(slots):
             return None
         ids = shard.image_ids[start:stop].astype(np.int64)
-        vectors = reps.embeddings[image_pos, slots].numpy().astype(self.np_dtype)
-        if reps.boxes is not None:
-            flat = pa.array(reps.boxes[image_pos, slots].float().numpy().reshape(-1), pa.float32())
+        vectors = reps["embeddings"][image_pos, slots].astype(self.np_dtype)
+        if "boxes" in reps:
+            flat = pa.array(reps["boxes"][image_pos, slots].astype(np.float32).reshape(-1))
             boxes = pa.FixedSizeListArray.from_arrays(flat, 4)
         else:
             boxes = pa.nulls(len(slots), pa.list_(pa.float32(), 4))

@@ -16,19 +16,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from retrieval.errors import ConfigError, MissingFileError, StoreError
-from retrieval.representatives import Representatives
+
+if TYPE_CHECKING:  # torch is imported by what embeds or scores, not by what only reads
+    import torch
+
+    from retrieval.representatives import Representatives
 
 SHARD_SUFFIX = ".safetensors"
 MANIFEST = "manifest.json"
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DTYPES = ("float16", "float32")
 VERIFY = ("fast", "full")
 
 log = logging.getLogger("retrieval")
@@ -84,8 +86,8 @@ class ShardReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:  # truncated, empty or foreign files: a named error, not a traceback
-            file = safe_open(str(path), framework="pt")
-            self.image_ids: np.ndarray = file.get_tensor("image_ids").numpy()
+            file = safe_open(str(path), framework="numpy")
+            self.image_ids: np.ndarray = file.get_tensor("image_ids")
             metadata = file.metadata() or {}
             failures = json.loads(metadata.get("failures", "[]"))
             written_ns = int(metadata.get("written_ns", "0"))
@@ -99,6 +101,7 @@ class ShardReader:
         #: when the shard was written (0: before shards recorded it); orders failure records
         self.written_ns = written_ns
         self._file: safe_open | None = file  # None once the with block is left
+        self._torch_file: safe_open | None = None  # opened by the first rows()
         self.failures: list[dict[str, Any]] = failures
         self.num_images, self.num_reps = int(shape[0]), int(shape[1])
 
@@ -106,13 +109,22 @@ class ShardReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file = None
+        self._file = self._torch_file = None
+
+    def arrays(self, start: int, stop: int, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The stored arrays ``keys`` (those present) of images ``start:stop``, read as
+        NumPy: what a reader that needs no torch uses (export)."""
+        file = self._open_file()
+        return {key: file.get_slice(key)[start:stop] for key in keys if key in file.keys()}
 
     def rows(self, start: int, stop: int) -> Representatives:
         """The representatives of images ``start:stop`` of this shard."""
-        file = self._file
-        if file is None:
-            raise ValueError(f"{self.path}: shard reader used after its with block closed it")
+        from retrieval.representatives import Representatives
+
+        self._open_file()
+        if self._torch_file is None:  # extras may be any torch dtype (bf16): read as torch
+            self._torch_file = safe_open(str(self.path), framework="pt")
+        file = self._torch_file
         keys = set(file.keys())
 
         def get(key: str) -> torch.Tensor:
@@ -125,6 +137,11 @@ class ShardReader:
             get("boxes") if "boxes" in keys else None,
             extras or None,
         )
+
+    def _open_file(self) -> safe_open:
+        if self._file is None:
+            raise ValueError(f"{self.path}: shard reader used after its with block closed it")
+        return self._file
 
 
 class ShardStore:
@@ -171,11 +188,13 @@ class ShardStore:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        return {"float16": torch.float16, "float32": torch.float32}[self.dtype]
 
     @property
     def itemsize(self) -> int:
-        return self.torch_dtype.itemsize
+        return np.dtype(self.dtype).itemsize
 
     def shard_paths(self, prefix: str = "") -> list[Path]:
         return sorted(self.root.glob(f"{prefix}*{SHARD_SUFFIX}"))
@@ -227,8 +246,11 @@ class ShardStore:
         be read, ``file`` the path's identity when it failed (``file_identity``), so a
         later run retries it once the file changed. Its metadata records when it was
         written, which orders the failure records of different shards (newest wins)."""
+        import torch
+        from safetensors.torch import save_file
+
         self.root.mkdir(parents=True, exist_ok=True)
-        dtype = DTYPES[self.dtype]
+        dtype = self.torch_dtype
         tensors = {
             "image_ids": image_ids.to(torch.int64).cpu().contiguous(),
             "embeddings": reps.embeddings.to(dtype).cpu().contiguous(),
@@ -348,6 +370,8 @@ def open_run_store(run_dir: str | Path, verify: str = "fast") -> ShardStore:
 
 def read_cache(path: Path) -> dict[str, Any] | None:
     """A ``torch.save``d dict cache, or None (with a warning) when it cannot be used."""
+    import torch
+
     if not path.exists():
         return None
     try:
