@@ -123,3 +123,18 @@ def test_a_folder_in_use_is_said_before_the_model_loads(tmp_path: Path, syntheti
         )
     assert done.stdout.split() == ["2", "False"], done.stderr[-2000:]
     assert f"{run} is in use by another run (pid" in done.stderr
+
+
+def test_a_query_past_clips_context_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """A query longer than CLIP's 77 tokens (cut by the tokenizer, silently before) gets a
+    warning naming it; a short one none. The embedding is still the cut text's."""
+    from retrieval import create_retriever
+
+    clip = create_retriever("clip", backbone="RN-tiny", pretrained=None)
+    long = "a red circle beside a blue square " * 20
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="retrieval"):
+        clip.encode_text(["a red circle"])
+        assert not [r for r in caplog.records if r.name == "retrieval"]
+        clip.encode_text([long])
+    assert "fills the model's 77-token context" in caplog.text and "a red circle" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
 from retrieval.retrievers.base import Retriever
 from retrieval.retrievers.openclip_loader import file_sha256, load_open_clip
+
+log = logging.getLogger("retrieval")
 
 FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
 #: what a run deriving from stored Dense-CLIP embeddings (``store.dense_from``) must share
@@ -67,8 +70,17 @@ class OpenClipRetriever(Retriever):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
-        tokens = self.tokenizer(texts).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        """``[Q, D]``; a text longer than the model's context (77 tokens for CLIP) is cut
+        to it by the tokenizer, and a warning names it (its end is not read)."""
+        tokens = self.tokenizer(texts)
+        end = getattr(self.tokenizer, "eot_token_id", None)  # open_clip's BPE tokenizer
+        full = (tokens[:, -1] == end).tolist() if end is not None else [False] * len(texts)
+        for text in (t for t, cut in zip(texts, full, strict=True) if cut):
+            log.warning(
+                "query %r fills the model's %d-token context: words past it are not read",
+                text if len(text) <= 80 else text[:77] + "...", tokens.shape[1],
+            )  # fmt: skip
+        return F.normalize(self.model.encode_text(tokens.to(self.device)).float(), dim=-1)
 
 
 @register_retriever("clip")
