@@ -11,7 +11,7 @@ capped the affordable over-fetch below what 10^5 clustered reps needed). ``auto`
 flat up to ``FLAT_MAX_ROWS`` representatives. :meth:`FaissBackend.tune` sets
 ``overfetch`` (and ``nprobe``) from queries with known exact answers. Two more compressed
 kinds share ivfpq's path (candidates by codes, exact re-rank from the fp16 table):
-``ivfpqfs`` (``faiss-ivfpqfs``, 4-bit fast-scan PQ, ``IVF...,PQ{D/4}x4fs``) and
+``ivfpqfs`` (``faiss-ivfpqfs``, 4-bit fast-scan PQ, ``IVF...,PQ{D/2}x4fs``) and
 ``ivfrabitq`` (``faiss-rabitq``, IVF-RaBitQ); results/bench/search_cpu.md compares them.
 
 faiss ids are table rows (``add_with_ids``): ``flat`` wraps its codes in an
@@ -59,10 +59,11 @@ TRAIN_PER_LIST = 64  # training vectors per inverted list (faiss wants >= 39)
 MIN_TRAIN = 20_000  # enough for 8-bit PQ codebooks (256 centroids x 39 points, doubled)
 KINDS = ("auto", "flat", "ivfpq", "ivfpqfs", "ivfrabitq")
 # the compressed kinds beside ivfpq, as faiss factory strings: 4-bit fast-scan PQ with a
-# sub-quantiser per 4 dimensions (1 bit per dimension, scanned in SIMD registers), and
-# IVF-RaBitQ (1 bit per dimension plus two floats, trained by the IVF k-means alone)
+# sub-quantiser per 2 dimensions (2 bits per dimension, scanned in SIMD registers; one
+# per 4 dimensions needed 5x the re-ranked rows for recall 0.99 at 10^6), and IVF-RaBitQ
+# (1 bit per dimension plus two floats, trained by the IVF k-means alone)
 FACTORY = {"ivfpqfs": "IVF{nlist},PQ{m}x4fs", "ivfrabitq": "IVF{nlist},RaBitQ"}
-DIMS_PER_CODE = {"ivfpqfs": 4, "ivfrabitq": 8}  # dimensions per sub-quantiser / byte
+DIMS_PER_CODE = {"ivfpqfs": 2, "ivfrabitq": 8}  # dimensions per sub-quantiser / byte
 # what scanning one code costs in _cost's units (a re-ranked row costs D): 8-bit PQ and
 # RaBitQ read their codes one by one (m table look-ups, D/8 bytes); fast-scan PQ scores
 # 32 codes per SIMD pass, so a code costs ~1/1700 of a re-ranked row at 10^6 (probing
@@ -141,15 +142,16 @@ class FaissBackend(Backend):
         if self.options["kind"] == "flat":  # fp16 codes: lossless for the fp16 table, and
             # half the memory and ~2x faster than IndexFlatIP's fp32 here; ids = table rows
             return faiss.IndexIDMap(self._flat_codes())
+        chosen_m = self.options.get("m")  # fast-scan: sub-quantisers, when given
         nlist, m, nbits = pq_layout(rows, self.dim)
         train = min(rows, max(TRAIN_PER_LIST * nlist, MIN_TRAIN))
         defaults = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": 16, "train_size": train}
         for key, value in defaults.items():
             self.options.setdefault(key, value)
         o = self.options
-        if o["kind"] in FACTORY:  # m: D/4 sub-quantisers (fast-scan), D/8 bytes (RaBitQ)
-            o["m"] = self.dim // DIMS_PER_CODE[o["kind"]]
-            spec = FACTORY[o["kind"]].format(nlist=o["nlist"], m=self.dim // 4)
+        if o["kind"] in FACTORY:  # m: D/2 sub-quantisers (fast-scan), D/8 bytes (RaBitQ)
+            o["m"] = chosen_m or self.dim // DIMS_PER_CODE[o["kind"]]
+            spec = FACTORY[o["kind"]].format(nlist=o["nlist"], m=o["m"])
             index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
             faiss.extract_index_ivf(index).cp.min_points_per_centroid = 1
             o.pop("nbits", None)
