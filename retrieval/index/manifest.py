@@ -11,6 +11,7 @@ unlabelled run, live in ``images.parquet``): the images an update would add and 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,25 @@ def generation_name(name: str, generation: int) -> str:
     return f"{stem}.{generation}{dot}{suffix}"
 
 
+def rebuild_command(run: Path | str, manifest: dict[str, Any], folder: Path) -> str:
+    """The command that rebuilds the index in ``folder`` as it was built (its run and
+    backend), ready to paste (paths quoted for a shell)."""
+    words = ["retrieval", "index", "build", str(run), "--backend", manifest["backend"]]
+    return f"`{shlex.join([*words, '--out', str(folder)])}`"
+
+
 def corrupt(path: Path, why: str) -> IndexFileError:
     """The error for a damaged index file, naming it and the rebuild command (with the
-    index folder: the nearest parent holding the manifest)."""
+    index folder: the nearest parent holding the manifest; with its run and backend when
+    the manifest still reads)."""
     folder = next((p for p in path.parents if (p / MANIFEST).exists()), path.parent)
-    return IndexFileError(
-        f"index file {path} is corrupt ({why}); rebuild the index with "
-        f"`retrieval index build RUN_DIR --out {folder}`"
-    )
+    command = f"`retrieval index build RUN_DIR --backend BACKEND --out {folder}`"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        command = rebuild_command(manifest["run"], manifest, folder)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # the manifest itself is what is damaged: the placeholders stay
+    return IndexFileError(f"index file {path} is corrupt ({why}); rebuild the index with {command}")
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

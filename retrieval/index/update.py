@@ -53,7 +53,7 @@ from retrieval.index.build import (
     sizes,
     write_manifest,
 )
-from retrieval.index.search import read_manifest
+from retrieval.index.manifest import read_manifest, rebuild_command
 from retrieval.store.lock import RunLock
 from retrieval.store.shards import ShardReader, ShardStore, open_run_store
 
@@ -96,10 +96,6 @@ class UpdateResult:
     def tombstones(self) -> float:
         """Fraction of the table's rows that belong to removed images."""
         return 1 - self.live_rows / self.rows if self.rows else 0.0
-
-
-def rebuild_command(run: Path | str, manifest: dict[str, Any], folder: Path) -> str:
-    return f"`retrieval index build {run} --backend {manifest['backend']} --out {folder}`"
 
 
 def check_same_run(
