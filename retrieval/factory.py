@@ -42,13 +42,16 @@ def list_retrievers() -> list[str]:
 
 
 def create_retriever(name: str, **kwargs: Any) -> Retriever:
-    """Builds the retriever registered under ``name`` (usable from a notebook)."""
-    from retrieval.retrievers.base import Retriever
+    """Builds the retriever registered under ``name`` (usable from a notebook).
 
-    retriever = RETRIEVERS.create(name, **kwargs)
-    if not isinstance(retriever, Retriever):
-        raise TypeError(f"retriever {name!r} built a {type(retriever).__name__}, not a Retriever")
-    return retriever
+    Raises:
+        ConfigError: it is not a complete retriever (``retrievers.base.check_contract``:
+            no ``embed_dim``, one dense-source hook without the other, ...), named with
+            its class, before anything is embedded with it.
+    """
+    from retrieval.retrievers.base import check_contract
+
+    return check_contract(RETRIEVERS.create(name, **kwargs))
 
 
 def seed_everything(seed: int) -> None:

@@ -193,6 +193,36 @@ class BruteForce(Backend):
         return out
 '''
 
+INCOMPLETE_PLUGIN = '''
+import torch
+from retrieval import Representatives, Retriever
+
+
+class NoDimRetriever(Retriever):
+    """Forgets embed_dim: it would embed and index, and fail at the first search."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_transform = lambda image: torch.zeros(3, 4, 4)
+
+    def encode_images(self, pixels):
+        return Representatives.dense(torch.ones(len(pixels), 1, 3))
+
+    def encode_text(self, texts):
+        return torch.ones(len(texts), 3)
+
+
+class HalfDenseRetriever(NoDimRetriever):
+    """Has from_dense without check_dense_source (one dense-source hook of two)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_dim = 3
+
+    def from_dense(self, stored, dense_config):
+        return stored
+'''
+
 BROKEN_PLUGIN = 'raise RuntimeError("this plugin cannot import")\n'
 
 # package -> (source, {group: [entry point lines]})
@@ -200,6 +230,15 @@ PACKAGES: dict[str, tuple[str, dict[str, list[str]]]] = {
     "colour_plugin": (
         RETRIEVER_PLUGIN,
         {"retrieval.retrievers": ["colour = colour_plugin:ColourRetriever"]},
+    ),
+    "incomplete_plugin": (
+        INCOMPLETE_PLUGIN,
+        {
+            "retrieval.retrievers": [
+                "no-dim = incomplete_plugin:NoDimRetriever",
+                "half-dense = incomplete_plugin:HalfDenseRetriever",
+            ]
+        },
     ),
     "tile_plugin": (
         DATASET_PLUGIN,
@@ -283,6 +322,61 @@ def test_entry_point_retriever_is_listed_and_built(installed: Path) -> None:
     reps = retriever.encode_images(torch.rand(2, 3, 4, 4))
     assert reps.embeddings.shape == (2, 1, 3)
     assert retriever.score(retriever.encode_text(["a"]), reps).shape == (1, 2)
+
+
+def retriever_config(tmp_path: Path, name: str) -> Path:
+    """A config of plugin retriever ``name`` over the synthetic COCO set."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"defaults:\n  - dataset: synthetic\nretriever:\n  name: {name}\n")
+    return path
+
+
+def test_incomplete_retriever_plugin_is_refused_at_creation(
+    installed: Path, synthetic_coco: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A plugin retriever without ``embed_dim`` (or with one dense-source hook of two) is
+    refused by create_retriever with one ConfigError naming its class and the missing
+    part, before anything is embedded with it (it used to fail at the first search)."""
+    with pytest.raises(ConfigError, match=r"incomplete_plugin\.NoDimRetriever .*lacks embed_dim"):
+        create_retriever("no-dim")
+    with pytest.raises(ConfigError, match=r"HalfDenseRetriever .*lacks check_dense_source"):
+        create_retriever("half-dense")
+    ann, images = synthetic_coco
+    run = tmp_path / "run"
+    overrides = [f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={run}"]
+    with pytest.raises(ConfigError, match="NoDimRetriever .*lacks embed_dim"):
+        embed(load_config(retriever_config(tmp_path, "no-dim"), [*overrides, *FAST]))
+    assert not list(run.glob("embeddings/*.safetensors"))  # nothing embedded with it
+
+
+def test_parameterless_retriever_serves_a_picture_upload(
+    installed: Path, synthetic_coco: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The colour plugin has no parameters (so no ``next(parameters())`` device): its run,
+    indexed and served, answers a picture upload. Every image embeds to the same unit
+    vector, so each hit's MaxSim score is 1 and the top holds ``top`` distinct images."""
+    from fastapi.testclient import TestClient
+
+    from retrieval.serve.app import create_app
+    from retrieval.serve.served import ServedIndex
+    from retrieval.serve.settings import ServeSettings
+
+    ann, images = synthetic_coco
+    run = tmp_path / "run"
+    overrides = [f"data.annotations={ann}", f"data.images={images}", f"run.output_dir={run}"]
+    embed(load_config(retriever_config(tmp_path, "colour"), [*overrides, *FAST]))
+    folder = build_index(run, "exact", tmp_path / "index", "cpu", progress=False)
+    served = {"colour": ServedIndex("colour", folder, "cpu")}
+    assert create_retriever("colour").device == torch.device("cpu")
+    picture = next(images.iterdir())
+    with TestClient(create_app(served, ServeSettings())) as client, picture.open("rb") as f:
+        response = client.post(
+            "/api/search", files={"image": ("p.jpg", f, "image/jpeg")}, data={"top": "5"}
+        )
+    assert response.status_code == 200, response.text
+    hits = response.json()["hits"]
+    assert len({h["image_id"] for h in hits}) == 5
+    assert [h["score"] for h in hits] == pytest.approx([1.0] * 5, abs=1e-3)  # fp16 store
 
 
 def test_plugin_options_are_config_keys(installed: Path, tmp_path: Path) -> None:

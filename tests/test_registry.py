@@ -35,7 +35,7 @@ from retrieval.registry import (
     Registry,
 )
 from retrieval.representatives import Representatives
-from retrieval.retrievers.base import Retriever, max_cosine
+from retrieval.retrievers.base import Retriever, check_contract, max_cosine
 from retrieval.store import ShardStore, score_store
 
 TOL = 1e-4
@@ -161,7 +161,8 @@ def test_retriever_contract(name: str, options: dict | None, images: list[Image.
     them into ``[B, R, D]`` representatives, unit-norm where valid, with at least one
     valid per image and boxes inside the image; encodes text to unit ``[Q, D]``; scores
     ``[Q, B]``; and encodes an image alone exactly as within a batch (shards and batch
-    sizes must not change results)."""
+    sizes must not change results); and passes ``check_contract`` (embed_dim, transform,
+    dense hooks), on the CPU by its ``device``."""
     if options is None:
         if is_builtin(RETRIEVERS, name):
             pytest.fail(f"built-in retriever {name!r} has no tiny configuration in TINY_RETRIEVERS")
@@ -171,6 +172,8 @@ def test_retriever_contract(name: str, options: dict | None, images: list[Image.
         warnings.simplefilter("ignore")  # random weights warn, as they should
         retriever = create_retriever(name, **options).eval()
     assert isinstance(retriever, Retriever) and retriever.embed_dim > 0
+    assert check_contract(retriever) is retriever  # what create_retriever enforces
+    assert retriever.device == torch.device("cpu")  # the base class's, from its tensors
     json.dumps(retriever.describe())  # the run fingerprint stores it
 
     pixels = torch.stack([retriever.image_transform(image) for image in images])

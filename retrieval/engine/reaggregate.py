@@ -18,6 +18,7 @@ from rich.progress import track
 
 from retrieval.config import ConfigError
 from retrieval.representatives import Representatives
+from retrieval.retrievers.base import DenseSource
 from retrieval.store import ShardStore
 from retrieval.store.scoring import resolve_device
 from retrieval.store.shards import ShardReader
@@ -48,15 +49,15 @@ def dense_source(path: str | Path) -> tuple[ShardStore, dict[str, Any]]:
 def deriver(
     retriever: Any, dense_config: dict[str, Any]
 ) -> Callable[[Representatives], Representatives]:
-    """How ``retriever``'s representatives come from stored Dense-CLIP ones (each
-    retriever's own ``check_dense_source`` / ``from_dense``: Cluster-CLIP re-aggregates,
+    """How ``retriever``'s representatives come from stored Dense-CLIP ones (its own
+    :class:`~retrieval.retrievers.base.DenseSource` hooks: Cluster-CLIP re-aggregates,
     Dense-CLIP takes the cells, CLIP at its native size the global embedding).
 
     Raises:
         ConfigError: the retriever cannot be derived from them, or their settings differ
             (each difference named).
     """
-    if not hasattr(retriever, "from_dense"):
+    if not isinstance(retriever, DenseSource):
         raise ConfigError(
             "store.dense_from needs a retriever that can take stored Dense-CLIP features "
             "(clip, dense_clip, cluster_clip)"

@@ -269,9 +269,9 @@ class SearchIndex:
                     f"image file (JPEG, PNG, ...)"
                 ) from None
         retriever = self.retriever()
-        device = next(retriever.parameters()).device
         with torch.no_grad():
-            reps = retriever.encode_images(retriever.image_transform(image)[None].to(device))
+            pixels = retriever.image_transform(image)[None].to(retriever.device)
+            reps = retriever.encode_images(pixels)
         return reps.embeddings[0][reps.mask[0]].float().cpu()
 
     def stored_queries(self, image_id: int, rep_index: int | None = None) -> Tensor:

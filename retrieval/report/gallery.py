@@ -142,8 +142,7 @@ def dense_cells(retriever: Any, images: list[Image.Image]) -> list[Tensor]:
     """``[h, w, D]`` Dense-CLIP cells of each picture, by one backbone pass of
     ``retriever`` over the batch (its own transform: the cells the run's retriever sees)."""
     pixels = torch.stack([retriever.image_transform(image) for image in images])
-    device = next(retriever.parameters()).device
-    out = retriever.encode_dense(pixels.to(device))
+    out = retriever.encode_dense(pixels.to(retriever.device))
     h, w = out.grid
     return [cells.float().cpu().reshape(h, w, -1) for cells in out.embeddings]
 

@@ -64,9 +64,9 @@ class OpenClipRetriever(Retriever):
             "weights_sha256": file_sha256(loaded.weights),
         }
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def describe(self) -> dict[str, Any]:
+        """:attr:`config`: backbone, weights (and their hash), resolution."""
+        return dict(self.config)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:

@@ -321,9 +321,9 @@ class OwlViTRetriever(Retriever):
             "boxes_per_image": (size // patch) ** 2,
         }
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def describe(self) -> dict[str, Any]:
+        """:attr:`config`: family, weights or architecture, image and patch size."""
+        return dict(self.config)
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Representatives:

@@ -218,7 +218,7 @@ def crop_vector(retriever: Any, crop: Image.Image) -> Tensor:
     """One query vector for a crop, for retrievers without cells (whole-image CLIP: its
     one embedding; any other: the normalised mean of its valid representatives)."""
     pixels = retriever.image_transform(crop).unsqueeze(0)
-    reps = retriever.encode_images(pixels.to(next(retriever.parameters()).device))
+    reps = retriever.encode_images(pixels.to(retriever.device))
     emb, mask = reps.embeddings[0].float().cpu(), reps.mask[0].cpu()
     return F.normalize(emb[mask].mean(dim=0), dim=0)
 
