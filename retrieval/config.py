@@ -300,7 +300,7 @@ def _constant(value: Any) -> Callable[[], Any]:
 
 
 def options_schema(
-    registry: Registry, name: str, skip: Collection[str] = (), required_default: Any = MISSING
+    registry: Registry[Any], name: str, skip: Collection[str] = (), required_default: Any = MISSING
 ) -> DictConfig:
     """A structured config of the keyword arguments the factory ``name`` accepts.
 
@@ -336,7 +336,7 @@ def options_schema(
     return OmegaConf.structured(schema)
 
 
-def literal_choices(registry: Registry, name: str) -> dict[str, tuple[Any, ...]]:
+def literal_choices(registry: Registry[Any], name: str) -> dict[str, tuple[Any, ...]]:
     """The options of ``name`` typed ``Literal[...]``, with their allowed values."""
     factory = registry.get(name)
     target = factory.__init__ if inspect.isclass(factory) else factory

@@ -10,6 +10,11 @@ the four kinds without editing this one::
 
 A factory's typed keyword arguments are its options: the config keys of
 ``retriever.*`` and ``data.*``, the keyword arguments of ``create_aggregator``.
+
+This module imports nothing of the package but its errors (the bottom of the core's
+layers, pyproject.toml): each kind's ``register_*`` / ``list_*`` / ``create_*`` live
+beside its base class (``retrievers/base.py``, ``data/base.py``, ``aggregate/base.py``,
+``index/base.py``), so a component's module imports only its own base.
 """
 
 from __future__ import annotations
@@ -18,11 +23,18 @@ import importlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from retrieval.errors import ConfigError, did_you_mean
 
+if TYPE_CHECKING:
+    from retrieval.aggregate.base import Aggregator
+    from retrieval.data.base import ImageDataset
+    from retrieval.index.base import Backend
+    from retrieval.retrievers.base import Retriever
+
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def keyword_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
@@ -36,8 +48,8 @@ def keyword_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Paramet
     }
 
 
-class Registry:
-    """Factories of one kind of component, looked up by name.
+class Registry(Generic[T]):
+    """Factories of one kind of component ``T``, looked up by name.
 
     Args:
         kind: what is registered ("retriever"), for messages.
@@ -58,7 +70,7 @@ class Registry:
         self.config_key = config_key
         self.builtin = builtin
         self.entry_point_group = entry_point_group
-        self.factories: dict[str, Callable[..., Any]] = {}
+        self.factories: dict[str, Callable[..., T]] = {}
         self.defaults: dict[str, dict[str, Any]] = {}
         self.builtin_loaded = False
         self.entry_points_loaded = False
@@ -111,7 +123,7 @@ class Registry:
         self._load()
         return sorted(self.factories)
 
-    def get(self, name: str) -> Callable[..., Any]:
+    def get(self, name: str) -> Callable[..., T]:
         """The factory registered under ``name``.
 
         Raises:
@@ -130,7 +142,7 @@ class Registry:
         """The factory's keyword arguments: the options ``name`` accepts."""
         return keyword_parameters(self.get(name))
 
-    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    def create(self, name: str, *args: Any, **kwargs: Any) -> T:
         """Builds ``name`` with its registered defaults under ``kwargs``; an unknown
         option fails naming the closest valid one."""
         factory = self.get(name)
@@ -150,7 +162,7 @@ class Registry:
         return factory(*args, **{**self.defaults.get(name, {}), **kwargs})
 
 
-RETRIEVERS = Registry(
+RETRIEVERS: Registry[Retriever] = Registry(
     "retriever",
     "retriever.name",
     builtin=tuple(
@@ -158,7 +170,7 @@ RETRIEVERS = Registry(
     ),
     entry_point_group="retrieval.retrievers",
 )
-DATASETS = Registry(
+DATASETS: Registry[ImageDataset] = Registry(
     "dataset",
     "data.name",
     builtin=tuple(
@@ -167,13 +179,13 @@ DATASETS = Registry(
     ),
     entry_point_group="retrieval.datasets",
 )
-AGGREGATORS = Registry(
+AGGREGATORS: Registry[Aggregator] = Registry(
     "aggregator",
     "retriever.aggregate.method",
     builtin=tuple(f"retrieval.aggregate.{m}" for m in ("base", "kmeans", "agglomerative", "prune")),
     entry_point_group="retrieval.aggregators",
 )
-INDEX_BACKENDS = Registry(
+INDEX_BACKENDS: Registry[Backend] = Registry(
     "index backend",
     "--backend",
     builtin=tuple(
@@ -182,4 +194,4 @@ INDEX_BACKENDS = Registry(
     ),
     entry_point_group="retrieval.index_backends",
 )
-REGISTRIES = (RETRIEVERS, DATASETS, AGGREGATORS, INDEX_BACKENDS)
+REGISTRIES: tuple[Registry[Any], ...] = (RETRIEVERS, DATASETS, AGGREGATORS, INDEX_BACKENDS)

@@ -10,12 +10,14 @@ from retrieval.aggregate.agglomerative import Agglomerative, agglomerative_label
 from retrieval.aggregate.base import (
     Aggregator,
     NoAggregation,
+    create_aggregator,
     grid_cell_boxes,
+    list_aggregators,
+    register_aggregator,
     representatives_from_labels,
 )
 from retrieval.aggregate.kmeans import KMeans, kmeans_labels, kmeans_plus_plus
 from retrieval.aggregate.prune import Prune, prune_labels
-from retrieval.factory import create_aggregator, list_aggregators, register_aggregator
 
 __all__ = [
     "Agglomerative",

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retrieval.aggregate.base import Aggregator, compute_dtype
+from retrieval.aggregate.base import Aggregator, compute_dtype, register_aggregator
 from retrieval.errors import ConfigError
-from retrieval.factory import register_aggregator
 
 LINKAGES = ("average", "complete", "single", "ward")
 

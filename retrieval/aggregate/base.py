@@ -10,13 +10,14 @@ mean of its members, boxed by the bounding box of their cells.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retrieval.factory import register_aggregator
+from retrieval.registry import AGGREGATORS
 from retrieval.representatives import Representatives
 
 A = TypeVar("A", bound="type[Aggregator]")
@@ -139,6 +140,21 @@ def check_inputs(
     elif cell_boxes.shape != (n, 4):
         raise ValueError(f"cell_boxes must be [N, 4] = {(n, 4)}, got {tuple(cell_boxes.shape)}")
     return mask.to(device=embeddings.device, dtype=torch.bool), cell_boxes
+
+
+def register_aggregator(name: str) -> Callable[[A], A]:
+    """Class decorator registering an aggregator under ``name`` for :func:`create_aggregator`."""
+    return AGGREGATORS.register(name)
+
+
+def list_aggregators() -> list[str]:
+    """Names accepted by :func:`create_aggregator`."""
+    return AGGREGATORS.names()
+
+
+def create_aggregator(name: str, **options: Any) -> Aggregator:
+    """Builds a registered aggregator, e.g. ``create_aggregator("kmeans", k=10)``."""
+    return AGGREGATORS.create(name, **options)
 
 
 @register_aggregator("none")

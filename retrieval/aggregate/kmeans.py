@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retrieval.aggregate.base import Aggregator, compute_dtype
+from retrieval.aggregate.base import Aggregator, compute_dtype, register_aggregator
 from retrieval.errors import ConfigError
-from retrieval.factory import register_aggregator
 
 
 def kmeans_plus_plus(x: Tensor, mask: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:

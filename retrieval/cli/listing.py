@@ -14,7 +14,7 @@ import argparse
 import importlib.metadata
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from retrieval.registry import Registry
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 BUILTIN_OPTIONS = Path(__file__).with_name("builtin_options.json")
 
 
-def options(registry: Registry, name: str) -> str:
+def options(registry: Registry[Any], name: str) -> str:
     """What a user sets for ``name``: its config keys (retrievers, datasets), its
     keyword arguments (aggregators), or its preset options (index backends)."""
     from retrieval.config import data_schema, retriever_schema

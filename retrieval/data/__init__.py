@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 from retrieval.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from retrieval.data.base import create_dataset, list_datasets, register_dataset
     from retrieval.data.coco import CocoDataset
     from retrieval.data.ground_truth import Category, GroundTruth
     from retrieval.data.images import BadImageError, load_image
     from retrieval.data.names import clean_category_name, query_name
-    from retrieval.factory import create_dataset, list_datasets, register_dataset
 
 __all__ = [
     "BadImageError",
@@ -41,10 +41,10 @@ __getattr__, __dir__ = lazy_exports(
         "CocoDataset": "retrieval.data.coco",
         "GroundTruth": "retrieval.data.ground_truth",
         "clean_category_name": "retrieval.data.names",
-        "create_dataset": "retrieval.factory",
-        "list_datasets": "retrieval.factory",
+        "create_dataset": "retrieval.data.base",
+        "list_datasets": "retrieval.data.base",
         "load_image": "retrieval.data.images",
         "query_name": "retrieval.data.names",
-        "register_dataset": "retrieval.factory",
+        "register_dataset": "retrieval.data.base",
     },
 )

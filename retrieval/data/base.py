@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -21,9 +21,11 @@ from torch.utils.data import Dataset
 from retrieval.data.ground_truth import GroundTruth
 from retrieval.data.images import BadImageError, load_image, outside_root, to_rgb8
 from retrieval.errors import ConfigError
+from retrieval.registry import DATASETS
 
 Transform = Callable[[Image.Image], torch.Tensor]
 OnBadImage = Literal["error", "skip"]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
@@ -193,3 +195,18 @@ class RetrievalDataset(ImageDataset):
 def is_labelled(dataset_class: Any) -> bool:
     """Whether a dataset (class or instance) has ground truth to score against."""
     return callable(getattr(dataset_class, "ground_truth", None))
+
+
+def register_dataset(name: str) -> Callable[[F], F]:
+    """Decorator registering a dataset class or factory under ``name``."""
+    return DATASETS.register(name)
+
+
+def list_datasets() -> list[str]:
+    """Names of every registered dataset."""
+    return DATASETS.names()
+
+
+def create_dataset(name: str, **kwargs: Any) -> ImageDataset:
+    """Builds the dataset registered under ``name``; an unknown option names the valid ones."""
+    return DATASETS.create(name, **kwargs)

@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
+from retrieval.data.base import OnBadImage, RetrievalDataset, Transform, register_dataset
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import BAD_IMAGE_FIX, find_missing_images, outside_root_error
 from retrieval.data.names import query_name
 from retrieval.errors import DataError, MissingFileError
-from retrieval.factory import register_dataset
 
 log = logging.getLogger("retrieval")
 

@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.errors import DataError, MissingFileError, StoreError
+from retrieval.store.shards import ShardStore
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -549,8 +550,6 @@ class Collection:
 
 
 def _refuse_shards_without_table(run_dir: Path) -> None:
-    from retrieval.store import ShardStore
-
     if ShardStore(run_dir / "embeddings").shard_paths():
         raise StoreError(
             f"{run_dir} holds embeddings but no {COLLECTION_FILE}, so their image ids name no "

@@ -482,7 +482,7 @@ class CheckReport:
 
 def _open_dataset(name: str, annotations: Path, images: Path) -> Any:
     """The dataset as an evaluation would build it, missing files listed, not raised."""
-    from retrieval.factory import create_dataset
+    from retrieval.data.base import create_dataset
 
     return create_dataset(name, annotations=annotations, images=images, on_bad_image="skip")
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.data.base import ImageDataset, OnBadImage, Transform
+from retrieval.data.base import ImageDataset, OnBadImage, Transform, register_dataset
 from retrieval.data.collection import (
     NOT_UTF8,
     NOT_UTF8_REASON,
@@ -27,7 +27,6 @@ from retrieval.data.collection import (
     read_listing,
 )
 from retrieval.errors import DataError, MissingFileError
-from retrieval.factory import register_dataset
 
 if TYPE_CHECKING:
     import pyarrow as pa

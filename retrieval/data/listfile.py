@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.data.base import ImageDataset, OnBadImage, Transform
+from retrieval.data.base import ImageDataset, OnBadImage, Transform, register_dataset
 from retrieval.data.collection import Collection, Ticker, read_listing
 from retrieval.data.images import (
     BAD_IMAGE_FIX,
@@ -23,7 +23,6 @@ from retrieval.data.images import (
     outside_root_error,
 )
 from retrieval.errors import DataError, MissingFileError
-from retrieval.factory import register_dataset
 
 log = logging.getLogger("retrieval")
 

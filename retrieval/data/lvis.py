@@ -28,13 +28,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
+from retrieval.data.base import OnBadImage, RetrievalDataset, Transform, register_dataset
 from retrieval.data.coco import CocoDataset, check_entries
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import find_missing_images, missing_images_error, outside_root_error
 from retrieval.data.names import clean_category_name
 from retrieval.errors import DataError, MissingFileError
-from retrieval.factory import register_dataset
 
 FREQUENCY_SPLITS = {"r": "rare", "c": "common", "f": "frequent"}
 """LVIS ``frequency`` letter -> :attr:`Category.split` (the metric averages each split)."""

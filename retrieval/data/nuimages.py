@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from retrieval.data.base import OnBadImage, RetrievalDataset, Transform
+from retrieval.data.base import OnBadImage, RetrievalDataset, Transform, register_dataset
 from retrieval.data.ground_truth import Category, GroundTruth
 from retrieval.data.images import find_missing_images, missing_images_error, outside_root_error
 from retrieval.data.names import query_name
 from retrieval.errors import DataError, MissingFileError
-from retrieval.factory import register_dataset
 
 SURFACE_CATEGORIES = ("flat.driveable_surface", "vehicle.ego")
 """nuImages classes annotated only as surface masks (``surface_ann.json``). They are

@@ -35,11 +35,16 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from retrieval.data.base import ImageDataset, OnBadImage, Transform, pil_to_uint8_tensor
+from retrieval.data.base import (
+    ImageDataset,
+    OnBadImage,
+    Transform,
+    pil_to_uint8_tensor,
+    register_dataset,
+)
 from retrieval.data.collection import NOT_UTF8, NOT_UTF8_REASON, Collection, image_size, is_utf8
 from retrieval.data.images import BadImageError, decode_image
 from retrieval.errors import ConfigError, DataError, MissingFileError
-from retrieval.factory import register_dataset
 
 log = logging.getLogger("retrieval")
 
