@@ -526,15 +526,28 @@ def retriever_options(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _with_overrides(raw: DictConfig, dotlist: list[str]) -> DictConfig:
+    """``raw`` with the ``key=value`` overrides merged in.
+
+    Raises:
+        ConfigError: an override omegaconf cannot parse or merge (TypeError: a value merged
+            onto a section of another kind, ``data=[]``; IndexError/ValueError: a key
+            omegaconf's key-path parser trips on, ``[=0``).
+    """
+    try:
+        return _merge(raw, OmegaConf.from_dotlist(dotlist))
+    except (OmegaConfBaseException, yaml.YAMLError, TypeError, IndexError, ValueError) as err:
+        why = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(
+            f"bad override ({why}) in {' '.join(dotlist)}: write key=value, e.g. "
+            f"retriever.aggregate.k=20"
+        ) from None
+
+
 def load_config(config: str | Path, overrides: list[str] | None = None) -> DictConfig:
     """Composes, overrides and validates a run config (nothing runs before this passes)."""
     choices, dotlist = _split_overrides(list(overrides or []))
-    raw = _compose(find_config(config), choices)
-    try:
-        raw = _merge(raw, OmegaConf.from_dotlist(dotlist))
-    except (OmegaConfBaseException, yaml.YAMLError, TypeError) as err:  # TypeError: a value
-        # merged onto a section of another kind (``data=[]``)
-        raise ConfigError(f"bad override: {' '.join(str(err).split())}") from None
+    raw = _with_overrides(_compose(find_config(config), choices), dotlist)
     cfg = validate(raw)
     _check_machine(cfg)
     return cfg
@@ -546,7 +559,7 @@ def output_dir_of(config: str | Path, overrides: list[str] | None = None) -> Pat
     for checks that must come first. None when it cannot be read that way."""
     try:
         choices, dotlist = _split_overrides(list(overrides or []))
-        raw = _merge(_compose(find_config(config), choices), OmegaConf.from_dotlist(dotlist))
+        raw = _with_overrides(_compose(find_config(config), choices), dotlist)
         value = OmegaConf.select(raw, "run.output_dir", default=RunConfig.output_dir)
     except (ConfigError, OmegaConfBaseException, yaml.YAMLError, TypeError, ValueError):
         return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
@@ -338,6 +338,8 @@ OVERRIDE = st.one_of(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(st.lists(OVERRIDE, max_size=4))
+@example(["[=0"])  # omegaconf's key-path parser raised IndexError (found by this test)
+@example(["a[=1", "]=x"])
 def test_fuzzed_overrides_give_a_config_or_a_retrieval_error(overrides: list[str]) -> None:
     """Random keys of the real schema with random-typed values, plus junk keys: load_config
     returns or raises a RetrievalError — never another exception, never a hang."""
