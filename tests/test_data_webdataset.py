@@ -472,7 +472,7 @@ def test_images_inside_shards_open_for_the_gallery(tmp_path: Path) -> None:
     as the member's image (what the gallery draws), and a missing member is a named
     BadImageError, not a crash."""
     from retrieval.data.images import load_image
-    from retrieval.report.gallery import _load
+    from retrieval.report.drawing import load_fitted
 
     shards, run = tmp_path / "shards", tmp_path / "run"
     pattern = make_shards(shards, shards=1, per_shard=2)
@@ -484,6 +484,6 @@ def test_images_inside_shards_open_for_the_gallery(tmp_path: Path) -> None:
         assert member is not None
         expected = Image.open(io.BytesIO(member.read())).convert("RGB")
     assert np.array_equal(np.asarray(load_image(path)), np.asarray(expected))
-    assert _load(path, 64).size[0] == 64
+    assert load_fitted(path, 64).size[0] == 64
     with pytest.raises(BadImageError, match="file not found"):
         load_image(path.parent / "missing.jpg")

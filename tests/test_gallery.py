@@ -14,7 +14,8 @@ from PIL import Image
 
 from retrieval.aggregate import grid_cell_boxes, representatives_from_labels
 from retrieval.index import Hit, build_index, open_index
-from retrieval.report.gallery import GalleryItem, cell_maps, explain, panels, write_gallery
+from retrieval.report.drawing import GalleryItem, cell_maps, panels
+from retrieval.report.gallery import explain, write_gallery
 from retrieval.representatives import Representatives
 
 
@@ -185,7 +186,8 @@ def test_heat_overlay_is_translucent_smooth_and_scaled(tmp_path: Path) -> None:
     and carries a colour bar of the map's colours, low to high, under the picture."""
     import matplotlib
 
-    from retrieval.report.gallery import BAR_H, HEAT_MAP, heat_panel, legend
+    from retrieval.report.drawing import BAR_H, HEAT_MAP, heat_panel
+    from retrieval.report.gallery import legend
 
     stripes = np.zeros((64, 64, 3), np.uint8)
     stripes[:, ::4] = stripes[:, 1::4] = 255  # 2-pixel white stripes every 4

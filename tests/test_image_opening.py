@@ -17,7 +17,7 @@ from PIL import Image
 from retrieval.data.images import BadImageError, load_image
 from retrieval.data.webdataset import WebDataset
 from retrieval.index.base import Hit
-from retrieval.report.gallery import GalleryItem, match_panel
+from retrieval.report.drawing import GalleryItem, match_panel
 
 
 def sixteen_bit_png(path: Path) -> np.ndarray:

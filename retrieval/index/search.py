@@ -302,6 +302,80 @@ class SearchIndex:
             rows = rows[slots == rep_index][:1]
         return torch.from_numpy(table.vectors[rows].astype(np.float32))
 
+    def live_image_ids(self) -> np.ndarray:
+        """Ids of the images a search can return now (the current generation's)."""
+        return self.backend.require_table(allow_empty=True).live_image_ids
+
+    def representative(
+        self, image_id: int, rep_index: int
+    ) -> tuple[Tensor, tuple[float, float, float, float] | None]:
+        """The stored vector ``[D]`` of representative ``rep_index`` of a live image, and
+        its box (normalised xyxy, None where the run stored none).
+
+        Raises:
+            LookupError: no such live image, or the image has no such representative (the
+                message lists the ones it has).
+        """
+        import torch
+
+        table = self.backend.require_table(allow_empty=True)
+        where = self.backend.positions_of(np.array([image_id]))
+        if not len(where):
+            raise LookupError(f"image {image_id} is not in this index")
+        rows = table.rows_of(where[-1:])
+        slots = table.slots[rows]
+        match = rows[slots == rep_index]
+        if not len(match):
+            raise LookupError(
+                f"image {image_id} has no representative {rep_index}; its representatives "
+                f"are {', '.join(map(str, slots.tolist()))}"
+            )
+        row = int(match[0])
+        box = None
+        if table.boxes is not None:
+            x0, y0, x1, y1 = (float(v) for v in table.boxes[row])
+            box = (x0, y0, x1, y1)
+        return torch.from_numpy(table.vectors[row].astype(np.float32)), box
+
+    def image_files(
+        self, image_ids: list[int]
+    ) -> tuple[dict[int, Path | None], tuple[Path, ...] | None]:
+        """The files of ``image_ids`` (None each the run cannot name) and the folders they
+        must resolve inside. Files: from the run's collection table when it has one (an
+        unlabelled run: read as stored, no rescan of the folder), else from the run's
+        dataset (all None where it cannot be opened). Folders: the roots the dataset
+        checks at embed time (``image_roots``), so a file swapped for a symlink out of
+        them after indexing is refused when shown too; None where the dataset reads any
+        path (a ``folder`` follows the user's own symlinks; a ``list`` without
+        ``data.images`` names files anywhere)."""
+        from retrieval.data.collection import ROOT_KEY, collection_image_paths, collection_path
+
+        data = self.config.data
+        stored = collection_image_paths(self.run_dir, image_ids)
+        if stored is not None:
+            import pyarrow.parquet as pq
+
+            raw = (pq.read_schema(collection_path(self.run_dir)).metadata or {}).get(ROOT_KEY)
+            name = data.get("name")
+            free = name == "folder" or (name == "list" and not data.get("images"))
+            return stored, None if free or not raw else (Path(raw.decode()),)
+        try:
+            from retrieval.factory import build_dataset
+
+            cfg = self.config.copy()
+            cfg.data.on_bad_image = "skip"  # a missing file shows as a placeholder tile
+            dataset = build_dataset(cfg, transform=None)
+        except (OSError, ValueError, KeyError, TypeError):
+            return dict.fromkeys(image_ids), None
+        paths: dict[int, Path | None] = {}
+        for i in image_ids:
+            try:
+                paths[i] = Path(dataset.image_path(i))
+            except KeyError:
+                paths[i] = None
+        roots = getattr(dataset, "image_roots", None)
+        return paths, None if roots is None else tuple(Path(r) for r in roots)
+
     def search_picture(
         self, picture: str | Path | Image.Image, top: int = 50, where: str | None = None
     ) -> list[Hit]:

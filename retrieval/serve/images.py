@@ -31,7 +31,7 @@ from torch import Tensor
 from retrieval.data.images import OUTSIDE_ROOT, BadImageError, load_image
 from retrieval.index import SearchIndex
 from retrieval.index.base import Hit
-from retrieval.report.gallery import (
+from retrieval.report.drawing import (
     GalleryItem,
     cell_heat,
     cell_maps,
@@ -39,13 +39,12 @@ from retrieval.report.gallery import (
     draws_cells,
     heat_panel,
     match_panel,
-    run_images,
     stored_cells,
 )
 from retrieval.representatives import Representatives
 from retrieval.retrievers.base import argmax_representative, max_cosine
 from retrieval.serve.errors import ApiError
-from retrieval.serve.queries import Counters, representative
+from retrieval.serve.queries import Counters
 from retrieval.store.shards import ShardReader, ShardStore
 
 MAX_SIDE = 2048
@@ -69,8 +68,8 @@ class ImageFiles:
         """Files of ``image_ids`` (None where the run cannot name one)."""
         with self._lock:
             if self._paths is None:
-                live = self.index.backend.require_table(allow_empty=True).live_image_ids
-                self._paths, self._roots = run_images(self.index, live.tolist())
+                live = self.index.live_image_ids().tolist()
+                self._paths, self._roots = self.index.image_files(live)
         return {i: self._paths.get(i) for i in image_ids}
 
     def path(self, image_id: int) -> Path:
@@ -159,7 +158,7 @@ class ImageFiles:
         hit, members = Hit(image_id, 0.0, -1, None), None
         if rep is not None:
             try:
-                vector, box = representative(self.index, image_id, rep)
+                vector, box = self.index.representative(image_id, rep)
             except LookupError as err:
                 raise ApiError(404, f"{err} (index {self.name!r})") from None
             hit = Hit(image_id, 0.0, rep, box)

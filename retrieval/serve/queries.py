@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -85,37 +84,6 @@ def compound(
         return q
 
     return combine
-
-
-def representative(
-    index: SearchIndex, image_id: int, rep_index: int
-) -> tuple[Tensor, tuple[float, float, float, float] | None]:
-    """The stored vector of representative ``rep_index`` of image ``image_id`` (from the
-    index's own table) and its box.
-
-    Raises:
-        LookupError: the index has no such live image, or the image no such representative
-            (the message lists the ones it has).
-    """
-    table = index.backend.require_table(allow_empty=True)
-    where = index.backend.positions_of(np.array([image_id]))
-    if not len(where):
-        raise LookupError(f"image {image_id} is not in this index")
-    rows = table.rows_of(where[-1:])
-    slots = table.slots[rows]
-    match = rows[slots == rep_index]
-    if not len(match):
-        raise LookupError(
-            f"image {image_id} has no representative {rep_index}; its representatives are "
-            f"{', '.join(map(str, slots.tolist()))}"
-        )
-    row = int(match[0])
-    box = None
-    if table.boxes is not None:
-        x0, y0, x1, y1 = (float(v) for v in table.boxes[row])
-        box = (x0, y0, x1, y1)
-    vector = torch.from_numpy(table.vectors[row].astype(np.float32))
-    return vector, box
 
 
 def answer_batch(index: SearchIndex, jobs: list[Job], counters: Counters) -> list[object]:
