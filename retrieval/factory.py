@@ -1,57 +1,69 @@
-"""Names and configs -> components, in one place (open_clip's ``factory.py``).
+"""Configs -> components: the config-driven builders the engine and the search side
+share (``build_retriever(cfg)``, ``build_dataset(cfg, transform)``, ``data_fingerprint``).
+Lightning-free.
 
-Plain functions for each registered kind (``create_retriever("clip", backbone="RN50")``,
-``create_dataset``, ``create_aggregator``, ``create_backend``), their ``list_*`` and
-``register_*`` companions, and the config-driven builders the engine and the search
-side share (``build_retriever(cfg)``, ``build_dataset(cfg, transform)``). Lightning-free.
+Each kind's ``register_*`` / ``list_*`` / ``create_*`` live beside its base class
+(``retrievers/base.py``, ``data/base.py``, ``aggregate/base.py``, ``index/base.py``) and
+are re-exported here, where they were first published. The index backends' load on
+first use (:mod:`retrieval.lazy`): the index package builds on this module (a text
+query builds the run's retriever), never the other way round.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from retrieval.aggregate.base import create_aggregator, list_aggregators, register_aggregator
 from retrieval.config import as_dict, config_options, retriever_options
+from retrieval.data.base import ImageDataset, create_dataset, list_datasets, register_dataset
 from retrieval.errors import ConfigError
-from retrieval.registry import AGGREGATORS, DATASETS, INDEX_BACKENDS, RETRIEVERS
+from retrieval.lazy import lazy_exports
+from retrieval.registry import DATASETS
+from retrieval.retrievers.base import (
+    Retriever,
+    create_retriever,
+    list_retrievers,
+    register_retriever,
+)
 
 if TYPE_CHECKING:
-    from retrieval.aggregate.base import Aggregator
-    from retrieval.data.base import ImageDataset, Transform
-    from retrieval.index.base import Backend
-    from retrieval.retrievers.base import Retriever
+    from retrieval.data.base import Transform
+    from retrieval.index.base import create_backend, list_backends, open_backend, register_backend
 
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = [
+    "build_dataset",
+    "build_retriever",
+    "create_aggregator",
+    "create_backend",
+    "create_dataset",
+    "create_retriever",
+    "data_fingerprint",
+    "list_aggregators",
+    "list_backends",
+    "list_datasets",
+    "list_retrievers",
+    "open_backend",
+    "register_aggregator",
+    "register_backend",
+    "register_dataset",
+    "register_retriever",
+    "seed_everything",
+]
 
-
-# retrievers ---------------------------------------------------------------------------
-def register_retriever(name: str) -> Callable[[F], F]:
-    """Decorator registering a retriever class or factory under ``name``."""
-    return RETRIEVERS.register(name)
-
-
-def list_retrievers() -> list[str]:
-    """Names of every registered retriever, built-in and from plugins."""
-    return RETRIEVERS.names()
-
-
-def create_retriever(name: str, **kwargs: Any) -> Retriever:
-    """Builds the retriever registered under ``name`` (usable from a notebook).
-
-    Raises:
-        ConfigError: it is not a complete retriever (``retrievers.base.check_contract``:
-            no ``embed_dim``, one dense-source hook without the other, ...), named with
-            its class, before anything is embedded with it.
-    """
-    from retrieval.retrievers.base import check_contract
-
-    return check_contract(RETRIEVERS.create(name, **kwargs))
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        name: "retrieval.index.base"
+        for name in ("create_backend", "list_backends", "open_backend", "register_backend")
+    },
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,22 +81,6 @@ def build_retriever(cfg: DictConfig) -> Retriever:
     """
     seed_everything(int(cfg.run.seed))
     return create_retriever(cfg.retriever.name, **retriever_options(cfg))
-
-
-# datasets -----------------------------------------------------------------------------
-def register_dataset(name: str) -> Callable[[F], F]:
-    """Decorator registering a dataset class or factory under ``name``."""
-    return DATASETS.register(name)
-
-
-def list_datasets() -> list[str]:
-    """Names of every registered dataset."""
-    return DATASETS.names()
-
-
-def create_dataset(name: str, **kwargs: Any) -> ImageDataset:
-    """Builds the dataset registered under ``name``; an unknown option names the valid ones."""
-    return DATASETS.create(name, **kwargs)
 
 
 def build_dataset(cfg: DictConfig, transform: Transform | None = None) -> ImageDataset:
@@ -126,50 +122,3 @@ def data_fingerprint(cfg: DictConfig) -> dict[str, Any]:
         for key, value in options.items()
         if key not in label_only
     }
-
-
-# aggregators --------------------------------------------------------------------------
-def register_aggregator(name: str) -> Callable[[F], F]:
-    """Class decorator registering an aggregator under ``name`` for :func:`create_aggregator`."""
-    return AGGREGATORS.register(name)
-
-
-def list_aggregators() -> list[str]:
-    """Names accepted by :func:`create_aggregator`."""
-    return AGGREGATORS.names()
-
-
-def create_aggregator(name: str, **options: Any) -> Aggregator:
-    """Builds a registered aggregator, e.g. ``create_aggregator("kmeans", k=10)``."""
-    return AGGREGATORS.create(name, **options)
-
-
-# index backends -----------------------------------------------------------------------
-def register_backend(name: str, **defaults: Any) -> Callable[[F], F]:
-    """Class decorator: makes a backend available as ``--backend name``; ``defaults``
-    are options it gets unless given (one class can serve several names)."""
-    return INDEX_BACKENDS.register(name, **defaults)
-
-
-def list_backends() -> list[str]:
-    """Names accepted by ``--backend``."""
-    return INDEX_BACKENDS.names()
-
-
-def create_backend(
-    name: str, folder: str | Path, dim: int, device: str = "auto", **options: Any
-) -> Backend:
-    """A new, empty backend ``name`` writing into ``folder``."""
-    backend = INDEX_BACKENDS.create(name, folder, dim, device, **options)
-    backend.name = name
-    return backend
-
-
-def open_backend(
-    name: str, folder: str | Path, dim: int, device: str = "auto", **state: Any
-) -> Backend:
-    """A finished backend ``name`` read back from ``folder`` with its stored ``state``."""
-    cls = INDEX_BACKENDS.get(name)
-    backend = cls.open(folder, dim, device, **{**INDEX_BACKENDS.defaults[name], **state})  # type: ignore[attr-defined]
-    backend.name = name
-    return backend

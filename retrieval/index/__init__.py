@@ -22,8 +22,13 @@ from retrieval.index.search import SearchIndex, open_index, search  # the functi
 from retrieval.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from retrieval.factory import create_backend, list_backends, open_backend, register_backend
-    from retrieval.index.base import Backend
+    from retrieval.index.base import (
+        Backend,
+        create_backend,
+        list_backends,
+        open_backend,
+        register_backend,
+    )
     from retrieval.index.build import build_index
     from retrieval.index.table import RepTable
     from retrieval.index.update import UpdateResult, update_index
@@ -53,10 +58,10 @@ __getattr__, __dir__ = lazy_exports(
         "RepTable": "retrieval.index.table",
         "UpdateResult": "retrieval.index.update",
         "build_index": "retrieval.index.build",
-        "create_backend": "retrieval.factory",
-        "list_backends": "retrieval.factory",
-        "open_backend": "retrieval.factory",
-        "register_backend": "retrieval.factory",
+        "create_backend": "retrieval.index.base",
+        "list_backends": "retrieval.index.base",
+        "open_backend": "retrieval.index.base",
+        "register_backend": "retrieval.index.base",
         "update_index": "retrieval.index.update",
     },
 )

@@ -37,8 +37,9 @@ down as far as its engine allows:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -47,9 +48,11 @@ from torch import Tensor
 from retrieval.errors import ConfigError, IndexFileError
 from retrieval.index.hits import Hit
 from retrieval.index.table import RepTable, TableWriter
+from retrieval.registry import INDEX_BACKENDS
 from retrieval.representatives import Representatives
 
 RowHits = tuple[np.ndarray, np.ndarray]  # (table rows, scores), best first
+B = TypeVar("B", bound="type[Backend]")
 
 
 class Backend(ABC):
@@ -282,6 +285,43 @@ class Backend(ABC):
     @abstractmethod
     def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
         """Per query, the best row of each of the top ``k`` images, best first."""
+
+
+def register_backend(name: str, **defaults: Any) -> Callable[[B], B]:
+    """Class decorator: makes a backend available as ``--backend name``; ``defaults``
+    are options it gets unless given (one class can serve several names)."""
+    return INDEX_BACKENDS.register(name, **defaults)
+
+
+def list_backends() -> list[str]:
+    """Names accepted by ``--backend``."""
+    return INDEX_BACKENDS.names()
+
+
+def create_backend(
+    name: str, folder: str | Path, dim: int, device: str = "auto", **options: Any
+) -> Backend:
+    """A new, empty backend ``name`` writing into ``folder``."""
+    backend = INDEX_BACKENDS.create(name, folder, dim, device, **options)
+    backend.name = name
+    return backend
+
+
+def open_backend(
+    name: str, folder: str | Path, dim: int, device: str = "auto", **state: Any
+) -> Backend:
+    """A finished backend ``name`` read back from ``folder`` with its stored ``state``.
+
+    Raises:
+        TypeError: ``name`` is registered as something other than a :class:`Backend`
+            subclass (a plugin's bug: only a class can read its files back).
+    """
+    cls = INDEX_BACKENDS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"index backend {name!r} is registered as {cls!r}, not a Backend class")
+    backend = cls.open(folder, dim, device, **{**INDEX_BACKENDS.defaults[name], **state})
+    backend.name = name
+    return backend
 
 
 def first_per_image(rows: np.ndarray, scores: np.ndarray, owner: np.ndarray, k: int) -> RowHits:

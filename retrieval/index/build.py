@@ -32,8 +32,7 @@ from tqdm.auto import tqdm
 
 import retrieval
 from retrieval.errors import ConfigError, IndexFileError
-from retrieval.factory import create_backend
-from retrieval.index.base import Backend
+from retrieval.index.base import Backend, create_backend
 from retrieval.index.exact import ExactBackend, exact_search
 from retrieval.index.manifest import FORMAT
 from retrieval.index.table import MANIFEST, META, VECTORS, RepTable, replace_atomically

@@ -63,8 +63,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from retrieval.errors import ConfigError, IndexFileError, did_you_mean
-from retrieval.factory import register_backend
-from retrieval.index.base import Backend, RowHits
+from retrieval.index.base import Backend, RowHits, register_backend
 from retrieval.index.exact import exact_search, rerank
 from retrieval.index.milvus_server_caps import (
     Capabilities,

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import IndexFileError, differences
-from retrieval.factory import open_backend
+from retrieval.index.base import open_backend
 from retrieval.index.build import (
     live_ids,
     measure,

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from retrieval.errors import ConfigError
+from retrieval.registry import RETRIEVERS
 from retrieval.representatives import Representatives
 
 NEG_INF = float("-inf")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def similarities(text: Tensor, reps: Representatives) -> Tensor:
@@ -146,3 +148,24 @@ def check_contract(retriever: object) -> Retriever:
             f"(docs/architecture.md, 'Adding a retriever')"
         )
     return retriever
+
+
+def register_retriever(name: str) -> Callable[[F], F]:
+    """Decorator registering a retriever class or factory under ``name``."""
+    return RETRIEVERS.register(name)
+
+
+def list_retrievers() -> list[str]:
+    """Names of every registered retriever, built-in and from plugins."""
+    return RETRIEVERS.names()
+
+
+def create_retriever(name: str, **kwargs: Any) -> Retriever:
+    """Builds the retriever registered under ``name`` (usable from a notebook).
+
+    Raises:
+        ConfigError: it is not a complete retriever (:func:`check_contract`: no
+            ``embed_dim``, one dense-source hook without the other, ...), named with
+            its class, before anything is embedded with it.
+    """
+    return check_contract(RETRIEVERS.create(name, **kwargs))

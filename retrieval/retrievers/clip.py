@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.errors import ConfigError, differences
-from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
-from retrieval.retrievers.base import Retriever
+from retrieval.retrievers.base import Retriever, register_retriever
 from retrieval.retrievers.openclip_loader import file_sha256, load_open_clip
 
 log = logging.getLogger("retrieval")

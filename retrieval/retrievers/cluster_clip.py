@@ -21,8 +21,8 @@ from torch import Tensor
 
 from retrieval.aggregate import Aggregator, create_aggregator, list_aggregators
 from retrieval.errors import ConfigError, StoreError, did_you_mean
-from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
+from retrieval.retrievers.base import register_retriever
 from retrieval.retrievers.clip import FULL_IMAGE_BOX
 from retrieval.retrievers.dense_clip import DenseClipRetriever, DenseOutput
 from retrieval.retrievers.dense_features import Grid

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from retrieval.aggregate import grid_cell_boxes
 from retrieval.errors import ConfigError
-from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
+from retrieval.retrievers.base import register_retriever
 from retrieval.retrievers.clip import FULL_IMAGE_BOX, OpenClipRetriever, check_source
 from retrieval.retrievers.dense_features import (
     Grid,

@@ -34,9 +34,8 @@ from PIL import Image
 from torch import Tensor
 
 from retrieval.errors import ConfigError, StoreError, WeightsNotFoundError
-from retrieval.factory import register_retriever
 from retrieval.representatives import Representatives
-from retrieval.retrievers.base import NEG_INF, Retriever
+from retrieval.retrievers.base import NEG_INF, Retriever, register_retriever
 from retrieval.retrievers.clip_bpe import load_tokenizer, tokenize
 from retrieval.retrievers.openclip_loader import cached_hub_file, hub_reachable
 
