@@ -79,6 +79,22 @@ def test_cli_build_out_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureF
     assert (out / "data.csv").read_text() == "a,b"
 
 
+def test_cli_build_option_without_value_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An --option that is not key=value is a ConfigError: `error:` naming it and the
+    form, exit 2, no traceback, and refused before the build writes anything."""
+    run = make_run(tmp_path / "run", [(range(10), 3)])
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    argv = ["index", "build", str(run), "--option", "nprobe", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --option 'nprobe' must look like key=value (e.g. --option nprobe=32)\n"
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    argv[argv.index("nprobe")] = "nprobe=32"  # as the message says
+    assert main(argv) == 0
+
+
 # -- (b) config values, devices, queries, --top, YAML bombs, report escaping -------------
 
 

@@ -54,8 +54,15 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _option(text: str) -> tuple[str, Any]:
+    """``key=value`` -> ``(key, value)``, the value read as JSON where it parses as JSON.
+
+    Raises:
+        ConfigError: ``text`` has no ``=`` (one message, no traceback).
+    """
+    from retrieval.errors import ConfigError
+
     if "=" not in text:
-        raise ValueError(f"--option {text!r} must look like key=value (e.g. nprobe=32)")
+        raise ConfigError(f"--option {text!r} must look like key=value (e.g. --option nprobe=32)")
     key, value = text.split("=", 1)
     try:
         return key, json.loads(value)
