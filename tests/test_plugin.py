@@ -379,6 +379,24 @@ def test_parameterless_retriever_serves_a_picture_upload(
     assert [h["score"] for h in hits] == pytest.approx([1.0] * 5, abs=1e-3)  # fp16 store
 
 
+def test_architecture_doc_retriever_snippet_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "A retriever" snippet of docs/architecture.md, executed as written, registers a
+    retriever that create_retriever builds (its contract checked) and that embeds images
+    and text in its ``embed_dim``: the guide a newcomer follows cannot rot unseen."""
+    text = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+    section = text[text.index("### A retriever") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    registry.RETRIEVERS.names()  # built-ins first, into the real table
+    monkeypatch.setattr(registry.RETRIEVERS, "factories", dict(registry.RETRIEVERS.factories))
+    monkeypatch.setattr(registry.RETRIEVERS, "defaults", dict(registry.RETRIEVERS.defaults))
+    exec(compile(code, "docs/architecture.md", "exec"), {"__name__": "doc_snippet"})
+    retriever = create_retriever("colour", scale=2.0)
+    reps = retriever.encode_images(torch.rand(2, 3, 4, 4))
+    d = retriever.embed_dim
+    assert reps.embeddings.shape == (2, 1, d) and retriever.device == torch.device("cpu")
+    assert retriever.encode_text(["a", "b"]).shape == (2, d)
+
+
 def test_plugin_options_are_config_keys(installed: Path, tmp_path: Path) -> None:
     """The plugin's keyword arguments become validated, typed retriever.* config keys."""
     path = tmp_path / "colour.yaml"
