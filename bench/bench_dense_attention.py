@@ -40,14 +40,14 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from retrieval.retrievers import openclip_loader  # noqa: E402,F401  (registers the tiny configs)
-from retrieval.retrievers.dense_features import dense_features, vit_pool, vit_tokens  # noqa: E402
-from retrieval.retrievers.siglip_features import (  # noqa: E402
+from retrieval.retrievers import openclip_loader  # noqa: F401  (registers the tiny configs)
+from retrieval.retrievers.dense_features import dense_features, vit_pool, vit_tokens
+from retrieval.retrievers.siglip_features import (
     is_siglip,
     map_value_path,
     siglip_tokens,
 )
-from retrieval.retrievers.vit_attention import (  # noqa: E402
+from retrieval.retrievers.vit_attention import (
     DENSE_ATTENTIONS,
     VARIANTS,
     open_clip_parts,

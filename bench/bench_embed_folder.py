@@ -464,7 +464,7 @@ def peak_rss_bytes() -> int:
 def listing_child(root: str, run_dir: str) -> dict[str, Any]:
     """Runs in a fresh process: ``FolderDataset`` on ``root`` with progress on, timed and
     memory-measured by phase (the library's functions wrapped, not changed)."""
-    import pyarrow.compute  # noqa: F401  (imported before the baseline, as the rest)
+    import pyarrow.compute  # imported before the baseline, as the rest
     import pyarrow.parquet  # noqa: F401
     import rich.progress  # noqa: F401
     from PIL import Image as PILImage

@@ -196,7 +196,7 @@ def read_yaml(path: Path) -> dict:
             )
         with path.open("rb") as f:
             text = f.read(MAX_CONFIG_BYTES + 1)
-        content = yaml.load(text, Loader=_BoundedLoader) or {}  # noqa: S506 - a SafeLoader
+        content = yaml.load(text, Loader=_BoundedLoader) or {}  # _BoundedLoader is a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except (OSError, RecursionError) as err:
@@ -265,10 +265,10 @@ def _unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> list[tuple[str, li
         return problems
     if OmegaConf.get_type(schema) is dict:  # a free-form mapping accepts any key
         return problems
-    for key in cfg.keys():
+    for key in cfg:
         dotted = f"{prefix}{key!s}"
         if key not in schema:
-            problems.append((dotted, [f"{prefix}{k!s}" for k in schema.keys()]))
+            problems.append((dotted, [f"{prefix}{k!s}" for k in schema]))
         else:
             problems += _unknown_keys(cfg._get_node(key), schema._get_node(key), f"{dotted}.")
     return problems

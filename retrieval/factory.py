@@ -59,10 +59,10 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(
     __name__,
     globals(),
-    {
-        name: "retrieval.index.base"
-        for name in ("create_backend", "list_backends", "open_backend", "register_backend")
-    },
+    dict.fromkeys(
+        ("create_backend", "list_backends", "open_backend", "register_backend"),
+        "retrieval.index.base",
+    ),
 )
 
 

@@ -114,10 +114,12 @@ class MilvusTestServer:
             if self.server.server_proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"milvus exited at start; see {self.base / 'logs'}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(self.health_url, timeout=2) as answer:
-                    if b"OK" in answer.read():
-                        return
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(self.health_url, timeout=2) as answer,
+            ):
+                if b"OK" in answer.read():
+                    return
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"milvus not healthy in {START_S:g} s; see {self.base / 'logs'}")

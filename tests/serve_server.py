@@ -89,7 +89,7 @@ class Server:
         command = [sys.executable, "-m", "retrieval.cli", "serve", *specs, "--port", str(port)]
         command += ["--log-level", "warning", *args]
         self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile("w+")
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
         )

@@ -501,7 +501,8 @@ def test_representatives_properties(name: str, data: st.DataObject) -> None:
     b, n, d = x.shape
     valid_cells = mask.sum(dim=1)
 
-    assert reps.embeddings.shape[0] == b and 1 <= reps.embeddings.shape[1] <= n
+    assert reps.embeddings.shape[0] == b
+    assert 1 <= reps.embeddings.shape[1] <= n
     assert bool((reps.counts <= valid_cells).all())
     if name == "none":
         assert torch.equal(reps.counts, valid_cells)

@@ -32,46 +32,81 @@ def _bench() -> ModuleType:
 @pytest.mark.slow  # ~20 s: torch + Lightning here, and two listing subprocesses
 def test_all_parts_run_and_report_the_goals(tmp_path: Path) -> None:
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    argv = (
-        "--parts embed webdataset listing --shards 3 "
-        "--images 4 --width 96 --height 64 --batch 2 --workers 0 --compare-workers -1 "
-        "--warmup 0 --repeats 1 --files 30 --subfolders 4 --clock cpu --threads 1"
-    ).split() + ["--tmp", str(tmp_path), "--json", str(out), "--md", str(md)]
+    argv = [
+        "--parts",
+        "embed",
+        "webdataset",
+        "listing",
+        "--shards",
+        "3",
+        "--images",
+        "4",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--batch",
+        "2",
+        "--workers",
+        "0",
+        "--compare-workers",
+        "-1",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--files",
+        "30",
+        "--subfolders",
+        "4",
+        "--clock",
+        "cpu",
+        "--threads",
+        "1",
+    ] + ["--tmp", str(tmp_path), "--json", str(out), "--md", str(md)]
     report = _bench().main(argv)
 
     assert json.loads(out.read_text()) == report
     assert report["command"].endswith("--md " + str(md))
     embed = report["embed"]
     (row,) = embed["rows"]
-    assert row["backbone"] == "RN-tiny" and row["goal"] == 0.9
+    assert row["backbone"] == "RN-tiny"
+    assert row["goal"] == 0.9
     assert row["ratio"] == row["cpu"]["framework"]["ratio"] > 0
     assert row["met"] == (row["ratio"] >= 0.9)
     for clock in ("wall", "cpu"):
         assert set(row[clock]) == {"framework", "plain"}
         framework = row[clock]["framework"]
-        assert framework["img_s"] > 0 and row[clock]["plain"]["img_s"] > 0
+        assert framework["img_s"] > 0
+        assert row[clock]["plain"]["img_s"] > 0
         low, high = framework["ratio_min_round"], framework["ratio_max_round"]
         assert low - 1e-9 <= framework["ratio"] <= high + 1e-9  # one round: all three equal
     assert row["max_abs_diff_stored_vs_plain"] < 1e-2  # same model, same pixels
 
     wds = report["webdataset"]
-    assert wds["images"] == 4 and wds["shards"] == 3 and wds["shard_bytes"] > 0
+    assert wds["images"] == 4
+    assert wds["shards"] == 3
+    assert wds["shard_bytes"] > 0
     (row,) = wds["rows"]
-    assert row["goal"] == 1.0 and row["ratio"] == row["cpu"]["webdataset"]["ratio"] > 0
+    assert row["goal"] == 1.0
+    assert row["ratio"] == row["cpu"]["webdataset"]["ratio"] > 0
     assert row["met"] == (row["ratio"] >= 1.0)
     for clock in ("wall", "cpu"):
         folder, streamed = row[clock]["folder"], row[clock]["webdataset"]
-        assert folder["img_s"] > 0 and streamed["img_s"] > 0
+        assert folder["img_s"] > 0
+        assert streamed["img_s"] > 0
         assert streamed["ratio"] == pytest.approx(streamed["img_s"] / folder["img_s"])
 
     listing = report["listing"]
-    assert listing["files"] == 30 and listing["goal_mb"] == 300
+    assert listing["files"] == 30
+    assert listing["goal_mb"] == 300
     assert listing["ratio_to_goal"] == pytest.approx(listing["peak_rss_increase_mb"] / 300)
     assert listing["met"] == (listing["peak_rss_increase_mb"] < 300)
     first, rerun = listing["runs"]["first"], listing["runs"]["rerun"]
     assert first["images"] == rerun["images"] == 30
     # zero-byte files have no header to read; the rerun keeps every id and reads none
-    assert first["headers_read"] == 0 and rerun["headers_read"] == 0
+    assert first["headers_read"] == 0
+    assert rerun["headers_read"] == 0
     # 30 items stay under the 10,000 that turn the bar on: counted, never shown
     assert [(t["what"], t["bar_shown"]) for t in first["progress"]] == [
         ("listing", False),
@@ -79,14 +114,17 @@ def test_all_parts_run_and_report_the_goals(tmp_path: Path) -> None:
     ]
     assert first["progress"][0]["items"] == 34  # 30 files + 4 folders
     text = md.read_text()
-    assert "| RN-tiny |" in text and "zero-byte" in text and "| webdataset |" in text
+    assert "| RN-tiny |" in text
+    assert "zero-byte" in text
+    assert "| webdataset |" in text
 
 
 def test_shards_hold_every_image_under_numbered_keys(tmp_path: Path) -> None:
     bench = _bench()
     bench.make_photos(tmp_path / "photos", 5, 96, 64)
     pattern, written = bench.pack_shards(tmp_path / "photos", tmp_path / "shards", 2)
-    assert pattern == f"{tmp_path}/shards/{{000000..000001}}.tar" and written > 0
+    assert pattern == f"{tmp_path}/shards/{{000000..000001}}.tar"
+    assert written > 0
     names = []
     for k in range(2):
         with tarfile.open(tmp_path / "shards" / f"{k:06d}.tar") as tar:

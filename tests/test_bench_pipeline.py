@@ -30,18 +30,36 @@ def _bench() -> ModuleType:
 @pytest.mark.slow
 def test_every_phase_runs_and_reports_the_goals(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    argv = (
-        "--images 2 --batch 2 --workers 0 --repeats 1 --score-images 8 --reps 4 --dim 16 "
-        "--queries 3 --accelerator cpu"
-    ).split() + ["--json", str(out)]
+    argv = [
+        "--images",
+        "2",
+        "--batch",
+        "2",
+        "--workers",
+        "0",
+        "--repeats",
+        "1",
+        "--score-images",
+        "8",
+        "--reps",
+        "4",
+        "--dim",
+        "16",
+        "--queries",
+        "3",
+        "--accelerator",
+        "cpu",
+    ] + ["--json", str(out)]
     report = _bench().main(argv)
 
     assert json.loads(out.read_text()) == report
     assert report["command"].endswith("--json " + str(out))
     for phase in ("extraction", "scoring"):
-        assert report[phase]["framework_img_s"] > 0 and report[phase]["plain_img_s"] > 0
+        assert report[phase]["framework_img_s"] > 0
+        assert report[phase]["plain_img_s"] > 0
     result = report["retrievers"]
-    assert result["backbone"] == "RN-tiny" and result["resolution"] == 64
+    assert result["backbone"] == "RN-tiny"
+    assert result["resolution"] == 64
     reps = {row["name"]: row["reps_per_image"] for row in result["rows"]}
     # RN-tiny at 64 px: a 2 x 2 grid, so k=10 and n_clusters=50 keep every cell
     assert reps == {
@@ -58,7 +76,8 @@ def test_every_phase_runs_and_reports_the_goals(tmp_path: Path) -> None:
     for r in result["ratios"]:
         assert r["met"] == (r["ratio"] <= r["goal"])
     names = [part["name"] for part in result["parts"]]
-    assert names[0].startswith("trunk") and "5 queries" in names[1]
+    assert names[0].startswith("trunk")
+    assert "5 queries" in names[1]
     assert all(part["ms_per_image"] > 0 for part in result["parts"])
 
 

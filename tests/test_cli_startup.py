@@ -82,7 +82,8 @@ def test_index_info_imports_no_torch(index_folder: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert "holds      40 images" in done.stdout and "up to date with its run" in done.stdout
+    assert "holds      40 images" in done.stdout
+    assert "up to date with its run" in done.stdout
 
 
 def test_export_imports_no_torch(index_folder: Path, tmp_path: Path) -> None:
@@ -113,7 +114,8 @@ def test_lazy_names_are_the_defining_modules(package) -> None:
 def test_search_name_is_the_function_not_the_module() -> None:
     """`retrieval.index.search` is the function even though a submodule has its name."""
     module = sys.modules["retrieval.index.search"]
-    assert callable(retrieval.index.search) and retrieval.index.search is module.search
+    assert callable(retrieval.index.search)
+    assert retrieval.index.search is module.search
 
 
 def test_list_table_is_what_the_registries_say() -> None:
@@ -128,7 +130,8 @@ def test_index_build_help_names_embed_and_eval(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         main(["index", "build", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "`retrieval embed`" in text and "`retrieval eval`" in text
+    assert "`retrieval embed`" in text
+    assert "`retrieval eval`" in text
 
 
 def test_failed_run_leaves_no_empty_folder(tmp_path: Path) -> None:

@@ -85,8 +85,10 @@ def test_offline_without_cache_fails_at_once_and_says_how(
     with pytest.raises(WeightsNotFoundError) as info:
         create_retriever("clip", backbone="RN50", pretrained="openai", cache_dir=str(tmp_path))
     message = str(info.value)
-    assert "RN50-quickgelu" in message and "resnet50_clip.openai" in message
-    assert "retriever.pretrained=/path/to" in message and "HF_HUB_CACHE" in message
+    assert "RN50-quickgelu" in message
+    assert "resnet50_clip.openai" in message
+    assert "retriever.pretrained=/path/to" in message
+    assert "HF_HUB_CACHE" in message
 
 
 def test_unknown_tag_lists_known_tags() -> None:

@@ -94,7 +94,8 @@ def test_method_none_is_dense_clip_exactly(with_global):
     assert actual.embeddings.shape == (3, 36 + with_global, 64)
     for name in ("embeddings", "mask", "boxes"):
         assert torch.equal(getattr(actual, name), getattr(expected, name)), name
-    assert actual.extras is None and expected.extras is None
+    assert actual.extras is None
+    assert expected.extras is None
 
 
 @pytest.mark.parametrize(
@@ -112,7 +113,8 @@ def test_each_representative_is_its_members_mean_and_box(backbone, aggregate):
     reps = cluster.encode_images(pixels)
     dense = cluster.encode_dense(pixels)
     members = reps.extras["members"]
-    assert members.dtype == torch.bool and members.shape == (*reps.mask.shape, 36)
+    assert members.dtype == torch.bool
+    assert members.shape == (*reps.mask.shape, 36)
     assert torch.equal(members.any(dim=2), reps.mask)
     assert torch.equal(members.sum(dim=1), torch.ones(3, 36, dtype=torch.long))
     for b in range(3):
@@ -130,7 +132,7 @@ def test_with_global_appends_exactly_dense_clips_global(global_pass):
     """Invariant: ``with_global`` adds one valid column after the clusters holding exactly
     dense_clip's global embedding (same-pass and native second pass), box = whole image,
     no members; the clusters before it are those of ``with_global=false``."""
-    options = dict(with_global=True, global_pass=global_pass)
+    options = {"with_global": True, "global_pass": global_pass}
     dense = build("dense_clip", **options)
     cluster = build("cluster_clip", aggregate=METHODS[0], keep_members=True, **options)
     plain = build("cluster_clip", aggregate=METHODS[0], keep_members=True)
@@ -231,7 +233,8 @@ def test_options_accept_a_mapping_and_refuse_strays():
     or one the method does not read is refused naming it, and both AG-F and AG-T at once
     are refused."""
     retriever = build("cluster_clip", aggregate={"method": "prune", "tau": 0.5})
-    assert isinstance(retriever, ClusterClipRetriever) and retriever.aggregator.tau == 0.5
+    assert isinstance(retriever, ClusterClipRetriever)
+    assert retriever.aggregator.tau == 0.5
     with pytest.raises(ValueError, match=r"retriever\.aggregate\.kay"):
         AggregateOptions.coerce({"method": "kmeans", "kay": 3})
     with pytest.raises(ValueError, match=r"retriever\.aggregate\.tau"):
@@ -288,8 +291,10 @@ def test_end_to_end_run_has_few_representatives(synthetic_coco, tmp_path: Path):
     )
     result = evaluate(cfg)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["images"] == 24 and result.metrics["images"] == 24
-    assert 2 <= metrics["reps_per_image"]["mean"] <= 5 and metrics["reps_per_image"]["max"] <= 5
+    assert metrics["images"] == 24
+    assert result.metrics["images"] == 24
+    assert 2 <= metrics["reps_per_image"]["mean"] <= 5
+    assert metrics["reps_per_image"]["max"] <= 5
     assert metrics["retriever"]["aggregator_options"] == {"k": 4, "iterations": 30, "seed": 0}
     for shard in (out / "embeddings").glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:

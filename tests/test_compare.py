@@ -93,7 +93,8 @@ def test_table_numbers_are_the_runs_metrics(two_runs, tmp_path: Path) -> None:
         assert comp.references[label].note.startswith("no reference")
     md = (tmp_path / "compare.md").read_text()
     assert f"{100 * _metrics(two_runs[0])['map@50']:.2f}" in md
-    assert "no reference" in md and "RANDOM WEIGHTS" in md
+    assert "no reference" in md
+    assert "RANDOM WEIGHTS" in md
 
 
 def test_category_deltas_are_per_category_differences(two_runs) -> None:
@@ -157,7 +158,8 @@ def test_paper_method_mapping(retriever: dict, expected) -> None:
     got = paper_method(retriever)
     assert (got is None) == (expected is None)
     if expected is not None:
-        assert got[1] == expected[1] and got[0].rstrip(".") == expected[0].rstrip(".")
+        assert got[1] == expected[1]
+        assert got[0].rstrip(".") == expected[0].rstrip(".")
 
 
 @pytest.mark.parametrize("path", PAPER_ROW_CONFIGS, ids=lambda p: p.stem)
@@ -167,7 +169,9 @@ def test_every_paper_row_config_maps_to_its_row(path: Path) -> None:
     method, backbone = re.search(r'Paper row "(.+), ([^,"]+)"', path.read_text()).groups()
     retriever = yaml.safe_load(path.read_text())["retriever"]
     got = paper_method(retriever)
-    assert got is not None and got[0].rstrip(".") == method.rstrip(".") and got[1] == backbone
+    assert got is not None
+    assert got[0].rstrip(".") == method.rstrip(".")
+    assert got[1] == backbone
     run = _fake_run("coco", 5000, **retriever)
     assert reference_for(run, load_paper_table()).values, path.name
 
@@ -208,14 +212,16 @@ def test_reference_numbers_need_row_resolution_and_full_split(run: Run, expected
     note starts with "no reference"."""
     ref = reference_for(run, load_paper_table())
     if expected is None:
-        assert not ref.values and ref.note.startswith("no reference")
+        assert not ref.values
+        assert ref.note.startswith("no reference")
     else:
         assert ref.values == pytest.approx(expected)
 
 
 def test_paper_table_ships_with_the_package() -> None:
     """The paper's table is package data with 23 rows and numeric metric columns."""
-    assert PAPER_TABLE.parent.name == "report" and PAPER_TABLE.is_file()
+    assert PAPER_TABLE.parent.name == "report"
+    assert PAPER_TABLE.is_file()
     table = load_paper_table()
     assert len(table) == 23
     assert all(0 < float(r["coco_map@50"]) < 100 for r in table)
@@ -271,7 +277,8 @@ def test_size_bins_agree_with_the_engine(two_runs, synthetic_coco) -> None:
         want = [math.nan if r[key] is None else r[key] for r in rows]
         assert got["bins"][bin_name]["per_category"]["ap@50"] == pytest.approx(want, nan_ok=True)
     written, source = load_per_size(run_dir)
-    assert source == "per_size.json" and set(written["bins"]) == {"small", "medium", "large"}
+    assert source == "per_size.json"
+    assert set(written["bins"]) == {"small", "medium", "large"}
     (run_dir / "per_size.json").rename(run_dir / "per_size.json.bak")
     try:
         recomputed, source = load_per_size(run_dir)
@@ -286,7 +293,8 @@ def _assert_png(path: Path) -> None:
     assert path.stat().st_size > 2000, path
     with Image.open(path) as image:
         assert image.format == "PNG"
-        assert image.width >= 300 and image.height >= 200, image.size
+        assert image.width >= 300, image.size
+        assert image.height >= 200, image.size
         image.verify()
 
 
@@ -359,7 +367,8 @@ def test_offline_wandb_run_holds_summary_table_and_plots(
     assert summary["random_weights"] is True
     tables = list((sync_dir / "files/media/table").glob(f"{PER_CATEGORY_TABLE}_*.table.json"))
     table = json.loads(tables[0].read_text())
-    assert len(table["data"]) == len(rows) and "ap@50" in table["columns"]
+    assert len(table["data"]) == len(rows)
+    assert "ap@50" in table["columns"]
     images = list((sync_dir / "files/media/images").rglob("*.png"))
     assert len(images) == len(plots)
 

@@ -14,7 +14,8 @@ def test_experiment_composes_its_groups() -> None:
     cfg = load_config("clip_rn50_coco")
     assert cfg.data.name == "coco"
     assert cfg.data.annotations.endswith("instances_val2017.json")
-    assert cfg.retriever.name == "clip" and cfg.retriever.backbone == "RN50"
+    assert cfg.retriever.name == "clip"
+    assert cfg.retriever.backbone == "RN50"
     assert cfg.retriever.pretrained == "openai"
     assert cfg.run.output_dir == "runs/clip_rn50_coco"
 
@@ -34,7 +35,8 @@ def test_config_file_path_and_resolved_yaml(tmp_path: Path) -> None:
     path = tmp_path / "mine.yaml"
     path.write_text("defaults:\n  - dataset: coco\n  - retriever: clip_tiny\nrun:\n  seed: 5\n")
     cfg = load_config(path)
-    assert cfg.run.seed == 5 and cfg.retriever.backbone == "RN-tiny"
+    assert cfg.run.seed == 5
+    assert cfg.retriever.backbone == "RN-tiny"
     again = tmp_path / "again.yaml"
     again.write_text(to_yaml(cfg))
     assert load_config(again) == cfg

@@ -123,7 +123,8 @@ def test_ground_truth_crowd_cases_by_hand(handmade) -> None:
     with_crowd = CocoDataset(*handmade).ground_truth()
     without = CocoDataset(*handmade, include_crowd=False).ground_truth()
     person, img5, img9 = 0, 1, 3  # rows: categories [1, 3, 10]; columns: images [2, 5, 7, 9]
-    assert with_crowd.relevant[person, img9] and not without.relevant[person, img9]
+    assert with_crowd.relevant[person, img9]
+    assert not without.relevant[person, img9]
     assert with_crowd.max_area[person, img5] == 400.0
     assert without.max_area[person, img5] == 50.0
     kite = 2
@@ -161,8 +162,10 @@ def test_items_and_collate(handmade) -> None:
     uint8 [3, H, W] image; collate stacks transformed items in order."""
     dataset = CocoDataset(*handmade)
     item = dataset[0]
-    assert item["image_id"] == 2 and item["error"] is None
-    assert item["pixels"].dtype == torch.uint8 and item["pixels"].shape == (3, 10, 12)
+    assert item["image_id"] == 2
+    assert item["error"] is None
+    assert item["pixels"].dtype == torch.uint8
+    assert item["pixels"].shape == (3, 10, 12)
     assert dataset.image_path(2) == handmade[1] / "img2.jpg"
 
     dataset.transform = resize16
@@ -238,7 +241,8 @@ def test_missing_image_error_policy(broken) -> None:
     message = str(info.value)
     assert "1 of 4 images" in message
     assert str(images / "img9.jpg") in message
-    assert "data.images" in message and "data.on_bad_image=skip" in message
+    assert "data.images" in message
+    assert "data.on_bad_image=skip" in message
 
 
 def test_bad_images_skip_policy(broken) -> None:
@@ -254,7 +258,9 @@ def test_bad_images_skip_policy(broken) -> None:
     assert dataset.ground_truth().image_ids.tolist() == [2, 5, 7]
 
     item = dataset[1]
-    assert item["image_id"] == 5 and item["pixels"] is None and item["error"]
+    assert item["image_id"] == 5
+    assert item["pixels"] is None
+    assert item["error"]
 
     batch = next(iter(DataLoader(dataset, batch_size=4, collate_fn=CocoDataset.collate)))
     assert batch["image_ids"].tolist() == [2, 7]
@@ -265,14 +271,16 @@ def test_bad_images_skip_policy(broken) -> None:
     assert failure["reason"] == item["error"]
 
     only_bad = CocoDataset.collate([item])
-    assert only_bad["pixels"] is None and only_bad["image_ids"].shape == (0,)
+    assert only_bad["pixels"] is None
+    assert only_bad["image_ids"].shape == (0,)
 
 
 def test_bad_image_error_pickles() -> None:
     """Invariant: BadImageError survives pickling (DataLoader workers send it to the main
     process) with its path and reason."""
     err = pickle.loads(pickle.dumps(BadImageError("/x/y.jpg", "truncated")))
-    assert err.path == Path("/x/y.jpg") and err.reason == "truncated"
+    assert err.path == Path("/x/y.jpg")
+    assert err.reason == "truncated"
     assert "/x/y.jpg" in str(err)
 
 
@@ -292,11 +300,12 @@ def test_invalid_json(tmp_path: Path) -> None:
     path.write_text('{"images": [')
     with pytest.raises(ValueError, match="not valid JSON") as info:
         CocoDataset(path, tmp_path)
-    assert str(path) in str(info.value) and "data.annotations" in str(info.value)
+    assert str(path) in str(info.value)
+    assert "data.annotations" in str(info.value)
 
 
 @pytest.mark.parametrize(
-    "data, expected",
+    ("data", "expected"),
     [
         ({"images": []}, "'categories'"),
         ({"categories": [], "annotations": []}, "'images'"),
@@ -342,7 +351,7 @@ def test_bad_options(handmade) -> None:
 
 
 @pytest.mark.parametrize(
-    "dataset, raw, query",
+    ("dataset", "raw", "query"),
     [
         ("coco", "traffic light", "traffic light"),
         ("coco", "hot_dog", "hot_dog"),
@@ -388,7 +397,8 @@ def test_registry(handmade) -> None:
     assert "coco" in list_datasets()
     annotations, images = handmade
     dataset = create_dataset("coco", annotations=annotations, images=images, max_images=1)
-    assert isinstance(dataset, CocoDataset) and len(dataset) == 1
+    assert isinstance(dataset, CocoDataset)
+    assert len(dataset) == 1
     with pytest.raises(ConfigError, match="Did you mean 'coco'"):
         create_dataset("cocoo")
     with pytest.raises(ConfigError, match="Did you mean 'max_images'"):

@@ -86,8 +86,11 @@ def test_ids_stay_stable_as_the_folder_grows_and_changes(tmp_path: Path) -> None
     (images / "d.jpg").unlink()
     second = folder(run, images)
     after = ids_by_path(second)
-    assert after["a.png"] == 0 and after["sub/c.jpg"] == 3  # unchanged
-    assert after["0.jpg"] == 4 and after["b.jpg"] == 5 and after["e.jpg"] == 6
+    assert after["a.png"] == 0
+    assert after["sub/c.jpg"] == 3
+    assert after["0.jpg"] == 4
+    assert after["b.jpg"] == 5
+    assert after["e.jpg"] == 6
     assert "d.jpg" not in after
     np.testing.assert_array_equal(second.image_ids, [0, 3, 4, 5, 6])
     np.testing.assert_array_equal(live_image_ids(run), second.image_ids)
@@ -353,7 +356,8 @@ def test_list_errors(three_images: Path, tmp_path: Path) -> None:
     ):
         ListDataset(str(listing), on_bad_image="error", progress=False)
     dataset = ListDataset(str(listing), on_bad_image="skip", progress=False)
-    assert len(dataset) == 1 and dataset.failures_at_start[0]["path"].endswith("missing.jpg")
+    assert len(dataset) == 1
+    assert dataset.failures_at_start[0]["path"].endswith("missing.jpg")
     listing.write_text("path\nmissing.jpg\n")
     with pytest.raises(DataError, match="names no image that exists"):
         ListDataset(str(listing), on_bad_image="skip", progress=False)
@@ -372,16 +376,21 @@ def test_config_group_and_registry_listing(group: str, key: str, capsys) -> None
     """``dataset=folder|list`` swaps the group; the required path left unset names its
     key; ``retrieval list`` shows each with its data.* keys (never the run folder)."""
     cfg = load_config("demo", [f"dataset={group}"])
-    assert cfg.data.name == group and cfg.data[key] is None and "annotations" not in cfg.data
+    assert cfg.data.name == group
+    assert cfg.data[key] is None
+    assert "annotations" not in cfg.data
     with pytest.raises(ConfigError, match=f"data.{key} is not set"):
         build_dataset(cfg)
     schema = set(data_schema(group))
-    assert key in schema and "run_dir" not in schema and "progress" not in schema
+    assert key in schema
+    assert "run_dir" not in schema
+    assert "progress" not in schema
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     cells = [line.split("│") for line in out.splitlines()]
     row = next("│".join(c) for c in cells if len(c) > 2 and c[1].strip() == group)
-    assert f"{key}," in row and "on_bad_image" in row
+    assert f"{key}," in row
+    assert "on_bad_image" in row
 
 
 # end to end ---------------------------------------------------------------------------
@@ -472,8 +481,10 @@ def test_bad_files_are_counted_or_named(tmp_path: Path) -> None:
     assert sorted(Path(f["path"]).name for f in failures) == ["cut.jpg", "empty.jpg", "text.jpg"]
     assert sum(len(shard.image_ids) for shard in store.iter_shards()) == 3
     table = read_table(run).to_pydict()
-    sizes = {p: w for p, w in zip(table["path"], table["width"], strict=True)}
-    assert sizes["empty.jpg"] is None and sizes["text.jpg"] is None and sizes["cut.jpg"] == 64
+    sizes = dict(zip(table["path"], table["width"], strict=True))
+    assert sizes["empty.jpg"] is None
+    assert sizes["text.jpg"] is None
+    assert sizes["cut.jpg"] == 64
     assert embed(embed_config(images, run, "data.on_bad_image=skip")).embedded == 0
 
     with pytest.raises(BadImageError, match=r"(cut|empty|text)\.jpg.*data.on_bad_image=skip"):
@@ -510,10 +521,12 @@ def test_a_file_renamed_between_embed_and_update(tmp_path: Path) -> None:
     assert (again.embedded, again.reused) == (1, 5)
     paths = ids_by_path(folder(run, images))
     new_id = paths["moved/img2b.jpg"]
-    assert new_id != old_id and "img2.jpg" not in paths
+    assert new_id != old_id
+    assert "img2.jpg" not in paths
     updated = update_index(index_dir, progress=False, device="cpu")
     assert (updated.added, updated.removed) == (1, 1)
     with open_index(index_dir, "cpu") as index:
         after = {h.image_id: h.score for h in index.search_vectors(vector, top=6)[0]}
-    assert old_id not in after and new_id in after
+    assert old_id not in after
+    assert new_id in after
     assert after[new_id] == pytest.approx(before[old_id], abs=1e-6)

@@ -220,8 +220,10 @@ def test_not_exhaustive_images_stay_relevant(handmade) -> None:
     for federated in (True, False):
         gt = LvisDataset(*handmade, federated=federated).ground_truth()
         apple, img30, bow, img9 = 1, 4, 3, 1
-        assert gt.relevant[apple, img30] and gt.relevant[bow, img9]
-        assert not gt.ignore[apple, img30] and not gt.ignore[bow, img9]
+        assert gt.relevant[apple, img30]
+        assert gt.relevant[bow, img9]
+        assert not gt.ignore[apple, img30]
+        assert not gt.ignore[bow, img9]
 
 
 def test_federated_reading_changes_the_ranking(handmade) -> None:
@@ -283,11 +285,13 @@ def test_images_from_coco_root(handmade) -> None:
     assert dataset.image_path(30) == images / "train2017" / "000000000030.jpg"
     assert dataset.image_path(4) == images / "val2017" / "000000000004.jpg"
     item = dataset[0]
-    assert item["image_id"] == 4 and item["pixels"].shape == (3, 10, 12)
+    assert item["image_id"] == 4
+    assert item["pixels"].shape == (3, 10, 12)
     dataset.transform = lambda image: pil_to_uint8_tensor(image.resize((8, 8)))
     batch = next(iter(DataLoader(dataset, batch_size=5, collate_fn=dataset.collate)))
     assert batch["image_ids"].tolist() == [4, 9, 17, 25, 30]
-    assert batch["pixels"].shape == (5, 3, 8, 8) and batch["pixels"].dtype == torch.uint8
+    assert batch["pixels"].shape == (5, 3, 8, 8)
+    assert batch["pixels"].dtype == torch.uint8
 
 
 def test_images_from_val2017_folder(handmade) -> None:
@@ -319,8 +323,10 @@ def test_val2017_only_fails_naming_train2017(handmade) -> None:
     with pytest.raises(FileNotFoundError) as info:
         LvisDataset(annotations, images / "val2017")
     message = str(info.value)
-    assert "2 of 5 images" in message and "2 from train2017" in message
-    assert "COCO root" in message and "data.on_bad_image=skip" in message
+    assert "2 of 5 images" in message
+    assert "2 from train2017" in message
+    assert "COCO root" in message
+    assert "data.on_bad_image=skip" in message
 
 
 def test_skip_policy_lists_missing(handmade) -> None:
@@ -350,7 +356,7 @@ def _broken(data: dict, change) -> dict:
 
 
 @pytest.mark.parametrize(
-    "change, expected",
+    ("change", "expected"),
     [
         (lambda d: d["images"][0].pop("coco_url"), "coco_url"),
         (lambda d: d.pop("annotations"), "not in LVIS format"),
@@ -394,7 +400,8 @@ def test_registry(handmade) -> None:
         query_names=None,
         federated=False,
     )
-    assert isinstance(dataset, LvisDataset) and not dataset.ground_truth().ignore.any()
+    assert isinstance(dataset, LvisDataset)
+    assert not dataset.ground_truth().ignore.any()
 
 
 def test_image_root_rule(tmp_path: Path) -> None:
@@ -416,4 +423,5 @@ def test_lvis_import_leaves_logging_alone(monkeypatch: pytest.MonkeyPatch) -> No
     for name in [m for m in sys.modules if m == "lvis" or m.startswith("lvis.")]:
         monkeypatch.delitem(sys.modules, name)  # imported afresh, restored afterwards
     assert _lvis_loader().__module__ == "lvis.lvis"
-    assert root.handlers == [] and root.level == logging.WARNING
+    assert root.handlers == []
+    assert root.level == logging.WARNING

@@ -274,7 +274,8 @@ def test_shipped_names_cover_the_23_object_classes() -> None:
     """Invariant: nuimages_names.yaml maps exactly the 23 object classes (no surface
     class) to non-empty query texts."""
     names = default_query_names()
-    assert sorted(names) == sorted(OBJECT_CLASSES) and len(names) == 23
+    assert sorted(names) == sorted(OBJECT_CLASSES)
+    assert len(names) == 23
     assert not set(names) & set(SURFACE_CATEGORIES)
     assert all(isinstance(q, str) and q.strip() for q in names.values())
     assert names["vehicle.emergency.ambulance"] == "ambulance"
@@ -310,7 +311,8 @@ def test_surface_class_with_objects_is_kept(tmp_path: Path) -> None:
     t.add_object(frame, "vehicle.ego", (0, 0, 16, 3))
     gt = NuImagesDataset(*t.write(tmp_path)).ground_truth()
     assert [c.name for c in gt.categories] == ["vehicle.car", "vehicle.ego"]
-    assert gt.relevant[1, 0] and gt.max_area[1, 0] == 48
+    assert gt.relevant[1, 0]
+    assert gt.max_area[1, 0] == 48
 
 
 # --- errors, registry -----------------------------------------------------------------
@@ -362,7 +364,8 @@ def test_missing_images(handmade) -> None:
     lost.unlink()
     with pytest.raises(FileNotFoundError) as info:
         NuImagesDataset(annotations, images)
-    assert "1 of 4 images" in str(info.value) and str(lost) in str(info.value)
+    assert "1 of 4 images" in str(info.value)
+    assert str(lost) in str(info.value)
     assert "data.images" in str(info.value)
     skipping = NuImagesDataset(annotations, images, on_bad_image="skip")
     assert skipping.image_ids.tolist() == [1, 3, 4]
@@ -383,6 +386,7 @@ def test_registry(handmade) -> None:
         max_images=None,
         query_names=None,
     )
-    assert isinstance(dataset, NuImagesDataset) and len(dataset) == 4
+    assert isinstance(dataset, NuImagesDataset)
+    assert len(dataset) == 4
     with pytest.raises(ConfigError, match="no option 'include_crowd'"):
         create_dataset("nuimages", annotations=annotations, images=images, include_crowd=True)

@@ -39,7 +39,7 @@ class Server:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:  # http.server's name
                 data = server.files.get(self.path)
                 server.ranges.append(self.headers.get("Range"))
                 if data is None:
@@ -128,10 +128,12 @@ def test_check_coco_pass_and_fail(tmp_path: Path, capsys: pytest.CaptureFixture)
     (root / "coco" / "val2017" / "000000000003.jpg").unlink()
     report = dl.check("coco", root)  # the full split's counts: 5,000 images, 80 categories
     out = capsys.readouterr().out
-    assert not report.ok and "NOT complete" in out
+    assert not report.ok
+    assert "NOT complete" in out
     assert "[FAIL] images listed: 6 (expected 5000)" in out
     assert "[FAIL] categories: 8 (expected 80)" in out
-    assert "[FAIL] image files present: 5 of 6; missing e.g." in out and "000000000003.jpg" in out
+    assert "[FAIL] image files present: 5 of 6; missing e.g." in out
+    assert "000000000003.jpg" in out
     assert "retrieval data download coco" in out
 
 
@@ -154,7 +156,8 @@ def test_check_nuimages_pass_and_fail(tmp_path: Path, capsys: pytest.CaptureFixt
     under <root>/nuimages; without the tables it fails and prints the manual steps."""
     assert not dl.check("nuimages", tmp_path).ok
     out = capsys.readouterr().out
-    assert "[FAIL] annotations" in out and "nuimages-v1.0-all-metadata.tgz" in out
+    assert "[FAIL] annotations" in out
+    assert "nuimages-v1.0-all-metadata.tgz" in out
     tables, _ = handmade_tables()
     tables.write(tmp_path / "nuimages")
     assert dl.check("nuimages", tmp_path, expected={"images": 4, "categories": 5}).ok
@@ -184,7 +187,8 @@ def test_offline_download_fails_at_once(tmp_path: Path, monkeypatch) -> None:
     assert time.perf_counter() - start < dl.PROBE_TIMEOUT_S + 1
     message = str(info.value)
     assert "images.example.invalid:80 is unreachable" in message
-    assert "no network access" in message and "retrieval data check" in message
+    assert "no network access" in message
+    assert "retrieval data check" in message
     assert not (tmp_path / "root").exists()
 
 
@@ -210,7 +214,8 @@ def test_nuimages_download_prints_steps(tmp_path: Path, capsys, monkeypatch) -> 
     monkeypatch.setattr(dl, "_probe", lambda *a: pytest.fail("probed the network"))
     assert dl.download("nuimages", tmp_path) == tmp_path
     out = capsys.readouterr().out
-    assert "nuscenes.org" in out and str(tmp_path / "nuimages") in out
+    assert "nuscenes.org" in out
+    assert str(tmp_path / "nuimages") in out
     assert list(tmp_path.iterdir()) == []
 
 
@@ -266,7 +271,7 @@ def test_download_coco_end_to_end(tmp_path: Path, server: Server, monkeypatch, c
         (
             dl.Archive(
                 server.url + "/ann.zip", md5(ann_zip), "annotations/instances_val2017.json", "coco"
-            ),  # noqa: E501
+            ),
             dl.Archive(server.url + "/val2017.zip", md5(img_zip), "val2017/", "coco"),
         ),
     )
@@ -295,7 +300,7 @@ def test_download_lvis_end_to_end(tmp_path: Path, server: Server, monkeypatch) -
     server.files["/lvis_v1_val.json.zip"] = ann_zip
     archive = dl.Archive(
         server.url + "/lvis_v1_val.json.zip", md5(ann_zip), "lvis_v1_val.json", "lvis"
-    )  # noqa: E501
+    )
     monkeypatch.setitem(dl.ARCHIVES, "lvis", (archive,))
     root = tmp_path / "data"
     (root / "coco" / "val2017").mkdir(parents=True)
@@ -329,7 +334,8 @@ def test_cli_check(tmp_path: Path, capsys, monkeypatch) -> None:
     """Invariant: `data check NAME --root DIR` exits 0 on a complete copy, 1 otherwise."""
     root = coco_tree(tmp_path)
     args = parse(["data", "check", "coco", "--root", str(root)])
-    assert args.root == root and args.name == "coco"
+    assert args.root == root
+    assert args.name == "coco"
     assert args.func(args) == 1
     monkeypatch.setitem(dl.EXPECTED, "coco", SMALL_COCO)
     assert args.func(args) == 0
@@ -343,7 +349,8 @@ def test_cli_download_offline(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(dl.ARCHIVES, "coco", (archive,))
     assert main(["data", "download", "coco", "--root", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot download coco") and "Traceback" not in err
+    assert err.startswith("error: cannot download coco")
+    assert "Traceback" not in err
     with pytest.raises(SystemExit):
         parse(["data", "download", "kitti"])
 

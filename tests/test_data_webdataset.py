@@ -115,7 +115,8 @@ def test_shards_list_their_samples_from_headers(tmp_path: Path, caplog) -> None:
     assert table["mtime_ns"] == [MTIME * 10**9] * 6
     with tarfile.open(tmp_path / "shards" / "000001.tar") as tar:
         assert table["size_bytes"][4] == tar.getmember("000004.jpg").size
-    assert table["width"] == [40, 41, 42, 43, 44, 40] and table["height"] == [30] * 6
+    assert table["width"] == [40, 41, 42, 43, 44, 40]
+    assert table["height"] == [30] * 6
     root = (tmp_path / "shards").absolute()
     assert pq.read_schema(tmp_path / "run" / COLLECTION_FILE).metadata[b"root"] == bytes(
         str(root), "utf8"
@@ -126,7 +127,8 @@ def test_shards_list_their_samples_from_headers(tmp_path: Path, caplog) -> None:
     globbed = webdataset(str(tmp_path / "shards" / "*.tar"), tmp_path / "run")
     np.testing.assert_array_equal(globbed.image_ids, range(6))
     item = globbed[3]  # random access by seeking to the member
-    assert item["image_id"] == 3 and item["pixels"].shape == (3, 30, 43)
+    assert item["image_id"] == 3
+    assert item["pixels"].shape == (3, 30, 43)
     assert item["path"] == str(root / "000001.tar" / "000003.PNG")
     with pytest.raises(TypeError, match="items_for_rank"):
         len(globbed)
@@ -136,9 +138,14 @@ def test_expansion_root_and_errors(tmp_path: Path) -> None:
     """webdataset's brace expansion (ranges, lists, ``::``), then globbing; the root is
     the folder before the first wildcard; no match, missing or non-tar shards are named."""
     root, shards = expand_shards(f"{tmp_path}/a/{{0..2}}.tar::{tmp_path}/b/x{{1,2}}.tar")
-    assert root == tmp_path and [p.relative_to(tmp_path).as_posix() for p in shards] == [
-        "a/0.tar", "a/1.tar", "a/2.tar", "b/x1.tar", "b/x2.tar",
-    ]  # fmt: skip
+    assert root == tmp_path
+    assert [p.relative_to(tmp_path).as_posix() for p in shards] == [
+        "a/0.tar",
+        "a/1.tar",
+        "a/2.tar",
+        "b/x1.tar",
+        "b/x2.tar",
+    ]
     with pytest.raises(MissingFileError, match=r"data.shards=.*nothing\*.tar matches no file"):
         webdataset(str(tmp_path / "nothing*.tar"))
     make_shard(tmp_path / "s" / "000000.tar", 0, 2)
@@ -148,9 +155,8 @@ def test_expansion_root_and_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"000001.tar: not an uncompressed tar file"):
         webdataset(str(tmp_path / "s" / "{000000..000001}.tar"), on_bad_image="error")
     skipped = webdataset(str(tmp_path / "s" / "*.tar"), on_bad_image="skip")
-    assert len(skipped.image_ids) == 2 and skipped.failures_at_start[0]["path"].endswith(
-        "000001.tar"
-    )
+    assert len(skipped.image_ids) == 2
+    assert skipped.failures_at_start[0]["path"].endswith("000001.tar")
     (tmp_path / "t").mkdir()
     with tarfile.open(tmp_path / "t" / "0.tar", "w") as tar:
         add(tar, "readme.txt", b"hi")
@@ -170,7 +176,8 @@ def test_ids_stay_stable_as_shards_are_added_and_removed(tmp_path: Path) -> None
     grown = webdataset(str(shards / "{000000..000002}.tar"), run)
     after = table_paths(run)
     assert {p: after[p] for p in first} == first
-    assert after["000002.tar/000100.jpg"] == 6 and after["000002.tar/000101.jpg"] == 7
+    assert after["000002.tar/000100.jpg"] == 6
+    assert after["000002.tar/000101.jpg"] == 7
     np.testing.assert_array_equal(grown.image_ids, [*before.image_ids, 6, 7])
 
     (shards / "000001.tar").rename(shards / "000001.old")
@@ -256,11 +263,13 @@ def test_streamed_items_equal_random_access(tmp_path: Path) -> None:
     assert sorted(streamed) == list(range(6))
     for k, image_id in enumerate(dataset.image_ids):
         item = dataset[k]
-        assert item.keys() == streamed[image_id].keys() and item["error"] is None
+        assert item.keys() == streamed[image_id].keys()
+        assert item["error"] is None
         assert item["path"] == streamed[image_id]["path"]
         torch.testing.assert_close(item["pixels"], streamed[image_id]["pixels"])
     batch = dataset.collate(list(streamed.values()))
-    assert batch["pixels"].shape == (6, 3, 8, 8) and batch["failures"] == []
+    assert batch["pixels"].shape == (6, 3, 8, 8)
+    assert batch["failures"] == []
 
 
 # cut-short shards ---------------------------------------------------------------------
@@ -291,7 +300,8 @@ def test_shard_cut_short_before_listing(tmp_path: Path, caplog) -> None:
     assert sizes[6] == info.size - info.size // 2  # the bytes it has
     items = list(dataset)
     bad = [item for item in items if item["pixels"] is None]
-    assert [item["image_id"] for item in items] == list(range(7)) and len(bad) == 1
+    assert [item["image_id"] for item in items] == list(range(7))
+    assert len(bad) == 1
     assert bad[0]["path"].endswith("000001.tar/000006.PNG")
     assert bad[0]["error"].startswith("tar shard 000001.tar is cut short")
 
@@ -304,7 +314,8 @@ def test_shard_cut_short_before_listing(tmp_path: Path, caplog) -> None:
     webdataset(pattern, run)
     after = table_paths(run)
     assert {p: after[p] for p in kept} == kept
-    assert after["000001.tar/000006.PNG"] == 7 and after["000001.tar/000007.jpg"] == 8
+    assert after["000001.tar/000006.PNG"] == 7
+    assert after["000001.tar/000007.jpg"] == 8
 
 
 def test_shard_cut_short_while_streaming(tmp_path: Path, caplog) -> None:
@@ -345,9 +356,11 @@ def test_config_group_builds_it(tmp_path: Path) -> None:
             "run.progress=false",
         ],
     )
-    assert cfg.data.shards == pattern and "images" not in cfg.data
+    assert cfg.data.shards == pattern
+    assert "images" not in cfg.data
     dataset = build_dataset(cfg)
-    assert isinstance(dataset, WebDataset) and len(dataset.image_ids) == 4
+    assert isinstance(dataset, WebDataset)
+    assert len(dataset.image_ids) == 4
     assert (tmp_path / "run" / COLLECTION_FILE).exists()
     assert "shards" not in data_fingerprint(cfg)
     with pytest.raises(ConfigError, match="data.shards is not set"):
@@ -390,7 +403,8 @@ def test_embed_streams_every_id_then_only_new_ones(tmp_path: Path) -> None:
     shards, run = tmp_path / "shards", tmp_path / "run"
     pattern = make_shards(shards, shards=3, per_shard=3)
     first = embed(embed_config(pattern, run, "run.progress=true", "loader.num_workers=2"))
-    assert first.embedded == 9 and sorted(stored(run)) == list(range(9))
+    assert first.embedded == 9
+    assert sorted(stored(run)) == list(range(9))
     assert embed(embed_config(pattern, run)).embedded == 0
 
     make_shard(shards / "000003.tar", 100, 2)
@@ -478,7 +492,8 @@ def test_images_inside_shards_open_for_the_gallery(tmp_path: Path) -> None:
     pattern = make_shards(shards, shards=1, per_shard=2)
     dataset = webdataset(pattern, run)
     path = dataset.image_path(int(dataset.image_ids[0]))
-    assert not path.exists() and path.parent.suffix == ".tar"
+    assert not path.exists()
+    assert path.parent.suffix == ".tar"
     with tarfile.open(path.parent) as tar:
         member = tar.extractfile(path.name)
         assert member is not None

@@ -164,13 +164,16 @@ def test_skipping_the_global_leaves_the_cells_exact(resnet, vit, positional):
     pixels = torch.randn(2, 3, 96, 96, dtype=torch.float64)
     both = resnet_dense_features(resnet, pixels, positional)
     cells = resnet_dense_features(resnet, pixels, positional, with_global=False)
-    assert cells.global_embedding is None and both.global_embedding is not None
-    assert torch.equal(cells.dense, both.dense) and cells.grid == both.grid
+    assert cells.global_embedding is None
+    assert both.global_embedding is not None
+    assert torch.equal(cells.dense, both.dense)
+    assert cells.grid == both.grid
     if not positional:
         vit_pixels = torch.randn(2, 3, 64, 64, dtype=torch.float64)
         full = dense_features(vit.visual, vit_pixels)
         only = dense_features(vit.visual, vit_pixels, with_global=False)
-        assert only.global_embedding is None and torch.equal(only.dense, full.dense)
+        assert only.global_embedding is None
+        assert torch.equal(only.dense, full.dense)
 
 
 def test_positions_interpolate_like_open_clip():
@@ -273,7 +276,8 @@ def test_boxes_tile_the_image_in_raster_order():
         assert (h, w) == (resolution // 32, resolution // 32)
         boxes = out.boxes.double()
         assert boxes.shape == (h * w, 4)
-        assert boxes[:, :2].min() == 0 and boxes[:, 2:].max() == 1
+        assert boxes[:, :2].min() == 0
+        assert boxes[:, 2:].max() == 1
         lo = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
         hi = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
         assert (hi - lo).clamp(min=0).prod(-1).fill_diagonal_(0).max() == 0
@@ -288,16 +292,16 @@ def test_create_retriever_round_trip_with_every_keyword(tmp_path):
     crop), and the global representative is open_clip's ``encode_image`` on its own
     resize + centre-crop preprocessing (the ``clip`` retriever's) of the same image; the
     cells are the positional value path of view 0."""
-    kwargs = dict(
-        backbone="RN-tiny",
-        pretrained=None,
-        resolution=96,
-        cache_dir=str(tmp_path),
-        positional=True,
-        with_global=True,
-        global_pass="native",
-        dense_attention="maskclip",
-    )
+    kwargs = {
+        "backbone": "RN-tiny",
+        "pretrained": None,
+        "resolution": 96,
+        "cache_dir": str(tmp_path),
+        "positional": True,
+        "with_global": True,
+        "global_pass": "native",
+        "dense_attention": "maskclip",
+    }
     assert set(kwargs) == set(RETRIEVERS.parameters("dense_clip"))
     retriever = create_retriever("dense_clip", **kwargs)
     assert isinstance(retriever, DenseClipRetriever)
@@ -342,8 +346,8 @@ def test_paper_row_configs_build_the_retriever_options(row):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(backbone="RN-tiny", global_pass="twice"), "global_pass"),
-        (dict(backbone="ViT-tiny", positional=True), "positional"),
+        ({"backbone": "RN-tiny", "global_pass": "twice"}, "global_pass"),
+        ({"backbone": "ViT-tiny", "positional": True}, "positional"),
     ],
 )
 def test_bad_options_name_the_key(kwargs, message):

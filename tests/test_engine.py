@@ -67,7 +67,8 @@ def test_cli_subprocess_writes_the_run_folder(synthetic_coco, tmp_path: Path) ->
         "bytes_per_image",
     ):
         assert key in metrics, key
-    assert metrics["random_weights"] is True and metrics["reps_per_image"]["max"] == 1
+    assert metrics["random_weights"] is True
+    assert metrics["reps_per_image"]["max"] == 1
 
     saved = np.load(out / "scores.npz")
     ann = json.loads(synthetic_coco[0].read_text())
@@ -79,7 +80,8 @@ def test_cli_subprocess_writes_the_run_folder(synthetic_coco, tmp_path: Path) ->
         if y.any():
             assert row["ap"] == pytest.approx(average_precision_score(y, saved["scores"][q]))
     wandb_runs = list((out / "wandb").glob("offline-run-*"))
-    assert wandb_runs and list(wandb_runs[0].glob("*.wandb"))
+    assert wandb_runs
+    assert list(wandb_runs[0].glob("*.wandb"))
 
 
 def test_bad_image_skip_lists_it_everywhere(bad_coco, tmp_path: Path) -> None:
@@ -91,7 +93,8 @@ def test_bad_image_skip_lists_it_everywhere(bad_coco, tmp_path: Path) -> None:
     )
     result = evaluate(cfg)
     skipped = result.metrics["skipped_images"]
-    assert len(skipped) == 2 and result.metrics["images"] == 16
+    assert len(skipped) == 2
+    assert result.metrics["images"] == 16
     names = {Path(f["path"]).name for f in skipped}
     assert all(name in (tmp_path / "summary.md").read_text() for name in names)
     assert len((tmp_path / "skipped_images.txt").read_text().splitlines()) == 2
@@ -110,7 +113,9 @@ def test_bad_image_error_names_the_file(bad_coco, tmp_path: Path, capsys) -> Non
     )
     err = capsys.readouterr().err
     assert code == 2
-    assert "error:" in err and ".jpg" in err and "data.on_bad_image=skip" in err
+    assert "error:" in err
+    assert ".jpg" in err
+    assert "data.on_bad_image=skip" in err
     assert list((tmp_path / "embeddings").glob("*.safetensors"))  # 16 good images first
 
 
@@ -127,7 +132,8 @@ def test_rescoring_reuses_embeddings(synthetic_coco, tmp_path: Path, monkeypatch
     monkeypatch.setattr(ClipRetriever, "encode_images", boom)
     second = evaluate(load_config("demo", [*base, "text.prompts=single", "protocol.top_k=5"]))
     assert not second.embedded
-    assert "map@5" in second.metrics and second.metrics["protocol"]["prompts"] == "single"
+    assert "map@5" in second.metrics
+    assert second.metrics["protocol"]["prompts"] == "single"
     with pytest.raises(ConfigError, match="different settings"):
         evaluate(load_config("demo", [*base, "retriever.backbone=ViT-tiny"]))
 

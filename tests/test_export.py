@@ -115,9 +115,11 @@ def read_npy_export(out: Path) -> tuple[np.ndarray, pd.DataFrame]:
     for npy, meta in zip(npys, metas, strict=True):
         first_line = npy.read_bytes()[:300].split(b"\n")[0]
         shape = re.search(r"'shape': \(([0-9]+), ([0-9]+)\)", str(first_line))
-        assert shape is not None and re.search(r"'descr': '([<f0-9]+)'", str(first_line))
+        assert shape is not None
+        assert re.search(r"'descr': '([<f0-9]+)'", str(first_line))
         array = np.load(npy)
-        assert array.ndim == 2 and (int(shape.group(1)), int(shape.group(2))) == array.shape
+        assert array.ndim == 2
+        assert (int(shape.group(1)), int(shape.group(2))) == array.shape
         frame = pq.read_table(meta).to_pandas()
         assert len(frame) == len(array) > 0
         embeddings.append(array)
@@ -157,11 +159,11 @@ def test_parquet_collection_run(collection_run: Path, tmp_path: Path) -> None:
     assert not set(frame.image_id) & (set(range(100, 136)) - live)  # removed ids absent
     paths = paths_by_id(collection_run)
     assert frame.path.tolist() == [paths[i] for i in frame.image_id]
-    assert "/elsewhere/101.jpg" in set(frame.path) and f"{IMAGES_ROOT}/sub/img_102.jpg" in set(
-        frame.path
-    )
+    assert "/elsewhere/101.jpg" in set(frame.path)
+    assert f"{IMAGES_ROOT}/sub/img_102.jpg" in set(frame.path)
     assert (result.rows, result.images, result.shards) == (len(expected), len(live), 12)
-    assert result.removed == 36 - len(live) and result.missing_paths == 0
+    assert result.removed == 36 - len(live)
+    assert result.missing_paths == 0
     assert result.files == [out]
     # streamed: one row group (at least) per non-empty shard, never one for the run
     assert pq.ParquetFile(out).metadata.num_row_groups >= 11
@@ -189,7 +191,8 @@ def test_npy_collection_run(collection_run: Path, tmp_path: Path) -> None:
     names = sorted(p.name for p in (out / "img_emb").iterdir())
     assert names == [f"img_emb_{k:02d}.npy" for k in range(11)]
     assert sorted(p.name for p in out.iterdir()) == ["img_emb", "metadata"]
-    assert len(result.files) == 22 and all(f.exists() for f in result.files)
+    assert len(result.files) == 22
+    assert all(f.exists() for f in result.files)
     assert result.rows == len(expected)
 
 
@@ -207,7 +210,8 @@ def test_dense_run_parquet(dense_run: Path, tmp_path: Path, monkeypatch) -> None
     dataset = build_dataset(load_stored_config(dense_run / "config.yaml"))
     assert frame.path.tolist() == [str(dataset.image_path(int(i))) for i in frame.image_id]
     assert all(Path(p).exists() for p in frame.path)
-    assert result.images == 24 and result.missing_paths == 0
+    assert result.images == 24
+    assert result.missing_paths == 0
     assert pq.ParquetFile(out).metadata.num_row_groups >= 24 // 5
 
 
@@ -272,10 +276,13 @@ def test_paths_null_when_dataset_cannot_open(collection_run: Path, tmp_path: Pat
     with caplog.at_level(logging.WARNING, logger="retrieval"):
         result = export_run(run, tmp_path / "reps.parquet", "parquet", progress=False)
     frame = pq.read_table(tmp_path / "reps.parquet").to_pandas()
-    assert frame.path.isna().all() and len(frame) == len(stored_rows(run))
-    assert result.missing_paths == result.rows and result.removed == 0
+    assert frame.path.isna().all()
+    assert len(frame) == len(stored_rows(run))
+    assert result.missing_paths == result.rows
+    assert result.removed == 0
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "image paths left empty" in warnings[0].getMessage()
+    assert len(warnings) == 1
+    assert "image paths left empty" in warnings[0].getMessage()
 
 
 def test_not_a_run(tmp_path: Path, capsys) -> None:
@@ -285,7 +292,9 @@ def test_not_a_run(tmp_path: Path, capsys) -> None:
         export_run(folder, tmp_path / "x.parquet", "parquet", progress=False)
     assert main(["export", str(folder), "--format", "npy", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and str(folder) in err[0]
+    assert len(err) == 1
+    assert err[0].startswith("error:")
+    assert str(folder) in err[0]
     assert not (tmp_path / "out").exists()
 
 

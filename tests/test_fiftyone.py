@@ -96,7 +96,8 @@ def test_export_holds_each_image_its_representatives_and_ground_truth(
         got = sorted((d.label, *d.bounding_box) for d in sample.ground_truth.detections)
         assert len(got) == len(want)
         for g, w in zip(got, want, strict=True):
-            assert g[0] == w[0] and g[1:] == pytest.approx(w[1:], abs=1e-9)
+            assert g[0] == w[0]
+            assert g[1:] == pytest.approx(w[1:], abs=1e-9)
         assert (sample.metadata.width, sample.metadata.height) == (image["width"], image["height"])
 
 
@@ -110,7 +111,8 @@ def test_sort_by_similarity_equals_retrieval_search(labelled: Any, fo: Any) -> N
     searcher = open_index(index, "cpu")
     assert dataset.list_brain_runs() == ["retrieval"]
     info = dataset.get_brain_info("retrieval").config
-    assert info.supports_prompts and info.patches_field == "representatives"
+    assert info.supports_prompts
+    assert info.patches_field == "representatives"
     for prompt in PROMPTS:
         for k in (1, 5, 24):
             hits = searcher.search(prompt, top=k)
@@ -145,7 +147,8 @@ def test_a_region_query_and_refusals(labelled: Any) -> None:
     results = dataset.load_brain_results("retrieval")
     label = dataset.first().representatives.detections[0]
     vectors, samples, labels = results.get_embeddings(label_ids=[label.id])
-    assert list(labels) == [label.id] and list(samples) == [dataset.first().id]
+    assert list(labels) == [label.id]
+    assert list(samples) == [dataset.first().id]
     view = dataset.sort_by_similarity(label.id, k=5, brain_key="retrieval")
     want = searcher.search_vectors(torch.from_numpy(vectors), 5)[0]
     assert view.values("image_id") == [h.image_id for h in want]
@@ -175,7 +178,8 @@ def test_a_dataset_of_another_run_is_not_overwritten(
     index = build_index(other, "exact", tmp_path / "other-index", "cpu", progress=False)
     with pytest.raises(ConfigError, match="was built from run"):
         export_dataset(dense_run, "dense", index=index)
-    assert len(dataset) == before and dataset.list_brain_runs() == ["retrieval"]
+    assert len(dataset) == before
+    assert dataset.list_brain_runs() == ["retrieval"]
     unlisted = write_vector_run(dense_run, tmp_path / "unlisted", np.arange(100, 103), 2)
     with pytest.raises(DataError, match="3 images of .* have no file path"):
         export_dataset(unlisted, "unlisted")  # ids its COCO file does not list
@@ -220,7 +224,8 @@ def test_reexport_after_embed_and_index_update(fo: Any, dense_run: Path, tmp_pat
     assert (second.samples, second.added, second.removed, second.updated) == (19, 4, 1, 15)
     dataset.reload()
     got = dataset.values("image_id")
-    assert sorted(got) == sorted(set(range(1, 21)) - {5}) and len(got) == len(set(got))
+    assert sorted(got) == sorted(set(range(1, 21)) - {5})
+    assert len(got) == len(set(got))
     assert set(dataset.values("camera")) == {"x"}
     searcher = open_index(index, "cpu")
     for prompt in PROMPTS:

@@ -113,7 +113,8 @@ def test_the_app_shows_the_sorted_view(
         # says similarity (its server types only SimilarityConfig itself: issubclass's
         # arguments are swapped in fiftyone 1.22.1's server/query.py)
         assert config["type"] == "similarity" or "similarity" in config["cls"].lower()
-        assert config["supportsPrompts"] and config["patchesField"] == "representatives"
+        assert config["supportsPrompts"]
+        assert config["patchesField"] == "representatives"
         assert config["cls"].endswith("RetrievalSimilarityConfig")
 
         browser.get(base)

@@ -56,7 +56,8 @@ def test_gallery_html_and_sheet_render(dense_index, tmp_path: Path) -> None:
     hits = dense_index.search("square", top=5)
     written = write_gallery(dense_index, "square", hits, tmp_path / "g.html", tmp_path / "g.png")
     page = written["html"].read_text()
-    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.rstrip().endswith("</html>")
     parser = _Images()
     parser.feed(page)
     assert len(parser.sources) == len(hits) == 5
@@ -64,7 +65,9 @@ def test_gallery_html_and_sheet_render(dense_index, tmp_path: Path) -> None:
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         assert image.width > image.height  # heatmap panel beside the matched image
     sheet = Image.open(written["sheet"])
-    assert sheet.format == "PNG" and sheet.width >= 2 * 240 and sheet.height > 240
+    assert sheet.format == "PNG"
+    assert sheet.width >= 2 * 240
+    assert sheet.height > 240
 
 
 def test_dense_cells_give_a_heatmap() -> None:
@@ -103,7 +106,8 @@ def test_missing_image_file_draws_a_placeholder(tmp_path: Path) -> None:
     """A hit whose file is gone still renders (a grey tile saying so), never a crash."""
     item = GalleryItem(1, Hit(5, 0.3, 0, (0.1, 0.1, 0.5, 0.5)), tmp_path / "gone.jpg")
     tile = panels(item)
-    assert tile.size[0] > 0 and tile.getpixel((1, 1)) == (90, 90, 90)
+    assert tile.size[0] > 0
+    assert tile.getpixel((1, 1)) == (90, 90, 90)
 
 
 def test_explain_reads_the_run(dense_index) -> None:
@@ -141,7 +145,8 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
         str(out),
         "--no-progress",
     )
-    assert "recall@" in built and "bytes/image" in built
+    assert "recall@" in built
+    assert "bytes/image" in built
     assert json.loads(run("index", "info", str(out), "--json"))["backend"] == "faiss-flat"
     found = run(
         "search",
@@ -154,13 +159,16 @@ def test_cli_builds_and_searches(dense_run: Path, tmp_path: Path, capsys) -> Non
         "--json",
         str(tmp_path / "hits.json"),
     )
-    assert "recall@" in found and "top 3" in found and Image.open(tmp_path / "s.png").width > 0
+    assert "recall@" in found
+    assert "top 3" in found
+    assert Image.open(tmp_path / "s.png").width > 0
     record = json.loads((tmp_path / "hits.json").read_text())
     index = open_index(out, "cpu")
     expected = index.search("circle", top=3)
     assert [h["image_id"] for h in record["hits"]] == [h.image_id for h in expected]
     assert all(Path(h["path"]).is_file() for h in record["hits"])
-    assert record["recall"] == index.recall and record["hits"][0]["rank"] == 1
+    assert record["recall"] == index.recall
+    assert record["hits"][0]["rank"] == 1
     ivfpq = tmp_path / "ivfpq"
     run(
         "index",
@@ -211,7 +219,8 @@ def test_heat_overlay_is_translucent_smooth_and_scaled(tmp_path: Path) -> None:
     middle = slice(20, 44)
     np.testing.assert_allclose(bar[middle], colours[middle], atol=3)
     text = legend([item])
-    assert "cosine similarity with each cell" in text and "Cyan" not in text
+    assert "cosine similarity with each cell" in text
+    assert "Cyan" not in text
     assert "Cyan" in legend([GalleryItem(1, item.hit, None, members=np.ones((2, 2), bool))])
 
 
@@ -236,7 +245,8 @@ def test_heatmaps_without_stored_cells_come_from_one_backbone_pass(
     items = explain(index, query, hits)
     retriever = index.retriever()
     for item in items:
-        assert item.path is not None and item.heatmap is not None
+        assert item.path is not None
+        assert item.heatmap is not None
         with torch.no_grad():
             out = retriever.encode_dense(retriever.image_transform(load_image(item.path))[None])
         cells = out.embeddings[0].reshape(*out.grid, -1)

@@ -40,7 +40,8 @@ def test_experiment_typo_names_the_experiment() -> None:
     text = str(err.value)
     assert "Did you mean 'clip_rn50_coco'?" in text
     known = text.split("Known: ")[1].split(", ")
-    assert "clip_rn50_coco" in known and "demo" in known
+    assert "clip_rn50_coco" in known
+    assert "demo" in known
 
 
 def test_deeply_nested_annotations_are_one_message(tmp_path: Path, synthetic_coco) -> None:
@@ -137,4 +138,5 @@ def test_a_query_past_clips_context_is_named(caplog: pytest.LogCaptureFixture) -
         clip.encode_text(["a red circle"])
         assert not [r for r in caplog.records if r.name == "retrieval"]
         clip.encode_text([long])
-    assert "fills the model's 77-token context" in caplog.text and "a red circle" in caplog.text
+    assert "fills the model's 77-token context" in caplog.text
+    assert "a red circle" in caplog.text

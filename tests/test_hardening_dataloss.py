@@ -61,7 +61,9 @@ def test_sweep_prepare_never_touches_a_users_dataset(
     for extra in ([], ["--dry-run"]):
         assert main(["sweep", "scenes", *args, f"out={tmp_path / 'out'}", *extra]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and str(ds) in err and "did not write" in err
+        assert err.startswith("error: ")
+        assert str(ds) in err
+        assert "did not write" in err
         assert snapshot(ds) == before
     assert not (tmp_path / "out" / "runs").exists()
 
@@ -76,7 +78,8 @@ def test_prepare_refuses_images_that_are_not_beside_the_annotations(
     args = [f"data.annotations={tmp_path / 'new' / 'annotations.json'}", f"data.images={photos}"]
     assert main(["sweep", "scenes", *args, f"out={tmp_path / 'out'}"]) == 2
     assert "side by side" in capsys.readouterr().err
-    assert snapshot(photos) == before and not (tmp_path / "new").exists()
+    assert snapshot(photos) == before
+    assert not (tmp_path / "new").exists()
 
 
 def test_dry_run_says_what_prepare_would_write_and_writes_nothing(
@@ -105,7 +108,8 @@ def test_generator_writes_only_into_its_own_folder(
     assert generation_state(folder, small).action == "new"
     ensure_synthetic(folder, small)
     marker = json.loads((folder / MARKER).read_text())
-    assert marker["complete"] and len(marker["files"]) == 4  # annotations + 3 images
+    assert marker["complete"]
+    assert len(marker["files"]) == 4
     first = snapshot(folder)
     ensure_synthetic(folder, small)
     assert snapshot(folder) == first  # ready: untouched
@@ -153,7 +157,8 @@ def test_generator_command_refuses_a_users_folder(
     before = snapshot(ds)
     with pytest.raises(SystemExit) as stop:
         generate([str(ds), "--num-images", "2"])
-    assert stop.value.code == 2 and "error: " in capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "error: " in capsys.readouterr().err
     assert snapshot(ds) == before
 
 
@@ -198,7 +203,8 @@ def test_lock_never_follows_a_symlink_nor_opens_a_folder(tmp_path: Path) -> None
     (run / LOCK).symlink_to(precious)
     with pytest.raises(StoreError, match=r"symbolic link.*not the lock file"):
         RunLock(run).acquire()
-    assert precious.read_text() == "years of work" and (run / LOCK).is_symlink()
+    assert precious.read_text() == "years of work"
+    assert (run / LOCK).is_symlink()
     (run / LOCK).unlink()
     (run / LOCK).mkdir()
     with pytest.raises(StoreError, match="is a folder, not the lock file"):
@@ -225,4 +231,5 @@ def test_cli_embed_into_a_run_whose_lock_is_a_symlink(
     args = ["embed", "demo", f"data.annotations={ann}", f"data.images={images}"]
     args += [f"run.output_dir={run}", "logger.wandb.mode=disabled"]
     assert main(args) == 2
-    assert "symbolic link" in capsys.readouterr().err and precious.read_text() == "keep"
+    assert "symbolic link" in capsys.readouterr().err
+    assert precious.read_text() == "keep"

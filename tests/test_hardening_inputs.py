@@ -54,7 +54,8 @@ def test_typod_brace_range_is_refused_before_it_is_expanded(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="unbalanced braces"):
         expand_shards(f"{tmp_path}/{{0..9.tar")
     root, shards = expand_shards(f"{tmp_path}/a/{{0..2}}.tar::{tmp_path}/b/{{x,y}}.tar")
-    assert root == tmp_path and len(shards) == 5  # a real pattern still expands
+    assert root == tmp_path
+    assert len(shards) == 5
 
 
 PATTERN_CHARS = st.sampled_from(list("{},.ab019-\\") + ["..", "{0..", "{a..c}", "{1,2}"])

@@ -79,5 +79,6 @@ def test_every_writer_gives_one_message(
             continue  # an empty folder is a fine --out
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {key} ") and err.count("\n") == 1, err
+        assert err.startswith(f"error: {key} "), err
+        assert err.count("\n") == 1, err
     assert (tmp_path / "notes.txt").read_text() == "keep"

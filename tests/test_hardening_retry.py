@@ -80,7 +80,8 @@ def test_fixed_image_is_embedded_and_no_longer_listed(
     embeds exactly that image (into a new shard) and lists only the other one."""
     out = tmp_path / "run"
     first = evaluate(_cfg(bad_data, out, "skip"))
-    assert _skipped(first.metrics) == [7, 8] and first.metrics["images"] == GOOD
+    assert _skipped(first.metrics) == [7, 8]
+    assert first.metrics["images"] == GOOD
     stored = ShardStore(out / "embeddings")
     shards_before = set(stored.shard_paths())
     records = [f for shard in stored.iter_shards() for f in shard.failures]
@@ -90,19 +91,23 @@ def test_fixed_image_is_embedded_and_no_longer_listed(
     Image.new("RGB", (40, 30), (200, 30, 90)).save(fixed, format="JPEG")
     calls = _count_encoded(monkeypatch)
     second = evaluate(_cfg(bad_data, out, "skip"))
-    assert sum(calls) == 1 and second.embedded == 1  # exactly the repaired image
+    assert sum(calls) == 1
+    assert second.embedded == 1
     assert _skipped(second.metrics) == [8]
     assert second.metrics["images"] == GOOD + 1
     assert 7 in np.load(out / "scores.npz")["image_ids"].tolist()
     new = set(stored.shard_paths()) - shards_before
-    assert new and all(p in set(stored.shard_paths()) for p in shards_before)  # immutable
+    assert new
+    assert all(p in set(stored.shard_paths()) for p in shards_before)
     embedded, failures = stored.contents()
     assert sorted(embedded.tolist()) == list(range(1, GOOD + 2))
     assert [f["image_id"] for f in failures] == [8]
 
     calls.clear()  # a third run has nothing left to do
     third = evaluate(_cfg(bad_data, out, "skip"))
-    assert not calls and not third.embedded and _skipped(third.metrics) == [8]
+    assert not calls
+    assert not third.embedded
+    assert _skipped(third.metrics) == [8]
 
 
 def test_unchanged_broken_file_is_not_retried_under_skip(
@@ -114,7 +119,8 @@ def test_unchanged_broken_file_is_not_retried_under_skip(
     evaluate(_cfg(bad_data, out, "skip"))
     calls = _count_encoded(monkeypatch)
     again = evaluate(_cfg(bad_data, out, "skip"))
-    assert not calls and not again.embedded
+    assert not calls
+    assert not again.embedded
     assert _skipped(again.metrics) == [7, 8]
 
 
@@ -145,7 +151,8 @@ def test_error_policy_retries_stored_failures(bad_data, tmp_path: Path) -> None:
     for path in _bad_files(bad_data).values():  # once both are fixed, error passes
         Image.new("RGB", (40, 30), (10, 200, 90)).save(path, format="JPEG")
     fixed = evaluate(_cfg(bad_data, out, "error"))
-    assert fixed.embedded == BAD and not _skipped(fixed.metrics)
+    assert fixed.embedded == BAD
+    assert not _skipped(fixed.metrics)
     assert fixed.metrics["images"] == GOOD + BAD
 
 

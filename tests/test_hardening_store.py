@@ -67,7 +67,8 @@ def _cli_args(data: tuple[Path, Path], out: Path | str) -> list[str]:
 def _one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
+    assert len(errors) == 1, err
+    assert "Traceback" not in err, err
     return errors[0]
 
 
@@ -92,7 +93,8 @@ def test_second_run_into_a_locked_folder_stops_naming_the_holder_and_a_dead_lock
         [sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
         start = time.monotonic()
         second = subprocess.run(
             [sys.executable, "-m", "retrieval.cli", *_cli_args(synthetic_coco, run)],
@@ -103,9 +105,11 @@ def test_second_run_into_a_locked_folder_stops_naming_the_holder_and_a_dead_lock
         )
         assert second.returncode == 2, second.stderr[-3000:]
         line = _one_error_line(second.stderr)
-        assert f"pid {holder.pid} on host " in line and "in use by another run" in line
+        assert f"pid {holder.pid} on host " in line
+        assert "in use by another run" in line
         assert time.monotonic() - start < 240
-        assert not (run / "embeddings").exists() and not (run / "config.yaml").exists()
+        assert not (run / "embeddings").exists()
+        assert not (run / "config.yaml").exists()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
@@ -205,7 +209,8 @@ def test_run_output_dir_that_cannot_be_a_folder_is_one_error(
     for out in (a_file, a_file / "sub", tmp_path / ("x" * 300), tmp_path / "run"):
         assert main(_cli_args(synthetic_coco, out)) == 2, out
         line = _one_error_line(capsys.readouterr().err)
-        assert "run.output_dir=" in line and "choose another run.output_dir" in line, line
+        assert "run.output_dir=" in line, line
+        assert "choose another run.output_dir" in line, line
     assert a_file.read_text() == "keep me"
     assert (tmp_path / "run" / "embeddings").read_text() == "keep me too"
     assert not (tmp_path / "run" / LOCK).exists()
@@ -282,4 +287,5 @@ def test_eval_into_a_locked_folder_stops_before_building_the_model(
     monkeypatch.setattr(run_parts, "build_retriever", lambda cfg: built.append(1))
     with RunLock(run), pytest.raises(StoreError, match="is in use by another run"):
         evaluate(cfg)
-    assert built == [] and not (run / "embeddings").exists()
+    assert built == []
+    assert not (run / "embeddings").exists()

@@ -131,10 +131,12 @@ def test_cli_json_python_api_and_export_share_one_shape(
         assert isinstance(hit, Hit)
         record = hit.record(rank, h["path"])
         assert record["image_id"] == h["image_id"]
-        assert record["rep_index"] == h["rep_index"] and record["rank"] == h["rank"] == rank
+        assert record["rep_index"] == h["rep_index"]
+        assert record["rank"] == h["rank"] == rank
         assert record["score"] == pytest.approx(h["score"], abs=1e-6)
         assert record["box"] == pytest.approx(h["box"], abs=1e-6)
-        assert Path(h["path"]).is_file() and h["file_name"] == Path(h["path"]).name
+        assert Path(h["path"]).is_file()
+        assert h["file_name"] == Path(h["path"]).name
         assert h["file_name"] in table
     shown = [
         json.loads(html.unescape(m)) for m in re.findall(r'data-hit="([^"]*)"', gallery.read_text())

@@ -25,7 +25,8 @@ def test_a_second_update_stops_at_once_and_the_first_completes(tmp_path: Path) -
     assert str(index / LOCK) in str(err.value)
     assert answers(index, queries(4, 1), 5) == before
     result = update_index(index, progress=False, device="cpu")
-    assert result.added == 10 and not (index / LOCK).exists()
+    assert result.added == 10
+    assert not (index / LOCK).exists()
 
 
 def test_update_suggests_a_rebuild_when_tombstones_pile_up(tmp_path: Path, capsys) -> None:
@@ -39,7 +40,8 @@ def test_update_suggests_a_rebuild_when_tombstones_pile_up(tmp_path: Path, capsy
     shrink(run, np.arange(0, 100))
     assert main(["index", "update", str(index), "--no-progress", "--device", "cpu"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "belong to removed images" in out and "to compact it" in out
+    assert "belong to removed images" in out
+    assert "to compact it" in out
     from retrieval.index import open_index
 
     with open_index(index, "cpu") as opened:

@@ -122,7 +122,8 @@ def assert_update_equals_rebuild(backend: str, updated: Path, rebuilt: Path) -> 
     want_ids, want_scores = answers(rebuilt, q, k)
     up = json.loads((updated / "index.json").read_text())
     re = json.loads((rebuilt / "index.json").read_text())
-    assert up["images"] == re["images"] and up["representatives"] == re["representatives"]
+    assert up["images"] == re["images"]
+    assert up["representatives"] == re["representatives"]
     if backend in EXACT:
         assert got_ids == want_ids
         np.testing.assert_allclose(got_scores, want_scores, atol=1e-6)
@@ -135,7 +136,8 @@ def assert_update_equals_rebuild(backend: str, updated: Path, rebuilt: Path) -> 
     truth = exact_truth(rebuilt, q, k)
     recall = np.mean([len(set(g) & t) / len(t) for g, t in zip(got_ids, truth, strict=True)])
     assert recall >= up["recall"]["value"] - SLACK, (recall, up["recall"])
-    assert up["recall"]["queries"] > 0 and "source" in up["recall"]
+    assert up["recall"]["queries"] > 0
+    assert "source" in up["recall"]
 
 
 def all_ids(folder: Path) -> set[int]:
@@ -155,7 +157,8 @@ def test_update_equals_rebuild_after_add_and_delete(backend: str, tmp_path: Path
     grow(run, new, seed=9)
     result = update_index(index, progress=False, device="cpu")
     assert (result.added, result.removed, result.generation) == (24, 0, 1)
-    assert result.added_representatives > 24 and result.images == 262
+    assert result.added_representatives > 24
+    assert result.images == 262
     assert_update_equals_rebuild(backend, index, build(run, backend, tmp_path / "rebuilt1"))
     # a new image is found right after the update: a query at one of its representatives
     store = ShardStore(run / "embeddings")
@@ -170,7 +173,8 @@ def test_update_equals_rebuild_after_add_and_delete(backend: str, tmp_path: Path
     assert (result.added, result.removed, result.generation) == (0, 25, 2)  # 5: already gone
     assert_update_equals_rebuild(backend, index, build(run, backend, tmp_path / "rebuilt2"))
     returned = all_ids(index)
-    assert set(gone.tolist()).isdisjoint(returned) and {5, 1005}.isdisjoint(returned)
+    assert set(gone.tolist()).isdisjoint(returned)
+    assert {5, 1005}.isdisjoint(returned)
 
     manifest = json.loads((index / "index.json").read_text())
     assert manifest["generation"] == 2
@@ -181,10 +185,13 @@ def test_update_equals_rebuild_after_add_and_delete(backend: str, tmp_path: Path
     # the previous generations' tables are gone; faiss keeps its build's segment and
     # one per update that added images (a removal writes none)
     names = {p.name for p in index.iterdir()}
-    assert "table.npz" not in names and "table.1.npz" not in names and "table.2.npz" in names
+    assert "table.npz" not in names
+    assert "table.1.npz" not in names
+    assert "table.2.npz" in names
     if backend.startswith("faiss"):
         assert manifest["backend_state"]["segments"] == [0, 1]
-        assert {"faiss.index", "faiss.1.index"} <= names and "faiss.2.index" not in names
+        assert {"faiss.index", "faiss.1.index"} <= names
+        assert "faiss.2.index" not in names
     assert set(manifest["files"]) <= {str(p.relative_to(index)) for p in index.rglob("*")}
 
 
@@ -217,7 +224,9 @@ def test_unchanged_run_is_a_no_op(backend: str, tmp_path: Path) -> None:
     index = build(run, backend, tmp_path / "ix")
     before = {p: p.stat().st_mtime_ns for p in index.rglob("*") if p.is_file()}
     result = update_index(index, progress=False, device="cpu")
-    assert not result.changed and result.generation == 0 and result.images == 238
+    assert not result.changed
+    assert result.generation == 0
+    assert result.images == 238
     assert {p: p.stat().st_mtime_ns for p in index.rglob("*") if p.is_file()} == before
     shrink(run, np.array([7]))
     assert update_index(index, progress=False, device="cpu").generation == 1
@@ -313,7 +322,9 @@ def test_cli_update_prints_changes_and_info_shows_generation(
     grow(run, np.arange(5000, 5010), seed=2)
     shrink(run, np.array([1, 2, 3]))
     out = cli("index", "update", str(index), "--no-progress")
-    assert "+10 images" in out and "-3 images" in out and "generation 1" in out
+    assert "+10 images" in out
+    assert "-3 images" in out
+    assert "generation 1" in out
     assert "recall@10" in out
     assert json.loads(cli("index", "info", str(index), "--json"))["generation"] == 1
     assert "no change" in cli("index", "update", str(index), "--no-progress")
@@ -385,10 +396,12 @@ def test_retune_tunes_again(tmp_path: Path) -> None:
     index = build(run, "faiss-ivfpq", tmp_path / "ix")
     grow(run, np.arange(6000, 6020), seed=6)
     plain = update_index(index, progress=False, device="cpu").recall
-    assert plain["method"].endswith("(settings as tuned before)") and plain["tune_seconds"] == 0
+    assert plain["method"].endswith("(settings as tuned before)")
+    assert plain["tune_seconds"] == 0
     shrink(run, np.arange(40, 60))
     tuned = update_index(index, progress=False, device="cpu", retune=True).recall
-    assert tuned["method"] == "held-out queries vs exact search" and tuned["tune_seconds"] > 0
+    assert tuned["method"] == "held-out queries vs exact search"
+    assert tuned["tune_seconds"] > 0
 
 
 @pytest.mark.slow

@@ -57,7 +57,8 @@ def test_search_cli_loads_neither_lightning_nor_wandb(dense_run: Path, tmp_path:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["status"] == 0 and report["loaded"] == []
+    assert report["status"] == 0
+    assert report["loaded"] == []
     ours = [a for a in report["attempts"] if a[1].split(".")[0] == "retrieval"]
     assert ours == [], ours
     assert len(json.loads(hits.read_text())["hits"]) == 5
@@ -82,7 +83,9 @@ def test_score_phase_rescoring_builds_no_trainer(
     cfg.run.output_dir = str(run)
     cfg.protocol.top_k = 10
     result = evaluate(cfg)
-    assert result is not None and result.embedded == 0 and built == []
+    assert result is not None
+    assert result.embedded == 0
+    assert built == []
     assert json.loads((run / "metrics.json").read_text())["protocol"]["top_k"] == 10
 
 

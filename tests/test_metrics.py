@@ -80,7 +80,8 @@ def test_average_precision_matches_loop(top_k, normalize):
         normalize=normalize,
     )
     expected = reference_rows(problem, problem["ignore"], top_k, normalize)
-    assert ours.dtype == torch.float64 and ours.shape == (12,)
+    assert ours.dtype == torch.float64
+    assert ours.shape == (12,)
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-12)
 
 
@@ -123,9 +124,13 @@ def test_no_positives_is_nan_and_skipped():
     relevant = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=bool)
     ignore = np.array([[0, 0, 0], [0, 0, 0], [0, 1, 0]], dtype=bool)
     out = evaluate_rankings(scores, relevant, ignore, np.zeros((3, 3)), np.arange(3), top_k=2)
-    assert np.isnan(out["ap"][[0, 2]]).all() and out["ap"][1] == 1.0
-    assert out["map"] == 1.0 and out["map@2"] == 1.0 and out["map@2_hits"] == 1.0
-    assert out["categories"] == 3 and out["categories_skipped"] == 2
+    assert np.isnan(out["ap"][[0, 2]]).all()
+    assert out["ap"][1] == 1.0
+    assert out["map"] == 1.0
+    assert out["map@2"] == 1.0
+    assert out["map@2_hits"] == 1.0
+    assert out["categories"] == 3
+    assert out["categories_skipped"] == 2
     assert out["positives"].tolist() == [0, 1, 0]
     assert torch.isnan(average_precision(torch.tensor([0.3, 0.2]), torch.tensor([False, False])))
 
@@ -237,7 +242,8 @@ def test_small_medium_keeps_large_negatives_hand_computed():
     )
     assert out["ap_s-m"][0] == pytest.approx(0.5)
     assert out["ap"][0] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert out["positives_s-m"][0] == 1 and out["positives"][0] == 2
+    assert out["positives_s-m"][0] == 1
+    assert out["positives"][0] == 2
 
 
 def test_evaluate_rankings_matches_loop():
@@ -279,7 +285,8 @@ def test_split_means():
     assert out["rare.map@10"] == pytest.approx(np.nanmean(out["ap@10"][rare]))
     assert out["rare.map"] == pytest.approx(np.nanmean(out["ap"][rare]))
     assert out["rare.map@10_s-m"] == pytest.approx(np.nanmean(out["ap@10_s-m"][rare]))
-    assert out["rare.categories"] == 3 and out["rare.categories_skipped"] == 1
+    assert out["rare.categories"] == 3
+    assert out["rare.categories_skipped"] == 1
     assert out["common.map"] == pytest.approx(np.nanmean(out["ap"][[1, 4]]))
     assert out["common.categories_skipped"] == 1
     assert not any(key.startswith("None") for key in out)
@@ -340,7 +347,8 @@ def test_metric_passes_kwargs_to_torchmetrics():
     """sync_on_compute=False reaches torchmetrics (needed when only rank 0 computes)."""
     metric = RetrievalEvaluation(sync_on_compute=False)
     assert metric.sync_on_compute is False
-    assert metric.higher_is_better is True and metric.full_state_update is False
+    assert metric.higher_is_better is True
+    assert metric.full_state_update is False
 
 
 @pytest.mark.parametrize("name", ["relevant", "ignore", "max_area", "image_ids"])
@@ -400,8 +408,11 @@ def test_output_shapes_and_types():
     """[N] gives a 0-d float64 tensor; evaluate_rankings gives numpy arrays per category
     and python numbers for means and counts."""
     ap = average_precision(torch.rand(5), torch.tensor([1, 0, 1, 0, 0], dtype=torch.bool))
-    assert ap.shape == () and ap.dtype == torch.float64
+    assert ap.shape == ()
+    assert ap.dtype == torch.float64
     out = evaluate_rankings(**random_problem(seed=14, queries=3, images=9), top_k=4)
-    assert out["ap@4"].dtype == np.float64 and out["ap@4"].shape == (3,)
+    assert out["ap@4"].dtype == np.float64
+    assert out["ap@4"].shape == (3,)
     assert out["positives"].dtype == np.int64
-    assert isinstance(out["map@4"], float) and isinstance(out["categories"], int)
+    assert isinstance(out["map@4"], float)
+    assert isinstance(out["categories"], int)

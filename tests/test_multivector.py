@@ -157,7 +157,8 @@ def test_more_like_this_and_a_region(run: Path, indexes: dict[str, Path]) -> Non
     images = stored(run)
     with open_index(indexes["exact"], "cpu") as index:
         like = index.search_like(1042, top=5)
-        assert like[0].image_id == 1042 and like[0].score == pytest.approx(1.0, abs=1e-3)
+        assert like[0].image_id == 1042
+        assert like[0].score == pytest.approx(1.0, abs=1e-3)
         want = maxsim_loop(images, images[1042][0], 5)
         assert [h.image_id for h in like] == [w[0] for w in want]
         slot = int(images[17][1][0])

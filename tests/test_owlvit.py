@@ -42,14 +42,15 @@ TEXTS = [
 def _build(family: str, tmp_path_factory: pytest.TempPathFactory) -> OwlViTRetriever:
     """A tiny random-weight retriever of ``family`` (OWLv2 through a saved config.json)."""
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="RANDOM weights"):
-        if family == "owlvit":
-            return create_retriever("owlvit", pretrained=None, config="tiny")
+    config = "tiny"
+    if family != "owlvit":
         from transformers import Owlv2Config
 
         folder = tmp_path_factory.mktemp("owlv2-config")
         Owlv2Config(**TINY_CONFIG).save_pretrained(folder)
-        return create_retriever("owlvit", pretrained=None, config=str(folder / "config.json"))
+        config = str(folder / "config.json")
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        return create_retriever("owlvit", pretrained=None, config=config)
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +174,10 @@ def test_offline_without_cache_fails_at_once_and_says_how(
         create_retriever("owlvit", pretrained="google/owlvit-base-patch16", cache_dir=str(tmp_path))
     assert time.perf_counter() - start < 10
     message = str(info.value)
-    assert "google/owlvit-base-patch16" in message and "config.json" in message
-    assert "model.safetensors" in message and "retriever.pretrained=DIR" in message
+    assert "google/owlvit-base-patch16" in message
+    assert "config.json" in message
+    assert "model.safetensors" in message
+    assert "retriever.pretrained=DIR" in message
     assert str(tmp_path) in message
 
     with pytest.raises(WeightsNotFoundError, match="retriever.pretrained=.*no config.json"):
@@ -225,7 +228,8 @@ def test_pretrained_folder_loads_exactly_the_saved_weights(images, tmp_path: Pat
         warnings.filterwarnings("error", message=".*RANDOM weights")
         loaded = create_retriever("owlvit", pretrained=str(folder))
     assert not loaded.random_weights
-    assert loaded.config["pretrained"] == str(folder) and loaded.config["architecture"] is None
+    assert loaded.config["pretrained"] == str(folder)
+    assert loaded.config["architecture"] is None
     state = loaded.model.state_dict()
     assert state.keys() == saved.state_dict().keys()
     for key, value in saved.state_dict().items():
@@ -256,7 +260,8 @@ def test_pretrained_null_builds_random_weights_with_the_warning(tmp_path: Path) 
     ):
         retriever = create_retriever("owlvit", pretrained=None, config="tiny")
     assert retriever.random_weights
-    assert retriever.config["pretrained"] is None and retriever.config["architecture"] == "tiny"
+    assert retriever.config["pretrained"] is None
+    assert retriever.config["architecture"] == "tiny"
     default = inspect.signature(OwlViTRetriever).parameters["pretrained"].default
     assert default == "google/owlvit-base-patch32"
 
@@ -293,8 +298,10 @@ def test_repo_id_not_in_the_cache_fails_naming_it(tiny: OwlViTRetriever, tmp_pat
         assert time.perf_counter() - start < 10
         message = str(info.value)
         assert message.startswith(f"retriever.pretrained={repo_id!r}: OWL-ViT")
-        assert missing in message and str(cache) in message
-        assert "retriever.pretrained=DIR" in message and "retriever.checkpoint" not in message
+        assert missing in message
+        assert str(cache) in message
+        assert "retriever.pretrained=DIR" in message
+        assert "retriever.checkpoint" not in message
     assert not (cache / "models--google--owlvit-large-patch14").exists()
     loaded = create_retriever(
         "owlvit", pretrained="google/owlvit-base-patch32", cache_dir=str(cache)
@@ -313,7 +320,8 @@ def test_repo_id_not_in_the_cache_fails_naming_it(tiny: OwlViTRetriever, tmp_pat
 def test_paper_configs_name_their_weights_in_pretrained(config: str, repo_id: str) -> None:
     """The shipped OWL-ViT experiments set retriever.pretrained to their hub id."""
     cfg = load_config(config)
-    assert cfg.retriever.name == "owlvit" and cfg.retriever.pretrained == repo_id
+    assert cfg.retriever.name == "owlvit"
+    assert cfg.retriever.pretrained == repo_id
     assert cfg.retriever.config is None
 
 
@@ -369,11 +377,13 @@ def test_end_to_end_run_writes_metrics(synthetic_coco, tmp_path: Path) -> None:
         )
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["random_weights"] is True and metrics["retriever"]["family"] == "owlvit"
+    assert metrics["random_weights"] is True
+    assert metrics["retriever"]["family"] == "owlvit"
     assert metrics["reps_per_image"] == {"mean": 36.0, "max": 36}
     assert metrics["bytes_per_image"] > 36 * 32 * 2  # fp16 embeddings + boxes + extras
     assert 0 <= result.metrics["map"] <= 1
     scores = np.load(out / "scores.npz")["scores"]
-    assert scores.shape[1] == 24 and np.isfinite(scores).all()
+    assert scores.shape[1] == 24
+    assert np.isfinite(scores).all()
     shard = next(ShardStore(out / "embeddings").iter_shards())
     assert set(shard.reps.extras) == {"logit_shift", "logit_scale"}

@@ -121,7 +121,8 @@ def test_register_get_and_create() -> None:
         return side, colour
 
     assert widgets.names() == ["cube", "square"]
-    assert widgets.create("square") == (2, "red") and widgets.create("cube") == (1, "red")
+    assert widgets.create("square") == (2, "red")
+    assert widgets.create("cube") == (1, "red")
     assert widgets.create("square", side=5, colour="blue") == (5, "blue")
     assert list(widgets.parameters("cube")) == ["side", "colour"]
     with pytest.raises(ConfigError, match="has no option 'color'. Did you mean 'colour'"):
@@ -138,7 +139,8 @@ def test_every_name_resolves_and_a_typo_is_named(reg: Registry) -> None:
     """Each registry lists sorted, unique names, each a callable with keyword options; a
     misspelt name fails naming the closest one and the config key that takes it."""
     names = reg.names()
-    assert names and names == sorted(set(names))
+    assert names
+    assert names == sorted(set(names))
     for name in names:
         assert callable(reg.get(name))
         assert isinstance(reg.parameters(name), dict)
@@ -171,7 +173,8 @@ def test_retriever_contract(name: str, options: dict | None, images: list[Image.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights warn, as they should
         retriever = create_retriever(name, **options).eval()
-    assert isinstance(retriever, Retriever) and retriever.embed_dim > 0
+    assert isinstance(retriever, Retriever)
+    assert retriever.embed_dim > 0
     assert check_contract(retriever) is retriever  # what create_retriever enforces
     assert retriever.device == torch.device("cpu")  # the base class's, from its tensors
     json.dumps(retriever.describe())  # the run fingerprint stores it
@@ -184,18 +187,22 @@ def test_retriever_contract(name: str, options: dict | None, images: list[Image.
         alone = retriever.encode_images(pixels[1:2])
         alone_scores = retriever.score(text, alone)
     b, r, d = reps.embeddings.shape
-    assert (b, d) == (len(images), retriever.embed_dim) and r >= 1
-    assert reps.mask.dtype == torch.bool and reps.mask.any(dim=1).all()
+    assert (b, d) == (len(images), retriever.embed_dim)
+    assert r >= 1
+    assert reps.mask.dtype == torch.bool
+    assert reps.mask.any(dim=1).all()
     assert_unit_where(reps.embeddings, reps.mask)
     if reps.boxes is not None:
         boxes = reps.boxes[reps.mask].float()
         assert torch.isfinite(boxes).all()
         assert (boxes[:, 2:] >= boxes[:, :2]).all()
         if name not in BOXES_MAY_OVERHANG:
-            assert boxes.min() >= 0 and boxes.max() <= 1
+            assert boxes.min() >= 0
+            assert boxes.max() <= 1
     assert text.shape == (3, retriever.embed_dim)
     assert_unit_where(text, torch.ones(3, dtype=torch.bool))
-    assert scores.shape == (3, b) and torch.isfinite(scores).all()
+    assert scores.shape == (3, b)
+    assert torch.isfinite(scores).all()
 
     count = int(alone.mask.sum())
     assert count == int(reps.mask[1].sum())
@@ -215,7 +222,8 @@ def test_retriever_options_are_config_keys(name: str, tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(f"defaults:\n  - dataset: synthetic\nretriever:\n  name: {name}\n")
     cfg = load_config(path)
-    assert cfg.retriever.name == name and set(cfg.retriever) == set(schema)
+    assert cfg.retriever.name == name
+    assert set(cfg.retriever) == set(schema)
     if options:
         key = options[0]
         with pytest.raises(ConfigError, match=rf"Did you mean 'retriever.{key}'"):
@@ -259,11 +267,14 @@ def test_aggregator_contract(
     assert (b, d) == (emb.shape[0], emb.shape[2])
     valid = mask.sum(dim=1)
     counts = reps.mask.sum(dim=1)
-    assert (counts <= valid).all() and ((counts >= 1) | (valid == 0)).all(), (counts, valid)
+    assert (counts <= valid).all(), (counts, valid)
+    assert ((counts >= 1) | (valid == 0)).all(), (counts, valid)
     assert_unit_where(reps.embeddings, reps.mask)
     assert reps.boxes is not None
     boxes = reps.boxes[reps.mask]
-    assert boxes.min() >= 0 and boxes.max() <= 1 and (boxes[:, 2:] > boxes[:, :2]).all()
+    assert boxes.min() >= 0
+    assert boxes.max() <= 1
+    assert (boxes[:, 2:] > boxes[:, :2]).all()
 
     members = (reps.extras or {}).get("members")
     if members is not None:
@@ -301,10 +312,12 @@ def test_dataset_options_are_config_keys(name: str, tmp_path: Path) -> None:
         for key, param in DATASETS.parameters(name).items()
         if param.default is param.empty and key != "transform"
     ]
-    assert schema.name == name and required
+    assert schema.name == name
+    assert required
     if is_labelled(factory):
         assert {"annotations", "images"} <= set(schema)
-    assert "transform" not in schema and not set(protocol) & set(schema)
+    assert "transform" not in schema
+    assert not set(protocol) & set(schema)
     assert set(schema) == {"name", *DATASETS.parameters(name)} - {"transform", *protocol}
 
     path = tmp_path / "config.yaml"
@@ -312,7 +325,8 @@ def test_dataset_options_are_config_keys(name: str, tmp_path: Path) -> None:
     cfg = load_config(path)
     assert all(cfg.data[key] is None for key in required)
     for key in protocol.values():  # an option of another section is a key of its own
-        assert not key.startswith("data.") and OmegaConf.select(cfg, key) is not None
+        assert not key.startswith("data.")
+        assert OmegaConf.select(cfg, key) is not None
     with pytest.raises(ConfigError, match=f"Did you mean 'data.{required[0]}'"):
         load_config(path, [f"data.{near_miss(required[0])}=x"])
     with pytest.raises(ConfigError, match=f"data.{required[0]} is not set"):
@@ -384,7 +398,9 @@ def test_backend_finds_the_exact_top_images(name: str, run: Path, tmp_path: Path
         for hits, expected in zip(found, scores, strict=True):
             np.testing.assert_allclose([h.score for h in hits], expected, atol=1e-5)
         return
-    assert recorded["k"] == 10 and recorded["queries"] > 0 and recorded["value"] >= 0.8
+    assert recorded["k"] == 10
+    assert recorded["queries"] > 0
+    assert recorded["value"] >= 0.8
     pairs = zip(found, top, strict=True)
     recall = np.mean([len({h.image_id for h in hits} & set(t)) / 10 for hits, t in pairs])
     assert recall >= recorded["value"] - 0.1, (recall, recorded)

@@ -182,7 +182,9 @@ def test_approximate_recall_meets_recorded(
     index = open_index(indexes[backend], "cpu")
     recorded = index.recall
     # tuned on one half, measured on the other: sampling noise may leave it just under
-    assert recorded["k"] == 10 and recorded["queries"] > 0 and recorded["value"] >= 0.85
+    assert recorded["k"] == 10
+    assert recorded["queries"] > 0
+    assert recorded["value"] >= 0.85
     q = near_queries(index.backend.table, 200, seed=14)
     top, _ = exact_top(run, q, 10)
     found = index.search_vectors(q, 10)
@@ -212,7 +214,8 @@ def test_lancedb_hnsw_answers_any_top(run: Path, tmp_path: Path) -> None:
     q = near_queries(index.backend.table, 40, seed=16)
     for found in index.search_vectors(q, 30):
         scores = [h.score for h in found]
-        assert len(found) == 30 and scores == sorted(scores, reverse=True)
+        assert len(found) == 30
+        assert scores == sorted(scores, reverse=True)
     top, _ = exact_top(run, q, 10)
     found = index.search_vectors(q, 10)
     pairs = zip(found, top, strict=True)
@@ -223,10 +226,15 @@ def test_lancedb_hnsw_answers_any_top(run: Path, tmp_path: Path) -> None:
 def test_manifest_records_what_was_built(run: Path, indexes: dict[str, Path]) -> None:
     """index.json names the run, fingerprint, size, backend, build time and bytes."""
     m = open_index(indexes["faiss-ivfpq"], "cpu").manifest
-    assert m["run"] == str(run.resolve()) and m["fingerprint"] == FINGERPRINT
-    assert m["embed_dim"] == DIM and m["images"] == 400 and m["backend"] == "faiss-ivfpq"
-    assert m["build_seconds"] > 0 and 0 < m["memory_bytes_per_image"] < m["disk_bytes_per_image"]
-    assert m["backend_state"]["kind"] == "ivfpq" and m["approximate"] is True
+    assert m["run"] == str(run.resolve())
+    assert m["fingerprint"] == FINGERPRINT
+    assert m["embed_dim"] == DIM
+    assert m["images"] == 400
+    assert m["backend"] == "faiss-ivfpq"
+    assert m["build_seconds"] > 0
+    assert 0 < m["memory_bytes_per_image"] < m["disk_bytes_per_image"]
+    assert m["backend_state"]["kind"] == "ivfpq"
+    assert m["approximate"] is True
 
 
 def test_wrong_embedding_size_and_retriever_are_refused(indexes: dict[str, Path]) -> None:
@@ -274,7 +282,8 @@ def test_empty_inputs_give_clear_messages(tmp_path: Path) -> None:
     )
     with pytest.raises(IndexFileError, match="no image has a valid representative"):
         build_index(run, out=tmp_path / "ix", progress=False)
-    assert not (tmp_path / "ix").exists() and not list(tmp_path.glob(".ix*"))
+    assert not (tmp_path / "ix").exists()
+    assert not list(tmp_path.glob(".ix*"))
     empty = create_backend("exact", tmp_path / "empty", DIM, "cpu")
     empty.finish()
     with pytest.raises(IndexFileError, match="is empty"):
@@ -380,7 +389,8 @@ def test_milvus_lite_round_trips_through_fresh_processes(run: Path, tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert "milvus index of 400 images" in done.stdout
     manifest = json.loads((out / "index.json").read_text())
-    assert manifest["approximate"] is False and manifest["recall"]["value"] == 1.0
+    assert manifest["approximate"] is False
+    assert manifest["recall"]["value"] == 1.0
     script = (
         "import json, sys, torch\n"
         "from retrieval.index import open_index\n"

@@ -213,7 +213,8 @@ def test_text_search_takes_where(indexes: dict[str, Path], monkeypatch) -> None:
     with open_index(indexes["exact"], "cpu") as index:
         hits = index.search("a stroller", 5, where="camera = 'CAM_BACK'")
         allowed = set(index.allowed_ids("camera = 'CAM_BACK'").tolist())
-        assert len(hits) == 5 and {h.image_id for h in hits} <= allowed
+        assert len(hits) == 5
+        assert {h.image_id for h in hits} <= allowed
         assert hits == index.search_vectors(q, 5, where="camera = 'CAM_BACK'")[0]
 
 
@@ -311,7 +312,7 @@ def test_cli_where_json_writes_only_allowed_hits(
     assert main([*argv, "--where", "camra = 'x'"]) == 2  # one `error:` line, status 2
 
 
-@pytest.mark.parametrize("backend", ("faiss-ivfpq", "lancedb"))
+@pytest.mark.parametrize("backend", ["faiss-ivfpq", "lancedb"])
 def test_exact_fallback_equals_reference(
     run: Path, indexes: dict[str, Path], backend: str, monkeypatch
 ) -> None:
@@ -370,4 +371,5 @@ def test_cli_refuses_huge_numbers_and_deep_nesting(
     argv = ["search", str(indexes["exact"]), "a stroller", "--device", "cpu", "--where", where]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err
+    assert "Traceback" not in err

@@ -66,7 +66,8 @@ def assert_same_hits(found: list[dict], expected, name: str) -> None:
         assert hit["score"] == pytest.approx(want.score, abs=1e-6)
         assert hit["box"] == pytest.approx(list(want.box))
         assert hit["image_url"] == f"/api/images/{name}/{want.image_id}"
-        assert Path(hit["path"]).name == hit["file_name"] and Path(hit["path"]).exists()
+        assert Path(hit["path"]).name == hit["file_name"]
+        assert Path(hit["path"]).exists()
 
 
 def test_health_and_index_listing(served_index: str, serve_indexes: dict[str, Path]) -> None:
@@ -75,15 +76,20 @@ def test_health_and_index_listing(served_index: str, serve_indexes: dict[str, Pa
     listed = {i["name"]: i for i in ok(get(f"{served_index}/api/indexes"))["indexes"]}
     assert set(listed) == {"dense", "vectors"}
     dense, vectors = listed["dense"], listed["vectors"]
-    assert dense["backend"] == "exact" and vectors["backend"] == "faiss"
-    assert dense["retriever"]["name"] == "dense_clip" and dense["embed_dim"] == 64
-    assert dense["images"] == 24 and dense["representatives"] == 24 * 16
-    assert dense["recall"]["value"] == 1.0 and dense["generation"] == 0
+    assert dense["backend"] == "exact"
+    assert vectors["backend"] == "faiss"
+    assert dense["retriever"]["name"] == "dense_clip"
+    assert dense["embed_dim"] == 64
+    assert dense["images"] == 24
+    assert dense["representatives"] == 24 * 16
+    assert dense["recall"]["value"] == 1.0
+    assert dense["generation"] == 0
     assert dense["metadata_columns"] == ["image_id"]
     assert {"image_id", "camera", "night", "width"} <= set(vectors["metadata_columns"])
     assert dense["random_weights"] is True
     docs = get(f"{served_index}/docs")
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
     assert not re.search(r"(src|href)=.(https?:)?//", docs.text), "docs load nothing remote"
     for asset in re.findall(r"(?:src|href)=.(/docs/assets/[^'\"]+)", docs.text):
         assert get(f"{served_index}{asset}").status_code == 200, asset
@@ -104,8 +110,10 @@ def test_text_search_equals_the_library(served_index, local, name, query, top, w
     params = {"q": query, "top": top, "index": name} | ({"where": where} if where else {})
     body = ok(get(f"{served_index}/api/search", params=params))
     expected = local[name].search(query, top, where=where)
-    assert body["index"] == name and body["query"] == {"q": query, "where": where}
-    assert body["top"] == min(top, 24) and body["took_ms"] > 0
+    assert body["index"] == name
+    assert body["query"] == {"q": query, "where": where}
+    assert body["top"] == min(top, 24)
+    assert body["took_ms"] > 0
     assert body["recall"] == local[name].recall
     assert_same_hits(body["hits"], expected, name)
 
@@ -152,7 +160,8 @@ def test_compound_query_equals_numpy_reference(
     ids, scores = reference_scores(index, q.astype(np.float32))
     assert [h["image_id"] for h in found["hits"]] == ids[:10].tolist()
     np.testing.assert_allclose([h["score"] for h in found["hits"]], scores[:10], atol=1e-4)
-    assert found["query"]["positive"] == positive and found["query"]["negative"] == negative
+    assert found["query"]["positive"] == positive
+    assert found["query"]["negative"] == negative
 
 
 def test_more_like_this_region(served_index: str, local) -> None:
@@ -164,7 +173,8 @@ def test_more_like_this_region(served_index: str, local) -> None:
     row = int(table.offsets[pos]) + 5
     body = {"index": "vectors", "image_id": 9, "rep_index": int(table.slots[row]), "top": 5}
     hits = ok(post(f"{served_index}/api/search", json=body))["hits"]
-    assert hits[0]["image_id"] == 9 and hits[0]["rep_index"] == int(table.slots[row])
+    assert hits[0]["image_id"] == 9
+    assert hits[0]["rep_index"] == int(table.slots[row])
     assert hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
     assert hits[0]["box"] == pytest.approx(table.boxes[row].tolist())
     ids, _ = reference_scores(index, table.vectors[row].astype(np.float32))
@@ -269,7 +279,8 @@ def test_search_by_uploaded_picture(served_index: str, local) -> None:
     expected = index.search_picture(path, 6)
     assert [h["image_id"] for h in body["hits"]] == [h.image_id for h in expected]
     assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in expected])
-    assert body["query"]["image"] == "photo.jpg" and body["query"]["width"] == 160
+    assert body["query"]["image"] == "photo.jpg"
+    assert body["query"]["width"] == 160
 
 
 def decode(response: httpx.Response, kind: str) -> Image.Image:
@@ -291,8 +302,10 @@ def test_pictures_boxes_and_heatmaps(served_index: str, local) -> None:
     changed = np.abs(np.asarray(boxed, float) - np.asarray(plain, float)).sum(-1) > 90
     ys, xs = np.nonzero(changed)
     x0, y0, x1, y1 = table.boxes[row] * [80, 64, 80, 64]
-    assert abs(xs.min() - x0) <= 3 and abs(ys.min() - y0) <= 3
-    assert abs(xs.max() - x1) <= 3 and abs(ys.max() - y1) <= 3
+    assert abs(xs.min() - x0) <= 3
+    assert abs(ys.min() - y0) <= 3
+    assert abs(xs.max() - x1) <= 3
+    assert abs(ys.max() - y1) <= 3
     r, g, b = np.asarray(boxed.convert("RGB"), float)[changed].mean(0)
     assert r > g > b  # yellow on black (the gallery's box), not a random change
     heat = decode(get(f"{base}/heatmap", params={"q": "a dog", "size": 80}), "image/png")
@@ -564,7 +577,8 @@ def test_bad_requests_get_one_json_message(served_index, method, path, kwargs, s
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     detail = response.json()["detail"]
-    assert isinstance(detail, str) and re.search(message, detail, re.S), detail
+    assert isinstance(detail, str), detail
+    assert re.search(message, detail, re.S), detail
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -619,7 +633,8 @@ def test_upload_limits_and_global_heatmap(guarded: str) -> None:
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     big = {"image": ("big.jpg", b"\xff" * (2 * 2**20), "image/jpeg")}
     response = post(f"{guarded}/api/search", files=big, headers=bearer)
-    assert response.status_code == 413 and "larger than 1 MB" in response.json()["detail"]
+    assert response.status_code == 413
+    assert "larger than 1 MB" in response.json()["detail"]
 
     def chunks():  # no Content-Length: counted as it streams in
         yield b"--x\r\nContent-Disposition: form-data; name=image; filename=a.jpg\r\n\r\n"
@@ -631,7 +646,8 @@ def test_upload_limits_and_global_heatmap(guarded: str) -> None:
         content=chunks(),
         headers={**bearer, "Content-Type": "multipart/form-data; boundary=x"},
     )
-    assert response.status_code == 413 and "larger than 1 MB" in response.json()["detail"]
+    assert response.status_code == 413
+    assert "larger than 1 MB" in response.json()["detail"]
     buffer = io.BytesIO()
     Image.new("1", (8000, 6000)).save(buffer, format="PNG")
     assert len(buffer.getvalue()) < 2**20
@@ -641,8 +657,10 @@ def test_upload_limits_and_global_heatmap(guarded: str) -> None:
     assert "8000 x 6000 = 48,000,000 pixels; the limit is 40,000,000" in response.json()["detail"]
     response = get(f"{guarded}/api/images/global/3/heatmap", params={"q": "a"}, headers=bearer)
     detail = response.json()["detail"]
-    assert response.status_code == 404 and "whole-image embeddings, with no cells" in detail
-    assert "Cluster-CLIP indexes have them" in detail and "(exact)" not in detail
+    assert response.status_code == 404
+    assert "whole-image embeddings, with no cells" in detail
+    assert "Cluster-CLIP indexes have them" in detail
+    assert "(exact)" not in detail
 
 
 def test_heatmaps_without_stored_cells_are_computed_once(guarded: str) -> None:
@@ -681,7 +699,8 @@ def test_computed_cells_equal_the_retrievers_forward_pass(serve_indexes, tmp_pat
     expected = out.embeddings[0].reshape(*out.grid, -1)
     cells = files.cells(4)
     torch.testing.assert_close(cells, expected.float())
-    assert files.cells(4) is cells and counters.model_calls == 1
+    assert files.cells(4) is cells
+    assert counters.model_calls == 1
     stored = ImageFiles("dense", dense).cells(4)  # the run's own cells: the same features
     torch.testing.assert_close(stored, expected.float(), atol=2e-3, rtol=0)  # fp16 storage
 
@@ -736,7 +755,8 @@ def test_health_answers_while_batches_run(served_index: str) -> None:
     after = ok(get(f"{served_index}/api/stats"))
     queries = after["queries"] - before["queries"]
     calls = after["indexes"]["dense"]["model_calls"] - before["indexes"]["dense"]["model_calls"]
-    assert queries == 48 and calls < 48
+    assert queries == 48
+    assert calls < 48
 
 
 def test_cli_refuses_open_host_without_token(capsys, monkeypatch, tmp_path: Path) -> None:

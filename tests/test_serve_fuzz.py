@@ -53,9 +53,9 @@ VALUES: dict[str, st.SearchStrategy[Any]] = {
     "box": st.one_of(st.lists(st.one_of(st.floats(-0.5, 1.5), NUMBERS), max_size=5), SCALARS),
     "colour": SCALARS,
 }
-BODIES = st.fixed_dictionaries(
-    {}, optional={key: strategy for key, strategy in VALUES.items()}
-) | st.one_of(st.lists(SCALARS, max_size=3), SCALARS)
+BODIES = st.fixed_dictionaries({}, optional=dict(VALUES.items())) | st.one_of(
+    st.lists(SCALARS, max_size=3), SCALARS
+)
 
 
 def check(response: httpx.Response) -> None:
@@ -65,7 +65,8 @@ def check(response: httpx.Response) -> None:
         assert isinstance(body["hits"], list)
         assert all(math.isfinite(h["score"]) for h in body["hits"])
     else:
-        assert isinstance(body["detail"], str) and body["detail"]
+        assert isinstance(body["detail"], str)
+        assert body["detail"]
 
 
 @FUZZ

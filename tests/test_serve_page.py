@@ -172,7 +172,8 @@ def test_page_lists_the_indexes(browser: Any, served_index: str) -> None:
     assert [o.get_attribute("value") for o in options] == [ix["name"] for ix in listed]
     for option, ix in zip(options, listed, strict=True):
         label = option.text
-        assert f"{ix['images']} images" in label and f"generation {ix['generation']}" in label
+        assert f"{ix['images']} images" in label
+        assert f"generation {ix['generation']}" in label
         assert ("recall" in label) or ("exact" in label)
     for ix in listed:  # the filter field and the warning follow the picked index
         open_page(browser, served_index, ix["name"])
@@ -196,11 +197,13 @@ def test_results_match_the_api_with_region_boxes(browser: Any, served_index: str
     hits = expected["hits"]
     assert len(hits) == top
     assert card_ids(browser) == [h["image_id"] for h in hits]
-    assert f"{top} results" in status(browser) and query in status(browser)
+    assert f"{top} results" in status(browser)
+    assert query in status(browser)
     wait(browser, pictures_loaded, "the thumbnails")
     for card, hit in zip(cards(browser), hits, strict=True):
         caption = card.find_element("css selector", "figcaption").text
-        assert f"#{hit['rank']}" in caption and f"score {hit['score']:.4f}" in caption
+        assert f"#{hit['rank']}" in caption
+        assert f"score {hit['score']:.4f}" in caption
         name = card.find_element("css selector", ".file")
         assert hit["file_name"] in name.get_attribute("title")
         assert name.text == "/".join(Path(hit["path"]).parts[-2:])  # whole, with its folder
@@ -220,9 +223,11 @@ def test_clicking_a_region_searches_by_example(browser: Any, served_index: str) 
     image_id, rep = int(card.get_attribute("data-image-id")), card.get_attribute("data-rep")
     after(browser, card.find_element("css selector", ".box").click, "the search by example")
     said = status(browser)
-    assert said.startswith("search by example") and f"region {rep} of image {image_id}" in said
+    assert said.startswith("search by example")
+    assert f"region {rep} of image {image_id}" in said
     ids = card_ids(browser)
-    assert ids[0] == image_id and len(ids) == 10
+    assert ids[0] == image_id
+    assert len(ids) == 10
     body = {"index": "vectors", "top": 10, "image_id": image_id, "rep_index": int(rep)}
     assert ids == [
         h["image_id"] for h in api(served_index, "/api/search", "POST", json=body)["hits"]
@@ -255,7 +260,8 @@ def test_drawing_a_region_searches_for_it(browser: Any, served_index: str) -> No
     assert said.startswith("search by drawn region on "), said
     assert by_id(browser, "query").get_attribute("value") == ""
     ids = card_ids(browser)
-    assert ids[0] == image_id and len(ids) == 12
+    assert ids[0] == image_id
+    assert len(ids) == 12
     first = cards(browser)[0]
     mark = first.find_element("css selector", ".drawn").rect
     shown = first.find_element("css selector", "img").rect
@@ -290,7 +296,8 @@ def test_api_docs_render_with_no_outside_request(browser: Any, served_index: str
         loaded = browser.execute_script(
             "return performance.getEntriesByType('resource').map(e => e.name)"
         )
-        assert loaded and all(u.startswith(served_index) for u in loaded), loaded
+        assert loaded
+        assert all(u.startswith(served_index) for u in loaded), loaded
     finally:
         browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
 
@@ -311,7 +318,8 @@ def test_heatmap_toggle_swaps_the_pictures(browser: Any, served_index: str) -> N
     open_page(browser, served_index, "dense")
     search(browser, "a green triangle", top=6)
     plain = sources(browser)
-    assert len(plain) == 6 and not any("/heatmap" in s for s in plain)
+    assert len(plain) == 6
+    assert not any("/heatmap" in s for s in plain)
     by_id(browser, "heatmap").click()
     heat = [s.replace("?size=", "/heatmap?q=a+green+triangle&size=") for s in plain]
     wait(browser, lambda d: sources(d) == heat, "the pictures to be swapped for heatmaps")
@@ -353,7 +361,8 @@ def test_the_apis_errors_are_shown(browser: Any, served_index: str) -> None:
     for where in ("no_such_column = 1", f"camera = '{HOSTILE}' AND )"):
         search(browser, "a red circle", where=where)
         error = by_id(browser, "error")
-        assert error.is_displayed() and status(browser) == ""
+        assert error.is_displayed()
+        assert status(browser) == ""
         response = httpx.get(
             f"{served_index}/api/search",
             params={"q": "a red circle", "index": "vectors", "where": where},
@@ -361,11 +370,13 @@ def test_the_apis_errors_are_shown(browser: Any, served_index: str) -> None:
         )
         assert 400 <= response.status_code < 500
         assert error.text == response.json()["detail"]
-    assert HOSTILE in error.text and error.text.startswith("bad filter expression")
+    assert HOSTILE in error.text
+    assert error.text.startswith("bad filter expression")
     assert "--where" not in error.text  # the page's word is "filter"
     assert_nothing_injected(browser)
     search(browser, "a red circle", where="camera = 'front'")  # the error goes away
-    assert not by_id(browser, "error").is_displayed() and len(cards(browser)) == 12
+    assert not by_id(browser, "error").is_displayed()
+    assert len(cards(browser)) == 12
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +413,8 @@ def test_a_token_is_asked_for_once(browser: Any, guarded: str) -> None:
     Select(by_id(browser, "index")).select_by_value("vectors")
     search(browser, "a red circle", top=3)
     wait(browser, pictures_loaded, "the thumbnails, fetched with the token")
-    assert len(sources(browser)) == 3 and all(f"token={TOKEN}" in s for s in sources(browser))
+    assert len(sources(browser)) == 3
+    assert all(f"token={TOKEN}" in s for s in sources(browser))
     browser.refresh()  # kept for the session: not asked again
     wait(browser, lambda d: d.execute_script("return document.body.dataset.ready"), "reload")
     assert not by_id(browser, "token-form").is_displayed()
@@ -416,7 +428,8 @@ def test_no_heatmaps_is_said_once(browser: Any, guarded: str) -> None:
     search(browser, "a red circle", top=4)
     by_id(browser, "heatmap").click()
     error = wait(browser, lambda d: by_id(d, "error").is_displayed() and by_id(d, "error"), "it")
-    assert error.text.startswith("no heatmaps: ") and "whole" in error.text
+    assert error.text.startswith("no heatmaps: ")
+    assert "whole" in error.text
     assert not by_id(browser, "heatmap").is_selected()
     assert not any("/heatmap" in s for s in sources(browser))
     wait(browser, pictures_loaded, "the pictures")

@@ -55,7 +55,9 @@ def test_a_served_index_follows_an_update(dense_run: Path, tmp_path: Path) -> No
 
         assert _ids(base, "a photo") == set(range(1, 21)) - {5}
         listed = httpx.get(f"{base}/api/indexes", timeout=60).json()["indexes"][0]
-        assert listed["generation"] == 1 and listed["images"] == 19
+        assert listed["generation"] == 1
+        assert listed["images"] == 19
         assert httpx.get(f"{base}/api/images/grow/18", timeout=60).status_code == 200
         gone = httpx.get(f"{base}/api/images/grow/5", timeout=60)
-        assert gone.status_code == 404 and "detail" in gone.json()
+        assert gone.status_code == 404
+        assert "detail" in gone.json()

@@ -58,7 +58,8 @@ def test_tiny_tower_is_siglips_architecture(model):
     open_clip's projection-free head; the dense formulation accepts it."""
     visual = model.visual
     assert is_siglip(visual)
-    assert visual.trunk.cls_token is None and visual.trunk.num_prefix_tokens == 0
+    assert visual.trunk.cls_token is None
+    assert visual.trunk.num_prefix_tokens == 0
     assert len(visual.head) == 0
     check_supported(visual, "naclip")
 
@@ -70,7 +71,8 @@ def test_global_embedding_is_encode_image(model, attention):
     at the native size, whatever the patches' last block."""
     pixels = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     out = dense_features(model.visual, pixels, attention=attention)
-    assert out.grid == (4, 4) and out.dense.shape == (2, 16, 64)
+    assert out.grid == (4, 4)
+    assert out.dense.shape == (2, 16, 64)
     exact(out.global_embedding, model.encode_image(pixels))
 
 
@@ -151,7 +153,8 @@ def test_enlarged_input_resamples_positions_as_timm(model):
     exact(tokens, resized.norm_pre(resized._pos_embed(resized.patch_embed(pixels))))
     out = dense_features(model.visual, pixels, attention="naclip")
     assert out.dense.shape == (1, 64, 64)
-    assert torch.isfinite(out.dense).all() and torch.isfinite(out.global_embedding).all()
+    assert torch.isfinite(out.dense).all()
+    assert torch.isfinite(out.global_embedding).all()
 
 
 def test_retrievers_run_on_the_siglip_tower():

@@ -55,7 +55,8 @@ def test_every_shipped_sweep_plans(name: str, tmp_path: Path) -> None:
     """Every shipped sweep's experiments validate (no data needed to plan); into an empty
     folder every run is still to do."""
     runs = plan_sweep(load_sweep(name, [f"out={tmp_path}"]), prepare_data=False)
-    assert runs and all(r.status == "todo" for r in runs)
+    assert runs
+    assert all(r.status == "todo" for r in runs)
 
 
 def test_paper_table_needs_one_extraction_per_backbone() -> None:
@@ -63,7 +64,8 @@ def test_paper_table_needs_one_extraction_per_backbone() -> None:
     + Dense-CLIP row, whose cells every other dense row of its backbone uses and whose
     native-size global embedding is the CLIP row's)."""
     runs = {r.name: r for r in plan_sweep(load_sweep("paper-coco"), prepare_data=False)}
-    assert len(runs) == 20 and not any(r.hidden for r in runs.values())
+    assert len(runs) == 20
+    assert not any(r.hidden for r in runs.values())
     backbone = sorted(n for n, r in runs.items() if r.uses_backbone)
     assert backbone == sorted(
         ["owlvit_b32", "owlvit_b16", "owlvit_l14"]
@@ -86,11 +88,11 @@ def test_lone_cluster_rows_get_a_hidden_extraction(tmp_path: Path) -> None:
         "experiments:\n  km: cluster_clip_km_rn50x64_coco\n  agf: cluster_clip_agf_rn50x64_coco\n"
     )
     runs = plan_sweep(load_sweep(sweep_file, [f"out={tmp_path}"]), prepare_data=False)
-    assert [r.name for r in runs][1:] == ["km", "agf"] and runs[0].hidden
+    assert [r.name for r in runs][1:] == ["km", "agf"]
+    assert runs[0].hidden
     extraction = runs[0]
-    assert (
-        extraction.cfg.retriever.name == "dense_clip" and not extraction.cfg.retriever.with_global
-    )
+    assert extraction.cfg.retriever.name == "dense_clip"
+    assert not extraction.cfg.retriever.with_global
     assert extraction.cfg.retriever.resolution == 448
     assert all(r.source == extraction.name for r in runs[1:])
 
@@ -134,7 +136,8 @@ def test_scenes_sweep_equals_separate_evals_and_runs_the_backbone_once(
     assert [r.status for r in again] == ["done"] * 4
     ran = []
     outcome = run_sweep(again, evaluate=ran.append)
-    assert not ran and [o.state for o in outcome.outcomes] == ["skipped"] * 4
+    assert not ran
+    assert [o.state for o in outcome.outcomes] == ["skipped"] * 4
 
 
 def test_dense_and_clip_rows_take_their_part_of_a_global_extraction(
@@ -188,7 +191,8 @@ def test_a_failed_run_does_not_stop_the_others(synthetic_coco, tmp_path: Path) -
     outcome = run_sweep(runs)
     states = {o.name: o.state for o in outcome.outcomes}
     # the dense row's data differs from the cluster row's: no sharing, both fail alone
-    assert states["clip"] == "ran" and states["dense_clip"] == "failed"
+    assert states["clip"] == "ran"
+    assert states["dense_clip"] == "failed"
     assert "none" in next(o.message for o in outcome.outcomes if o.name == "dense_clip")
     code = main(["sweep", str(sweep_file), *_data(synthetic_coco), f"out={tmp_path}", *FAST])
     assert code == 1  # the failed row again; the finished ones skipped
@@ -223,8 +227,10 @@ def test_dry_run_prints_the_plan(synthetic_coco, tmp_path: Path, capsys, monkeyp
     args = [*_data(synthetic_coco), f"out={tmp_path}", *FAST]
     assert main(["sweep", "scenes", *args, "--dry-run", "--calibrate"]) == 0
     out = capsys.readouterr().out
-    assert "24 of 24" in out and "dense_clip (no backbone)" in out
-    assert "2 backbone passes over 48 images" in out and " s (measured" in out
+    assert "24 of 24" in out
+    assert "dense_clip (no backbone)" in out
+    assert "2 backbone passes over 48 images" in out
+    assert " s (measured" in out
     assert not (tmp_path / "runs").exists()
 
 
@@ -293,7 +299,8 @@ def test_the_same_sweep_twice_is_bit_identical(synthetic_coco, tmp_path: Path) -
         _sweep_processes(synthetic_coco, tmp_path / name, devices=1)
     for row in SCENES_ROWS:
         first, again = (_stored(tmp_path / n / "runs" / row) for n in ("first", "again"))
-        assert first.keys() == again.keys() and first, row
+        assert first, row
+        assert first.keys() == again.keys(), row
         for image_id, (emb, mask) in first.items():
             assert emb.tobytes() == again[image_id][0].tobytes(), (row, image_id)
             assert np.array_equal(mask, again[image_id][1]), (row, image_id)
@@ -315,7 +322,8 @@ def test_a_sweep_over_two_processes_agrees_with_one(synthetic_coco, tmp_path: Pa
         _sweep_processes(synthetic_coco, tmp_path / name, devices)
     for row in DIRECT_ROWS:
         one, two = (_stored(tmp_path / n / "runs" / row) for n in ("one", "two"))
-        assert one.keys() == two.keys() and one, row
+        assert one, row
+        assert one.keys() == two.keys(), row
         for image_id, (emb, mask) in one.items():
             other, other_mask = two[image_id]
             assert np.array_equal(mask, other_mask), (row, image_id)

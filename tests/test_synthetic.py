@@ -73,7 +73,10 @@ def test_valid_coco(dataset) -> None:
         image = coco.imgs[a["image_id"]]
         assert (images / image["file_name"]).is_file()
         x, y, w, h = a["bbox"]
-        assert 0 <= x and 0 <= y and x + w <= image["width"] and y + h <= image["height"]
+        assert x >= 0
+        assert y >= 0
+        assert x + w <= image["width"]
+        assert y + h <= image["height"]
         polygon = np.array(a["segmentation"][0]).reshape(-1, 2)
         np.testing.assert_allclose(
             [x, y, x + w, y + h], [*polygon.min(0), *polygon.max(0)], atol=0.01
@@ -82,7 +85,8 @@ def test_valid_coco(dataset) -> None:
         assert a["area"] == pytest.approx(polygon_area(polygon), abs=0.01)
         if a["area"] >= 100:
             assert coco.annToMask(a).sum() == pytest.approx(a["area"], rel=0.1)
-        assert a["iscrowd"] == 0 and a["colour"] in COLOURS
+        assert a["iscrowd"] == 0
+        assert a["colour"] in COLOURS
 
 
 def test_sizes_span_buckets(dataset) -> None:
@@ -94,7 +98,8 @@ def test_sizes_span_buckets(dataset) -> None:
     assert ((areas >= SMALL_AREA) & (areas < LARGE_AREA)).any()
     assert (areas >= LARGE_AREA).any()
     counts = np.bincount([a["image_id"] for a in data["annotations"]], minlength=13)[1:]
-    assert counts.min() >= 1 and counts.max() <= 5
+    assert counts.min() >= 1
+    assert counts.max() <= 5
 
 
 def test_large_objects_need_room(tmp_path: Path) -> None:
@@ -138,7 +143,8 @@ def test_bad_images(tmp_path: Path) -> None:
     annotations, images = make_synthetic_coco(tmp_path, num_images=3, bad_images=2)
     coco = COCO(str(annotations))
     assert sorted(coco.getImgIds()) == [1, 2, 3, 4, 5]
-    assert coco.getAnnIds(imgIds=[4]) and coco.getAnnIds(imgIds=[5])
+    assert coco.getAnnIds(imgIds=[4])
+    assert coco.getAnnIds(imgIds=[5])
     for image_id in (4, 5):
         with pytest.raises(BadImageError):
             load_image(images / coco.imgs[image_id]["file_name"])
@@ -161,7 +167,8 @@ def test_options_extend(tmp_path: Path) -> None:
     options = SyntheticOptions(num_images=2, colours=("red",), objects_per_image=(2, 2))
     annotations, _ = write_synthetic_coco(tmp_path, options)
     anns = json.loads(annotations.read_text())["annotations"]
-    assert len(anns) == 4 and {a["colour"] for a in anns} == {"red"}
+    assert len(anns) == 4
+    assert {a["colour"] for a in anns} == {"red"}
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -184,7 +191,8 @@ def test_default_categories_and_captions(dataset) -> None:
     names = {c["id"]: c["name"] for c in data["categories"]}
     for image in data["images"]:
         (text,) = image["captions"]
-        assert text.startswith("a photo of ") and text.endswith(".")
+        assert text.startswith("a photo of ")
+        assert text.endswith(".")
         anns = [a for a in data["annotations"] if a["image_id"] == image["id"]]
         assert text.count(",") + text.count(" and ") == len(anns) - 1
         for a in anns:
@@ -226,7 +234,8 @@ def test_colour_shape_categories(pairs_dataset) -> None:
     for a in coco.dataset["annotations"]:
         assert coco.cats[a["category_id"]]["name"] == f"{a['colour']} {a['shape']}"
     info = coco.dataset["info"]["options"]
-    assert info["category_mode"] == "colour_shape" and info["clutter"] > 0
+    assert info["category_mode"] == "colour_shape"
+    assert info["clutter"] > 0
 
 
 def test_held_out_pairs() -> None:
@@ -260,8 +269,10 @@ def test_log_uniform_sizes_on_small_images() -> None:
         shapes |= {o.shape.name for o in objects}
     areas = np.array(areas)
     cap = options.max_area_fraction * 64 * 64
-    assert areas.min() >= options.min_area * 0.99 and areas.max() <= cap * 1.01
-    assert (areas < 100).any() and (areas > 0.25 * 64 * 64).any()
+    assert areas.min() >= options.min_area * 0.99
+    assert areas.max() <= cap * 1.01
+    assert (areas < 100).any()
+    assert (areas > 0.25 * 64 * 64).any()
     assert shapes == set(SHAPES)
 
 
@@ -289,14 +300,17 @@ def test_clutter_draws_only_background(tmp_path: Path) -> None:
 def test_scenes_presets_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Invariant: the presets are the benchmark's settings; --preset writes them."""
     evaluation, train = scenes_options("eval"), scenes_options("train")
-    assert evaluation.image_size == (256, 256) and evaluation.draw_held_out
-    assert train.image_size == (64, 64) and not train.draw_held_out
+    assert evaluation.image_size == (256, 256)
+    assert evaluation.draw_held_out
+    assert train.image_size == (64, 64)
+    assert not train.draw_held_out
     assert scenes_options("eval", num_images=5, seed=1).num_images == 5
     with pytest.raises(ValueError, match="split"):
         scenes_options("test")
     main([str(tmp_path / "s"), "--preset", "scenes", "--num-images", "3"])
     data = json.loads((tmp_path / "s" / "annotations.json").read_text())
-    assert len(data["images"]) == 3 and data["images"][0]["width"] == 256
+    assert len(data["images"]) == 3
+    assert data["images"][0]["width"] == 256
     assert len(data["categories"]) == len(COLOURS) * len(SHAPES)
     assert "--preset" not in capsys.readouterr().err
 

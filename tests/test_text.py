@@ -17,8 +17,10 @@ def _fake_encoder(texts: list[str]) -> torch.Tensor:
 def test_imagenet80_templates() -> None:
     """The default set is CLIP's 80 ImageNet templates; single is 'a photo of a {}.'."""
     temps = templates("imagenet80")
-    assert len(temps) == 80 and len(set(temps)) == 80
-    assert "a photo of a {}." in temps and all("{}" in t for t in temps)
+    assert len(temps) == 80
+    assert len(set(temps)) == 80
+    assert "a photo of a {}." in temps
+    assert all("{}" in t for t in temps)
     assert templates("single") == ["a photo of a {}."]
 
 

@@ -27,7 +27,9 @@ def test_first_meeting_candidate_wins_and_stops() -> None:
     result = tune_settings(options, ({"n": n} for n in (1, 2, 4, 8)), measure, 0.9)
     assert seen == [1, 2]
     assert options == {"n": 2, "other": "kept"}
-    assert result.settings == {"n": 2} and result.recall == 0.9 and result.met
+    assert result.settings == {"n": 2}
+    assert result.recall == 0.9
+    assert result.met
     assert result.measured == 2
 
 
@@ -41,8 +43,11 @@ def test_cheapest_meeting_candidate_by_cost() -> None:
     )
     # 7 costs more than 3 (skipped unmeasured); 6 ties 5 (the earlier wins, 6 skipped)
     assert seen == [3, 5, 2]
-    assert options == {"n": 5} and result.settings == {"n": 5} and result.met
-    assert result.recall == 0.92 and result.measured == 3
+    assert options == {"n": 5}
+    assert result.settings == {"n": 5}
+    assert result.met
+    assert result.recall == 0.92
+    assert result.measured == 3
 
 
 @pytest.mark.parametrize("seed", range(50))
@@ -67,7 +72,8 @@ def test_cost_search_matches_exhaustive_min(seed: int) -> None:
         expected = min(meeting, key=lambda s: price[s["p"], s["o"]])
     else:  # the best recall, the later candidate on a tie (as max over (recall, p, o))
         expected = dict(zip("po", max((r, *key) for key, r in recalls.items())[1:], strict=True))
-    assert result.settings == expected and options == expected
+    assert result.settings == expected
+    assert options == expected
     assert result.met == bool(meeting)
 
 
@@ -77,21 +83,28 @@ def test_best_when_none_meets() -> None:
     result = tune_settings(options, [{"n": n} for n in (1, 2, 4, 8)], measure, 0.9)
     assert seen == [1, 2, 4, 8]
     # 2 and 8 tie at 0.8: the later (costlier) one is kept
-    assert options == {"n": 8} and result.settings == {"n": 8}
-    assert result.recall == 0.8 and not result.met and result.measured == 4
+    assert options == {"n": 8}
+    assert result.settings == {"n": 8}
+    assert result.recall == 0.8
+    assert not result.met
+    assert result.measured == 4
 
     options = {"n": 0}
     _, measure = fake({1: 0.5, 2: 0.85, 4: 0.7}, options)
     candidates = [{"n": n} for n in (1, 2, 4)]
     result = tune_settings(options, candidates, measure, 0.9, cost=lambda s: s["n"])
-    assert options == {"n": 2} and result.recall == 0.85 and not result.met
+    assert options == {"n": 2}
+    assert result.recall == 0.85
+    assert not result.met
 
 
 def test_last_fallback_keeps_the_most_tried() -> None:
     options = {"n": 0}
     _, measure = fake({1: 0.5, 2: 0.8, 4: 0.7}, options)
     result = tune_settings(options, [{"n": n} for n in (1, 2, 4)], measure, 0.9, fallback="last")
-    assert options == {"n": 4} and result.settings == {"n": 4} and result.recall == 0.7
+    assert options == {"n": 4}
+    assert result.settings == {"n": 4}
+    assert result.recall == 0.7
 
 
 def test_options_hold_the_chosen_values_of_multi_key_candidates() -> None:
@@ -103,14 +116,18 @@ def test_options_hold_the_chosen_values_of_multi_key_candidates() -> None:
 
     grid = [{"a": a, "b": b} for a in (1, 2) for b in (1, 2)]
     result = tune_settings(options, grid, measure, 0.99)
-    assert options == {"a": 1, "b": 2, "c": "kept"} and result.settings == {"a": 1, "b": 2}
+    assert options == {"a": 1, "b": 2, "c": "kept"}
+    assert result.settings == {"a": 1, "b": 2}
 
 
 def test_no_candidates_leaves_options() -> None:
     options = {"n": 3}
     result = tune_settings(options, [], lambda: 1.0, 0.9)
-    assert options == {"n": 3} and result.settings == {} and result.measured == 0
-    assert math.isnan(result.recall) and not result.met
+    assert options == {"n": 3}
+    assert result.settings == {}
+    assert result.measured == 0
+    assert math.isnan(result.recall)
+    assert not result.met
 
 
 def test_unknown_fallback_is_refused() -> None:

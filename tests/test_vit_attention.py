@@ -229,7 +229,12 @@ def test_vit_cells_are_the_variant_block_then_ln_post_proj(vit, variant, size):
 def test_cluster_clip_clusters_each_variants_cells(backbone, variant):
     """Invariant: Cluster-CLIP on any ViT and variant = its aggregator on Dense-CLIP's
     cells of the same variant; the variant reaches both fingerprints when not default."""
-    options = dict(backbone=backbone, pretrained=None, resolution=96, dense_attention=variant)
+    options = {
+        "backbone": backbone,
+        "pretrained": None,
+        "resolution": 96,
+        "dense_attention": variant,
+    }
     torch.manual_seed(0)
     dense = create_retriever("dense_clip", **options)
     cluster = create_retriever("cluster_clip", aggregate={"method": "kmeans", "k": 3}, **options)
@@ -239,7 +244,8 @@ def test_cluster_clip_clusters_each_variants_cells(backbone, variant):
     expected = cluster.aggregator(out.embeddings, out.mask, out.grid, out.boxes)
     reps = cluster.encode_images(pixels)
     torch.testing.assert_close(reps.embeddings, expected.embeddings)
-    assert out.grid == (6, 6) and reps.counts.max() <= 3
+    assert out.grid == (6, 6)
+    assert reps.counts.max() <= 3
     for retriever in (dense, cluster):
         assert retriever.describe().get("dense_attention") == (
             None if variant == "maskclip" else variant
@@ -277,10 +283,13 @@ def test_shipped_vit_scenes_weights_load_strictly():
     from retrieval.retrievers.openclip_loader import BUNDLED, load_open_clip
 
     model, path = BUNDLED["scenes-vit"]
-    assert model == "ViT-scenes" and path.is_file() and path.stat().st_size < 12 * 2**20
+    assert model == "ViT-scenes"
+    assert path.is_file()
+    assert path.stat().st_size < 12 * 2**20
     with safe_open(str(path), "pt") as f:
         assert json.loads(f.metadata()["recipe"])["model"] == "ViT-scenes"
     loaded = load_open_clip("ViT-scenes", "scenes-vit")
-    assert not loaded.random_weights and loaded.weights == str(path)
+    assert not loaded.random_weights
+    assert loaded.weights == str(path)
     with pytest.raises(ConfigError, match="pretrained=scenes-vit"):
         load_open_clip("ViT-scenes", "scenes")

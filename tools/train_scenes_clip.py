@@ -53,12 +53,12 @@ from pathlib import Path
 # costs nothing when the cores are free. Must be set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,7 +77,7 @@ from retrieval.data.synthetic import (  # noqa: E402
 )
 from retrieval.retrievers.openclip_loader import BUNDLED  # noqa: E402  (registers *-scenes)
 
-WEIGHTS = {model: path for model, path in BUNDLED.values()}
+WEIGHTS = dict(BUNDLED.values())
 """Model -> where its shipped weights live (the card: the same name, ``.md``)."""
 TEMPLATES = (
     "a photo of {}.",

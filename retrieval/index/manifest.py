@@ -135,7 +135,7 @@ def run_image_ids(run: Path) -> np.ndarray:
         try:
             with safe_open(str(path), framework="numpy") as shard:
                 ids.append(np.asarray(shard.get_tensor("image_ids"), np.int64))
-        except Exception:  # noqa: BLE001 - a damaged shard is the update's to name
+        except Exception:  # a damaged shard is the update's to name
             continue
     stored = np.unique(np.concatenate(ids))
     live = live_image_ids(run)

@@ -110,7 +110,8 @@ def answer_batch(index: SearchIndex, jobs: list[Job], counters: Counters) -> lis
             elif failed is not None:
                 raise failed
             else:
-                assert embedded is not None and job.combine is not None
+                assert embedded is not None
+                assert job.combine is not None
                 vectors[i] = job.combine(embedded[[position[t] for t in job.texts]])
         except Exception as err:  # this job's alone (a bad input: its 4xx; a bug: its 500)
             results[i] = err

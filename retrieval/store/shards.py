@@ -115,7 +115,8 @@ class ShardReader:
         """The stored arrays ``keys`` (those present) of images ``start:stop``, read as
         NumPy: what a reader that needs no torch uses (export)."""
         file = self._open_file()
-        return {key: file.get_slice(key)[start:stop] for key in keys if key in file.keys()}
+        stored = set(file.keys())  # safe_open has keys() but no `in`
+        return {key: file.get_slice(key)[start:stop] for key in keys if key in stored}
 
     def rows(self, start: int, stop: int) -> Representatives:
         """The representatives of images ``start:stop`` of this shard."""
@@ -307,9 +308,9 @@ class ShardStore:
                 continue
             if not isinstance(entry, dict) or "sha256" not in entry:
                 continue  # nothing recorded to compare with
-            if verify == "full" or not _same_stat(entry, path.stat()):
-                if sha256(path) != entry["sha256"]:
-                    altered.append(name)
+            changed = verify == "full" or not _same_stat(entry, path.stat())
+            if changed and sha256(path) != entry["sha256"]:
+                altered.append(name)
         return sorted(missing), sorted(altered)
 
     def verify(self, verify: str = "fast", allow_missing: bool = False) -> None:

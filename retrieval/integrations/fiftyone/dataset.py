@@ -56,7 +56,7 @@ def require_fiftyone() -> Any:
     """The ``fiftyone`` module, or a :class:`ConfigError` saying how to install it."""
     try:
         import fiftyone
-        import fiftyone.brain  # noqa: F401 - the similarity backend needs it too
+        import fiftyone.brain  # the similarity backend needs it too
     except ImportError as err:
         raise ConfigError(f"FiftyOne is not installed ({err}): {INSTALL}") from None
     return fiftyone
