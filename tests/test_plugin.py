@@ -393,7 +393,8 @@ def test_architecture_doc_retriever_snippet_runs(monkeypatch: pytest.MonkeyPatch
     retriever = create_retriever("colour", scale=2.0)
     reps = retriever.encode_images(torch.rand(2, 3, 4, 4))
     d = retriever.embed_dim
-    assert reps.embeddings.shape == (2, 1, d) and retriever.device == torch.device("cpu")
+    assert reps.embeddings.shape == (2, 1, d)
+    assert retriever.device == torch.device("cpu")
     assert retriever.encode_text(["a", "b"]).shape == (2, d)
 
 
@@ -402,7 +403,8 @@ def test_plugin_options_are_config_keys(installed: Path, tmp_path: Path) -> None
     path = tmp_path / "colour.yaml"
     path.write_text("defaults:\n  - dataset: synthetic\nretriever:\n  name: colour\n  scale: 0.5\n")
     cfg = load_config(path)
-    assert cfg.retriever.scale == 0.5 and cfg.retriever.dim == 3
+    assert cfg.retriever.scale == 0.5
+    assert cfg.retriever.dim == 3
     with pytest.raises(ConfigError, match="Did you mean 'retriever.scale'"):
         load_config(path, ["retriever.scal=2"])
     with pytest.raises(ConfigError, match="retriever.dim"):
@@ -419,7 +421,9 @@ def test_every_kind_is_in_retrieval_list(
     for name, option in (("colour", "scale"), ("tiles", "count"), ("first-cell", "cells")):
         line = next(line for line in out.splitlines() if f" {name} " in line)
         assert option in line, line
-    assert " brute " in out and " clip " in out and " exact " in out
+    assert " brute " in out
+    assert " clip " in out
+    assert " exact " in out
 
 
 def test_broken_plugin_is_an_error_naming_it(installed: Path) -> None:
@@ -449,7 +453,9 @@ def test_dataset_plugin_is_listed_and_its_options_are_config_keys(
     }  # fmt: skip
     path = tiles_config(tmp_path)
     cfg = load_config(path, [f"data.images={tmp_path}", "data.count=5"])
-    assert cfg.data.count == 5 and cfg.data.size == 24 and cfg.data.on_bad_image == "error"
+    assert cfg.data.count == 5
+    assert cfg.data.size == 24
+    assert cfg.data.on_bad_image == "error"
     with pytest.raises(ConfigError, match="Did you mean 'data.count'"):
         load_config(path, ["data.cont=5"])
     with pytest.raises(ConfigError, match="data.count"):
@@ -470,13 +476,15 @@ def test_dataset_plugin_is_scored_by_evaluate(installed: Path, tmp_path: Path) -
         *FAST,
     ]
     result = evaluate(load_config(tiles_config(tmp_path), overrides))
-    assert result.metrics["images"] == 5 and result.metrics["random_weights"] is True
+    assert result.metrics["images"] == 5
+    assert result.metrics["random_weights"] is True
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [row["name"] for row in metrics["per_category"]] == ["red", "green", "blue"]
     assert [row["positives"] for row in metrics["per_category"]] == [2, 2, 1]
     assert 0.0 <= metrics["map"] <= 1.0
     saved = np.load(tmp_path / "run" / "scores.npz")
-    assert saved["scores"].shape == (3, 5) and saved["image_ids"].tolist() == [0, 1, 2, 3, 4]
+    assert saved["scores"].shape == (3, 5)
+    assert saved["image_ids"].tolist() == [0, 1, 2, 3, 4]
     assert "tiles" in (tmp_path / "run" / "config.yaml").read_text()
     assert sorted(p.name for p in (data / "images").iterdir())[-1] == "tile004.png"
 
@@ -487,7 +495,8 @@ def test_dataset_plugin_with_plainly_typed_required_options(
     """`annotations: str` (no `| Path`, no default) is as valid a signature as COCO's;
     the key is left to the command line like COCO's."""
     cfg = load_config(tiles_config(tmp_path, "plain-tiles"), [f"data.images={tmp_path}"])
-    assert cfg.data.images == str(tmp_path) and cfg.data.annotations is None
+    assert cfg.data.images == str(tmp_path)
+    assert cfg.data.annotations is None
 
 
 def test_dataset_plugin_with_its_own_options_only(installed: Path, tmp_path: Path) -> None:
@@ -525,7 +534,8 @@ def test_aggregator_plugin_runs_behind_cluster_clip(installed: Path) -> None:
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     reps = retriever.encode_images(pixels)
     dense = retriever.encode_dense(pixels)
-    assert reps.embeddings.shape == (2, 1, retriever.embed_dim) and reps.mask.all()
+    assert reps.embeddings.shape == (2, 1, retriever.embed_dim)
+    assert reps.mask.all()
     torch.testing.assert_close(reps.embeddings[:, 0], dense.embeddings[:, 0])
     torch.testing.assert_close(reps.boxes[:, 0], dense.boxes[0].expand(2, 4))
 
@@ -581,8 +591,10 @@ def test_backend_plugin_indexes_a_run_like_exact(
     exact = build_index(dense_run, "exact", tmp_path / "exact", "cpu", progress=False)
     with open_index(out, "cpu") as brute, open_index(exact, "cpu") as reference:
         manifest = brute.manifest
-        assert manifest["backend"] == "brute" and manifest["backend_state"] == {"chunk": 64}
-        assert manifest["recall"]["value"] == 1.0 and "brute.json" in manifest["files"]
+        assert manifest["backend"] == "brute"
+        assert manifest["backend_state"] == {"chunk": 64}
+        assert manifest["recall"]["value"] == 1.0
+        assert "brute.json" in manifest["files"]
         q = F.normalize(torch.randn(4, brute.embed_dim, generator=torch.Generator().manual_seed(1)))
         for found, expected in zip(
             brute.search_vectors(q, 10), reference.search_vectors(q, 10), strict=True
