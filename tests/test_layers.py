@@ -131,3 +131,37 @@ def test_import_contracts_catch_a_forbidden_import(tmp_path: Path) -> None:
     assert broken.returncode != 0
     assert "BROKEN" in broken.stdout
     assert "retrieval.index.search -> retrieval.engine.embedding" in broken.stdout
+
+
+@pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter is not installed")
+@pytest.mark.parametrize(
+    ("module", "line", "arrow"),
+    [
+        # the circle issue 25 removed: a component registering through the factory
+        (
+            "aggregate/kmeans.py",
+            "from retrieval.factory import build_dataset",
+            "kmeans -> retrieval.factory",
+        ),
+        # the registry imports nothing of ours but errors
+        (
+            "registry.py",
+            "import retrieval.retrievers.base",
+            "registry -> retrieval.retrievers.base",
+        ),
+        # a dataset reaching up into the index layer
+        ("data/collection.py", "import retrieval.index.hits", "collection -> retrieval.index.hits"),
+    ],
+)
+def test_layers_contract_catches_an_arrow_back_up(
+    tmp_path: Path, module: str, line: str, arrow: str
+) -> None:
+    """The core's layers contract breaks, naming the import, when a lower layer imports a
+    higher one (run-time imports inside functions count; TYPE_CHECKING ones do not)."""
+    project = _contracts_project(tmp_path)
+    path = project / "retrieval" / module
+    path.write_text(path.read_text() + f"\n\ndef _late() -> None:\n    {line}\n")
+    broken = _lint_imports(project)
+    assert broken.returncode != 0
+    assert "The core is layered" in broken.stdout
+    assert arrow in broken.stdout, broken.stdout[-3000:]
