@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import retrieval
 import retrieval.data
@@ -190,3 +192,30 @@ def test_output_is_plain_unless_verbose(tmp_path: Path) -> None:
     assert len(lines) == len(set(lines))
     loud = embed("-v", out="b")
     assert sum("GPU available" in line for line in loud) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(["int64", "int32", "uint8", "bool"]),
+    chunks=st.lists(st.lists(st.integers(0, 2**31 - 1), max_size=40), min_size=1, max_size=4),
+    start=st.integers(0, 50),
+)
+def test_column_numpy_equals_pyarrows_to_numpy(
+    kind: str, chunks: list[list[int]], start: int
+) -> None:
+    """column_numpy (read from the buffers, so no pandas) equals pyarrow's own to_numpy
+    for chunked and sliced (offset) integer and boolean columns."""
+    import pyarrow as pa
+
+    from retrieval.data.collection import column_numpy
+
+    if kind == "bool":
+        arrays = [pa.array([v % 2 == 1 for v in c], pa.bool_()) for c in chunks]
+    else:
+        mod = 256 if kind == "uint8" else 2**31
+        arrays = [pa.array([v % mod for v in c], kind) for c in chunks]
+    table = pa.table({"x": pa.chunked_array(arrays, arrays[0].type)})
+    table = table.slice(min(start, table.num_rows))
+    got = column_numpy(table, "x")
+    want = table.column("x").to_numpy()
+    assert got.dtype == want.dtype and np.array_equal(got, want)

@@ -80,6 +80,24 @@ def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
         ) from None
 
 
+def column_numpy(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed-width column without nulls as NumPy, read from its buffers: pyarrow's own
+    ``to_numpy`` imports pandas (a quarter second), which ``index info``, ``export`` and
+    the staleness notes would pay for nothing."""
+    import pyarrow as pa
+
+    column = table.column(name).combine_chunks()
+    kind = column.type
+    if column.null_count or not (pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
+        return column.to_numpy(zero_copy_only=False)
+    data = column.buffers()[1]
+    if pa.types.is_boolean(kind):  # bit-packed, least significant bit first
+        bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+        return bits[column.offset : column.offset + len(column)].astype(bool)
+    values = np.frombuffer(data, kind.to_pandas_dtype())
+    return values[column.offset : column.offset + len(column)]
+
+
 def live_image_ids(run_dir: str | Path) -> np.ndarray | None:
     """The ids still in the run's collection (ascending), or None for a run without a
     collection table (a labelled run: every stored image is live).
@@ -91,8 +109,7 @@ def live_image_ids(run_dir: str | Path) -> np.ndarray | None:
     if not path.exists():
         return None
     table = _read_table(path, columns=["image_id", "removed"])
-    ids = table.column("image_id").to_numpy()
-    removed = table.column("removed").to_numpy(zero_copy_only=False).astype(bool)
+    ids, removed = column_numpy(table, "image_id"), column_numpy(table, "removed")
     return np.sort(ids[~removed]).astype(np.int64)
 
 
