@@ -111,7 +111,9 @@ def require_labels(cfg: DictConfig) -> None:
         )
 
 
-def query_embeddings(cfg: DictConfig, retriever: Retriever, queries: list[str], run_dir: Path):
+def query_embeddings(
+    cfg: DictConfig, retriever: Retriever, queries: list[str], run_dir: Path
+) -> torch.Tensor:
     """Text embeddings, cached in the run folder for the same retriever and prompts.
 
     The cache is only a cache: one that cannot be read (truncated, empty, a pickle, not

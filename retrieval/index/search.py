@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from retrieval.index.base import Backend
+    from retrieval.retrievers.base import Retriever
 
 COLLECTION_FILE = "images.parquet"  # retrieval.data.collection's, named in messages
 
@@ -51,7 +52,7 @@ class SearchIndex:
         self.device = device
         self._check_run_unchanged()
         self.backend: Backend = self._open_backend(self.manifest)
-        self._retriever = None
+        self._retriever: Retriever | None = None
         self._cfg: DictConfig | None = None
         self._metadata: pa.Table | None = None
 
@@ -117,7 +118,7 @@ class SearchIndex:
             self._cfg = load_stored_config(path)
         return self._cfg
 
-    def retriever(self):
+    def retriever(self) -> Retriever:
         """The run's retriever, built and seeded as the run built it, checked against the
         fingerprint the index was made from."""
         if self._retriever is None:
