@@ -1,4 +1,4 @@
-"""Metadata filters for search: ``--where "camera = 'CAM_FRONT' AND width >= 1024"`` (the
+r"""Metadata filters for search: ``--where "camera = 'CAM_FRONT' AND width >= 1024"`` (the
 CLI), ``where=`` (the API), the filter field (the page).
 
 A small SQL-like grammar, tokenised and parsed here (no ``eval``, no SQL engine) into a
