@@ -218,4 +218,5 @@ def test_column_numpy_equals_pyarrows_to_numpy(
     table = table.slice(min(start, table.num_rows))
     got = column_numpy(table, "x")
     want = table.column("x").to_numpy()
-    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert got.dtype == want.dtype
+    assert np.array_equal(got, want)
