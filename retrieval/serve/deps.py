@@ -1,6 +1,7 @@
 """What every route shares: the served indexes and settings (FastAPI dependencies, read
-from ``app.state``, where :func:`~retrieval.serve.app.create_app` puts them), the index a
-request names, the checks every query kind makes, and the search answer."""
+from ``app.state``, where :func:`~retrieval.serve.app.create_app` puts them; ``async`` so
+FastAPI calls them on the event loop, not in its thread pool), the index a request
+names, the checks every query kind makes, and the search answer."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ from retrieval.serve.settings import ServeSettings
 M = TypeVar("M", bound=BaseModel)
 
 
-def served_indexes(request: Request) -> Mapping[str, ServedIndex]:
+async def served_indexes(request: Request) -> Mapping[str, ServedIndex]:
     """The indexes this server holds (name -> loaded index)."""
     served: Mapping[str, ServedIndex] = request.app.state.served
     return served
 
 
-def serve_settings(request: Request) -> ServeSettings:
+async def serve_settings(request: Request) -> ServeSettings:
     """The server's limits and options."""
     settings: ServeSettings = request.app.state.settings
     return settings
