@@ -13,9 +13,13 @@ from typing import TYPE_CHECKING
 from retrieval.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from retrieval.factory import create_retriever, list_retrievers, register_retriever
     from retrieval.representatives import Representatives
-    from retrieval.retrievers.base import Retriever
+    from retrieval.retrievers.base import (
+        Retriever,
+        create_retriever,
+        list_retrievers,
+        register_retriever,
+    )
 
 __version__ = "0.1.0"
 
@@ -32,9 +36,9 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     globals(),
     {
-        "create_retriever": "retrieval.factory",
-        "list_retrievers": "retrieval.factory",
-        "register_retriever": "retrieval.factory",
+        "create_retriever": "retrieval.retrievers.base",
+        "list_retrievers": "retrieval.retrievers.base",
+        "register_retriever": "retrieval.retrievers.base",
         "Representatives": "retrieval.representatives",
         "Retriever": "retrieval.retrievers.base",
     },

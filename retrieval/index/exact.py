@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from retrieval.factory import register_backend
-from retrieval.index.base import Backend, RowHits
+from retrieval.index.base import Backend, RowHits, register_backend
 from retrieval.index.table import RepTable
 from retrieval.store.scoring import resolve_device
 

@@ -417,7 +417,7 @@ class SearchIndex:
 
     def _open_backend(self, manifest: dict[str, Any]) -> Backend:
         """The backend at the generation ``manifest`` names, with its recorded settings."""
-        from retrieval.factory import open_backend
+        from retrieval.index.base import open_backend
 
         return open_backend(
             manifest["backend"],
