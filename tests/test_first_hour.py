@@ -157,18 +157,22 @@ def test_first_hour(tmp_path: Path, request: pytest.FixtureRequest) -> None:
 
     embed_out = outputs[0]
     skipped = home / "runs/photos/skipped.csv"
-    assert skipped.exists() and "broken.jpg" in skipped.read_text()
-    assert "skipped.csv" in embed_out and "LitLogger" not in embed_out
+    assert skipped.exists()
+    assert "broken.jpg" in skipped.read_text()
+    assert "skipped.csv" in embed_out
+    assert "LitLogger" not in embed_out
     assert "GPU available" not in embed_out
     run_images = pq.read_table(home / "runs/photos/images.parquet").to_pydict()
     listed = set(run_images["path"])
     assert listed == {*PHOTOS, "trips/broken.jpg"}  # hidden file and non-images not listed
 
     # plain search: a table naming files of the folder
-    assert "file" in outputs[2] and any(name in outputs[2] for name in ("IMG 0001", "café"))
+    assert "file" in outputs[2]
+    assert any(name in outputs[2] for name in ("IMG 0001", "café"))
     # compound search: the one hit shape, every file real
     hits = json.loads((home / "hits.json").read_text())["hits"]
-    assert hits and all(Path(h["path"]).is_file() for h in hits)
+    assert hits
+    assert all(Path(h["path"]).is_file() for h in hits)
     assert "broken.jpg" not in {h["file_name"] for h in hits}  # skipped: never indexed
     assert all(h["file_name"] == Path(h["path"]).name for h in hits)
     # the filter: camera = 'front' AND path LIKE 'trips/%'
@@ -187,7 +191,8 @@ def test_first_hour(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     embed_again = user.run(after[0])
     assert "1 images embedded now" in " ".join(embed_again.split())
     info = " ".join(user.run(after[1]).split())
-    assert "1 images added and 1 removed" in info and "retrieval index update" in info
+    assert "1 images added and 1 removed" in info
+    assert "retrieval index update" in info
     user.run(after[2])
     assert "up to date with its run" in user.run(after[1])
 
