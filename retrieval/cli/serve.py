@@ -11,6 +11,11 @@ from pathlib import Path
 
 from retrieval.errors import ConfigError
 
+# Idle keep-alive connections are closed after this long. Above the clients' own reuse
+# limits (httpx: 5 s, uvicorn's default too), so a client never sends on a connection the
+# server is closing at that instant (a ReadError under load; nginx's default is 75 s).
+KEEP_ALIVE_S = 75
+
 
 def parse_indexes(specs: list[str]) -> dict[str, Path]:
     """``NAME=PATH`` or ``PATH`` (named after its folder) -> name -> folder; a name used
@@ -111,6 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         access_log=args.log_level == "debug",
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     return 0
 
