@@ -10,10 +10,13 @@ interpreter alone) and ``python -c "import torch, open_clip"`` (a model's import
 which ``search`` needs). Reported: the median over ``--repeats`` rounds, the CPU and
 memory above the bare interpreter, and each command's ratio to both references.
 
-``index info``, ``export`` and ``search`` run on a small real run: a Dense-CLIP run
-(tiny random-weight RN, 24 generated images, made by ``evaluate``) and its exact index;
-``search``'s cost minus the model-import reference is its own overhead (model build and
-load included: the tiny model builds in milliseconds).
+``index info``, ``export`` and ``search`` run on small real runs: a Dense-CLIP run of
+the 24 generated images as a ``folder`` collection (tiny random-weight RN, made by
+``embed``: what an own-photos user exports) and its exact index; ``export (labelled
+run)`` exports the same images' COCO-format run (made by ``evaluate``), whose image
+paths come from its dataset's loader, which imports torch. ``search``'s cost minus the
+model-import reference is its own overhead (model build and load included: the tiny
+model builds in milliseconds).
 
     python bench/bench_cli.py --repeats 5 --json results/bench/cli_cpu.json \\
         --md results/bench/cli_cpu.md
@@ -62,20 +65,42 @@ def run_once(argv: list[str]) -> dict[str, float]:
     return result
 
 
-def make_run(root: Path) -> tuple[Path, Path]:
-    """A tiny real Dense-CLIP run and its exact index."""
+def make_runs(root: Path) -> tuple[Path, Path, Path]:
+    """Tiny real Dense-CLIP runs of 24 generated images: as a folder collection (with its
+    exact index) and as a labelled COCO-format set."""
     from fake_runs import tiny_dense_run
 
+    from retrieval.config import load_config
     from retrieval.data.synthetic import make_synthetic_coco
+    from retrieval.engine import embed
     from retrieval.index import build_index
 
     annotations, images = make_synthetic_coco(root / "data", num_images=24, seed=3)
-    run = tiny_dense_run(annotations, images, root / "run")
-    index = build_index(run, "exact", run / "index" / "exact", device="cpu", progress=False)
-    return run, index
+    labelled = tiny_dense_run(annotations, images, root / "labelled")
+    collection = root / "collection"
+    embed(
+        load_config(
+            "photos",
+            [
+                f"data.images={images}",
+                f"run.output_dir={collection}",
+                "run.progress=false",
+                "loader.num_workers=0",
+                "logger.wandb.mode=disabled",
+                "retriever=dense_clip_rn50",
+                "retriever.backbone=RN-tiny",
+                "retriever.pretrained=null",
+                "retriever.resolution=128",
+            ],
+        )
+    )
+    index = build_index(
+        collection, "exact", collection / "index" / "exact", device="cpu", progress=False
+    )
+    return collection, labelled, index
 
 
-def commands(run: Path, index: Path, out: Path) -> dict[str, list[str]]:
+def commands(run: Path, labelled: Path, index: Path, out: Path) -> dict[str, list[str]]:
     py = sys.executable
     cli = [py, "-m", "retrieval.cli"]
     from retrieval.cli import build_parser
@@ -93,6 +118,10 @@ def commands(run: Path, index: Path, out: Path) -> dict[str, list[str]]:
     table["retrieval export"] = [
         *cli, "export", str(run), "--format", "parquet", str(out), "--force", "--no-progress",
     ]  # fmt: skip
+    table["retrieval export (labelled run)"] = [
+        *cli, "export", str(labelled), "--format", "parquet", str(out), "--force",
+        "--no-progress",
+    ]  # fmt: skip
     table["retrieval search"] = [*cli, "search", str(index), "a circle", "--device", "cpu"]
     return table
 
@@ -105,8 +134,8 @@ def main() -> None:
     args = parser.parse_args()
     env_note = os.environ.get("BENCH_MACHINE", "shared 2-core CPU")
     with tempfile.TemporaryDirectory() as tmp:
-        run, index = make_run(Path(tmp))
-        table = commands(run, index, Path(tmp) / "export.parquet")
+        run, labelled, index = make_runs(Path(tmp))
+        table = commands(run, labelled, index, Path(tmp) / "export.parquet")
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in table}
         for _ in range(args.repeats):  # interleaved: every command once per round
             for name, argv in table.items():

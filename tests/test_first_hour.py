@@ -30,11 +30,17 @@ import pytest
 from PIL import Image, ImageDraw
 from serve_server import free_port
 from test_serve_page import (
+    after,
     browser,  # noqa: F401 - the page tests' Chromium, as a fixture
+    by_id,
     card_ids,
+    cards,
+    drag,
     open_page,
     pictures_loaded,
     search,
+    sources,
+    status,
     wait,
 )
 
@@ -249,7 +255,9 @@ def wait_for(url: str, server: subprocess.Popen) -> None:
 
 def page_shows(request: pytest.FixtureRequest, url: str, ids: list[int]) -> None:
     """The page in headless Chromium: a text search shows the API's hits in order, with
-    their pictures loaded (skipped, saying so, without chromium)."""
+    their pictures loaded; the heatmap toggle (on by default for a Cluster-CLIP index, no
+    build option) swaps every picture for its heatmap; a box dragged on the last result
+    searches for it and that image comes first (skipped, saying so, without chromium)."""
     missing = [p for p in ("chromium", "chromedriver") if not shutil.which(p)]
     if missing:
         pytest.skip(f"the page part needs Debian's chromium and chromium-driver ({missing})")
@@ -258,3 +266,20 @@ def page_shows(request: pytest.FixtureRequest, url: str, ids: list[int]) -> None
     search(driver, "a red circle", top=50)
     assert card_ids(driver) == ids
     wait(driver, pictures_loaded, "the hits' pictures")
+
+    plain = sources(driver)
+    by_id(driver, "heatmap").click()
+    wait(driver, lambda d: all("/heatmap?" in s for s in sources(d)), "the heatmaps")
+    wait(driver, pictures_loaded, "the heatmaps to load")
+    fell_back = driver.find_elements("css selector", ".card.no-heatmap")
+    assert not fell_back, [c.get_attribute("title") for c in fell_back]
+    by_id(driver, "heatmap").click()
+    wait(driver, lambda d: sources(d) == plain, "the plain pictures back")
+
+    last = cards(driver)[-1]
+    drawn_on = int(last.get_attribute("data-image-id"))
+    img = last.find_element("css selector", "img")
+    after(driver, lambda: drag(driver, img, (0.2, 0.2), (0.8, 0.8)), "the drawn search")
+    assert status(driver).startswith("search by drawn region on "), status(driver)
+    assert card_ids(driver)[0] == drawn_on
+    assert cards(driver)[0].find_elements("css selector", ".drawn")
