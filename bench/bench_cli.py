@@ -68,7 +68,7 @@ def run_once(argv: list[str]) -> dict[str, float]:
 def make_runs(root: Path) -> tuple[Path, Path, Path]:
     """Tiny real Dense-CLIP runs of 24 generated images: as a folder collection (with its
     exact index) and as a labelled COCO-format set."""
-    from fake_runs import tiny_dense_run
+    from fake_runs import TINY_DENSE, tiny_dense_run
 
     from retrieval.config import load_config
     from retrieval.data.synthetic import make_synthetic_coco
@@ -81,17 +81,7 @@ def make_runs(root: Path) -> tuple[Path, Path, Path]:
     embed(
         load_config(
             "photos",
-            [
-                f"data.images={images}",
-                f"run.output_dir={collection}",
-                "run.progress=false",
-                "loader.num_workers=0",
-                "logger.wandb.mode=disabled",
-                "retriever=dense_clip_rn50",
-                "retriever.backbone=RN-tiny",
-                "retriever.pretrained=null",
-                "retriever.resolution=128",
-            ],
+            [f"data.images={images}", f"run.output_dir={collection}", *TINY_DENSE],
         )
     )
     index = build_index(

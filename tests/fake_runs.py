@@ -54,6 +54,19 @@ def write_collection(
     pq.write_table(pa.table(table), run / "images.parquet")
 
 
+TINY_DENSE = [
+    "run.progress=false",
+    "loader.num_workers=0",
+    "logger.wandb.mode=disabled",
+    "retriever=dense_clip_rn50",
+    "retriever.backbone=RN-tiny",
+    "retriever.pretrained=null",
+    "retriever.resolution=128",
+]
+"""Quiet, offline overrides for a tiny random-weight RN Dense-CLIP run (128 px = 4 x 4
+cells): the suite's and the benches' small real runs."""
+
+
 def tiny_dense_run(annotations: Path, images: Path, out: Path) -> Path:
     """A real Dense-CLIP run by ``evaluate`` (tiny random-weight RN, 128 px = 4 x 4 cells,
     the single prompt) over a COCO-format set: the suite's ``dense_run`` and the serve
@@ -65,13 +78,7 @@ def tiny_dense_run(annotations: Path, images: Path, out: Path) -> Path:
         f"data.annotations={annotations}",
         f"data.images={images}",
         f"run.output_dir={out}",
-        "run.progress=false",
-        "loader.num_workers=0",
-        "logger.wandb.mode=disabled",
-        "retriever=dense_clip_rn50",
-        "retriever.backbone=RN-tiny",
-        "retriever.pretrained=null",
-        "retriever.resolution=128",
+        *TINY_DENSE,
         "text.prompts=single",
     ]
     evaluate(load_config("demo", overrides))
