@@ -36,6 +36,7 @@ from test_serve_page import (
     card_ids,
     cards,
     drag,
+    drawn_box,
     open_page,
     pictures_loaded,
     search,
@@ -285,14 +286,7 @@ def page_shows(request: pytest.FixtureRequest, url: str, ids: list[int]) -> None
     # (test_serve_page's drawn-region test is): the page asked for the drawn box, the
     # drawn-on image's card shows it, and the hits are the API's for that box
     (card,) = [c for c in cards(driver) if int(c.get_attribute("data-image-id")) == drawn_on]
-    mark = card.find_element("css selector", ".drawn").rect
-    shown = card.find_element("css selector", "img").rect
-    box = [
-        (mark["x"] - shown["x"]) / shown["width"],
-        (mark["y"] - shown["y"]) / shown["height"],
-        (mark["x"] + mark["width"] - shown["x"]) / shown["width"],
-        (mark["y"] + mark["height"] - shown["y"]) / shown["height"],
-    ]
+    box = drawn_box(card)
     assert box == pytest.approx([0.2, 0.2, 0.8, 0.8], abs=0.03)
     body = {"top": 50, "image_id": drawn_on, "box": box}
     answer = httpx.post(f"{url}/api/search", json=body).json()

@@ -245,6 +245,18 @@ def drag(driver: Any, img: Any, start: tuple[float, float], end: tuple[float, fl
     chain.release().perform()
 
 
+def drawn_box(card: Any) -> list[float]:
+    """The drawn box shown on a result card, as fractions (``xyxy``) of its picture."""
+    mark = card.find_element("css selector", ".drawn").rect
+    shown = card.find_element("css selector", "img").rect
+    return [
+        (mark["x"] - shown["x"]) / shown["width"],
+        (mark["y"] - shown["y"]) / shown["height"],
+        (mark["x"] + mark["width"] - shown["x"]) / shown["width"],
+        (mark["y"] + mark["height"] - shown["y"]) / shown["height"],
+    ]
+
+
 def test_drawing_a_region_searches_for_it(browser: Any, served_index: str) -> None:
     """Dragging a box around an object on any result searches for it (the image's cells
     under the box): that image ranks first, its card shows the drawn box where it was
@@ -262,15 +274,7 @@ def test_drawing_a_region_searches_for_it(browser: Any, served_index: str) -> No
     ids = card_ids(browser)
     assert ids[0] == image_id
     assert len(ids) == 12
-    first = cards(browser)[0]
-    mark = first.find_element("css selector", ".drawn").rect
-    shown = first.find_element("css selector", "img").rect
-    box = [
-        (mark["x"] - shown["x"]) / shown["width"],
-        (mark["y"] - shown["y"]) / shown["height"],
-        (mark["x"] + mark["width"] - shown["x"]) / shown["width"],
-        (mark["y"] + mark["height"] - shown["y"]) / shown["height"],
-    ]
+    box = drawn_box(cards(browser)[0])
     assert box == pytest.approx([0.28, 0.3, 0.47, 0.46], abs=0.03)
     assert not cards(browser)[1].find_elements("css selector", ".drawn")
     body = {"index": "vectors", "top": 12, "image_id": image_id, "box": box}
