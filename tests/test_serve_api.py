@@ -164,6 +164,43 @@ def test_compound_query_equals_numpy_reference(
     assert found["query"]["negative"] == negative
 
 
+def maxsim_reference(index, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Plain NumPy Chamfer similarity: each image's mean over the queries of the max
+    cosine over its stored representatives, and the ranking (ties by ascending id)."""
+    table = index.backend.table
+    cos = table.vectors.astype(np.float32) @ queries.T  # [rows, Q]
+    ids = table.image_ids
+    scores = np.array(
+        [cos[table.offsets[i] : table.offsets[i + 1]].max(0).mean() for i in range(len(ids))]
+    )
+    order = np.lexsort((ids, -scores))
+    return ids[order], scores[order]
+
+
+def test_more_like_this_image(served_index: str, local) -> None:
+    """An indexed image alone (no ``rep_index``) is a multi-vector query: its stored
+    representatives, each image scored by MaxSim. The image itself comes first (score ~1)
+    and the ranking equals the NumPy reference and ``SearchIndex.search_like``."""
+    index = local["vectors"]
+    table = index.backend.table
+    pos = int(np.flatnonzero(table.image_ids == 9)[0])
+    queries = table.vectors[table.offsets[pos] : table.offsets[pos + 1]].astype(np.float32)
+    body = {"index": "vectors", "image_id": 9, "top": 6}
+    found = ok(post(f"{served_index}/api/search", json=body))
+    hits = found["hits"]
+    assert hits[0]["image_id"] == 9
+    assert hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
+    ids, scores = maxsim_reference(index, queries)
+    assert [h["image_id"] for h in hits] == ids[:6].tolist()
+    np.testing.assert_allclose([h["score"] for h in hits], scores[:6], atol=1e-4)
+    assert [h["image_id"] for h in hits] == [h.image_id for h in index.search_like(9, top=6)]
+    assert found["query"]["rep_index"] is None
+    body["where"] = "image_id != 9"
+    assert 9 not in [
+        h["image_id"] for h in ok(post(f"{served_index}/api/search", json=body))["hits"]
+    ]
+
+
 def test_more_like_this_region(served_index: str, local) -> None:
     """A stored representative as the query: its own image comes first, matched by that
     same representative, with cosine ~1 (fp16 storage); the rest follow the reference."""
@@ -393,7 +430,7 @@ BAD_REQUESTS = [
         "/api/search",
         {"json": {"index": "dense"}},
         422,
-        r"needs 'positive'.*'image_id' and 'rep_index'",
+        r"needs 'positive'.*'image_id'.*'rep_index'.*'box'",
     ),
     (
         "POST",
@@ -456,9 +493,9 @@ BAD_REQUESTS = [
     (
         "POST",
         "/api/search",
-        {"json": {"index": "vectors", "image_id": 3}},
-        422,
-        r"'rep_index' is required",
+        {"json": {"index": "vectors", "image_id": 999}},
+        404,
+        r"image 999 is not in this index \(index 'vectors'\)$",
     ),
     (
         "POST",

@@ -234,6 +234,24 @@ def test_clicking_a_region_searches_by_example(browser: Any, served_index: str) 
     ]
 
 
+def test_similar_searches_like_the_whole_image(browser: Any, served_index: str) -> None:
+    """The card's "similar" button asks for more like the whole image (no ``rep_index``:
+    the multi-vector query); the page shows the API's hits for it, the image first."""
+    open_page(browser, served_index, "vectors")
+    search(browser, "a blue square", top=10)
+    card = cards(browser)[4]
+    image_id = int(card.get_attribute("data-image-id"))
+    after(browser, card.find_element("css selector", "button.more").click, "the similar search")
+    said = status(browser)
+    assert said.startswith(f"search by example: image {image_id}")
+    ids = card_ids(browser)
+    assert ids[0] == image_id
+    body = {"index": "vectors", "top": 10, "image_id": image_id}
+    assert ids == [
+        h["image_id"] for h in api(served_index, "/api/search", "POST", json=body)["hits"]
+    ]
+
+
 def drag(driver: Any, img: Any, start: tuple[float, float], end: tuple[float, float]) -> None:
     """Presses at ``start`` on the picture (fractions of its width and height), moves to
     ``end`` and releases, as a mouse does."""

@@ -36,10 +36,13 @@ class CompoundQuery(Filters):
 
 
 class ExampleQuery(Filters):
-    """More like this region: the stored representative ``rep_index`` of ``image_id``."""
+    """More like this: an indexed image as a multi-vector query (MaxSim of its stored
+    representatives), or, with ``rep_index``, its stored representative alone (a region)."""
 
     image_id: ImageId
-    rep_index: int = Field(ge=0, le=INT64_MAX)
+    rep_index: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="one stored region; omit for the whole image"
+    )
 
 
 class RegionQuery(Filters):

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from retrieval.errors import ConfigError
 from retrieval.serve.deps import (
     Served,
     Settings,
@@ -95,7 +96,8 @@ async def search_text(
     "/api/search", responses={200: {"model": SearchOut}, **ERRORS}, openapi_extra=POST_BODY
 )
 async def search_post(request: Request, served: Served, settings: Settings) -> JSONResponse:
-    """A compound text query, a stored region (``image_id`` + ``rep_index``) or an
+    """A compound text query, an indexed image (``image_id``: more like this), a stored
+    region (``image_id`` + ``rep_index``), a drawn one (``image_id`` + ``box``) or an
     uploaded picture (multipart field ``image``)."""
     begin = time.perf_counter()
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -152,11 +154,19 @@ async def search_compound(
 async def search_example(
     body: ExampleQuery, item: ServedIndex, settings: ServeSettings, begin: float
 ) -> JSONResponse:
-    """A stored representative of an indexed image as the query vector."""
+    """An indexed image's stored representatives as a multi-vector (MaxSim) query, or one
+    of them (``rep_index``) as the query vector."""
     try:
-        vector = item.index.representative(body.image_id, body.rep_index)[0]
+        if body.rep_index is None:
+            vector = item.index.stored_queries(body.image_id)
+        else:
+            vector = item.index.representative(body.image_id, body.rep_index)[0]
     except LookupError as err:
         raise ApiError(404, f"{err} (index {item.name!r})") from None
+    except ConfigError:  # stored_queries' message names the folder: not for clients
+        raise ApiError(
+            404, f"image {body.image_id} is not in this index (index {item.name!r})"
+        ) from None
     job = Job(vector=vector, top=body.top, where=await check_where(settings, item, body.where))
     echo = {"image_id": body.image_id, "rep_index": body.rep_index, "where": job.where}
     return await answer(item, job, echo, begin)
@@ -205,8 +215,8 @@ Handler = Callable[[Any, ServedIndex, ServeSettings, float], Awaitable[JSONRespo
 
 def json_kind(body: dict) -> tuple[type[Filters], Handler]:
     """The JSON query kind of ``body`` and its handler, by the field only that kind has:
-    ``box`` a drawn region, ``image_id`` / ``rep_index`` a stored one, ``positive`` a
-    compound query; none of them is a 422 naming all three."""
+    ``box`` a drawn region, ``image_id`` / ``rep_index`` an indexed image or one of its
+    stored regions, ``positive`` a compound query; none of them is a 422 naming them."""
     if "box" in body:
         return RegionQuery, search_region
     if "image_id" in body or "rep_index" in body:
@@ -215,6 +225,7 @@ def json_kind(body: dict) -> tuple[type[Filters], Handler]:
         return CompoundQuery, search_compound
     raise ApiError(
         422,
-        "the body needs 'positive' (texts), 'image_id' and 'rep_index' (a stored "
-        "region) or 'image_id' and 'box' (a drawn region) (see /docs)",
+        "the body needs 'positive' (texts), 'image_id' (more like an indexed image; "
+        "with 'rep_index', like one of its stored regions) or 'image_id' and 'box' "
+        "(a drawn region) (see /docs)",
     )

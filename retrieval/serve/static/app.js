@@ -378,16 +378,19 @@
     });
   }
 
-  function searchByExample(hit) {
-    const index = state.shownIndex || ui.index.value; // the region's index, even if another is picked
-    const payload = { index, top: topValue(), image_id: hit.image_id, rep_index: hit.rep_index };
+  // More like this: the whole image (all its regions, MaxSim) or, with region, one of them.
+  function searchByExample(hit, region) {
+    const index = state.shownIndex || ui.index.value; // the hit's index, even if another is picked
+    const payload = { index, top: topValue(), image_id: hit.image_id };
+    if (region) payload.rep_index = hit.rep_index;
     const where = whereValue();
     if (where) payload.where = where;
     const name = hit.file_name ? ` (${shownName(hit)})` : "";
+    const what = region ? `region ${hit.rep_index} of image` : "image";
     ui.query.value = ""; // the results are no longer the text's
     return runSearch(
       () => postJson(payload),
-      () => `search by example: region ${hit.rep_index} of image ${hit.image_id}${name}`,
+      () => `search by example: ${what} ${hit.image_id}${name}`,
       null,
     );
   }
@@ -476,7 +479,7 @@
     box.addEventListener("click", (event) => {
       event.preventDefault();
       event.stopPropagation();
-      searchByExample(hit);
+      searchByExample(hit, true);
     });
     return box;
   }
@@ -606,8 +609,8 @@
     const score = Number(hit.score);
     const more = el("button", "more", "similar");
     more.type = "button";
-    more.title = `search by example with region ${hit.rep_index} of this image`;
-    more.addEventListener("click", () => searchByExample(hit));
+    more.title = "find images like this one (all its regions)";
+    more.addEventListener("click", () => searchByExample(hit, false));
     const head = el("div", "line");
     head.append(
       el("span", "rank", `#${hit.rank}`),
