@@ -11,8 +11,6 @@ are missing.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,25 +18,17 @@ from typing import Any
 
 import httpx
 import pytest
+from chromium import chromium, needs_chromium
 from fiftyone_fixtures import fiftyone_db, free_port, needs_fiftyone  # noqa: F401
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from retrieval.cli import main
 from retrieval.index import build_index, open_index
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-MISSING = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
 pytestmark = [
     needs_fiftyone,
-    pytest.mark.skipif(
-        bool(MISSING),
-        reason=f"the App test drives a real browser: Debian's chromium and chromium-driver "
-        f"are missing ({', '.join(MISSING)}); apt-get install chromium chromium-driver",
-    ),
+    needs_chromium("the App test"),
     pytest.mark.slow,  # the App's server and its page in Chromium on two shared cores
 ]
 WINDOW = (1280, 800)
@@ -54,28 +44,8 @@ BRAIN_RUNS = """query($name: String!) { dataset(name: $name) {
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--window-size={WINDOW[0]},{WINDOW[1]}",
-    ):
-        options.add_argument(flag)
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        options.add_argument(f"--user-data-dir={profile}")
-        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-        driver.set_page_load_timeout(WAIT_S)
-        try:
-            yield driver
-        finally:
-            driver.quit()
+    with chromium(WINDOW, WAIT_S) as driver:
+        yield driver
 
 
 def test_the_app_shows_the_sorted_view(

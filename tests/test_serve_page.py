@@ -12,9 +12,6 @@ path (its path is printed; ``pytest -s`` shows it).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +19,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from selenium import webdriver
+from chromium import chromium, needs_chromium
 from selenium.common.exceptions import NoAlertPresentException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -32,53 +28,20 @@ from serve_server import start_server, write_vector_run
 
 from retrieval.store import ShardStore
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-MISSING = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-pytestmark = pytest.mark.skipif(
-    bool(MISSING),
-    reason=f"the page tests drive a real browser: Debian's chromium and chromium-driver "
-    f"are missing ({', '.join(MISSING)}); apt-get install chromium chromium-driver",
-)
+pytestmark = needs_chromium("the page tests")
 
 WINDOW = (1000, 700)
 WAIT_S = 30
 TOKEN = "page-t0ken"
 PWNED = "window.__pwned = 1"
 HOSTILE = f'<script>alert(1)</script> "><img src=x onerror="{PWNED}">'
-FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    f"--window-size={WINDOW[0]},{WINDOW[1]}",
-)
 
 
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     """One headless Chromium for the session, with a fresh profile."""
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS:
-        options.add_argument(flag)
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        options.add_argument(f"--user-data-dir={profile}")
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console + network
-        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-        driver.set_page_load_timeout(WAIT_S)
-        width, height = WINDOW  # the viewport itself, whatever the window's frame takes
-        metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
-        try:
-            yield driver
-        finally:
-            driver.quit()
+    with chromium(WINDOW, WAIT_S, console=True) as driver:
+        yield driver
 
 
 # ------------------------------------------------------------------ helpers
