@@ -12,32 +12,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from probe import run_blocked
 
 from retrieval.index import build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
-
-# Runs the CLI with Lightning and wandb made uninstallable, recording which module
-# tried to import them (timm's optional `try: import wandb` is expected; ours are not).
-PROBE = """
-import json, sys
-BLOCKED, attempts = ("lightning", "pytorch_lightning", "wandb"), []
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            frame = sys._getframe(1)
-            skip = ("importlib", "_frozen")
-            while frame and frame.f_globals.get("__name__", "").startswith(skip):
-                frame = frame.f_back
-            attempts.append([name, frame.f_globals.get("__name__", "?") if frame else "?"])
-            raise ModuleNotFoundError(name)
-sys.meta_path.insert(0, Block())
-from retrieval.cli import main
-status = main(sys.argv[1:])
-loaded = sorted({name.split(".")[0] for name in sys.modules} & set(BLOCKED))
-print(json.dumps({"status": status, "loaded": loaded, "attempts": attempts}))
-"""
 
 
 def test_search_cli_loads_neither_lightning_nor_wandb(dense_run: Path, tmp_path: Path) -> None:
@@ -48,19 +28,10 @@ def test_search_cli_loads_neither_lightning_nor_wandb(dense_run: Path, tmp_path:
     hits, gallery = tmp_path / "hits.json", tmp_path / "gallery.html"
     argv = ["search", str(index), "a red circle", "--top", "5", "--device", "cpu"]
     argv += ["--json", str(hits), "--gallery", str(gallery)]
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["status"] == 0
-    assert report["loaded"] == []
-    ours = [a for a in report["attempts"] if a[1].split(".")[0] == "retrieval"]
-    assert ours == [], ours
+    probe = run_blocked(("lightning", "pytorch_lightning", "wandb"), *argv)
+    assert probe.status == 0, probe.stderr[-3000:]
+    assert probe.loaded == []
+    assert probe.ours() == [], probe.attempts
     assert len(json.loads(hits.read_text())["hits"]) == 5
     assert gallery.stat().st_size > 0
 
