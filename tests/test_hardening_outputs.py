@@ -1,7 +1,7 @@
 """Output paths (issue 24, item 11): every writer (export OUT, index build --out, search
---json / --gallery / --sheet) checks its path with the one shared check before any work,
-so a path under a file, in /proc, at a folder where a file goes, or without permission
-is one `error:` line naming the option (exit 2), not an OSError traceback."""
+--json / --gallery / --sheet, compare --out) checks its path with the one shared check
+before any work, so a path under a file, in /proc, at a folder where a file goes, or
+without permission is one `error:` line naming the option (exit 2), not an OSError traceback."""
 
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def test_every_writer_gives_one_message(
     place: str, places: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """The issue's reproductions, through the CLI: `export` (parquet) to the path,
-    `index build --out`, `search --json` and `--gallery`: exit 2 and one `error:` line
-    naming the option, for each; the file in the way is untouched."""
+    `index build --out`, `search --json`, `--gallery` and `--sheet`, `compare --out`:
+    exit 2 and one `error:` line naming the option, for each; the file in the way is untouched."""
     run = make_run(tmp_path / "run", [(range(8), 2)])
     index = build_index(run, "exact", tmp_path / "ix", "cpu", progress=False)
     target = str(places[place])
@@ -73,10 +73,11 @@ def test_every_writer_gives_one_message(
         (["search", str(index), "a cat", "--json", target], "--json"),
         (["search", str(index), "a cat", "--gallery", target], "--gallery"),
         (["search", str(index), "a cat", "--sheet", target], "--sheet"),
+        (["compare", str(run), "--out", target], "--out"),
     ]
     for argv, key in commands:
         if key == "--out" and place == "folder":
-            continue  # an empty folder is a fine --out
+            continue  # an empty folder is a fine --out (index build's and compare's)
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"error: {key} "), err

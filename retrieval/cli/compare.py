@@ -9,8 +9,11 @@ from pathlib import Path
 def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from retrieval.outputs import check_output
     from retrieval.report.compare import build_comparison, print_comparison, write_comparison
 
+    if args.out:
+        check_output(args.out, "--out", "folder")  # before any run is read
     comp = build_comparison(args.run_dirs, args.reference, args.metric)
     out = (
         Path(args.out)
