@@ -338,7 +338,9 @@ def test_list_parquet_with_images_root_and_absolute_paths(three_images: Path, tm
     absolute = str(three_images / "sub" / "c.jpg")
     pq.write_table(pa.table({"path": ["a.jpg", absolute], "score": [0.5, 0.25]}), listing)
     dataset = synced(
-        ListDataset(str(listing), images=str(three_images), run_dir=tmp_path / "run", progress=False)
+        ListDataset(
+            str(listing), images=str(three_images), run_dir=tmp_path / "run", progress=False
+        )
     )
     # ids in path order: the absolute path sorts first
     assert [dataset.image_path(int(i)) for i in dataset.image_ids] == [

@@ -14,6 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -139,7 +140,7 @@ def make_trainer(t: TrainerConfig, writer: ShardWriter, progress: bool) -> L.Tra
         devices=t.devices,
         strategy=t.strategy,
         num_nodes=t.num_nodes,
-        precision=t.precision,
+        precision=cast(Any, t.precision),  # one of config.PRECISIONS (validated)
         logger=False,
         callbacks=[writer, ImageProgress()] if progress else [writer],
         enable_progress_bar=False,
