@@ -219,7 +219,11 @@ def read_listing(path: str | Path, key: str) -> pa.Table:
             )
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{key}={path} cannot be read as {suffix[1:]}: {err}") from None
-    repeated_columns = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    try:
+        names = table.column_names
+    except UnicodeDecodeError:  # pyarrow reads a header's bytes as they are
+        raise DataError(f"{key}={path}: its header is not UTF-8 text; save it as UTF-8") from None
+    repeated_columns = sorted({c for c in names if names.count(c) > 1})
     if repeated_columns:
         raise DataError(
             f"{key}={path}: column(s) {', '.join(map(repr, repeated_columns))} appear more "
