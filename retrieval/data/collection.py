@@ -1,8 +1,9 @@
 """The collection table of an unlabelled run: which file each image id is, and which ids
 are still in the collection.
 
-An unlabelled dataset (a folder, a list file, tar shards) writes ``<run>/images.parquet``,
-one row per image id it ever assigned, sorted by id:
+An unlabelled run (a folder, a list file, tar shards) keeps ``<run>/images.parquet``
+(its dataset computes it, the embed phase writes it), one row per image id it ever
+assigned, sorted by id:
 
 ===============  ========  =============================================================
 column           type      meaning
