@@ -47,7 +47,9 @@ from torch import Tensor
 from retrieval.config import load_config
 from retrieval.data.synthetic import make_synthetic_coco
 from retrieval.engine.embedding import make_trainer
+from retrieval.engine.loading import embed_loader
 from retrieval.engine.module import EmbedModule
+from retrieval.engine.settings import RunSettings
 from retrieval.engine.writer import ShardWriter
 from retrieval.factory import build_dataset, build_retriever, create_retriever
 from retrieval.representatives import Representatives
@@ -143,11 +145,13 @@ def bench_extraction(args: argparse.Namespace, cfg: DictConfig) -> tuple[float, 
     synchronize(device)
     plain = args.images / (time.perf_counter() - start)
 
-    dataset = build_dataset(cfg, retriever.image_transform)
+    dataset = build_dataset(cfg, None)
     store = ShardStore(Path(cfg.run.output_dir) / "embeddings")
-    trainer = make_trainer(cfg, ShardWriter(store, cfg.store.shard_size))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch, num_workers=args.workers, collate_fn=dataset.collate
+    trainer = make_trainer(
+        RunSettings.of(cfg).trainer, ShardWriter(store, cfg.store.shard_size), progress=False
+    )
+    loader = embed_loader(
+        dataset, retriever.image_transform, dataset.image_ids, args.batch, args.workers
     )
     start = time.perf_counter()
     trainer.predict(EmbedModule(retriever), loader, return_predictions=False)

@@ -507,7 +507,7 @@ def validate(raw: DictConfig) -> DictConfig:
     _check_choices(cfg)
     _check_values(cfg)
     retriever_options(cfg)  # runs the option dataclasses' own checks before any work
-    return cfg
+    return with_absolute_paths(cfg)
 
 
 def retriever_options(cfg: DictConfig) -> dict[str, Any]:
@@ -524,6 +524,34 @@ def retriever_options(cfg: DictConfig) -> dict[str, Any]:
     return {
         f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "name"
     }
+
+
+def dataset_options(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    """The dataset's name and keyword arguments: ``data.*`` (paths as :func:`validate`
+    resolved them) plus the arguments it takes from other sections (:func:`config_options`).
+
+    Required arguments are checked here, when the dataset is about to be built, not by
+    :func:`validate`: a config may leave its data paths to the command line.
+
+    Raises:
+        ConfigError: an argument the dataset requires is not set.
+    """
+    options = as_dict(cfg.data)
+    name = str(options.pop("name"))
+    required = [
+        key
+        for key, param in DATASETS.parameters(name).items()
+        if param.default is param.empty and key != "transform"
+    ]
+    for key in required:
+        if options.get(key) in (None, ""):
+            raise ConfigError(
+                f"data.{key} is not set: pass data.{key}=PATH on the command line "
+                f"(see `retrieval data check` and the README's dataset section)"
+            )
+    for argument, key in config_options(name).items():
+        options[argument] = OmegaConf.select(cfg, key)
+    return name, options
 
 
 def _with_overrides(raw: DictConfig, dotlist: list[str]) -> DictConfig:
@@ -604,11 +632,13 @@ def load_stored_config(path: str | Path) -> DictConfig:
 
 def with_absolute_paths(cfg: DictConfig) -> DictConfig:
     """A copy of ``cfg`` whose ``data.*`` values naming an existing file or folder are
-    absolute: a run's stored config then finds its images from any working directory
-    (``retrieval serve``, the gallery), as the data fingerprint already does."""
+    absolute (symlinks resolved). The one place data paths are resolved: :func:`validate`
+    applies it, so every phase (eval, embed, index build, the data fingerprint, a run's
+    stored ``config.yaml``) sees ``./x`` and ``/abs/x`` alike, from any working directory.
+    Idempotent."""
     out = cfg.copy()
     for key, value in (cfg.data or {}).items():
-        if isinstance(value, str) and value and Path(value).exists():
+        if key != "name" and isinstance(value, str) and value and Path(value).exists():
             out.data[key] = str(Path(value).resolve())
     return out
 

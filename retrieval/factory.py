@@ -12,17 +12,15 @@ query builds the run's retriever), never the other way round.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from retrieval.aggregate.base import create_aggregator, list_aggregators, register_aggregator
-from retrieval.config import as_dict, config_options, retriever_options
+from retrieval.config import as_dict, dataset_options, retriever_options
 from retrieval.data.base import ImageDataset, create_dataset, list_datasets, register_dataset
-from retrieval.errors import ConfigError
 from retrieval.lazy import lazy_exports
 from retrieval.registry import DATASETS
 from retrieval.retrievers.base import (
@@ -84,41 +82,23 @@ def build_retriever(cfg: DictConfig) -> Retriever:
 
 
 def build_dataset(cfg: DictConfig, transform: Transform | None = None) -> ImageDataset:
-    """The configured dataset: ``data.*`` as its keyword arguments, plus the protocol
-    options it declares and the retriever's ``transform``.
+    """The configured dataset: its options as :func:`retrieval.config.dataset_options`
+    reads them from the validated config, plus ``transform`` (None for the engine: its
+    loader applies the retriever's).
 
     Raises:
         ConfigError: an argument the dataset requires is not set.
     """
-    options = as_dict(cfg.data)
-    name = options.pop("name")
-    required = [
-        key
-        for key, param in DATASETS.parameters(name).items()
-        if param.default is param.empty and key != "transform"
-    ]
-    for key in required:
-        if options.get(key) in (None, ""):
-            raise ConfigError(
-                f"data.{key} is not set: pass data.{key}=PATH on the command line "
-                f"(see `retrieval data check` and the README's dataset section)"
-            )
-    for argument, key in config_options(name).items():
-        options[argument] = OmegaConf.select(cfg, key)
+    name, options = dataset_options(cfg)
     return create_dataset(name, transform=transform, **options)
 
 
 def data_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The ``data.*`` settings that decide what each image id's pixels are: every key but
-    the dataset's ``LABEL_ONLY_OPTIONS``, paths resolved (so ``./x`` and ``/abs/x`` agree)."""
+    the dataset's ``LABEL_ONLY_OPTIONS``, paths as the validated config resolved them (so
+    ``./x`` and ``/abs/x`` agree)."""
     options = as_dict(cfg.data)
     label_only: frozenset[str] = getattr(
         DATASETS.get(options["name"]), "LABEL_ONLY_OPTIONS", frozenset()
     )
-    return {
-        key: str(Path(value).resolve())
-        if isinstance(value, str) and Path(value).exists()
-        else value
-        for key, value in options.items()
-        if key not in label_only
-    }
+    return {key: value for key, value in options.items() if key not in label_only}

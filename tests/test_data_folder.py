@@ -43,7 +43,13 @@ def make_image(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> Path:
 
 
 def folder(run: Path, images: Path, **options) -> FolderDataset:
-    return FolderDataset(images, run_dir=run, progress=False, **options)
+    """The dataset, its table then recorded as the embed phase does (``sync``)."""
+    return synced(FolderDataset(images, run_dir=run, progress=False, **options))
+
+
+def synced(dataset: FolderDataset | ListDataset) -> FolderDataset | ListDataset:
+    dataset.collection.sync()
+    return dataset
 
 
 def ids_by_path(dataset: FolderDataset | ListDataset) -> dict[str, int]:
@@ -317,10 +323,10 @@ def test_list_csv_relative_to_its_folder(three_images: Path, tmp_path: Path) -> 
     list keeps the old ids (the same rules as folder)."""
     listing = three_images / "list.csv"
     listing.write_text("path,label\nb.jpg,2\nsub/c.jpg,3\n")
-    first = ListDataset(str(listing), run_dir=tmp_path / "run", progress=False)
+    first = synced(ListDataset(str(listing), run_dir=tmp_path / "run", progress=False))
     assert ids_by_path(first) == {"b.jpg": 0, "sub/c.jpg": 1}
     listing.write_text("path,label\nb.jpg,2\nsub/c.jpg,3\na.jpg,1\n")
-    second = ListDataset(str(listing), run_dir=tmp_path / "run", progress=False)
+    second = synced(ListDataset(str(listing), run_dir=tmp_path / "run", progress=False))
     assert ids_by_path(second) == {"b.jpg": 0, "sub/c.jpg": 1, "a.jpg": 2}
     assert read_table(tmp_path / "run")["label"].to_pylist() == [2, 3, 1]
     assert second.image_path(2) == three_images / "a.jpg"
@@ -331,8 +337,10 @@ def test_list_parquet_with_images_root_and_absolute_paths(three_images: Path, tm
     listing.parent.mkdir()
     absolute = str(three_images / "sub" / "c.jpg")
     pq.write_table(pa.table({"path": ["a.jpg", absolute], "score": [0.5, 0.25]}), listing)
-    dataset = ListDataset(
-        str(listing), images=str(three_images), run_dir=tmp_path / "run", progress=False
+    dataset = synced(
+        ListDataset(
+            str(listing), images=str(three_images), run_dir=tmp_path / "run", progress=False
+        )
     )
     # ids in path order: the absolute path sorts first
     assert [dataset.image_path(int(i)) for i in dataset.image_ids] == [

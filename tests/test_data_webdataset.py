@@ -76,7 +76,10 @@ def small(image: Image.Image) -> torch.Tensor:
 
 
 def webdataset(pattern: str, run: Path | None = None, **options) -> WebDataset:
-    return WebDataset(pattern, run_dir=run, progress=False, **options)
+    """The dataset, its table then recorded as the embed phase does (``sync``)."""
+    dataset = WebDataset(pattern, run_dir=run, progress=False, **options)
+    dataset.collection.sync()
+    return dataset
 
 
 def table_paths(run: Path) -> dict[str, int]:
@@ -361,6 +364,8 @@ def test_config_group_builds_it(tmp_path: Path) -> None:
     dataset = build_dataset(cfg)
     assert isinstance(dataset, WebDataset)
     assert len(dataset.image_ids) == 4
+    assert not (tmp_path / "run" / COLLECTION_FILE).exists()  # building only reads
+    assert dataset.collection.sync()
     assert (tmp_path / "run" / COLLECTION_FILE).exists()
     assert "shards" not in data_fingerprint(cfg)
     with pytest.raises(ConfigError, match="data.shards is not set"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from braceexpand import UnbalancedBracesError, braceexpand
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -135,6 +135,7 @@ def test_list_file_with_two_path_columns_is_one_message(tmp_path: Path) -> None:
     ),
     raw=st.binary(max_size=40),
 )
+@example(header=[], cells=[], raw=b"\x80\n")  # a header that is not UTF-8
 def test_any_list_file_is_a_collection_or_one_message(
     tmp_path_factory: pytest.TempPathFactory, header: list[str], cells: list[list[str]], raw: bytes
 ) -> None:

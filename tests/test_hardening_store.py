@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from retrieval.cli import main
-from retrieval.config import load_config
+from retrieval.config import TextConfig, load_config
 from retrieval.engine.embedding import embedding_fingerprint, plan_embedding
 from retrieval.engine.scoring import query_embeddings
 from retrieval.errors import ConfigError, StoreError
@@ -216,8 +215,8 @@ def test_run_output_dir_that_cannot_be_a_folder_is_one_error(
     assert not (tmp_path / "run" / LOCK).exists()
 
 
-def _text_cfg():
-    return OmegaConf.create({"text": {"prompts": "single", "batch_size": 4}})
+def _text_cfg() -> TextConfig:
+    return TextConfig(prompts="single", batch_size=4)
 
 
 class _Stub:

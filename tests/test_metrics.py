@@ -416,3 +416,21 @@ def test_output_shapes_and_types():
     assert out["positives"].dtype == np.int64
     assert isinstance(out["map@4"], float)
     assert isinstance(out["categories"], int)
+
+
+def test_the_small_medium_rule_is_written_once():
+    """Invariant: the s-m rule (a relevant image whose largest instance is at least
+    ``large_area`` leaves the ranking) is written in one place, the metric's
+    ``evaluate_rankings``; a second copy (once ``GroundTruth.small_medium_ignore``, never
+    called) would drift from the one the reported numbers use."""
+    from pathlib import Path
+
+    import retrieval
+
+    root = Path(retrieval.__file__).parent
+    holders = [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if "max_area >= large_area" in p.read_text(encoding="utf-8")
+    ]
+    assert holders == ["metrics/functional.py"]

@@ -1,8 +1,9 @@
 """The collection table of an unlabelled run: which file each image id is, and which ids
 are still in the collection.
 
-An unlabelled dataset (a folder, a list file, tar shards) writes ``<run>/images.parquet``,
-one row per image id it ever assigned, sorted by id:
+An unlabelled run (a folder, a list file, tar shards) keeps ``<run>/images.parquet``
+(its dataset computes it, the embed phase writes it), one row per image id it ever
+assigned, sorted by id:
 
 ===============  ========  =============================================================
 column           type      meaning
@@ -27,7 +28,8 @@ new or modified file gets a new id (the largest id ever assigned + 1, ..., in pa
 order), and the id of a deleted or modified file is marked ``removed``, so shards never
 need rewriting and an index can be updated by ids alone. :func:`assign_ids` is the one
 implementation every unlabelled dataset shares; it depends only on the previous table
-and the listing, so every DDP rank computes (and may write) the same table.
+and the listing, so every DDP rank computes the same table; only the embed phase's
+:meth:`Collection.sync` writes it (rank 0, under the run lock).
 """
 
 from __future__ import annotations
@@ -218,7 +220,11 @@ def read_listing(path: str | Path, key: str) -> pa.Table:
             )
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{key}={path} cannot be read as {suffix[1:]}: {err}") from None
-    repeated_columns = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    try:
+        names = table.column_names
+    except UnicodeDecodeError:  # pyarrow reads a header's bytes as they are
+        raise DataError(f"{key}={path}: its header is not UTF-8 text; save it as UTF-8") from None
+    repeated_columns = sorted({c for c in names if names.count(c) > 1})
     if repeated_columns:
         raise DataError(
             f"{key}={path}: column(s) {', '.join(map(repr, repeated_columns))} appear more "
@@ -514,10 +520,11 @@ def write_collection(run_dir: str | Path, table: pa.Table) -> None:
 
 
 class Collection:
-    """An unlabelled dataset's images by id, kept in step with ``<run_dir>/images.parquet``.
-
-    Reads the previous table, assigns ids to ``files`` (:func:`assign_ids`) and writes
-    the table back when it changed.
+    """An unlabelled dataset's images by id: the ids :func:`assign_ids` gives ``files``
+    from ``<run_dir>/images.parquet`` as it stands. Building it only reads; the embed
+    phase records the table with :meth:`sync` (global rank 0, under the run lock), so a
+    dataset built to look (a sweep's estimate, the search side) never writes, and every
+    rank of a distributed run reads the table rank 0 wrote.
 
     Args:
         files: ``path`` (relative to ``root``, or absolute), ``size_bytes``, ``mtime_ns``
@@ -526,9 +533,6 @@ class Collection:
         run_dir: the run folder; None keeps the table in memory only (a notebook).
         progress: show a progress bar while reading many image headers.
         read_size: reads a new path's width and height (see :func:`assign_ids`).
-
-    Raises:
-        StoreError: the run holds embeddings but no table, so their ids name no files.
     """
 
     def __init__(
@@ -539,20 +543,41 @@ class Collection:
         progress: bool = True,
         read_size: SizeReader | None = None,
     ) -> None:
-        previous = read_collection(run_dir) if run_dir is not None else None
-        if previous is None and run_dir is not None:
-            _refuse_shards_without_table(Path(run_dir))
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._stored = read_collection(run_dir) if run_dir is not None else None
         self.root = root
-        self.table = assign_ids(previous, files, root, progress, read_size)
-        if run_dir is not None and (
-            previous is None
-            or (self.table is not previous and not previous.equals(self.table, check_metadata=True))
-        ):
-            write_collection(run_dir, self.table)
+        self.table = assign_ids(self._stored, files, root, progress, read_size)
         self._ids = self.table.column("image_id").to_numpy()
         self._paths = self.table.column("path")
         removed = self.table.column("removed").to_numpy(zero_copy_only=False).astype(bool)
         self.live_ids: np.ndarray = self._ids[~removed].astype(np.int64)
+
+    @property
+    def changed(self) -> bool:
+        """Whether :meth:`sync` has a table to write (none stored, or a different one)."""
+        if self.run_dir is None:
+            return False
+        stored = self._stored
+        return stored is None or (
+            self.table is not stored and not stored.equals(self.table, check_metadata=True)
+        )
+
+    def sync(self) -> bool:
+        """Writes the table into the run folder when it differs from the stored one (the
+        embed phase's step, on global rank 0 under the run lock, before any image is
+        embedded); whether it wrote.
+
+        Raises:
+            StoreError: the run holds embeddings but no table, so their ids name no files.
+        """
+        if not self.changed:
+            return False
+        assert self.run_dir is not None  # changed is False without a run folder
+        if self._stored is None:
+            _refuse_shards_without_table(self.run_dir)
+        write_collection(self.run_dir, self.table)
+        self._stored = self.table
+        return True
 
     def image_path(self, image_id: int) -> Path:
         """The file of any id in the table, live or removed.

@@ -37,7 +37,7 @@ class GroundTruth:
             (LVIS federated protocol); never True where ``relevant`` is.
         max_area: ``[Q, N]`` float32, area (pixels, original resolution) of the largest
             instance of the category in the image, 0 where there is none. Drives the
-            small-medium split.
+            small-medium split (:func:`retrieval.metrics.functional.evaluate_rankings`).
         notes: protocol facts the report repeats (e.g. crowd annotations included).
     """
 
@@ -58,10 +58,6 @@ class GroundTruth:
     @property
     def category_ids(self) -> np.ndarray:
         return np.array([c.id for c in self.categories], dtype=np.int64)
-
-    def small_medium_ignore(self, large_area: float) -> np.ndarray:
-        """``ignore`` for the s-m split: also drops images whose largest instance is large."""
-        return self.ignore | (self.relevant & (self.max_area >= large_area))
 
     def select_images(self, image_ids: np.ndarray) -> GroundTruth:
         """The same ground truth restricted to, and ordered as, ``image_ids``."""

@@ -14,21 +14,23 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 import retrieval
-from retrieval.config import as_dict, to_yaml, with_absolute_paths
+from retrieval.config import TrainerConfig, as_dict, to_yaml
 from retrieval.data.base import ImageDataset, file_identity
+from retrieval.data.collection import Collection
+from retrieval.engine.loading import bad_images_passed_on, embed_loader
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.parts import RunParts, build_parts
 from retrieval.engine.progress import ImageProgress
 from retrieval.engine.reaggregate import dense_source, reaggregate
+from retrieval.engine.settings import RunSettings
 from retrieval.engine.writer import ShardWriter
 from retrieval.errors import ConfigError, differences
 from retrieval.factory import data_fingerprint
@@ -37,13 +39,6 @@ from retrieval.store import ShardStore
 from retrieval.store.lock import RunLock, make_folder
 
 log = logging.getLogger("retrieval")
-
-
-class StreamedDataset(Protocol):
-    """What the embed phase asks of an ``IterableDataset`` (webdataset shards): it is
-    told the ids to embed and yields its own share of them on each rank and worker."""
-
-    def restrict(self, image_ids: np.ndarray) -> None: ...
 
 
 @dataclass
@@ -137,17 +132,17 @@ def _retry(failure: dict, on_bad_image: str) -> bool:
     return "file" in failure and file_identity(failure.get("path")) != failure["file"]
 
 
-def make_trainer(cfg: DictConfig, writer: ShardWriter) -> L.Trainer:
-    """The predict-only Trainer of ``trainer.*`` (no logger, checkpoints or summary)."""
-    t = cfg.trainer
+def make_trainer(t: TrainerConfig, writer: ShardWriter, progress: bool) -> L.Trainer:
+    """The predict-only Trainer of ``trainer.*`` (no logger, checkpoints or summary),
+    with a progress bar when ``progress`` (``run.progress``)."""
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,
         num_nodes=t.num_nodes,
-        precision=t.precision,
+        precision=cast(Any, t.precision),  # one of config.PRECISIONS (validated)
         logger=False,
-        callbacks=[writer, ImageProgress()] if cfg.run.progress else [writer],
+        callbacks=[writer, ImageProgress()] if progress else [writer],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -172,8 +167,10 @@ def embed(cfg: DictConfig, parts: RunParts | None = None, locked: bool = False) 
 
     Global rank 0 holds the run folder's lock (``<run>/.lock``) from before it reads the
     stored shards until their checksums are recorded; another run into the same folder
-    stops at once naming the holder. The other ranks of a distributed run write their
-    own shards under rank 0's lock.
+    stops at once naming the holder. Under it, rank 0 records an unlabelled dataset's
+    collection table (:func:`sync_collection`) before embedding. The other ranks of a
+    distributed run (started by rank 0's Trainer, after that) read the table it wrote and
+    write their own shards under rank 0's lock.
 
     Returns:
         What was done; ``is_global_zero`` tells the one process that goes on to score.
@@ -181,23 +178,39 @@ def embed(cfg: DictConfig, parts: RunParts | None = None, locked: bool = False) 
     Raises:
         StoreError: another run holds the folder's lock, or a stored shard was altered.
     """
-    run_dir = Path(cfg.run.output_dir)
+    settings = RunSettings.of(cfg)
+    run_dir = Path(settings.run.output_dir)
     if global_rank() != 0:
-        return _embed(cfg, parts or build_parts(cfg), run_dir)
+        return _embed(cfg, settings, parts or build_parts(cfg))
     with (
         nullcontext() if locked else RunLock(run_dir)
     ):  # before the model is built: a second run stops at once
         make_folder(run_dir / "embeddings", "run.output_dir")
-        return _embed(cfg, parts or build_parts(cfg), run_dir)
+        parts = parts or build_parts(cfg)
+        sync_collection(parts.dataset)
+        return _embed(cfg, settings, parts)
 
 
-def _embed(cfg: DictConfig, parts: RunParts, run_dir: Path) -> EmbedResult:
+def sync_collection(dataset: ImageDataset) -> bool:
+    """Writes an unlabelled dataset's collection table into the run folder when it
+    changed (the dataset's constructor only computed it); whether it wrote. Called on
+    global rank 0 under the run lock; a dataset without a collection has nothing to do.
+
+    Raises:
+        StoreError: the run holds embeddings but no table, so their ids name no files.
+    """
+    collection = getattr(dataset, "collection", None)
+    return isinstance(collection, Collection) and collection.sync()
+
+
+def _embed(cfg: DictConfig, settings: RunSettings, parts: RunParts) -> EmbedResult:
     retriever, dataset = parts.retriever, parts.dataset
-    store = ShardStore(run_dir / "embeddings", cfg.store.dtype)
+    run, store_cfg, loader = settings.run, settings.store, settings.loader
+    run_dir = Path(run.output_dir)
+    store = ShardStore(run_dir / "embeddings", store_cfg.dtype)
     fingerprint = embedding_fingerprint(cfg, retriever)
-    verify = cfg.run.get("verify", "fast")
-    policy = cfg.data.get("on_bad_image", "error")
-    todo = plan_embedding(store, fingerprint, dataset.image_ids, cfg.run.resume, verify, policy)
+    policy = dataset.on_bad_image
+    todo = plan_embedding(store, fingerprint, dataset.image_ids, run.resume, run.verify, policy)
     if not len(todo):
         if global_rank() != 0:
             return EmbedResult(store, 0, len(dataset.image_ids), 0.0, False)
@@ -205,43 +218,26 @@ def _embed(cfg: DictConfig, parts: RunParts, run_dir: Path) -> EmbedResult:
         log.info("embeddings in %s: %s", store.root, tally.describe(run_dir))
         return EmbedResult(store, 0, tally.reused, 0.0, True, 0, tally.listed)
 
-    source = dense_source(cfg.store.dense_from) if cfg.store.dense_from else None
+    source = dense_source(store_cfg.dense_from) if store_cfg.dense_from else None
     start = time.perf_counter()
     if source is not None:  # no backbone: one process aggregates stored dense features
         if global_rank() != 0:
             return EmbedResult(store, 0, len(dataset.image_ids) - len(todo), 0.0, False)
         _start_store(store, fingerprint, run_dir, cfg)
         reaggregate(
-            *source,
-            store,
-            retriever,
-            todo,
-            cfg.score.device,
-            cfg.loader.batch_size,
-            cfg.run.progress,
+            *source, store, retriever, todo, settings.score.device, loader.batch_size, run.progress
         )
         is_zero = True
     else:
-        writer = ShardWriter(store, cfg.store.shard_size, cfg.store.shard_mb)
-        trainer = make_trainer(cfg, writer)
+        writer = ShardWriter(store, store_cfg.shard_size, store_cfg.shard_mb)
+        trainer = make_trainer(settings.trainer, writer, run.progress)
         if trainer.is_global_zero:
             _start_store(store, fingerprint, run_dir, cfg)
-        dataset.on_bad_image = "skip"  # the module applies the policy in the main process
-        items: Dataset
-        if isinstance(dataset, IterableDataset):  # streamed: no indexing, it skips the rest
-            cast(StreamedDataset, dataset).restrict(todo)
-            items = dataset
-        else:
-            position = {int(i): k for k, i in enumerate(dataset.image_ids)}
-            items = Subset(dataset, [position[int(i)] for i in todo])
-        loader = DataLoader(
-            items,
-            batch_size=cfg.loader.batch_size,
-            num_workers=cfg.loader.num_workers,
-            collate_fn=dataset.collate,
-        )
-        trainer.predict(EmbedModule(retriever, policy), loader, return_predictions=False)
-        dataset.on_bad_image = policy
+        with bad_images_passed_on(dataset):  # the module applies the policy itself
+            batches = embed_loader(
+                dataset, retriever.image_transform, todo, loader.batch_size, loader.num_workers
+            )
+            trainer.predict(EmbedModule(retriever, policy), batches, return_predictions=False)
         is_zero = trainer.is_global_zero
     seconds = time.perf_counter() - start
     if not is_zero:
@@ -308,4 +304,4 @@ def _start_store(store: ShardStore, fingerprint: dict, run_dir: Path, cfg: DictC
     store.remove_partial_files()
     store.write_manifest(fingerprint=fingerprint, format=1, code_version=retrieval.__version__)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(with_absolute_paths(cfg)))
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))

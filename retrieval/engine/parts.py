@@ -27,15 +27,13 @@ class RunParts:
 
 
 def build_parts(cfg: DictConfig) -> RunParts:
-    """Builds the run's dataset, then (and seeds) its retriever, and hands the dataset the
-    retriever's transform; a warning from building the model (random weights, QuickGELU)
-    is logged.
+    """Builds the run's dataset, then (and seeds) its retriever; a warning from building
+    the model (random weights, QuickGELU) is logged.
 
     The dataset comes first so that bad annotations, missing files or an empty dataset
-    stop the run before any model is loaded. It is built without a transform and given
-    ``retriever.image_transform`` afterwards (the ``transform`` attribute every
-    :class:`ImageDataset` reads in ``__getitem__``); a dataset that takes its transform
-    only through the constructor (no such attribute) is built again with it.
+    stop the run before any model is loaded. It is built without a transform and left as
+    built: the embed phase's loader applies ``retriever.image_transform``
+    (:mod:`retrieval.engine.loading`).
     """
     dataset = build_dataset(cfg, None)
     with warnings.catch_warnings(record=True) as caught:
@@ -43,8 +41,4 @@ def build_parts(cfg: DictConfig) -> RunParts:
         retriever = build_retriever(cfg)
     for w in caught:
         log.warning("%s", w.message)
-    if hasattr(dataset, "transform"):
-        dataset.transform = retriever.image_transform
-    else:
-        dataset = build_dataset(cfg, retriever.image_transform)
     return RunParts(retriever, dataset)

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from omegaconf import DictConfig
 
-from retrieval.config import to_yaml, with_absolute_paths
+from retrieval.config import ProtocolConfig, TextConfig, to_yaml
 from retrieval.data.base import RetrievalDataset, is_labelled
 from retrieval.data.ground_truth import GroundTruth
 from retrieval.engine.parts import RunParts, build_parts
+from retrieval.engine.settings import RunSettings
 from retrieval.errors import ConfigError, StoreError
 from retrieval.metrics import RetrievalEvaluation
 from retrieval.registry import DATASETS
@@ -61,10 +62,11 @@ def score(
         StoreError: the run folder holds no embeddings (run ``retrieval embed`` first).
     """
     require_labels(cfg)
+    settings = RunSettings.of(cfg)
     parts = parts or build_parts(cfg)
     retriever, dataset = parts.retriever, cast(RetrievalDataset, parts.dataset)
-    run_dir = Path(cfg.run.output_dir)
-    store = embedded.store if embedded else ShardStore(run_dir / "embeddings", cfg.store.dtype)
+    run_dir = Path(settings.run.output_dir)
+    store = embedded.store if embedded else ShardStore(run_dir / "embeddings", settings.store.dtype)
     if not store.shard_paths():
         raise StoreError(
             f"{store.root} holds no embeddings to score: run `retrieval embed` (or `retrieval "
@@ -73,26 +75,29 @@ def score(
     from retrieval.report.files import write_run  # report imports wandb: only once scoring
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(with_absolute_paths(cfg)))
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     gt_all = dataset.ground_truth()
-    text = query_embeddings(cfg, retriever, [c.query for c in gt_all.categories], run_dir)
+    queries = [c.query for c in gt_all.categories]
+    text = query_embeddings(settings.text, retriever, queries, run_dir)
     scored = score_store(
         store,
         text,
         retriever.score,
-        cfg.score.device,
-        cfg.score.max_memory_gb,
+        settings.score.device,
+        settings.score.max_memory_gb,
         only=dataset.image_ids,
     )
     gt = gt_all.select_images(scored.image_ids)
-    metrics = compute_metrics(cfg, gt, scored)
+    metrics = compute_metrics(settings.protocol, gt, scored)
     wanted = set(dataset.image_ids.tolist())
     failures = list(dataset.failures_at_start) + [
         f for f in scored.failures if f["image_id"] in wanted
     ]
     n_embedded = embedded.embedded if embedded else 0
     seconds = embedded.seconds if embedded else 0.0
-    metrics.update(run_facts(cfg, retriever, scored, failures, seconds, n_embedded, gt.notes))
+    name = str(cfg.retriever.name)
+    facts = run_facts(settings, name, retriever, scored, failures, seconds, n_embedded, gt.notes)
+    metrics.update(facts)
     write_run(cfg, run_dir, metrics, gt, scored)
     return RunResult(run_dir, metrics, embedded=n_embedded)
 
@@ -112,7 +117,7 @@ def require_labels(cfg: DictConfig) -> None:
 
 
 def query_embeddings(
-    cfg: DictConfig, retriever: Retriever, queries: list[str], run_dir: Path
+    text: TextConfig, retriever: Retriever, queries: list[str], run_dir: Path
 ) -> torch.Tensor:
     """Text embeddings, cached in the run folder for the same retriever and prompts.
 
@@ -121,7 +126,7 @@ def query_embeddings(
     """
     path = run_dir / "text_embeddings.pt"
     key = json.dumps(
-        {"queries": queries, "prompts": cfg.text.prompts, "retriever": retriever.describe()},
+        {"queries": queries, "prompts": text.prompts, "retriever": retriever.describe()},
         sort_keys=True,
         default=str,
     )
@@ -132,7 +137,7 @@ def query_embeddings(
             return embeddings
         log.warning("%s: cached text embeddings have the wrong shape; rebuilding it", path)
     with torch.no_grad():
-        emb = embed_queries(retriever.encode_text, queries, cfg.text.prompts, cfg.text.batch_size)
+        emb = embed_queries(retriever.encode_text, queries, text.prompts, text.batch_size)
     write_atomic(path, lambda tmp: torch.save({"key": key, "embeddings": emb.cpu()}, tmp))
     return emb
 
@@ -143,11 +148,13 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def compute_metrics(cfg: DictConfig, gt: GroundTruth, scored: ScoreResult) -> dict[str, Any]:
+def compute_metrics(
+    protocol: ProtocolConfig, gt: GroundTruth, scored: ScoreResult
+) -> dict[str, Any]:
     """Runs the torchmetrics metric over the per-category rankings."""
     metric = RetrievalEvaluation(
-        top_k=cfg.protocol.top_k,
-        large_area=cfg.protocol.large_area,
+        top_k=protocol.top_k,
+        large_area=protocol.large_area,
         splits=[c.split for c in gt.categories],
         sync_on_compute=False,
     )
@@ -162,7 +169,8 @@ def compute_metrics(cfg: DictConfig, gt: GroundTruth, scored: ScoreResult) -> di
 
 
 def run_facts(
-    cfg: DictConfig,
+    settings: RunSettings,
+    retriever_name: str,
     retriever: Retriever,
     scored: ScoreResult,
     failures: list[dict[str, Any]],
@@ -172,14 +180,15 @@ def run_facts(
 ) -> dict[str, Any]:
     """Protocol options, cost and provenance that every results file repeats."""
     n = len(scored.image_ids)
+    protocol = settings.protocol
     return {
         "protocol": {
-            "top_k": cfg.protocol.top_k,
+            "top_k": protocol.top_k,
             "ap_normalisation": "min(K, P); map@K_hits divides by hits in the top K",
-            "large_area": cfg.protocol.large_area,
+            "large_area": protocol.large_area,
             "small_medium": "images whose largest instance area >= large_area are left out",
-            "lvis_federated": cfg.protocol.lvis_federated,
-            "prompts": cfg.text.prompts,
+            "lvis_federated": protocol.lvis_federated,
+            "prompts": settings.text.prompts,
             "ties": "equal scores are ordered by ascending image id",
             "skipped_categories": "categories with no relevant image are skipped, not AP 0",
             "scale": "fractions in [0, 1]",
@@ -201,6 +210,6 @@ def run_facts(
             "reused_embeddings": n - embedded,
             "peak_memory_mb": peak_memory_mb(),
         },
-        "retriever": {"name": cfg.retriever.name, **retriever.describe()},
+        "retriever": {"name": retriever_name, **retriever.describe()},
         "random_weights": retriever.random_weights,
     }

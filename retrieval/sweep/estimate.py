@@ -141,17 +141,15 @@ def stored(run: PlannedRun) -> tuple[np.ndarray, float | None]:
 def calibrate(cfg: DictConfig, batches: int = 2) -> tuple[float, float]:
     """Seconds and stored bytes per image of one real batch through the run's retriever
     (the first of ``batches`` is a warm-up, not timed)."""
-    from torch.utils.data import DataLoader, Subset
-
+    from retrieval.engine.loading import embed_loader
     from retrieval.engine.parts import build_parts
 
     parts = build_parts(cfg)
     dataset, retriever = parts.dataset, parts.retriever.eval()
     size = min(int(cfg.loader.batch_size), len(dataset.image_ids))
     count = min(len(dataset.image_ids), size * batches)
-    loader = DataLoader(
-        Subset(dataset, list(range(count))), batch_size=size, collate_fn=dataset.collate
-    )
+    ids = dataset.image_ids[:count]
+    loader = embed_loader(dataset, retriever.image_transform, ids, size, num_workers=0)
     seconds, images, reps = 0.0, 0, 0.0
     dim = 0
     for i, batch in enumerate(loader):
