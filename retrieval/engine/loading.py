@@ -4,14 +4,16 @@ runs.
 
 The dataset is built without a transform and never patched: its items carry an image's
 exact pixels (``[3, H, W]`` uint8, :func:`~retrieval.data.base.pil_to_uint8_tensor`), and
-:class:`TransformingCollate` turns them back into the same 8-bit RGB picture and applies
-the retriever's ``image_transform`` in the DataLoader's worker, where the dataset's
-``__getitem__`` would have. Lightning-free (the sweep's estimate uses it too).
+the loader's view of it (:class:`TransformedItems`, :class:`TransformedStream`) turns
+each item back into the same 8-bit RGB picture and applies the retriever's
+``image_transform`` in the DataLoader's worker, item by item, where the dataset's
+``__getitem__`` would have (so a batch never holds full-size pictures).
+Lightning-free (the sweep's estimate uses it too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sized
 from contextlib import contextmanager
 from typing import Any, Protocol, cast
 
@@ -21,8 +23,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from retrieval.data.base import ImageDataset, Transform
-
-Collate = Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]
 
 
 class StreamedDataset(Protocol):
@@ -38,22 +38,37 @@ def uint8_to_pil(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()))
 
 
-class TransformingCollate:
-    """A DataLoader ``collate_fn``: each readable item's pixels through ``transform``,
-    then the dataset's own ``collate`` (which stacks them and lists the failures)."""
+def transformed(item: dict[str, Any], transform: Transform) -> dict[str, Any]:
+    """``item`` with its pixels through ``transform`` (a bad image's ``None`` kept)."""
+    if item["pixels"] is None:
+        return item
+    return {**item, "pixels": transform(uint8_to_pil(item["pixels"]))}
 
-    def __init__(self, transform: Transform, collate: Collate) -> None:
+
+class TransformedItems(Dataset):
+    """A map-style dataset's items, each through ``transform`` as it is read."""
+
+    def __init__(self, items: Dataset, transform: Transform) -> None:
+        self.items = items
         self.transform = transform
-        self.collate = collate
 
-    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        items = [
-            item
-            if item["pixels"] is None
-            else {**item, "pixels": self.transform(uint8_to_pil(item["pixels"]))}
-            for item in batch
-        ]
-        return self.collate(items)
+    def __len__(self) -> int:
+        return len(cast(Sized, self.items))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return transformed(self.items[index], self.transform)
+
+
+class TransformedStream(IterableDataset):
+    """A streamed dataset's items (its own share on each rank and worker), each through
+    ``transform`` as it is read."""
+
+    def __init__(self, items: IterableDataset, transform: Transform) -> None:
+        self.items = items
+        self.transform = transform
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (transformed(item, self.transform) for item in self.items)
 
 
 def embed_loader(
@@ -70,16 +85,17 @@ def embed_loader(
     own (a notebook's) keeps it: its items are transformed already.
     """
     items: Dataset
+    own = getattr(dataset, "transform", None) is not None
     if isinstance(dataset, IterableDataset):
         cast(StreamedDataset, dataset).restrict(image_ids)
-        items = dataset
+        items = dataset if own else TransformedStream(dataset, transform)
     else:
         position = {int(i): k for k, i in enumerate(dataset.image_ids)}
         items = Subset(dataset, [position[int(i)] for i in image_ids])
-    collate: Collate = dataset.collate
-    if getattr(dataset, "transform", None) is None:
-        collate = TransformingCollate(transform, collate)
-    return DataLoader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+        items = items if own else TransformedItems(items, transform)
+    return DataLoader(
+        items, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate
+    )
 
 
 @contextmanager
