@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.index import Backend, create_backend
-from retrieval.index.exact import exact_search
+from retrieval.index.kernels import exact_search
 from retrieval.index.milvus_backend import MilvusBackend
 from retrieval.index.tuning import recall_at_k
 from retrieval.representatives import Representatives

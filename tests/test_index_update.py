@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import retrieval.index.update as update_module
 from retrieval.errors import IndexFileError
 from retrieval.index import build_index, open_index, update_index
-from retrieval.index.base import Backend, RowHits
-from retrieval.index.exact import exact_search
+from retrieval.index.base import Backend
+from retrieval.index.kernels import RowHits, exact_search
 from retrieval.representatives import Representatives
 from retrieval.store import ShardStore
 

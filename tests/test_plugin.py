@@ -163,7 +163,8 @@ import numpy as np
 import torch
 
 from retrieval.errors import IndexFileError
-from retrieval.index.base import Backend, first_per_image
+from retrieval.index.base import Backend
+from retrieval.index.kernels import first_per_image
 
 
 class BruteForce(Backend):

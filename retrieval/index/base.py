@@ -47,11 +47,11 @@ from torch import Tensor
 
 from retrieval.errors import ConfigError, IndexFileError
 from retrieval.index.hits import Hit
+from retrieval.index.kernels import RowHits, exact_search
 from retrieval.index.table import RepTable, TableWriter
 from retrieval.registry import INDEX_BACKENDS
 from retrieval.representatives import Representatives
 
-RowHits = tuple[np.ndarray, np.ndarray]  # (table rows, scores), best first
 B = TypeVar("B", bound="type[Backend]")
 
 
@@ -217,8 +217,6 @@ class Backend(ABC):
         """Like :meth:`search_rows`, among the images at table positions ``images``
         (ascending, live, non-empty) only. This default re-scores their rows exactly
         from the fp16 table; backends that can filter natively override it."""
-        from retrieval.index.exact import exact_search  # exact imports this module
-
         return exact_search(self.require_table(), queries, k, self.device, images=images)
 
     def require_table(self, allow_empty: bool = False) -> RepTable:
@@ -322,18 +320,3 @@ def open_backend(
     backend = cls.open(folder, dim, device, **{**INDEX_BACKENDS.defaults[name], **state})
     backend.name = name
     return backend
-
-
-def first_per_image(rows: np.ndarray, scores: np.ndarray, owner: np.ndarray, k: int) -> RowHits:
-    """Groups representatives (best first) by image: each image's first row, top ``k``.
-
-    With exact scores and rows sorted best first, an image's first row is its max, so the
-    first ``k`` distinct images are the exact top ``k`` whenever ``k`` distinct images occur.
-    """
-    valid = rows >= 0
-    rows, scores = rows[valid], scores[valid]
-    if not len(rows):
-        return rows, scores
-    _, first = np.unique(owner[rows], return_index=True)
-    first = np.sort(first)[:k]
-    return rows[first], scores[first]

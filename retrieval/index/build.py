@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 import retrieval
 from retrieval.errors import ConfigError, IndexFileError
 from retrieval.index.base import Backend, create_backend
-from retrieval.index.exact import ExactBackend, exact_search
+from retrieval.index.exact import ExactBackend
+from retrieval.index.kernels import exact_search
 from retrieval.index.manifest import FORMAT
 from retrieval.index.table import MANIFEST, META, VECTORS, RepTable, replace_atomically
 from retrieval.index.tuning import recall_at_k

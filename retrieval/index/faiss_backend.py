@@ -45,8 +45,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from retrieval.errors import ConfigError, IndexFileError, did_you_mean
-from retrieval.index.base import Backend, RowHits, first_per_image, register_backend
-from retrieval.index.exact import rerank
+from retrieval.index.base import Backend, register_backend
+from retrieval.index.kernels import RowHits, first_per_image, rerank
 from retrieval.index.table import corrupt, generation_name, replace_atomically
 from retrieval.index.tuning import recall_at_k, tune_settings
 

@@ -34,8 +34,8 @@ import numpy as np
 from torch import Tensor
 
 from retrieval.errors import ConfigError, IndexFileError, did_you_mean
-from retrieval.index.base import Backend, RowHits, register_backend
-from retrieval.index.exact import rerank
+from retrieval.index.base import Backend, register_backend
+from retrieval.index.kernels import RowHits, rerank
 from retrieval.index.table import corrupt
 from retrieval.index.tuning import recall_at_k, tune_settings
 

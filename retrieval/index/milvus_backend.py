@@ -63,8 +63,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from retrieval.errors import ConfigError, IndexFileError, did_you_mean
-from retrieval.index.base import Backend, RowHits, register_backend
-from retrieval.index.exact import exact_search, rerank
+from retrieval.index.base import Backend, register_backend
+from retrieval.index.kernels import RowHits, exact_search, rerank
 from retrieval.index.milvus_server_caps import (
     Capabilities,
     lite_capabilities,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from retrieval.index.base import RowHits
+from retrieval.index.kernels import RowHits
 
 Settings = Mapping[str, Any]
 
