@@ -44,8 +44,9 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.errors import ConfigError, IndexFileError, did_you_mean
+from retrieval.errors import IndexFileError
 from retrieval.index.base import Backend, register_backend
+from retrieval.index.grouping import check_choice, doubled, fetch_until_k_images, needed_overfetch
 from retrieval.index.kernels import RowHits, first_per_image, rerank
 from retrieval.index.table import corrupt, generation_name, replace_atomically
 from retrieval.index.tuning import recall_at_k, tune_settings
@@ -118,14 +119,11 @@ class FaissBackend(Backend):
     ``nlist``, ``m``, ``nbits``, ``train_size``)."""
 
     def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
-        kind = options.get("kind", "auto")
-        if kind not in KINDS:
-            raise ConfigError(
-                f"faiss kind {kind!r} is not one of {', '.join(KINDS)}: pass --option "
-                f"kind=auto|flat|ivfpq|ivfpqfs|ivfrabitq or use backend faiss-flat / "
-                f"faiss-ivfpq / faiss-ivfpqfs / faiss-rabitq."
-                f"{did_you_mean(str(kind), KINDS)}"
-            )
+        fix = (
+            "pass --option kind=auto|flat|ivfpq|ivfpqfs|ivfrabitq or use backend faiss-flat "
+            "/ faiss-ivfpq / faiss-ivfpqfs / faiss-rabitq"
+        )
+        check_choice("faiss", "kind", options.get("kind", "auto"), KINDS, fix)
         options.setdefault("overfetch", 4)
         super().__init__(folder, dim, device, **options)
         self.index: faiss.Index | None = None
@@ -368,18 +366,16 @@ class FaissBackend(Backend):
         wanted = min(k, table.searchable_images if allowed is None else allowed.images)
         index = self._ivf()
         total = index.ntotal if allowed is None else allowed.rows
-        out: dict[int, RowHits] = {}  # query -> its latest answer
-        todo, nprobe = np.arange(len(q)), self.options["nprobe"]
-        while len(todo):
-            _, rows = self._fetch(q[todo], kp, nprobe, allowed)
-            again: list[int] = []
-            for i, r in zip(todo.tolist(), rows, strict=True):
-                out[i] = hits = self._rerank(queries[i], r, k)
-                exhausted = nprobe >= index.nlist and kp >= total
-                if len(hits[0]) < wanted and not exhausted:
-                    again.append(i)
-            todo, nprobe, kp = np.array(again, dtype=np.int64), nprobe * 2, kp * 2
-        return [out[i] for i in range(len(q))]
+        nprobe = self.options["nprobe"]
+
+        def fetch(todo: np.ndarray, round_: int) -> list[RowHits]:
+            _, rows = self._fetch(q[todo], kp * 2**round_, nprobe * 2**round_, allowed)
+            return [self._rerank(queries[i], r, k) for i, r in zip(todo, rows, strict=True)]
+
+        def exhausted(round_: int) -> bool:
+            return nprobe * 2**round_ >= index.nlist and kp * 2**round_ >= total
+
+        return fetch_until_k_images(len(q), wanted, fetch, lambda hits: len(hits[0]), exhausted)
 
     def _rerank(self, query: Tensor, rows: np.ndarray, k: int) -> RowHits:
         """Exact top ``k`` of the images whose fetched ``rows`` score best exactly."""
@@ -396,18 +392,16 @@ class FaissBackend(Backend):
         """Groups the top ``kp`` representatives; fetches more where < ``k`` images came
         (until every row, or every allowed row, was fetched)."""
         owner = self.require_table().owner
-        out: dict[int, RowHits] = {}  # query -> its latest answer
-        todo = np.arange(len(q))
         total = self._built().ntotal if allowed is None else allowed.rows
-        while len(todo):
-            scores, rows = self._fetch(q[todo], kp, allowed=allowed)
-            again: list[int] = []
-            for i, s, r in zip(todo.tolist(), scores, rows, strict=True):
-                out[i] = hits = first_per_image(r, s, owner, k)
-                if len(hits[0]) < k and kp < total:
-                    again.append(i)
-            todo, kp = np.array(again, dtype=np.int64), kp * 2
-        return [out[i] for i in range(len(q))]
+
+        def fetch(todo: np.ndarray, round_: int) -> list[RowHits]:
+            scores, rows = self._fetch(q[todo], doubled(kp, total, round_), allowed=allowed)
+            return [first_per_image(r, s, owner, k) for s, r in zip(scores, rows, strict=True)]
+
+        def exhausted(round_: int) -> bool:
+            return doubled(kp, total, round_) >= total
+
+        return fetch_until_k_images(len(q), k, fetch, lambda hits: len(hits[0]), exhausted)
 
     def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
         """flat: the over-fetch most queries need (the rest fetch again). ivfpq: the
@@ -460,12 +454,5 @@ class FaissBackend(Backend):
 
     def _flat_overfetch(self, queries: Tensor, k: int) -> int:
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
-        owner = self.require_table().owner
         _, rows = self._fetch(q, 64 * k)
-        needed: list[float] = []
-        for r in rows:
-            owners = owner[r[r >= 0]]
-            _, first = np.unique(owners, return_index=True)
-            first = np.sort(first)
-            needed.append((first[k - 1] + 1) / k if len(first) >= k else 64)
-        return max(1, math.ceil(float(np.quantile(needed, 0.9))))
+        return needed_overfetch(rows, self.require_table().owner, k, cap=64)

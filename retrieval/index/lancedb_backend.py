@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from retrieval.errors import ConfigError, IndexFileError, did_you_mean
+from retrieval.errors import IndexFileError
 from retrieval.index.base import Backend, register_backend
+from retrieval.index.grouping import check_choice
 from retrieval.index.kernels import RowHits, rerank
 from retrieval.index.table import corrupt
 from retrieval.index.tuning import recall_at_k, tune_settings
@@ -67,13 +68,8 @@ class LanceBackend(Backend):
     ``nprobes``, ``refine_factor``, ``ef_factor``: HNSW candidates per fetched row)."""
 
     def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
-        index_type = options.get("index_type", "auto")
-        if index_type not in INDEX_TYPES:
-            raise ConfigError(
-                f"lancedb index_type {index_type!r} is not one of {', '.join(INDEX_TYPES)}: "
-                f"pass e.g. --option index_type=IVF_FLAT."
-                f"{did_you_mean(str(index_type), INDEX_TYPES)}"
-            )
+        fix = "pass e.g. --option index_type=IVF_FLAT"
+        check_choice("lancedb", "index_type", options.get("index_type", "auto"), INDEX_TYPES, fix)
         options.setdefault("nprobes", 20)
         super().__init__(folder, dim, device, **options)
         self.lance_table: Any = None  # a lancedb Table once built or loaded

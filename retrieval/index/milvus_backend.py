@@ -62,8 +62,15 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.errors import ConfigError, IndexFileError, did_you_mean
+from retrieval.errors import ConfigError, IndexFileError
 from retrieval.index.base import Backend, register_backend
+from retrieval.index.grouping import (
+    check_choice,
+    doubled,
+    fetch_until_k_images,
+    first_images,
+    needed_overfetch,
+)
 from retrieval.index.kernels import RowHits, exact_search, rerank
 from retrieval.index.milvus_server_caps import (
     Capabilities,
@@ -109,13 +116,6 @@ def _import_pymilvus() -> Any:
     return pymilvus
 
 
-def _first_images(rows: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """Image positions of ``rows`` (best first), each image once, in order of its best."""
-    images = owner[rows]
-    _, first = np.unique(images, return_index=True)
-    return images[np.sort(first)]
-
-
 @register_backend(
     "milvus",
     index_type="HNSW",
@@ -135,12 +135,7 @@ class MilvusBackend(Backend):
     def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
         choices = {"index_type": INDEX_PARAMS, "vector_type": VECTOR_TYPES, "group_by": GROUP_BY}
         for key, allowed in choices.items():
-            if options[key] not in allowed:
-                raise ConfigError(
-                    f"milvus {key} {options[key]!r} is not one of {', '.join(allowed)}: "
-                    f"pass e.g. --option {key}={next(iter(allowed))}."
-                    f"{did_you_mean(str(options[key]), allowed)}"
-                )
+            check_choice("milvus", key, options[key], allowed)
         for key in ("timeout", "load_timeout"):
             if not isinstance(options[key], int | float) or options[key] <= 0:
                 raise ConfigError(
@@ -458,18 +453,16 @@ class MilvusBackend(Backend):
         owner = self.require_table().owner
         most = min(LIMIT_MAX, rows)
         limit = min(max(math.ceil(self.options["overfetch"] * k), k), most)
-        out: list[np.ndarray] = [np.zeros(0, np.int64)] * len(queries)
-        todo = np.arange(len(queries))
-        while len(todo):
-            found = self._search(queries[todo], limit, where, group=False)
-            again = []
-            for i, hits in zip(todo.tolist(), found, strict=True):
-                out[i] = _first_images(np.asarray(hits.ids, np.int64), owner)
-                if len(out[i]) < k and limit < most:
-                    again.append(i)
-                out[i] = out[i][: RERANK_IMAGES * k]
-            todo, limit = np.array(again, np.int64), min(2 * limit, most)
-        return out
+
+        def fetch(todo: np.ndarray, round_: int) -> list[np.ndarray]:
+            found = self._search(queries[todo], doubled(limit, most, round_), where, group=False)
+            return [first_images(np.asarray(hits.ids, np.int64), owner) for hits in found]
+
+        def exhausted(round_: int) -> bool:
+            return doubled(limit, most, round_) >= most
+
+        grouped = fetch_until_k_images(len(queries), k, fetch, len, exhausted)
+        return [images[: RERANK_IMAGES * k] for images in grouped]
 
     def _answer(self, queries: Tensor, k: int, images: np.ndarray | None) -> list[RowHits]:
         """Top ``k`` images (among ``images``, table positions, when given): the engine's
@@ -531,10 +524,6 @@ class MilvusBackend(Backend):
         """Representatives per image wanted that cover ``k`` images for 90% of queries."""
         owner = self.require_table().owner
         limit = min(64 * k, LIMIT_MAX, self.require_table().num_live_rows)
-        needed = []
-        for hits in self._search(queries, limit, "", group=False):
-            images = owner[np.asarray(hits.ids, np.int64)]
-            _, first = np.unique(images, return_index=True)
-            first = np.sort(first)
-            needed.append((first[k - 1] + 1) / k if len(first) >= k else limit / k)
-        return max(1, math.ceil(float(np.quantile(needed, 0.9))))
+        found = self._search(queries, limit, "", group=False)
+        fetched = [np.asarray(hits.ids, np.int64) for hits in found]
+        return needed_overfetch(fetched, owner, k, cap=limit / k)
