@@ -2,9 +2,8 @@
 
 No approximation: every representative is scored, each image keeps its max (and the
 first representative reaching it, as ``argmax_representative`` does). It is the default
-and the reference every approximate backend's recall is measured against. On these CPUs
-torch beat faiss's fp32 IndexFlatIP on batches of 100 queries (measured on a 2-core CPU), but
-one query at a time faiss's fp16 flat codes are 2-3x faster (results/bench/search_cpu.md):
+and the reference every approximate backend's recall is measured against. One query at
+a time on a CPU, faiss's fp16 flat codes are faster (results/bench/search_cpu.md):
 ``faiss`` is the exact choice for interactive search on a CPU.
 """
 
@@ -22,8 +21,8 @@ from retrieval.store.scoring import resolve_device
 @register_backend("exact")
 class ExactBackend(Backend):
     """Brute force over every representative, the vectors kept resident when they fit
-    ``max_memory_gb``: fp16 on a GPU, fp32 on a CPU (converting fp16 costs ~2 ns per
-    number here, 8x the product itself), otherwise streamed from the table by chunk."""
+    ``max_memory_gb``: fp16 on a GPU, fp32 on a CPU (converting fp16 on a CPU costs
+    more than the product itself), otherwise streamed from the table by chunk."""
 
     _vectors: Tensor | None = None  # the resident copy, made at the first search
 

@@ -5,9 +5,9 @@ Two kinds (``kind``): ``flat`` (exact scores: fp16 codes of the fp16 table) fetc
 that found fewer than ``k`` distinct images, so its answer is exact; ``ivfpq``
 (``IndexIVFPQ``) fetches ``overfetch x k`` candidate representatives by their compressed
 codes, scores those rows exactly from the fp16 table, and re-ranks the ``RERANK_IMAGES
-x k`` best images over all their representatives (without re-ranking PQ recall was
-~0.5; re-ranking every candidate's image cost 16x more rows at 16 reps per image and
-capped the affordable over-fetch below what 10^5 clustered reps needed). ``auto`` picks
+x k`` best images over all their representatives (re-ranking fewer leaves PQ recall
+low; re-ranking every candidate's image caps the affordable over-fetch: the
+measurements are in results/bench/search_cpu.md). ``auto`` picks
 flat up to ``FLAT_MAX_ROWS`` representatives. :meth:`FaissBackend.tune` sets
 ``overfetch`` (and ``nprobe``) from queries with known exact answers. Two more compressed
 kinds share ivfpq's path (candidates by codes, exact re-rank from the fp16 table):
@@ -60,14 +60,14 @@ MIN_TRAIN = 20_000  # enough for 8-bit PQ codebooks (256 centroids x 39 points, 
 KINDS = ("auto", "flat", "ivfpq", "ivfpqfs", "ivfrabitq")
 # the compressed kinds beside ivfpq, as faiss factory strings: 4-bit fast-scan PQ with a
 # sub-quantiser per 2 dimensions (2 bits per dimension, scanned in SIMD registers; one
-# per 4 dimensions needed 5x the re-ranked rows for recall 0.99 at 10^6), and IVF-RaBitQ
+# per 4 dimensions needed far more re-ranked rows: results/bench/search_cpu.md), and IVF-RaBitQ
 # (1 bit per dimension plus two floats, trained by the IVF k-means alone)
 FACTORY = {"ivfpqfs": "IVF{nlist},PQ{m}x4fs", "ivfrabitq": "IVF{nlist},RaBitQ"}
 DIMS_PER_CODE = {"ivfpqfs": 2, "ivfrabitq": 8}  # dimensions per sub-quantiser / byte
 # what scanning one code costs in _cost's units (a re-ranked row costs D): 8-bit PQ and
 # RaBitQ read their codes one by one (m table look-ups, D/8 bytes); fast-scan PQ scores
-# 32 codes per SIMD pass, so a code costs ~1/1700 of a re-ranked row at 10^6 (probing
-# 488k more codes: +1.5 ms; re-ranking 4,500 more rows: +23 ms): 1 unit, rounded up
+# 32 codes per SIMD pass, so a code costs a tiny share of a re-ranked row (measured in
+# results/bench/search_cpu.md): 1 unit, rounded up
 SCAN_UNITS = {"ivfpqfs": 1}
 OVERFETCH = (2, 4, 10, 20, 50, 100, 200, 400)
 RERANK_IMAGES = 2  # images re-ranked in full per result, best by their fetched rows
@@ -77,8 +77,8 @@ NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # then every list (nlist)
 @contextmanager
 def omp_threads(threads: int | None) -> Iterator[None]:
     """Runs faiss with ``threads`` OpenMP threads (None: unchanged). Small trainings run
-    on one: on a busy 2-core machine OpenMP's waiting made a 2,000-vector IVF-PQ train
-    take 4.5 s on two threads against 0.06 s on one."""
+    on one: on a busy machine OpenMP's waiting makes a small IVF-PQ train far slower on
+    several threads than on one (results/bench/search_cpu.md)."""
     before = faiss.omp_get_max_threads()
     if threads:
         faiss.omp_set_num_threads(threads)
@@ -102,7 +102,7 @@ def pq_layout(rows: int, dim: int) -> tuple[int, int, int]:
     """``(nlist, m, nbits)`` for ``rows`` vectors: ~sqrt(rows) lists (>= 39 training
     points each; more lists train slower than re-ranking costs at these sizes),
     sub-quantisers of >= 16 dimensions (8-bit codes, fewer bits on tiny tables):
-    8-dimensional ones trained 12x slower (43 s against 3.7 s for 10^4 x 512)."""
+    8-dimensional ones train much slower (results/bench/search_cpu.md)."""
     nlist = max(1, min(int(math.sqrt(rows)), rows // 39, 65_536))
     m = max(d for d in range(1, max(dim // 16, 1) + 1) if dim % d == 0)
     nbits = 8 if rows >= 256 * 39 else max(4, min(8, int(math.log2(max(rows // 39, 16)))))
@@ -137,7 +137,7 @@ class FaissBackend(Backend):
         if self.options["kind"] == "auto":
             self.options["kind"] = "flat" if rows <= FLAT_MAX_ROWS else "ivfpq"
         if self.options["kind"] == "flat":  # fp16 codes: lossless for the fp16 table, and
-            # half the memory and ~2x faster than IndexFlatIP's fp32 here; ids = table rows
+            # half the memory of IndexFlatIP's fp32, and faster; ids = table rows
             return faiss.IndexIDMap(self._flat_codes())
         chosen_m = self.options.get("m")  # fast-scan: sub-quantisers, when given
         nlist, m, nbits = pq_layout(rows, self.dim)

@@ -33,8 +33,8 @@ a hang. Rows are counted with a strong-consistency ``count(*)`` after every writ
 open (it also waits until a restarted server serves the collection again), so searches
 that follow see every row.
 
-milvus-lite 3.x is a pure-Python stand-in: slow to insert (~2,000 rows/s here, indexing
-included), float32 only, and its group-by over-fetches a fixed 10x, so its recall is
+milvus-lite 3.x is a pure-Python stand-in: slow to insert (results/bench/search_cpu.md),
+float32 only, and its group-by over-fetches a fixed 10x, so its recall is
 measured, not assumed.
 
 An update inserts the new table rows (primary key = table row) and deletes the removed
