@@ -25,8 +25,9 @@ from retrieval.aggregate import create_aggregator, list_aggregators
 from retrieval.cli import main
 from retrieval.config import ConfigError, data_schema, load_config
 from retrieval.engine import embed, evaluate
+from retrieval.errors import IndexFileError
 from retrieval.factory import list_datasets, list_retrievers
-from retrieval.index import build_index, list_backends, open_index
+from retrieval.index import build_index, create_backend, list_backends, open_index
 
 RETRIEVER_PLUGIN = '''
 import torch
@@ -158,33 +159,46 @@ BACKEND_PLUGIN = '''
 """brute: every representative scored at once, each image keeping its best row."""
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from retrieval.errors import IndexFileError
-from retrieval.index.base import Backend
+from retrieval.index.engine import Engine, EngineOptions
 from retrieval.index.kernels import first_per_image
 
 
-class BruteForce(Backend):
+@dataclass
+class BruteOptions(EngineOptions):
+    chunk: int = 1024  # rows scored at once
+
+
+class BruteForce(Engine):
+    Options = BruteOptions
+
     def build(self, progress: bool) -> None:
-        self.marker().write_text(json.dumps({"rows": self.table.num_rows}))
+        self.marker().write_text(json.dumps({"rows": self.require_table().num_rows}))
 
     def marker(self):
         return self.folder / "brute.json"
 
     def load(self) -> None:
-        if json.loads(self.marker().read_text())["rows"] != self.table.num_rows:
+        if json.loads(self.marker().read_text())["rows"] != self.require_table().num_rows:
             raise IndexFileError(f"{self.marker()} does not match the table")
 
     def own_files(self):
         return [self.marker()]
 
-    def search_rows(self, queries, k):
+    def search(self, queries, k):
         table = self.require_table()
-        vectors = torch.from_numpy(np.array(table.vectors)).float()
-        sims = (vectors @ queries.float().cpu().T).T.numpy()
+        q = queries.float().cpu().T
+        step = self.options.chunk
+        parts = [
+            torch.from_numpy(np.array(table.vectors[i : i + step])).float() @ q
+            for i in range(0, table.num_rows, step)
+        ]
+        sims = torch.cat(parts).T.numpy()
         image_of_row = table.image_ids[table.owner]
         rows = np.arange(table.num_rows)
         out = []
@@ -607,3 +621,14 @@ def test_backend_plugin_indexes_a_run_like_exact(
             )
         by_text = [h.image_id for h in brute.search("circle", top=5)]
         assert by_text == [h.image_id for h in reference.search("circle", top=5)]
+        # an engine that does not declare itself updatable: an update says to rebuild
+        with pytest.raises(IndexFileError, match="'brute' cannot add or remove.*rebuild"):
+            brute.backend.remove(np.array([h.image_id for h in found[:1]]))
+
+
+def test_backend_plugin_refuses_an_unknown_option(installed: Path, dense_run: Path) -> None:
+    """A typed option the engine does not declare is one ConfigError naming it and the
+    accepted ones (before anything is written)."""
+    with pytest.raises(ConfigError, match=r"'brute' has no option 'chunks' \(it accepts: chunk\)"):
+        create_backend("brute", dense_run / "never", 8, "cpu", chunks=64)
+    assert not (dense_run / "never").exists()

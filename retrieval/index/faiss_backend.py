@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from retrieval.errors import IndexFileError
 from retrieval.index.base import Backend, register_backend
+from retrieval.index.engine import Engine, EngineOptions, state_field
 from retrieval.index.grouping import check_choice, doubled, fetch_until_k_images, needed_overfetch
 from retrieval.index.kernels import RowHits, first_per_image, rerank
 from retrieval.index.table import corrupt, generation_name, replace_atomically
@@ -109,53 +110,78 @@ def pq_layout(rows: int, dim: int) -> tuple[int, int, int]:
     return nlist, m, nbits
 
 
+@dataclass
+class FaissOptions(EngineOptions):
+    """``kind`` (one of ``KINDS``; ``auto`` is resolved at build), ``overfetch``
+    (representatives fetched per image wanted), ``nprobe``, ``nlist``, ``m``, ``nbits``
+    and ``train_size`` (the IVF kinds: chosen at build unless given), ``segments``
+    (state: the generations that wrote a faiss file)."""
+
+    kind: str = "auto"
+    overfetch: float = 4
+    nprobe: int | None = None
+    nlist: int | None = None
+    m: int | None = None
+    nbits: int | None = None
+    train_size: int | None = None
+    segments: list[int] | None = state_field()
+
+    def __post_init__(self) -> None:
+        fix = (
+            "pass --option kind=auto|flat|ivfpq|ivfpqfs|ivfrabitq or use backend faiss-flat "
+            "/ faiss-ivfpq / faiss-ivfpqfs / faiss-rabitq"
+        )
+        check_choice("faiss", "kind", self.kind, KINDS, fix)
+
+
 @register_backend("faiss", kind="auto")
 @register_backend("faiss-flat", kind="flat")
 @register_backend("faiss-ivfpq", kind="ivfpq")
 @register_backend("faiss-ivfpqfs", kind="ivfpqfs")
 @register_backend("faiss-rabitq", kind="ivfrabitq")
-class FaissBackend(Backend):
-    """faiss behind the backend interface (options: ``kind``, ``overfetch``, ``nprobe``,
-    ``nlist``, ``m``, ``nbits``, ``train_size``)."""
+class FaissBackend(Engine):
+    """faiss as an index engine (options: :class:`FaissOptions`)."""
 
-    def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
-        fix = (
-            "pass --option kind=auto|flat|ivfpq|ivfpqfs|ivfrabitq or use backend faiss-flat "
-            "/ faiss-ivfpq / faiss-ivfpqfs / faiss-rabitq"
-        )
-        check_choice("faiss", "kind", options.get("kind", "auto"), KINDS, fix)
-        options.setdefault("overfetch", 4)
-        super().__init__(folder, dim, device, **options)
+    Options = FaissOptions
+    options: FaissOptions
+    updatable = True
+    native_filter = True
+
+    def __init__(self, backend: Backend, options: EngineOptions) -> None:
+        super().__init__(backend, options)
         self.index: faiss.Index | None = None
         self._segment: faiss.Index | None = None  # rows an update adds, until saved
 
     @property
-    def approximate(self) -> bool:  # type: ignore[override]
-        return self.options["kind"] != "flat"
+    def approximate(self) -> bool:
+        return self.options.kind != "flat"
 
     def _make_index(self, rows: int) -> faiss.Index:
-        if self.options["kind"] == "auto":
-            self.options["kind"] = "flat" if rows <= FLAT_MAX_ROWS else "ivfpq"
-        if self.options["kind"] == "flat":  # fp16 codes: lossless for the fp16 table, and
+        o = self.options
+        if o.kind == "auto":
+            o.kind = "flat" if rows <= FLAT_MAX_ROWS else "ivfpq"
+        if o.kind == "flat":  # fp16 codes: lossless for the fp16 table, and
             # half the memory of IndexFlatIP's fp32, and faster; ids = table rows
             return faiss.IndexIDMap(self._flat_codes())
-        chosen_m = self.options.get("m")  # fast-scan: sub-quantisers, when given
+        chosen_m = o.m  # fast-scan: sub-quantisers, when given
         nlist, m, nbits = pq_layout(rows, self.dim)
-        train = min(rows, max(TRAIN_PER_LIST * nlist, MIN_TRAIN))
-        defaults = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": 16, "train_size": train}
-        for key, value in defaults.items():
-            self.options.setdefault(key, value)
-        o = self.options
-        if o["kind"] in FACTORY:  # m: D/2 sub-quantisers (fast-scan), D/8 bytes (RaBitQ)
-            o["m"] = chosen_m or self.dim // DIMS_PER_CODE[o["kind"]]
-            spec = FACTORY[o["kind"]].format(nlist=o["nlist"], m=o["m"])
+        # what the user did not set: the layout's, 16 probes, enough training vectors
+        o.nlist = nlist if o.nlist is None else o.nlist
+        o.m = m if o.m is None else o.m
+        o.nbits = nbits if o.nbits is None else o.nbits
+        o.nprobe = 16 if o.nprobe is None else o.nprobe
+        if o.train_size is None:
+            o.train_size = min(rows, max(TRAIN_PER_LIST * nlist, MIN_TRAIN))
+        if o.kind in FACTORY:  # m: D/2 sub-quantisers (fast-scan), D/8 bytes (RaBitQ)
+            o.m = chosen_m or self.dim // DIMS_PER_CODE[o.kind]
+            spec = FACTORY[o.kind].format(nlist=o.nlist, m=o.m)
             index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
             faiss.extract_index_ivf(index).cp.min_points_per_centroid = 1
-            o.pop("nbits", None)
+            o.nbits = None
             return index
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQ(
-            quantizer, self.dim, o["nlist"], o["m"], o["nbits"], faiss.METRIC_INNER_PRODUCT
+            quantizer, self.dim, o.nlist, o.m, o.nbits, faiss.METRIC_INNER_PRODUCT
         )
         # small tables train on few points per centroid; the recorded recall says what
         # that cost, so faiss's warning about it is only noise
@@ -173,7 +199,7 @@ class FaissBackend(Backend):
         index = self._make_index(len(rows))
         if not index.is_trained:
             rng = np.random.default_rng(0)
-            size = min(self.options["train_size"], len(rows))
+            size = min(self.options.train_size or len(rows), len(rows))
             sample = rows[np.sort(rng.choice(len(rows), size, replace=False))]
             with omp_threads(1 if size < SMALL_TRAIN else None):
                 index.train(table.vectors[sample].astype(np.float32))
@@ -186,7 +212,7 @@ class FaissBackend(Backend):
         table, index = self.require_table(), index or self._built()
         starts = range(0, len(rows), ADD_ROWS)
         for start in tqdm(
-            starts, desc=f"faiss {self.options['kind']}", unit="chunk", disable=not progress
+            starts, desc=f"faiss {self.options.kind}", unit="chunk", disable=not progress
         ):
             part = rows[start : start + ADD_ROWS]
             contiguous = part[-1] - part[0] == len(part) - 1  # one slice read, no gather
@@ -196,7 +222,7 @@ class FaissBackend(Backend):
     @property
     def segments(self) -> list[int]:
         """Generations that wrote a faiss file: the build's, then each update's additions."""
-        return list(self.options.get("segments", [0]))
+        return list(self.options.segments or [0])
 
     def _write(self, index: faiss.Index, generation: int) -> None:
         path = self.folder / generation_name(FAISS_FILE, generation)
@@ -209,13 +235,13 @@ class FaissBackend(Backend):
         when the segments are loaded. No earlier file is rewritten."""
         if self.generation == 0:
             self._write(self._built(), 0)
-            self.options["segments"] = [0]
+            self.options.segments = [0]
         elif self._segment is not None:
             self._write(self._segment, self.generation)
-            self.options["segments"] = [*self.segments, self.generation]
+            self.options.segments = [*self.segments, self.generation]
             self._segment = None
 
-    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
+    def add(self, rows: np.ndarray, progress: bool) -> None:
         """The new rows, ids = table rows, go into a new segment (written by :meth:`save`)
         and into the index in memory when it is loaded."""
         self._segment = self._empty()
@@ -223,7 +249,7 @@ class FaissBackend(Backend):
         if self.index is not None:
             self._add(rows, False, self._with_ids(self.index))
 
-    def remove_rows(self, rows: np.ndarray) -> None:
+    def remove(self, rows: np.ndarray) -> None:
         """Nothing to write (the table's tombstones are the record); the index in memory,
         when loaded, drops the rows by ``remove_ids``."""
         if self.index is not None:
@@ -240,7 +266,7 @@ class FaissBackend(Backend):
 
     def _empty(self) -> faiss.Index:
         """An empty index of this one's kind and training, to hold a new segment."""
-        if self.options["kind"] == "flat":
+        if self.options.kind == "flat":
             return faiss.IndexIDMap(self._flat_codes())
         index = self._read(0)  # PQ codes: small next to the table
         index.reset()
@@ -298,7 +324,7 @@ class FaissBackend(Backend):
     def _built(self) -> faiss.Index:
         """The faiss index (after :meth:`build` or :meth:`load`), else a clear error."""
         if self.index is None:
-            if self.table is not None and self.updating:  # opened lazily by an update
+            if self.backend.table is not None and self.updating:  # opened lazily by an update
                 return self._load()
             raise IndexFileError(f"index {self.folder}: the faiss index is not built")
         return self.index
@@ -315,7 +341,7 @@ class FaissBackend(Backend):
 
     def memory_bytes(self) -> int:
         """The faiss index lives in memory; ivfpq re-ranking reads few table rows."""
-        return super().memory_bytes() + sum(p.stat().st_size for p in self.own_files())
+        return sum(p.stat().st_size for p in self.own_files())
 
     def _fetch(
         self,
@@ -330,7 +356,7 @@ class FaissBackend(Backend):
         limit = index.ntotal if allowed is None else allowed.rows
         params: faiss.SearchParameters | None = None
         if isinstance(index, faiss.IndexIVF):
-            index.nprobe = min(nprobe or self.options["nprobe"], index.nlist)
+            index.nprobe = min(nprobe or self.options.nprobe or index.nlist, index.nlist)
             if allowed is not None:  # explicit parameters replace the index's nprobe
                 ivf = faiss.SearchParametersIVF()
                 ivf.sel, ivf.nprobe = allowed.selector, index.nprobe
@@ -340,10 +366,10 @@ class FaissBackend(Backend):
             params.sel = allowed.selector
         return index.search(queries, max(1, min(kp, limit)), params=params)
 
-    def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
+    def search(self, queries: Tensor, k: int) -> list[RowHits]:
         return self._search(queries, k, None)
 
-    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
+    def search_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
         """faiss searches the allowed images' rows alone (an id selector)."""
         rows = self.require_table().rows_of(images).astype(np.int64)
         return self._search(queries, k, Allowed(rows, len(images)))
@@ -351,8 +377,8 @@ class FaissBackend(Backend):
     def _search(self, queries: Tensor, k: int, allowed: Allowed | None) -> list[RowHits]:
         self._built()  # a clear error before any work when it is not
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
-        kp = math.ceil(self.options["overfetch"] * k)
-        if self.options["kind"] != "flat":
+        kp = math.ceil(self.options.overfetch * k)
+        if self.options.kind != "flat":
             return self._ivfpq(queries, q, k, kp, allowed)
         return self._flat(q, k, kp, allowed)
 
@@ -366,7 +392,7 @@ class FaissBackend(Backend):
         wanted = min(k, table.searchable_images if allowed is None else allowed.images)
         index = self._ivf()
         total = index.ntotal if allowed is None else allowed.rows
-        nprobe = self.options["nprobe"]
+        nprobe = self.options.nprobe or index.nlist
 
         def fetch(todo: np.ndarray, round_: int) -> list[RowHits]:
             _, rows = self._fetch(q[todo], kp * 2**round_, nprobe * 2**round_, allowed)
@@ -407,8 +433,8 @@ class FaissBackend(Backend):
         """flat: the over-fetch most queries need (the rest fetch again). ivfpq: the
         cheapest ``(nprobe, overfetch)`` pair (:meth:`_cost`) whose re-ranked answers
         reach ``target`` recall, else the pair of best recall (:func:`tune_settings`)."""
-        if self.options["kind"] == "flat":
-            self.options["overfetch"] = self._flat_overfetch(queries, k)
+        if self.options.kind == "flat":
+            self.options.overfetch = self._flat_overfetch(queries, k)
             return
         owner = self.require_table().owner
         nlist = self._ivf().nlist
@@ -416,7 +442,7 @@ class FaissBackend(Backend):
         fetched: dict[int, np.ndarray] = {}  # nprobe -> rows of the largest over-fetch
 
         def measure() -> float:
-            nprobe, overfetch = self.options["nprobe"], self.options["overfetch"]
+            nprobe, overfetch = self.options.nprobe or nlist, int(self.options.overfetch)
             if nprobe not in fetched:  # a smaller fetch is a prefix of a larger one:
                 fetched.clear()  # one fetch per nprobe serves every over-fetch
                 fetched[nprobe] = self._fetch(q, OVERFETCH[-1] * k)[1]
@@ -447,7 +473,7 @@ class FaissBackend(Backend):
         gets the same settings (timings on a busy machine picked differently run to run)."""
         table = self.require_table()
         rows = table.num_live_rows
-        per_code = SCAN_UNITS.get(self.options["kind"], self.options["m"])
+        per_code = SCAN_UNITS.get(self.options.kind, self.options.m or 1)
         scanned = nprobe / self._ivf().nlist * rows * per_code
         reps_per_image = rows / max(len(table.live_images), 1)
         return scanned + (overfetch + RERANK_IMAGES * reps_per_image) * k * self.dim

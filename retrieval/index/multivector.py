@@ -63,8 +63,8 @@ def multivector_rows(
     among the image positions ``images`` when given: each image's best-matching row and
     its MaxSim score, best first (ties by ascending image id)."""
     table = backend.require_table()
-    if isinstance(backend, ExactBackend):
-        return backend.maxsim_rows(queries, k, images)
+    if isinstance(backend.engine, ExactBackend):
+        return backend.engine.maxsim_rows(queries, k, images)
     if not backend.approximate:
         return maxsim_search(table, queries, k, backend.device, images=images)
     total = table.searchable_images if images is None else len(images)
