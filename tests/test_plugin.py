@@ -27,7 +27,8 @@ from retrieval.config import ConfigError, data_schema, load_config
 from retrieval.engine import embed, evaluate
 from retrieval.errors import IndexFileError
 from retrieval.factory import list_datasets, list_retrievers
-from retrieval.index import build_index, create_backend, list_backends, open_index
+from retrieval.index import build_index, create_backend, list_backends, open_backend, open_index
+from retrieval.representatives import Representatives
 
 RETRIEVER_PLUGIN = '''
 import torch
@@ -411,6 +412,48 @@ def test_architecture_doc_retriever_snippet_runs(monkeypatch: pytest.MonkeyPatch
     assert reps.embeddings.shape == (2, 1, d)
     assert retriever.device == torch.device("cpu")
     assert retriever.encode_text(["a", "b"]).shape == (2, d)
+
+
+def test_architecture_doc_backend_snippet_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The "An index backend" snippet of docs/architecture.md, executed as written,
+    registers an engine that builds (its own file listed and recorded), answers as the
+    exact backend does, refuses an unknown option naming it, round-trips through its
+    stored state, and (not updatable) refuses an update saying to rebuild."""
+    text = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+    section = text[text.index("### An index backend") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    backends = registry.INDEX_BACKENDS
+    backends.names()  # built-ins first, into the real table
+    monkeypatch.setattr(backends, "factories", dict(backends.factories))
+    monkeypatch.setattr(backends, "defaults", dict(backends.defaults))
+    # as written: without this test module's `from __future__ import annotations`
+    exec(compile(code, "docs/architecture.md", "exec", dont_inherit=True), {"__name__": "doc"})
+    dim, rng = 8, np.random.default_rng(0)
+    ids = np.arange(10, 22)
+    emb = F.normalize(torch.from_numpy(rng.standard_normal((12, 3, dim))).float(), dim=-1)
+    reps = Representatives(emb, torch.rand(12, 3) > 0.3)
+    reps.mask[:, 0] = True
+    built = {}
+    for name, options in (("brute", {"chunk": 5}), ("exact", {})):
+        backend = create_backend(name, tmp_path / name, dim, "cpu", **options)
+        backend.add(ids, reps)
+        backend.finish()
+        built[name] = backend
+    brute = built["brute"]
+    assert brute.state() == {"chunk": 5}
+    assert tmp_path / "brute" / "brute.json" in brute.files()
+    q = F.normalize(torch.randn(3, dim), dim=-1)
+    reopened = open_backend("brute", tmp_path / "brute", dim, "cpu", **brute.state())
+    for found, expected in zip(reopened.search(q, 4), built["exact"].search(q, 4), strict=True):
+        assert [(h.image_id, h.rep_index) for h in found] == [
+            (h.image_id, h.rep_index) for h in expected
+        ]
+    with pytest.raises(ConfigError, match=r"no option 'chunks' \(it accepts: chunk\)"):
+        create_backend("brute", tmp_path / "other", dim, "cpu", chunks=5)
+    with pytest.raises(IndexFileError, match="'brute' cannot add or remove.*rebuild"):
+        reopened.remove(ids[:1])
 
 
 def test_plugin_options_are_config_keys(installed: Path, tmp_path: Path) -> None:

@@ -160,13 +160,13 @@ class Engine(ABC):
 
     def add(self, rows: np.ndarray, progress: bool) -> None:
         """Indexes the table rows ``rows`` an update appended (ascending); ``updatable``
-        engines implement it."""
-        self.backend.require_updatable()
+        engines implement it (the front end refuses updates to the others first)."""
+        raise NotImplementedError(f"{type(self).__name__} declares updatable but no add()")
 
     def remove(self, rows: np.ndarray) -> None:
         """Stops returning the table rows ``rows`` of images an update removed (they stay
         in the table, tombstoned); ``updatable`` engines implement it."""
-        self.backend.require_updatable()
+        raise NotImplementedError(f"{type(self).__name__} declares updatable but no remove()")
 
     def tune(  # noqa: B027 - an optional hook: exact engines have nothing to tune
         self, queries: Tensor, truth: list[np.ndarray], k: int, target: float

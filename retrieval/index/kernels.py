@@ -5,9 +5,10 @@ exactly from the fp16 table (:class:`~retrieval.index.table.RepTable`): over the
 table (:func:`exact_search`), over a subset of images (a filter's allow-list, or an
 approximate backend's candidates: :func:`rerank`), for a multi-vector query by Chamfer /
 MaxSim (:func:`maxsim_search`), and group representatives fetched best first by image
-(:func:`first_per_image`). The backends (``exact`` and the engines) and the base class's
-filtered-search fallback call them; they import no backend, so nothing here points back
-up at one (an import-linter ``layers`` contract in pyproject.toml keeps it so).
+(:func:`first_per_image`). The engines (``exact``, faiss, LanceDB, Milvus) and the
+front end's filtered-search fallback call them; they import no engine, so nothing here
+points back up at one (an import-linter ``layers`` contract in pyproject.toml keeps it
+so).
 """
 
 from __future__ import annotations

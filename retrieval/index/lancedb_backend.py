@@ -20,7 +20,7 @@ A filtered search is LanceDB's own prefilter on the image position column,
 more partitions while fewer than ``k`` of them come back); an allow-list of more than
 ``WHERE_MAX`` images (a filter string that long costs more to parse than it saves), or
 a query still short of ``k`` allowed images after every partition, is re-scored exactly
-from the fp16 table instead (the base class's fallback).
+from the fp16 table instead (the engine protocol's fallback, :meth:`Engine.search_in`).
 """
 
 from __future__ import annotations

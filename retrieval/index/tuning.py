@@ -1,7 +1,7 @@
 """Recall tuning shared by the approximate backends, and the recall measures it uses.
 
 An approximate backend is tuned at build to reach a recall target against exact search
-(:meth:`Backend.tune`). Every backend's tuning has one shape: try candidate settings in
+(:meth:`Engine.tune`). Every engine's tuning has one shape: try candidate settings in
 order of cost, measure recall with each, keep the first reaching the target (or the
 cheapest, under a cost model), else a fallback. :func:`tune_settings` walks that loop;
 a backend's ``tune`` only says which settings to try and how to measure recall with
