@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.index import Backend, create_backend
-from retrieval.index.exact import exact_search
+from retrieval.index.kernels import exact_search
 from retrieval.index.milvus_backend import MilvusBackend
 from retrieval.index.tuning import recall_at_k
 from retrieval.representatives import Representatives
@@ -105,16 +105,17 @@ def rss_bytes(pid: int) -> int:
 def timed_inserts(backend: Backend) -> list[float]:
     """Seconds the milvus backend spends in insert requests (a one-item list, filled
     during the build); empty for other backends."""
-    if not isinstance(backend, MilvusBackend):
+    engine = backend.engine
+    if not isinstance(engine, MilvusBackend):
         return []
-    spent, insert = [0.0], backend._insert
+    spent, insert = [0.0], engine._insert
 
     def timed(rows: np.ndarray, progress: bool) -> None:
         start = time.perf_counter()
         insert(rows, progress)
         spent[0] += time.perf_counter() - start
 
-    backend._insert = timed  # type: ignore[method-assign]
+    engine._insert = timed  # type: ignore[method-assign]
     return spent
 
 
@@ -190,8 +191,10 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
         row["build_vs_exact"] = row["build_s"] / exact["build_s"]
         results.append(row)
         print(json.dumps(row), flush=True)
-        if isinstance(backend, MilvusBackend) and not backend.lite:  # else kept loaded
-            backend.client.drop_collection(options["collection"], timeout=60)
+        if (
+            isinstance(backend.engine, MilvusBackend) and not backend.engine.lite
+        ):  # else kept loaded
+            backend.engine.client.drop_collection(options["collection"], timeout=60)
         backend.close()
         del backend
         shutil.rmtree(folder, ignore_errors=True)

@@ -30,7 +30,7 @@ from retrieval.errors import ConfigError, did_you_mean
 if TYPE_CHECKING:
     from retrieval.aggregate.base import Aggregator
     from retrieval.data.base import ImageDataset
-    from retrieval.index.base import Backend
+    from retrieval.index.engine import Engine
     from retrieval.retrievers.base import Retriever
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -185,7 +185,7 @@ AGGREGATORS: Registry[Aggregator] = Registry(
     builtin=tuple(f"retrieval.aggregate.{m}" for m in ("base", "kmeans", "agglomerative", "prune")),
     entry_point_group="retrieval.aggregators",
 )
-INDEX_BACKENDS: Registry[Backend] = Registry(
+INDEX_BACKENDS: Registry[Engine] = Registry(
     "index backend",
     "--backend",
     builtin=tuple(

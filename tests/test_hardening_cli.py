@@ -88,7 +88,7 @@ def test_cli_build_option_without_value_is_one_error_line(
     form, exit 2, no traceback, and refused before the build writes anything."""
     run = make_run(tmp_path / "run", [(range(10), 3)])
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    argv = ["index", "build", str(run), "--option", "nprobe", "--no-progress"]
+    argv = ["index", "build", str(run), "--backend", "faiss", "--option", "nprobe", "--no-progress"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err == "error: --option 'nprobe' must look like key=value (e.g. --option nprobe=32)\n"

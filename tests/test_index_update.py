@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import retrieval.index.update as update_module
+from retrieval import registry
 from retrieval.errors import IndexFileError
 from retrieval.index import build_index, open_index, update_index
-from retrieval.index.base import Backend, RowHits
-from retrieval.index.exact import exact_search
+from retrieval.index.base import create_backend
+from retrieval.index.engine import Engine
+from retrieval.index.kernels import RowHits, exact_search
 from retrieval.representatives import Representatives
 from retrieval.store import ShardStore
 
@@ -330,19 +332,22 @@ def test_cli_update_prints_changes_and_info_shows_generation(
     assert "no change" in cli("index", "update", str(index), "--no-progress")
 
 
-def test_backend_without_update_hooks_is_refused(tmp_path: Path) -> None:
-    """A plugin backend written before updates (no add_rows / remove_rows) cannot be
-    grown or shrunk: a clear error saying to rebuild, before anything is written."""
+def test_backend_without_update_hooks_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin engine that does not declare itself updatable cannot be grown or shrunk:
+    a clear error saying to rebuild, before anything is written."""
 
-    class Plugin(Backend):
+    class Plugin(Engine):
         def build(self, progress: bool) -> None:
             pass
 
-        def search_rows(self, queries: torch.Tensor, k: int) -> list[RowHits]:
+        def search(self, queries: torch.Tensor, k: int) -> list[RowHits]:
             return []
 
-    backend = Plugin(tmp_path / "ix", DIM)
-    backend.name = "plugin"
+    monkeypatch.setitem(registry.INDEX_BACKENDS.factories, "plugin", Plugin)
+    monkeypatch.setitem(registry.INDEX_BACKENDS.defaults, "plugin", {})
+    backend = create_backend("plugin", tmp_path / "ix", DIM)
     backend.add(np.arange(4), random_reps(4, seed=0))
     backend.finish()
     files = sorted(p.name for p in (tmp_path / "ix").iterdir())

@@ -170,7 +170,7 @@ def test_client_grouping_refetches_and_falls_back(
     q = queries(20, seed=3)
     want = [[h.image_id for h in f] for f in open_index(exact, "cpu").search_vectors(q, 25)]
     with open_index(flat, "cpu") as index:
-        index.backend.options["overfetch"] = 1
+        index.backend.engine.options.overfetch = 1
         assert [[h.image_id for h in f] for f in index.search_vectors(q, 25)] == want
         monkeypatch.setattr(milvus_backend, "LIMIT_MAX", 30)
         assert [[h.image_id for h in f] for f in index.search_vectors(q, 25)] == want
@@ -260,7 +260,7 @@ def test_hung_server_times_out(flat: Path, server: MilvusTestServer) -> None:
     q = queries(3, seed=7)
     with open_index(flat, "cpu") as index:
         before = [[h.image_id for h in f] for f in index.search_vectors(q, 10)]
-        index.backend.options["timeout"] = 2
+        index.backend.engine.options.timeout = 2
         os.kill(server.pid, signal.SIGSTOP)
         try:
             with pytest.raises(IndexFileError) as hung:
@@ -271,7 +271,7 @@ def test_hung_server_times_out(flat: Path, server: MilvusTestServer) -> None:
             f"Milvus at {server.uri} did not search collection 'flat' within 2 s: it is down, "
             f"hung or still starting"
         )
-        index.backend.options["timeout"] = 60
+        index.backend.engine.options.timeout = 60
         assert [[h.image_id for h in f] for f in index.search_vectors(q, 10)] == before
 
 

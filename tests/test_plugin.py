@@ -25,8 +25,10 @@ from retrieval.aggregate import create_aggregator, list_aggregators
 from retrieval.cli import main
 from retrieval.config import ConfigError, data_schema, load_config
 from retrieval.engine import embed, evaluate
+from retrieval.errors import IndexFileError
 from retrieval.factory import list_datasets, list_retrievers
-from retrieval.index import build_index, list_backends, open_index
+from retrieval.index import build_index, create_backend, list_backends, open_backend, open_index
+from retrieval.representatives import Representatives
 
 RETRIEVER_PLUGIN = '''
 import torch
@@ -158,32 +160,46 @@ BACKEND_PLUGIN = '''
 """brute: every representative scored at once, each image keeping its best row."""
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from retrieval.errors import IndexFileError
-from retrieval.index.base import Backend, first_per_image
+from retrieval.index.engine import Engine, EngineOptions
+from retrieval.index.kernels import first_per_image
 
 
-class BruteForce(Backend):
+@dataclass
+class BruteOptions(EngineOptions):
+    chunk: int = 1024  # rows scored at once
+
+
+class BruteForce(Engine):
+    Options = BruteOptions
+
     def build(self, progress: bool) -> None:
-        self.marker().write_text(json.dumps({"rows": self.table.num_rows}))
+        self.marker().write_text(json.dumps({"rows": self.require_table().num_rows}))
 
     def marker(self):
         return self.folder / "brute.json"
 
     def load(self) -> None:
-        if json.loads(self.marker().read_text())["rows"] != self.table.num_rows:
+        if json.loads(self.marker().read_text())["rows"] != self.require_table().num_rows:
             raise IndexFileError(f"{self.marker()} does not match the table")
 
     def own_files(self):
         return [self.marker()]
 
-    def search_rows(self, queries, k):
+    def search(self, queries, k):
         table = self.require_table()
-        vectors = torch.from_numpy(np.array(table.vectors)).float()
-        sims = (vectors @ queries.float().cpu().T).T.numpy()
+        q = queries.float().cpu().T
+        step = self.options.chunk
+        parts = [
+            torch.from_numpy(np.array(table.vectors[i : i + step])).float() @ q
+            for i in range(0, table.num_rows, step)
+        ]
+        sims = torch.cat(parts).T.numpy()
         image_of_row = table.image_ids[table.owner]
         rows = np.arange(table.num_rows)
         out = []
@@ -398,6 +414,48 @@ def test_architecture_doc_retriever_snippet_runs(monkeypatch: pytest.MonkeyPatch
     assert retriever.encode_text(["a", "b"]).shape == (2, d)
 
 
+def test_architecture_doc_backend_snippet_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The "An index backend" snippet of docs/architecture.md, executed as written,
+    registers an engine that builds (its own file listed and recorded), answers as the
+    exact backend does, refuses an unknown option naming it, round-trips through its
+    stored state, and (not updatable) refuses an update saying to rebuild."""
+    text = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+    section = text[text.index("### An index backend") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    backends = registry.INDEX_BACKENDS
+    backends.names()  # built-ins first, into the real table
+    monkeypatch.setattr(backends, "factories", dict(backends.factories))
+    monkeypatch.setattr(backends, "defaults", dict(backends.defaults))
+    # as written: without this test module's `from __future__ import annotations`
+    exec(compile(code, "docs/architecture.md", "exec", dont_inherit=True), {"__name__": "doc"})
+    dim, rng = 8, np.random.default_rng(0)
+    ids = np.arange(10, 22)
+    emb = F.normalize(torch.from_numpy(rng.standard_normal((12, 3, dim))).float(), dim=-1)
+    reps = Representatives(emb, torch.rand(12, 3) > 0.3)
+    reps.mask[:, 0] = True
+    built = {}
+    for name, options in (("brute", {"chunk": 5}), ("exact", {})):
+        backend = create_backend(name, tmp_path / name, dim, "cpu", **options)
+        backend.add(ids, reps)
+        backend.finish()
+        built[name] = backend
+    brute = built["brute"]
+    assert brute.state() == {"chunk": 5}
+    assert tmp_path / "brute" / "brute.json" in brute.files()
+    q = F.normalize(torch.randn(3, dim), dim=-1)
+    reopened = open_backend("brute", tmp_path / "brute", dim, "cpu", **brute.state())
+    for found, expected in zip(reopened.search(q, 4), built["exact"].search(q, 4), strict=True):
+        assert [(h.image_id, h.rep_index) for h in found] == [
+            (h.image_id, h.rep_index) for h in expected
+        ]
+    with pytest.raises(ConfigError, match=r"no option 'chunks' \(it accepts: chunk\)"):
+        create_backend("brute", tmp_path / "other", dim, "cpu", chunks=5)
+    with pytest.raises(IndexFileError, match="'brute' cannot add or remove.*rebuild"):
+        reopened.remove(ids[:1])
+
+
 def test_plugin_options_are_config_keys(installed: Path, tmp_path: Path) -> None:
     """The plugin's keyword arguments become validated, typed retriever.* config keys."""
     path = tmp_path / "colour.yaml"
@@ -606,3 +664,14 @@ def test_backend_plugin_indexes_a_run_like_exact(
             )
         by_text = [h.image_id for h in brute.search("circle", top=5)]
         assert by_text == [h.image_id for h in reference.search("circle", top=5)]
+        # an engine that does not declare itself updatable: an update says to rebuild
+        with pytest.raises(IndexFileError, match="'brute' cannot add or remove.*rebuild"):
+            brute.backend.remove(np.array([h.image_id for h in found[:1]]))
+
+
+def test_backend_plugin_refuses_an_unknown_option(installed: Path, dense_run: Path) -> None:
+    """A typed option the engine does not declare is one ConfigError naming it and the
+    accepted ones (before anything is written)."""
+    with pytest.raises(ConfigError, match=r"'brute' has no option 'chunks' \(it accepts: chunk\)"):
+        create_backend("brute", dense_run / "never", 8, "cpu", chunks=64)
+    assert not (dense_run / "never").exists()

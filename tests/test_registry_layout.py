@@ -58,23 +58,20 @@ def test_registry_imports_nothing_of_ours_but_errors() -> None:
     assert loaded == ["retrieval", "retrieval.errors", "retrieval.lazy", "retrieval.registry"]
 
 
-def test_open_backend_needs_a_backend_class(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A backend registered as a plain factory function builds, but only a Backend class
-    can read its files back: open_backend says so, naming it, instead of an
-    AttributeError from deep inside."""
+def test_backends_need_an_engine_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend registered as a plain factory function, not an Engine class, is refused
+    by create_backend and open_backend naming it, instead of an AttributeError from deep
+    inside (the front end makes the engine from its class and typed options)."""
     backends = registry.INDEX_BACKENDS
     backends.names()  # the built-ins register into the real table, not the copy below
     monkeypatch.setattr(backends, "factories", dict(backends.factories))
     monkeypatch.setattr(backends, "defaults", dict(backends.defaults))
 
     def made_by_a_function(folder: Path, dim: int, device: str = "auto") -> ExactBackend:
-        return ExactBackend(folder, dim, device)
+        raise AssertionError("never called")
 
     backends.register("by-function")(made_by_a_function)
-    built = create_backend("by-function", tmp_path / "ix", 4, "cpu")
-    assert isinstance(built, ExactBackend)
-    assert built.name == "by-function"
-    with pytest.raises(TypeError, match="'by-function' is registered as <function"):
-        open_backend("by-function", tmp_path / "ix", 4, "cpu")
+    for make in (create_backend, open_backend):
+        with pytest.raises(TypeError, match="'by-function' is registered as <function"):
+            make("by-function", tmp_path / "ix", 4, "cpu")
+    assert isinstance(create_backend("exact", tmp_path / "ok", 4, "cpu").engine, ExactBackend)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from retrieval.errors import ConfigError
 from retrieval.index import SearchIndex, build_index, open_index, update_index
-from retrieval.index.base import Backend
+from retrieval.index.engine import Engine
 from retrieval.index.faiss_backend import FaissBackend
 from retrieval.index.filters import allowed_ids, parse
 from retrieval.representatives import Representatives
@@ -154,8 +154,8 @@ def probe_every_partition(index: SearchIndex) -> None:
     recall at the tuned ``nprobes``, changes from build to build (a recall check against
     the recorded one failed 1 run in 3). Probing every partition makes the answer exact
     whatever the partitioning: the prefilter push-down is then checked deterministically."""
-    options = index.backend.options
-    options["nprobes"] = options["num_partitions"]
+    options = index.backend.engine.options
+    options.nprobes = options.num_partitions
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -316,13 +316,13 @@ def test_cli_where_json_writes_only_allowed_hits(
 def test_exact_fallback_equals_reference(
     run: Path, indexes: dict[str, Path], backend: str, monkeypatch
 ) -> None:
-    """The base class's fallback (a plugin without search_rows_in, or an allow-list too
+    """The engine protocol's fallback (a plugin without search_in, or an allow-list too
     long to push down) re-scores the allowed images exactly."""
     import retrieval.index.lancedb_backend as lance
 
     monkeypatch.setattr(lance, "WHERE_MAX", 0)  # lancedb: every allow-list is too long
     if backend == "faiss-ivfpq":  # as a plugin backend without the hook would
-        monkeypatch.setattr(FaissBackend, "search_rows_in", Backend.search_rows_in)
+        monkeypatch.setattr(FaissBackend, "search_in", Engine.search_in)
     q = queries(5, 8)
     with open_index(indexes[backend], "cpu") as index:
         for expression, mask in EXPRESSIONS.items():

@@ -10,6 +10,14 @@ import pytest
 from retrieval.index.tuning import image_recall, recall_at_k, tune_settings
 
 
+class Options(dict):
+    """Options as a dict, so the tests compare them whole; tune_settings sets attributes
+    (an engine's typed options), which land here as keys."""
+
+    def __setattr__(self, key: str, value: object) -> None:
+        self[key] = value
+
+
 def fake(recalls: dict[int, float], options: dict) -> tuple[list[int], object]:
     """A measure reading ``options["n"]`` and a log of the values it measured."""
     seen: list[int] = []
@@ -22,7 +30,7 @@ def fake(recalls: dict[int, float], options: dict) -> tuple[list[int], object]:
 
 
 def test_first_meeting_candidate_wins_and_stops() -> None:
-    options = {"n": 0, "other": "kept"}
+    options = Options({"n": 0, "other": "kept"})
     seen, measure = fake({1: 0.5, 2: 0.9, 4: 0.95, 8: 1.0}, options)
     result = tune_settings(options, ({"n": n} for n in (1, 2, 4, 8)), measure, 0.9)
     assert seen == [1, 2]
@@ -35,7 +43,7 @@ def test_first_meeting_candidate_wins_and_stops() -> None:
 
 def test_cheapest_meeting_candidate_by_cost() -> None:
     # candidates not in cost order: 3 meets first, 5 is cheaper and meets too
-    options = {"n": 0}
+    options = Options({"n": 0})
     cost = {3: 30.0, 7: 70.0, 5: 10.0, 6: 10.0, 2: 5.0}
     seen, measure = fake({3: 0.95, 7: 1.0, 5: 0.92, 6: 0.99, 2: 0.1}, options)
     result = tune_settings(
@@ -59,7 +67,7 @@ def test_cost_search_matches_exhaustive_min(seed: int) -> None:
     recalls = {(g["p"], g["o"]): float(rng.random()) for g in grid}
     price = {(g["p"], g["o"]): float(rng.integers(0, 6)) for g in grid}
     target = float(rng.choice([0.5, 0.9, 0.99]))
-    options: dict = {}
+    options = Options()
     result = tune_settings(
         options,
         grid,
@@ -78,7 +86,7 @@ def test_cost_search_matches_exhaustive_min(seed: int) -> None:
 
 
 def test_best_when_none_meets() -> None:
-    options = {"n": 0}
+    options = Options({"n": 0})
     seen, measure = fake({1: 0.5, 2: 0.8, 4: 0.7, 8: 0.8}, options)
     result = tune_settings(options, [{"n": n} for n in (1, 2, 4, 8)], measure, 0.9)
     assert seen == [1, 2, 4, 8]
@@ -89,7 +97,7 @@ def test_best_when_none_meets() -> None:
     assert not result.met
     assert result.measured == 4
 
-    options = {"n": 0}
+    options = Options({"n": 0})
     _, measure = fake({1: 0.5, 2: 0.85, 4: 0.7}, options)
     candidates = [{"n": n} for n in (1, 2, 4)]
     result = tune_settings(options, candidates, measure, 0.9, cost=lambda s: s["n"])
@@ -99,7 +107,7 @@ def test_best_when_none_meets() -> None:
 
 
 def test_last_fallback_keeps_the_most_tried() -> None:
-    options = {"n": 0}
+    options = Options({"n": 0})
     _, measure = fake({1: 0.5, 2: 0.8, 4: 0.7}, options)
     result = tune_settings(options, [{"n": n} for n in (1, 2, 4)], measure, 0.9, fallback="last")
     assert options == {"n": 4}
@@ -108,7 +116,7 @@ def test_last_fallback_keeps_the_most_tried() -> None:
 
 
 def test_options_hold_the_chosen_values_of_multi_key_candidates() -> None:
-    options = {"a": 0, "b": 0, "c": "kept"}
+    options = Options({"a": 0, "b": 0, "c": "kept"})
     recalls = {(1, 1): 0.2, (1, 2): 0.6, (2, 1): 0.5, (2, 2): 0.4}
 
     def measure() -> float:
@@ -121,7 +129,7 @@ def test_options_hold_the_chosen_values_of_multi_key_candidates() -> None:
 
 
 def test_no_candidates_leaves_options() -> None:
-    options = {"n": 3}
+    options = Options({"n": 3})
     result = tune_settings(options, [], lambda: 1.0, 0.9)
     assert options == {"n": 3}
     assert result.settings == {}

@@ -31,9 +31,11 @@ def options(registry: Registry[Any], name: str) -> str:
     if registry is RETRIEVERS or registry is DATASETS:
         schema = retriever_schema(name) if registry is RETRIEVERS else data_schema(name)
         return ", ".join(str(key) for key in schema if key != "name")
-    if registry is INDEX_BACKENDS:
-        preset = ", ".join(f"{k}={v}" for k, v in INDEX_BACKENDS.defaults[name].items())
-        return f"{preset + '; ' if preset else ''}more with --option key=value"
+    if registry is INDEX_BACKENDS:  # the engine's typed options, with their defaults
+        from retrieval.index.base import engine_class
+
+        settable = {**engine_class(name).Options.settable(), **INDEX_BACKENDS.defaults[name]}
+        return ", ".join(k if v is None else f"{k}={v}" for k, v in settable.items())
     return ", ".join(registry.parameters(name))
 
 

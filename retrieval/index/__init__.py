@@ -4,7 +4,8 @@
 it back; ``SearchIndex.search("a stroller", top=50)`` returns ``Hit(image_id, score,
 rep_index, box)``, an image's score being the max cosine over its representatives.
 Backends (``exact``, ``faiss``, ``faiss-flat``, ``faiss-ivfpq``, ``lancedb``, ``milvus``)
-share one interface (:class:`Backend`); approximate ones record their recall against
+share one front end (:class:`Backend`), each with its engine (:class:`Engine`, the small
+interface a backend plugin implements); approximate ones record their recall against
 exact search. ``update_index(folder)`` follows the run as it grows and shrinks (new
 images added, removed ones dropped, recall measured again) by generations.
 
@@ -30,11 +31,14 @@ if TYPE_CHECKING:
         register_backend,
     )
     from retrieval.index.build import build_index
+    from retrieval.index.engine import Engine, EngineOptions
     from retrieval.index.table import RepTable
     from retrieval.index.update import UpdateResult, update_index
 
 __all__ = [
     "Backend",
+    "Engine",
+    "EngineOptions",
     "Hit",
     "IndexFileError",
     "RepTable",
@@ -55,6 +59,8 @@ __getattr__, __dir__ = lazy_exports(
     globals(),
     {
         "Backend": "retrieval.index.base",
+        "Engine": "retrieval.index.engine",
+        "EngineOptions": "retrieval.index.engine",
         "RepTable": "retrieval.index.table",
         "UpdateResult": "retrieval.index.update",
         "build_index": "retrieval.index.build",

@@ -1,24 +1,26 @@
-"""The backend interface: ``add(image_ids, reps)``, ``finish()``, ``search(q, k)``.
+"""The shared front end of every index: ``add(image_ids, reps)``, ``finish()``, ``search(q, k)``.
 
-An image's score is the max cosine over its representatives, so a backend either groups
-natively or fetches the top representatives and groups them by image (over-fetch). Every
-backend answers a query with table rows, the best-matching representative of each top
-image; the base class turns rows into :class:`Hit` (image id, score, representative
-index, box). Backends register under a name with :func:`register_backend`.
+An image's score is the max cosine over its representatives, so an engine either groups
+natively or fetches the top representatives and groups them by image (over-fetch,
+:mod:`retrieval.index.grouping`). Every engine answers a query with table rows, the
+best-matching representative of each top image; the front end (:class:`Backend`) turns
+rows into :class:`Hit` (image id, score, representative index, box). It owns what every
+backend shares (the table, staged updates, the commit, image positions, hits, sizes) and
+holds one :class:`~retrieval.index.engine.Engine`, the small interface a backend
+implements; engines register under a name with :func:`register_backend`.
 
 A finished index grows and shrinks by generations: ``add(image_ids, reps)`` and
 ``remove(image_ids)`` on it stage a change, ``commit()`` writes the next generation of
-the table (new rows appended, removed images tombstoned) and hands the backend the rows
-that came and went through its :meth:`Backend.add_rows` / :meth:`Backend.remove_rows`
-hooks, then :meth:`Backend.save` writes its files for the new generation under new
-names. A backend without those hooks (a plugin written before updates) is refused with
-a message saying to rebuild.
+the table (new rows appended, removed images tombstoned) and hands the engine the rows
+that came and went (:meth:`Engine.add` / :meth:`Engine.remove`), then
+:meth:`Engine.save` writes its files for the new generation under new names. An engine
+that does not declare itself ``updatable`` is refused with a message saying to rebuild.
 
 Filtered search (``search(queries, k, allowed=ids)``, the allow-list a ``--where``
 expression gave, see :mod:`retrieval.index.filters`) answers the top ``k`` among the
-allowed images only; removed images are never among them. The base class turns the ids
-into table positions and calls :meth:`Backend.search_rows_in`, which each backend pushes
-down as far as its engine allows:
+allowed images only; removed images are never among them. The front end turns the ids
+into table positions and calls :meth:`Engine.search_in`, which each engine pushes down
+as far as it allows:
 
 - ``exact``: scores only the allowed images' rows (a subset scan), or, when they are
   most of the table, the whole table with the other images masked before the top-k;
@@ -30,54 +32,69 @@ down as far as its engine allows:
 - ``milvus``: the search's ``filter="image in [...]"`` on the image field (up to
   ``milvus_backend.FILTER_MAX`` images);
 - anything else (a plugin, or an allow-list past those limits): the default
-  :meth:`Backend.search_rows_in`, exact re-scoring of the allowed images' rows from the
-  fp16 table: always correct, and cheap when few images are allowed.
+  :meth:`Engine.search_in`, exact re-scoring of the allowed images' rows from the fp16
+  table: always correct, and cheap when few images are allowed.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from retrieval.errors import ConfigError, IndexFileError
+from retrieval.index.engine import Engine
 from retrieval.index.hits import Hit
+from retrieval.index.kernels import RowHits, exact_search
 from retrieval.index.table import RepTable, TableWriter
 from retrieval.registry import INDEX_BACKENDS
 from retrieval.representatives import Representatives
 
-RowHits = tuple[np.ndarray, np.ndarray]  # (table rows, scores), best first
-B = TypeVar("B", bound="type[Backend]")
+E = TypeVar("E", bound="type[Engine]")
 
 
-class Backend(ABC):
-    """A vector index over a :class:`RepTable`, answering top images by max cosine.
+class Backend:
+    """An index: the representative table and one engine over it, answering top images
+    by max cosine. Build, update and search use this front end alone.
 
     Args:
-        folder: where the table and the backend's own files live.
+        name: the registered backend name (for messages and the manifest).
+        engine: the engine's class; it is made here with ``options``.
+        folder: where the table and the engine's files live.
         dim: embedding size ``D``.
-        device: ``auto``, ``cpu`` or ``cuda[:i]`` where the backend computes on torch.
-        options: backend-specific settings (see each backend); tuned values included.
+        device: ``auto``, ``cpu`` or ``cuda[:i]`` where an engine computes on torch.
+        options: the engine's options (``--option``, registered defaults, or the state
+            the manifest stored); an unknown one is refused naming it.
     """
 
-    name: str = ""
-    approximate: ClassVar[bool] = False
-
-    def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        engine: type[Engine],
+        folder: str | Path,
+        dim: int,
+        device: str,
+        options: Mapping[str, Any],
+    ) -> None:
+        self.name = name
         self.folder = Path(folder)
         self.dim = dim
         self.device = device
-        self.options = options
         self.table: RepTable | None = None
         self.generation = 0
-        self.updating = False  # opened by an update (see open)
+        self.updating = False  # opened by an update (see open_backend)
         self._writer: TableWriter | None = None
         self._removing: list[np.ndarray] = []  # image positions staged for removal
+        self.engine = engine(self, engine.Options.parse(name, options))
+
+    @property
+    def approximate(self) -> bool:
+        """The engine's declared capability: its answers may miss top images."""
+        return self.engine.approximate
 
     def add(self, image_ids: np.ndarray | Tensor, reps: Representatives) -> None:
         """Adds a batch of images with their representatives: before :meth:`finish` to
@@ -107,8 +124,8 @@ class Backend(ABC):
     def commit(self, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Applies the staged additions and removals as the next generation: the table's
         metadata for it is written beside the current one (vectors appended), the
-        backend's hooks update its structure and :meth:`save` writes its files. The
-        index manifest (``retrieval.index.update``) then switches to it.
+        engine follows (:meth:`Engine.add`, :meth:`Engine.remove`) and saves its files.
+        The index manifest (``retrieval.index.update``) then switches to it.
 
         Returns:
             ``(added rows, removed rows)`` of the new table.
@@ -122,39 +139,23 @@ class Backend(ABC):
         removed = old.rows_of(removing)
         self.table, self.generation = table, self.generation + 1
         if len(removed):
-            self.remove_rows(removed)
+            self.engine.remove(removed)
         if len(added):
-            self.add_rows(added, progress)
-        self.save()
+            self.engine.add(added, progress)
+        self.engine.save()
         return added, removed
 
     def require_updatable(self) -> None:
-        """Raises unless this backend implements the update hooks."""
-        cls = type(self)
-        if cls.add_rows is Backend.add_rows or cls.remove_rows is Backend.remove_rows:
+        """Raises unless the engine declares itself ``updatable``."""
+        if not self.engine.updatable:
             raise IndexFileError(
-                f"index backend {self.name or cls.__name__!r} cannot add or remove images in "
-                f"place (it implements no add_rows/remove_rows): rebuild the index with "
-                f"`retrieval index build RUN_DIR --backend {self.name or 'NAME'} "
-                f"--out {self.folder}`"
+                f"index backend {self.name!r} cannot add or remove images in place (its "
+                f"engine is not updatable): rebuild the index with `retrieval index build "
+                f"RUN_DIR --backend {self.name} --out {self.folder}`"
             )
 
-    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
-        """Hook: index the new table rows ``rows`` (appended by an update; ascending).
-        A backend that can grow implements it (with :meth:`remove_rows`)."""
-        self.require_updatable()
-
-    def remove_rows(self, rows: np.ndarray) -> None:
-        """Hook: stop returning the table rows ``rows`` (of images an update removed; they
-        stay in the table, tombstoned). Implemented with :meth:`add_rows`."""
-        self.require_updatable()
-
-    def save(self) -> None:  # noqa: B027 - an optional hook: not every backend has files
-        """Writes the backend's files for :attr:`generation` (after build or an update)
-        under names no other generation uses, so the previous one stays readable."""
-
     def finish(self, progress: bool = False) -> None:
-        """Seals the table and builds the backend's structure from it."""
+        """Seals the table and builds the engine's structure from it."""
         if self.table is not None:
             raise IndexFileError(
                 f"index {self.folder} is already finished: apply added or removed images "
@@ -164,21 +165,15 @@ class Backend(ABC):
             self._writer = TableWriter(self.folder, self.dim)
         self.table = self._writer.close()
         self._writer = None
-        self.build(progress)
-        self.save()
+        self.engine.build(progress)
+        self.engine.save()
 
-    @classmethod
-    def open(cls, folder: str | Path, dim: int, device: str = "auto", **options: Any) -> Backend:
-        """Opens a finished index (its table and the backend's own files) at generation
-        ``options["generation"]`` (0, the build, when not given); ``updating=True`` opens
-        it to be updated (a backend may then accept what an unfinished update left)."""
-        generation = int(options.pop("generation", 0) or 0)
-        updating = bool(options.pop("updating", False))
-        backend = cls(folder, dim, device, **options)
-        backend.generation, backend.updating = generation, updating
-        backend.table = RepTable.open(backend.folder, dim, generation)
-        backend.load()
-        return backend
+    def open(self, generation: int = 0, updating: bool = False) -> None:
+        """Reads a finished index back: its table at ``generation`` (0, the build) and
+        the engine's files; ``updating=True`` opens it to be updated."""
+        self.generation, self.updating = generation, updating
+        self.table = RepTable.open(self.folder, self.dim, generation)
+        self.engine.load()
 
     def search(
         self, queries: Tensor | np.ndarray, k: int, allowed: np.ndarray | None = None
@@ -205,6 +200,18 @@ class Backend(ABC):
             found = self.search_rows_in(q, k, images)
         return [self.hits(rows, scores) for rows, scores in found]
 
+    def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
+        """The engine's answer: per query, the best row of each of the top ``k`` images."""
+        return self.engine.search(queries, k)
+
+    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
+        """:meth:`search_rows` among the images at table positions ``images`` only: the
+        engine's own filtered search where it declares one (``native_filter``), else
+        exact re-scoring of those images' rows from the fp16 table."""
+        if self.engine.native_filter:
+            return self.engine.search_in(queries, k, images)
+        return exact_search(self.require_table(), queries, k, self.device, images=images)
+
     def positions_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Table positions (ascending) of the live images among ``image_ids`` that have
         representatives; ids the index does not hold are skipped."""
@@ -212,14 +219,6 @@ class Backend(ABC):
         ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
         keep = np.isin(table.image_ids, ids) & ~table.removed & (np.diff(table.offsets) > 0)
         return np.flatnonzero(keep)
-
-    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
-        """Like :meth:`search_rows`, among the images at table positions ``images``
-        (ascending, live, non-empty) only. This default re-scores their rows exactly
-        from the fp16 table; backends that can filter natively override it."""
-        from retrieval.index.exact import exact_search  # exact imports this module
-
-        return exact_search(self.require_table(), queries, k, self.device, images=images)
 
     def require_table(self, allow_empty: bool = False) -> RepTable:
         if self.table is None:
@@ -247,49 +246,34 @@ class Backend(ABC):
         return out
 
     def state(self) -> dict[str, Any]:
-        """Options to store in the index manifest so :meth:`open` rebuilds this backend."""
-        return dict(self.options)
+        """The engine's options to store in the index manifest so :func:`open_backend`
+        rebuilds this backend (:meth:`EngineOptions.state`)."""
+        return self.engine.options.state()
 
-    def tune(  # noqa: B027 - an optional hook: exact backends have nothing to tune
-        self, queries: Tensor, truth: list[np.ndarray], k: int, target: float
-    ) -> None:
-        """Chooses settings that reach ``target`` recall@k against exact image lists
-        ``truth`` (table image positions); exact backends need none. Approximate ones
-        say what to try and how to measure it to :func:`~retrieval.index.tuning.tune_settings`."""
+    def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
+        """Lets the engine choose settings reaching ``target`` recall@k (:meth:`Engine.tune`)."""
+        self.engine.tune(queries, truth, k, target)
 
     def files(self) -> list[Path]:
-        """Files this index consists of (the table's and the backend's own)."""
-        return self.require_table().files() + self.own_files()
-
-    def own_files(self) -> list[Path]:
-        return []
+        """Files this index consists of (the table's and the engine's own)."""
+        return self.require_table().files() + self.engine.own_files()
 
     def disk_bytes(self) -> int:
         """Bytes this index takes on disk."""
-        return sum(p.stat().st_size for p in self.files())
-
-    def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold no session
-        """Releases what the backend holds open (a client, an embedded server)."""
+        return sum(p.stat().st_size for p in self.files()) + self.engine.disk_bytes()
 
     def memory_bytes(self) -> int:
         """Bytes resident in memory while searching (memory-mapped vectors not counted)."""
-        return self.require_table().meta_bytes()
+        return self.require_table().meta_bytes() + self.engine.memory_bytes()
 
-    @abstractmethod
-    def build(self, progress: bool) -> None:
-        """Builds (and saves) the backend's structure from :attr:`table`."""
-
-    def load(self) -> None:  # noqa: B027 - an optional hook: not every backend has files
-        """Loads the backend's saved structure (after :attr:`table` is set)."""
-
-    @abstractmethod
-    def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
-        """Per query, the best row of each of the top ``k`` images, best first."""
+    def close(self) -> None:
+        """Releases what the engine holds open (a client, an embedded server)."""
+        self.engine.close()
 
 
-def register_backend(name: str, **defaults: Any) -> Callable[[B], B]:
-    """Class decorator: makes a backend available as ``--backend name``; ``defaults``
-    are options it gets unless given (one class can serve several names)."""
+def register_backend(name: str, **defaults: Any) -> Callable[[E], E]:
+    """Class decorator: makes an :class:`Engine` available as ``--backend name``;
+    ``defaults`` are options it gets unless given (one class can serve several names)."""
     return INDEX_BACKENDS.register(name, **defaults)
 
 
@@ -298,42 +282,36 @@ def list_backends() -> list[str]:
     return INDEX_BACKENDS.names()
 
 
+def engine_class(name: str) -> type[Engine]:
+    """The engine registered as ``name``.
+
+    Raises:
+        TypeError: ``name`` is registered as something other than an :class:`Engine`
+            subclass (a plugin's bug, named here rather than deep inside).
+    """
+    cls = INDEX_BACKENDS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Engine)):
+        raise TypeError(f"index backend {name!r} is registered as {cls!r}, not an Engine class")
+    return cls
+
+
 def create_backend(
     name: str, folder: str | Path, dim: int, device: str = "auto", **options: Any
 ) -> Backend:
     """A new, empty backend ``name`` writing into ``folder``."""
-    backend = INDEX_BACKENDS.create(name, folder, dim, device, **options)
-    backend.name = name
-    return backend
+    cls = engine_class(name)
+    return Backend(name, cls, folder, dim, device, {**INDEX_BACKENDS.defaults[name], **options})
 
 
 def open_backend(
     name: str, folder: str | Path, dim: int, device: str = "auto", **state: Any
 ) -> Backend:
-    """A finished backend ``name`` read back from ``folder`` with its stored ``state``.
-
-    Raises:
-        TypeError: ``name`` is registered as something other than a :class:`Backend`
-            subclass (a plugin's bug: only a class can read its files back).
-    """
-    cls = INDEX_BACKENDS.get(name)
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise TypeError(f"index backend {name!r} is registered as {cls!r}, not a Backend class")
-    backend = cls.open(folder, dim, device, **{**INDEX_BACKENDS.defaults[name], **state})
-    backend.name = name
+    """A finished backend ``name`` read back from ``folder`` with its stored ``state``
+    (``generation``: the generation to read, 0 when not given; ``updating``: opened by
+    an update)."""
+    generation = int(state.pop("generation", 0) or 0)
+    updating = bool(state.pop("updating", False))
+    cls = engine_class(name)
+    backend = Backend(name, cls, folder, dim, device, {**INDEX_BACKENDS.defaults[name], **state})
+    backend.open(generation, updating)
     return backend
-
-
-def first_per_image(rows: np.ndarray, scores: np.ndarray, owner: np.ndarray, k: int) -> RowHits:
-    """Groups representatives (best first) by image: each image's first row, top ``k``.
-
-    With exact scores and rows sorted best first, an image's first row is its max, so the
-    first ``k`` distinct images are the exact top ``k`` whenever ``k`` distinct images occur.
-    """
-    valid = rows >= 0
-    rows, scores = rows[valid], scores[valid]
-    if not len(rows):
-        return rows, scores
-    _, first = np.unique(owner[rows], return_index=True)
-    first = np.sort(first)[:k]
-    return rows[first], scores[first]

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 import retrieval
 from retrieval.errors import ConfigError, IndexFileError
 from retrieval.index.base import Backend, create_backend
-from retrieval.index.exact import ExactBackend, exact_search
+from retrieval.index.kernels import exact_search
 from retrieval.index.manifest import FORMAT
 from retrieval.index.table import MANIFEST, META, VECTORS, RepTable, replace_atomically
 from retrieval.index.tuning import recall_at_k
@@ -131,12 +131,13 @@ def measure(
     """Tunes ``backend`` on half the queries, then measures recall@k on the other half.
 
     With ``tune=False`` (an update) the settings stay as they are and only the held-out
-    half is searched; a backend whose answers are exact by construction (not
-    ``approximate``: exact, faiss flat) is then not searched at all.
+    half is searched. A backend whose answers are exact by construction (its engine is
+    not ``approximate``: exact, faiss flat) is not searched at all, unless it has
+    settings to tune at build (faiss flat's over-fetch: measured as it was tuned).
     """
     table = backend.require_table()
     k = min(k, table.searchable_images)
-    if isinstance(backend, ExactBackend) or (not tune and not backend.approximate):
+    if not backend.approximate and not (tune and backend.engine.tunable):
         return {"k": k, "value": 1.0, "queries": 0, "method": "exact search (by construction)"}
     half = max(len(queries) // 2, 1)
     tune_q, held_q = queries[:half], queries[half:]

@@ -5,9 +5,9 @@ Two kinds (``kind``): ``flat`` (exact scores: fp16 codes of the fp16 table) fetc
 that found fewer than ``k`` distinct images, so its answer is exact; ``ivfpq``
 (``IndexIVFPQ``) fetches ``overfetch x k`` candidate representatives by their compressed
 codes, scores those rows exactly from the fp16 table, and re-ranks the ``RERANK_IMAGES
-x k`` best images over all their representatives (without re-ranking PQ recall was
-~0.5; re-ranking every candidate's image cost 16x more rows at 16 reps per image and
-capped the affordable over-fetch below what 10^5 clustered reps needed). ``auto`` picks
+x k`` best images over all their representatives (re-ranking fewer leaves PQ recall
+low; re-ranking every candidate's image caps the affordable over-fetch: the
+measurements are in results/bench/search_cpu.md). ``auto`` picks
 flat up to ``FLAT_MAX_ROWS`` representatives. :meth:`FaissBackend.tune` sets
 ``overfetch`` (and ``nprobe``) from queries with known exact answers. Two more compressed
 kinds share ivfpq's path (candidates by codes, exact re-rank from the fp16 table):
@@ -36,17 +36,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.errors import ConfigError, IndexFileError, did_you_mean
-from retrieval.index.base import Backend, RowHits, first_per_image, register_backend
-from retrieval.index.exact import rerank
+from retrieval.errors import IndexFileError
+from retrieval.index.base import Backend, register_backend
+from retrieval.index.engine import Engine, EngineOptions, state_field
+from retrieval.index.grouping import check_choice, doubled, fetch_until_k_images, needed_overfetch
+from retrieval.index.kernels import RowHits, first_per_image, rerank
 from retrieval.index.table import corrupt, generation_name, replace_atomically
 from retrieval.index.tuning import recall_at_k, tune_settings
 
@@ -59,14 +61,14 @@ MIN_TRAIN = 20_000  # enough for 8-bit PQ codebooks (256 centroids x 39 points, 
 KINDS = ("auto", "flat", "ivfpq", "ivfpqfs", "ivfrabitq")
 # the compressed kinds beside ivfpq, as faiss factory strings: 4-bit fast-scan PQ with a
 # sub-quantiser per 2 dimensions (2 bits per dimension, scanned in SIMD registers; one
-# per 4 dimensions needed 5x the re-ranked rows for recall 0.99 at 10^6), and IVF-RaBitQ
+# per 4 dimensions needed far more re-ranked rows: results/bench/search_cpu.md), and IVF-RaBitQ
 # (1 bit per dimension plus two floats, trained by the IVF k-means alone)
 FACTORY = {"ivfpqfs": "IVF{nlist},PQ{m}x4fs", "ivfrabitq": "IVF{nlist},RaBitQ"}
 DIMS_PER_CODE = {"ivfpqfs": 2, "ivfrabitq": 8}  # dimensions per sub-quantiser / byte
 # what scanning one code costs in _cost's units (a re-ranked row costs D): 8-bit PQ and
 # RaBitQ read their codes one by one (m table look-ups, D/8 bytes); fast-scan PQ scores
-# 32 codes per SIMD pass, so a code costs ~1/1700 of a re-ranked row at 10^6 (probing
-# 488k more codes: +1.5 ms; re-ranking 4,500 more rows: +23 ms): 1 unit, rounded up
+# 32 codes per SIMD pass, so a code costs a tiny share of a re-ranked row (measured in
+# results/bench/search_cpu.md): 1 unit, rounded up
 SCAN_UNITS = {"ivfpqfs": 1}
 OVERFETCH = (2, 4, 10, 20, 50, 100, 200, 400)
 RERANK_IMAGES = 2  # images re-ranked in full per result, best by their fetched rows
@@ -76,8 +78,8 @@ NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # then every list (nlist)
 @contextmanager
 def omp_threads(threads: int | None) -> Iterator[None]:
     """Runs faiss with ``threads`` OpenMP threads (None: unchanged). Small trainings run
-    on one: on a busy 2-core machine OpenMP's waiting made a 2,000-vector IVF-PQ train
-    take 4.5 s on two threads against 0.06 s on one."""
+    on one: on a busy machine OpenMP's waiting makes a small IVF-PQ train far slower on
+    several threads than on one (results/bench/search_cpu.md)."""
     before = faiss.omp_get_max_threads()
     if threads:
         faiss.omp_set_num_threads(threads)
@@ -101,11 +103,35 @@ def pq_layout(rows: int, dim: int) -> tuple[int, int, int]:
     """``(nlist, m, nbits)`` for ``rows`` vectors: ~sqrt(rows) lists (>= 39 training
     points each; more lists train slower than re-ranking costs at these sizes),
     sub-quantisers of >= 16 dimensions (8-bit codes, fewer bits on tiny tables):
-    8-dimensional ones trained 12x slower (43 s against 3.7 s for 10^4 x 512)."""
+    8-dimensional ones train much slower (results/bench/search_cpu.md)."""
     nlist = max(1, min(int(math.sqrt(rows)), rows // 39, 65_536))
     m = max(d for d in range(1, max(dim // 16, 1) + 1) if dim % d == 0)
     nbits = 8 if rows >= 256 * 39 else max(4, min(8, int(math.log2(max(rows // 39, 16)))))
     return nlist, m, nbits
+
+
+@dataclass
+class FaissOptions(EngineOptions):
+    """``kind`` (one of ``KINDS``; ``auto`` is resolved at build), ``overfetch``
+    (representatives fetched per image wanted), ``nprobe``, ``nlist``, ``m``, ``nbits``
+    and ``train_size`` (the IVF kinds: chosen at build unless given), ``segments``
+    (state: the generations that wrote a faiss file)."""
+
+    kind: str = "auto"
+    overfetch: float = 4
+    nprobe: int | None = None
+    nlist: int | None = None
+    m: int | None = None
+    nbits: int | None = None
+    train_size: int | None = None
+    segments: list[int] | None = state_field()
+
+    def __post_init__(self) -> None:
+        fix = (
+            "pass --option kind=auto|flat|ivfpq|ivfpqfs|ivfrabitq or use backend faiss-flat "
+            "/ faiss-ivfpq / faiss-ivfpqfs / faiss-rabitq"
+        )
+        check_choice("faiss", "kind", self.kind, KINDS, fix)
 
 
 @register_backend("faiss", kind="auto")
@@ -113,51 +139,49 @@ def pq_layout(rows: int, dim: int) -> tuple[int, int, int]:
 @register_backend("faiss-ivfpq", kind="ivfpq")
 @register_backend("faiss-ivfpqfs", kind="ivfpqfs")
 @register_backend("faiss-rabitq", kind="ivfrabitq")
-class FaissBackend(Backend):
-    """faiss behind the backend interface (options: ``kind``, ``overfetch``, ``nprobe``,
-    ``nlist``, ``m``, ``nbits``, ``train_size``)."""
+class FaissBackend(Engine):
+    """faiss as an index engine (options: :class:`FaissOptions`)."""
 
-    def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
-        kind = options.get("kind", "auto")
-        if kind not in KINDS:
-            raise ConfigError(
-                f"faiss kind {kind!r} is not one of {', '.join(KINDS)}: pass --option "
-                f"kind=auto|flat|ivfpq|ivfpqfs|ivfrabitq or use backend faiss-flat / "
-                f"faiss-ivfpq / faiss-ivfpqfs / faiss-rabitq."
-                f"{did_you_mean(str(kind), KINDS)}"
-            )
-        options.setdefault("overfetch", 4)
-        super().__init__(folder, dim, device, **options)
+    Options = FaissOptions
+    options: FaissOptions
+    updatable = True
+    native_filter = True
+
+    def __init__(self, backend: Backend, options: EngineOptions) -> None:
+        super().__init__(backend, options)
         self.index: faiss.Index | None = None
         self._segment: faiss.Index | None = None  # rows an update adds, until saved
 
     @property
-    def approximate(self) -> bool:  # type: ignore[override]
-        return self.options["kind"] != "flat"
+    def approximate(self) -> bool:
+        return self.options.kind != "flat"
 
     def _make_index(self, rows: int) -> faiss.Index:
-        if self.options["kind"] == "auto":
-            self.options["kind"] = "flat" if rows <= FLAT_MAX_ROWS else "ivfpq"
-        if self.options["kind"] == "flat":  # fp16 codes: lossless for the fp16 table, and
-            # half the memory and ~2x faster than IndexFlatIP's fp32 here; ids = table rows
-            return faiss.IndexIDMap(self._flat_codes())
-        chosen_m = self.options.get("m")  # fast-scan: sub-quantisers, when given
-        nlist, m, nbits = pq_layout(rows, self.dim)
-        train = min(rows, max(TRAIN_PER_LIST * nlist, MIN_TRAIN))
-        defaults = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": 16, "train_size": train}
-        for key, value in defaults.items():
-            self.options.setdefault(key, value)
         o = self.options
-        if o["kind"] in FACTORY:  # m: D/2 sub-quantisers (fast-scan), D/8 bytes (RaBitQ)
-            o["m"] = chosen_m or self.dim // DIMS_PER_CODE[o["kind"]]
-            spec = FACTORY[o["kind"]].format(nlist=o["nlist"], m=o["m"])
+        if o.kind == "auto":
+            o.kind = "flat" if rows <= FLAT_MAX_ROWS else "ivfpq"
+        if o.kind == "flat":  # fp16 codes: lossless for the fp16 table, and
+            # half the memory of IndexFlatIP's fp32, and faster; ids = table rows
+            return faiss.IndexIDMap(self._flat_codes())
+        chosen_m = o.m  # fast-scan: sub-quantisers, when given
+        nlist, m, nbits = pq_layout(rows, self.dim)
+        # what the user did not set: the layout's, 16 probes, enough training vectors
+        o.nlist = nlist if o.nlist is None else o.nlist
+        o.m = m if o.m is None else o.m
+        o.nbits = nbits if o.nbits is None else o.nbits
+        o.nprobe = 16 if o.nprobe is None else o.nprobe
+        if o.train_size is None:
+            o.train_size = min(rows, max(TRAIN_PER_LIST * nlist, MIN_TRAIN))
+        if o.kind in FACTORY:  # m: D/2 sub-quantisers (fast-scan), D/8 bytes (RaBitQ)
+            o.m = chosen_m or self.dim // DIMS_PER_CODE[o.kind]
+            spec = FACTORY[o.kind].format(nlist=o.nlist, m=o.m)
             index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
             faiss.extract_index_ivf(index).cp.min_points_per_centroid = 1
-            o.pop("nbits", None)
+            o.nbits = None
             return index
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQ(
-            quantizer, self.dim, o["nlist"], o["m"], o["nbits"], faiss.METRIC_INNER_PRODUCT
+            quantizer, self.dim, o.nlist, o.m, o.nbits, faiss.METRIC_INNER_PRODUCT
         )
         # small tables train on few points per centroid; the recorded recall says what
         # that cost, so faiss's warning about it is only noise
@@ -175,7 +199,7 @@ class FaissBackend(Backend):
         index = self._make_index(len(rows))
         if not index.is_trained:
             rng = np.random.default_rng(0)
-            size = min(self.options["train_size"], len(rows))
+            size = min(self.options.train_size or len(rows), len(rows))
             sample = rows[np.sort(rng.choice(len(rows), size, replace=False))]
             with omp_threads(1 if size < SMALL_TRAIN else None):
                 index.train(table.vectors[sample].astype(np.float32))
@@ -188,7 +212,7 @@ class FaissBackend(Backend):
         table, index = self.require_table(), index or self._built()
         starts = range(0, len(rows), ADD_ROWS)
         for start in tqdm(
-            starts, desc=f"faiss {self.options['kind']}", unit="chunk", disable=not progress
+            starts, desc=f"faiss {self.options.kind}", unit="chunk", disable=not progress
         ):
             part = rows[start : start + ADD_ROWS]
             contiguous = part[-1] - part[0] == len(part) - 1  # one slice read, no gather
@@ -198,7 +222,7 @@ class FaissBackend(Backend):
     @property
     def segments(self) -> list[int]:
         """Generations that wrote a faiss file: the build's, then each update's additions."""
-        return list(self.options.get("segments", [0]))
+        return list(self.options.segments or [0])
 
     def _write(self, index: faiss.Index, generation: int) -> None:
         path = self.folder / generation_name(FAISS_FILE, generation)
@@ -211,13 +235,13 @@ class FaissBackend(Backend):
         when the segments are loaded. No earlier file is rewritten."""
         if self.generation == 0:
             self._write(self._built(), 0)
-            self.options["segments"] = [0]
+            self.options.segments = [0]
         elif self._segment is not None:
             self._write(self._segment, self.generation)
-            self.options["segments"] = [*self.segments, self.generation]
+            self.options.segments = [*self.segments, self.generation]
             self._segment = None
 
-    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
+    def add(self, rows: np.ndarray, progress: bool) -> None:
         """The new rows, ids = table rows, go into a new segment (written by :meth:`save`)
         and into the index in memory when it is loaded."""
         self._segment = self._empty()
@@ -225,7 +249,7 @@ class FaissBackend(Backend):
         if self.index is not None:
             self._add(rows, False, self._with_ids(self.index))
 
-    def remove_rows(self, rows: np.ndarray) -> None:
+    def remove(self, rows: np.ndarray) -> None:
         """Nothing to write (the table's tombstones are the record); the index in memory,
         when loaded, drops the rows by ``remove_ids``."""
         if self.index is not None:
@@ -242,7 +266,7 @@ class FaissBackend(Backend):
 
     def _empty(self) -> faiss.Index:
         """An empty index of this one's kind and training, to hold a new segment."""
-        if self.options["kind"] == "flat":
+        if self.options.kind == "flat":
             return faiss.IndexIDMap(self._flat_codes())
         index = self._read(0)  # PQ codes: small next to the table
         index.reset()
@@ -300,7 +324,7 @@ class FaissBackend(Backend):
     def _built(self) -> faiss.Index:
         """The faiss index (after :meth:`build` or :meth:`load`), else a clear error."""
         if self.index is None:
-            if self.table is not None and self.updating:  # opened lazily by an update
+            if self.backend.table is not None and self.updating:  # opened lazily by an update
                 return self._load()
             raise IndexFileError(f"index {self.folder}: the faiss index is not built")
         return self.index
@@ -317,7 +341,7 @@ class FaissBackend(Backend):
 
     def memory_bytes(self) -> int:
         """The faiss index lives in memory; ivfpq re-ranking reads few table rows."""
-        return super().memory_bytes() + sum(p.stat().st_size for p in self.own_files())
+        return sum(p.stat().st_size for p in self.own_files())
 
     def _fetch(
         self,
@@ -332,7 +356,7 @@ class FaissBackend(Backend):
         limit = index.ntotal if allowed is None else allowed.rows
         params: faiss.SearchParameters | None = None
         if isinstance(index, faiss.IndexIVF):
-            index.nprobe = min(nprobe or self.options["nprobe"], index.nlist)
+            index.nprobe = min(nprobe or self.options.nprobe or index.nlist, index.nlist)
             if allowed is not None:  # explicit parameters replace the index's nprobe
                 ivf = faiss.SearchParametersIVF()
                 ivf.sel, ivf.nprobe = allowed.selector, index.nprobe
@@ -342,10 +366,10 @@ class FaissBackend(Backend):
             params.sel = allowed.selector
         return index.search(queries, max(1, min(kp, limit)), params=params)
 
-    def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
+    def search(self, queries: Tensor, k: int) -> list[RowHits]:
         return self._search(queries, k, None)
 
-    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
+    def search_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
         """faiss searches the allowed images' rows alone (an id selector)."""
         rows = self.require_table().rows_of(images).astype(np.int64)
         return self._search(queries, k, Allowed(rows, len(images)))
@@ -353,8 +377,8 @@ class FaissBackend(Backend):
     def _search(self, queries: Tensor, k: int, allowed: Allowed | None) -> list[RowHits]:
         self._built()  # a clear error before any work when it is not
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
-        kp = math.ceil(self.options["overfetch"] * k)
-        if self.options["kind"] != "flat":
+        kp = math.ceil(self.options.overfetch * k)
+        if self.options.kind != "flat":
             return self._ivfpq(queries, q, k, kp, allowed)
         return self._flat(q, k, kp, allowed)
 
@@ -368,18 +392,16 @@ class FaissBackend(Backend):
         wanted = min(k, table.searchable_images if allowed is None else allowed.images)
         index = self._ivf()
         total = index.ntotal if allowed is None else allowed.rows
-        out: dict[int, RowHits] = {}  # query -> its latest answer
-        todo, nprobe = np.arange(len(q)), self.options["nprobe"]
-        while len(todo):
-            _, rows = self._fetch(q[todo], kp, nprobe, allowed)
-            again: list[int] = []
-            for i, r in zip(todo.tolist(), rows, strict=True):
-                out[i] = hits = self._rerank(queries[i], r, k)
-                exhausted = nprobe >= index.nlist and kp >= total
-                if len(hits[0]) < wanted and not exhausted:
-                    again.append(i)
-            todo, nprobe, kp = np.array(again, dtype=np.int64), nprobe * 2, kp * 2
-        return [out[i] for i in range(len(q))]
+        nprobe = self.options.nprobe or index.nlist
+
+        def fetch(todo: np.ndarray, round_: int) -> list[RowHits]:
+            _, rows = self._fetch(q[todo], kp * 2**round_, nprobe * 2**round_, allowed)
+            return [self._rerank(queries[i], r, k) for i, r in zip(todo, rows, strict=True)]
+
+        def exhausted(round_: int) -> bool:
+            return nprobe * 2**round_ >= index.nlist and kp * 2**round_ >= total
+
+        return fetch_until_k_images(len(q), wanted, fetch, lambda hits: len(hits[0]), exhausted)
 
     def _rerank(self, query: Tensor, rows: np.ndarray, k: int) -> RowHits:
         """Exact top ``k`` of the images whose fetched ``rows`` score best exactly."""
@@ -396,25 +418,23 @@ class FaissBackend(Backend):
         """Groups the top ``kp`` representatives; fetches more where < ``k`` images came
         (until every row, or every allowed row, was fetched)."""
         owner = self.require_table().owner
-        out: dict[int, RowHits] = {}  # query -> its latest answer
-        todo = np.arange(len(q))
         total = self._built().ntotal if allowed is None else allowed.rows
-        while len(todo):
-            scores, rows = self._fetch(q[todo], kp, allowed=allowed)
-            again: list[int] = []
-            for i, s, r in zip(todo.tolist(), scores, rows, strict=True):
-                out[i] = hits = first_per_image(r, s, owner, k)
-                if len(hits[0]) < k and kp < total:
-                    again.append(i)
-            todo, kp = np.array(again, dtype=np.int64), kp * 2
-        return [out[i] for i in range(len(q))]
+
+        def fetch(todo: np.ndarray, round_: int) -> list[RowHits]:
+            scores, rows = self._fetch(q[todo], doubled(kp, total, round_), allowed=allowed)
+            return [first_per_image(r, s, owner, k) for s, r in zip(scores, rows, strict=True)]
+
+        def exhausted(round_: int) -> bool:
+            return doubled(kp, total, round_) >= total
+
+        return fetch_until_k_images(len(q), k, fetch, lambda hits: len(hits[0]), exhausted)
 
     def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
         """flat: the over-fetch most queries need (the rest fetch again). ivfpq: the
         cheapest ``(nprobe, overfetch)`` pair (:meth:`_cost`) whose re-ranked answers
         reach ``target`` recall, else the pair of best recall (:func:`tune_settings`)."""
-        if self.options["kind"] == "flat":
-            self.options["overfetch"] = self._flat_overfetch(queries, k)
+        if self.options.kind == "flat":
+            self.options.overfetch = self._flat_overfetch(queries, k)
             return
         owner = self.require_table().owner
         nlist = self._ivf().nlist
@@ -422,7 +442,7 @@ class FaissBackend(Backend):
         fetched: dict[int, np.ndarray] = {}  # nprobe -> rows of the largest over-fetch
 
         def measure() -> float:
-            nprobe, overfetch = self.options["nprobe"], self.options["overfetch"]
+            nprobe, overfetch = self.options.nprobe or nlist, int(self.options.overfetch)
             if nprobe not in fetched:  # a smaller fetch is a prefix of a larger one:
                 fetched.clear()  # one fetch per nprobe serves every over-fetch
                 fetched[nprobe] = self._fetch(q, OVERFETCH[-1] * k)[1]
@@ -453,19 +473,12 @@ class FaissBackend(Backend):
         gets the same settings (timings on a busy machine picked differently run to run)."""
         table = self.require_table()
         rows = table.num_live_rows
-        per_code = SCAN_UNITS.get(self.options["kind"], self.options["m"])
+        per_code = SCAN_UNITS.get(self.options.kind, self.options.m or 1)
         scanned = nprobe / self._ivf().nlist * rows * per_code
         reps_per_image = rows / max(len(table.live_images), 1)
         return scanned + (overfetch + RERANK_IMAGES * reps_per_image) * k * self.dim
 
     def _flat_overfetch(self, queries: Tensor, k: int) -> int:
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
-        owner = self.require_table().owner
         _, rows = self._fetch(q, 64 * k)
-        needed: list[float] = []
-        for r in rows:
-            owners = owner[r[r >= 0]]
-            _, first = np.unique(owners, return_index=True)
-            first = np.sort(first)
-            needed.append((first[k - 1] + 1) / k if len(first) >= k else 64)
-        return max(1, math.ceil(float(np.quantile(needed, 0.9))))
+        return needed_overfetch(rows, self.require_table().owner, k, cap=64)

@@ -20,22 +20,25 @@ A filtered search is LanceDB's own prefilter on the image position column,
 more partitions while fewer than ``k`` of them come back); an allow-list of more than
 ``WHERE_MAX`` images (a filter string that long costs more to parse than it saves), or
 a query still short of ``k`` allowed images after every partition, is re-scored exactly
-from the fp16 table instead (the base class's fallback).
+from the fp16 table instead (the engine protocol's fallback, :meth:`Engine.search_in`).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from retrieval.errors import ConfigError, IndexFileError, did_you_mean
-from retrieval.index.base import Backend, RowHits, register_backend
-from retrieval.index.exact import rerank
+from retrieval.errors import IndexFileError
+from retrieval.index.base import Backend, register_backend
+from retrieval.index.engine import Engine, EngineOptions, state_field
+from retrieval.index.grouping import check_choice
+from retrieval.index.kernels import RowHits, rerank
 from retrieval.index.table import corrupt
 from retrieval.index.tuning import recall_at_k, tune_settings
 
@@ -61,27 +64,41 @@ def _import_lancedb() -> Any:
     return lancedb
 
 
-@register_backend("lancedb", index_type="auto")
-class LanceBackend(Backend):
-    """LanceDB behind the backend interface (options: ``index_type``, ``num_partitions``,
-    ``nprobes``, ``refine_factor``, ``ef_factor``: HNSW candidates per fetched row)."""
+@dataclass
+class LanceOptions(EngineOptions):
+    """``index_type`` (one of ``INDEX_TYPES``; ``auto`` is resolved at build),
+    ``num_partitions``, ``nprobes``, ``refine_factor``, ``ef_factor`` (HNSW candidates
+    per fetched row), and ``version`` (state: the LanceDB version this generation reads)."""
 
-    def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
-        index_type = options.get("index_type", "auto")
-        if index_type not in INDEX_TYPES:
-            raise ConfigError(
-                f"lancedb index_type {index_type!r} is not one of {', '.join(INDEX_TYPES)}: "
-                f"pass e.g. --option index_type=IVF_FLAT."
-                f"{did_you_mean(str(index_type), INDEX_TYPES)}"
-            )
-        options.setdefault("nprobes", 20)
-        super().__init__(folder, dim, device, **options)
+    index_type: str = "auto"
+    nprobes: int = 20
+    num_partitions: int | None = None
+    refine_factor: int | None = None
+    ef_factor: int | None = None
+    version: int | None = state_field()
+
+    def __post_init__(self) -> None:
+        fix = "pass e.g. --option index_type=IVF_FLAT"
+        check_choice("lancedb", "index_type", self.index_type, INDEX_TYPES, fix)
+
+
+@register_backend("lancedb", index_type="auto")
+class LanceBackend(Engine):
+    """LanceDB as an index engine (options: :class:`LanceOptions`)."""
+
+    Options = LanceOptions
+    options: LanceOptions
+    updatable = True
+    native_filter = True
+
+    def __init__(self, backend: Backend, options: EngineOptions) -> None:
+        super().__init__(backend, options)
         self.lance_table: Any = None  # a lancedb Table once built or loaded
         self._writing: Any = None  # the table opened for an update's writes
 
     @property
-    def approximate(self) -> bool:  # type: ignore[override]
-        return self.options["index_type"] != "none"
+    def approximate(self) -> bool:
+        return self.options.index_type != "none"
 
     def _batches(self, images: np.ndarray | None = None) -> list[Any]:
         """Arrow tables of the live images (of ``images``, table positions, when given)
@@ -123,15 +140,15 @@ class LanceBackend(Backend):
         for batch in batches[1:]:
             table.add(batch)
         rows = self.require_table().num_rows
-        kind = self.options["index_type"]
+        kind = self.options.index_type
         if kind == "auto":
             kind = "IVF_HNSW_SQ" if rows >= HNSW_MIN_ROWS else "IVF_FLAT"
-            self.options["index_type"] = kind
+            self.options.index_type = kind
         if kind != "none":
             images = table.count_rows()
-            partitions = self.options.setdefault(
-                "num_partitions", max(1, min(int(math.sqrt(rows)), images // 16))
-            )
+            if self.options.num_partitions is None:
+                self.options.num_partitions = max(1, min(int(math.sqrt(rows)), images // 16))
+            partitions = self.options.num_partitions
             config = (IvfFlat if kind == "IVF_FLAT" else IvfHnswSq)(
                 distance_type="cosine", num_partitions=partitions
             )
@@ -140,26 +157,26 @@ class LanceBackend(Backend):
 
     def save(self) -> None:
         """Records the LanceDB version this generation reads (its files are LanceDB's)."""
-        self.options["version"] = int(self.lance_table.version)
+        self.options.version = int(self.lance_table.version)
 
     def _writable(self) -> Any:
         """The table at this index's recorded version, open for writing: a later version
         (an update that did not finish) is rolled back by restoring the recorded one."""
         if self._writing is None:
             table = _import_lancedb().connect(str(self.folder / LANCE_DIR)).open_table(TABLE)
-            version = self.options.get("version")
+            version = self.options.version
             if version is not None and table.version != version:
                 table.restore(version)
             self._writing = self.lance_table = table
         return self._writing
 
-    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
+    def add(self, rows: np.ndarray, progress: bool) -> None:
         """Appends the new images (one row each, their vectors as a multivector)."""
         table = self._writable()
         for batch in self._batches(np.unique(self.require_table().owner[rows])):
             table.add(batch)
 
-    def remove_rows(self, rows: np.ndarray) -> None:
+    def remove(self, rows: np.ndarray) -> None:
         """Deletes the removed images' rows by table position."""
         images = np.unique(self.require_table(allow_empty=True).owner[rows])
         table = self._writable()
@@ -176,7 +193,7 @@ class LanceBackend(Backend):
             raise corrupt(path, "folder missing")
         try:
             self.lance_table = lancedb.connect(str(path)).open_table(TABLE)
-            version = self.options.get("version")  # absent: an index from before updates
+            version = self.options.version  # absent: an index from before updates
             if version is not None and self.lance_table.version != version:
                 self.lance_table.checkout(version)  # a later one is an unfinished update
         except (OSError, ValueError, RuntimeError) as err:
@@ -198,7 +215,7 @@ class LanceBackend(Backend):
     def memory_bytes(self) -> int:
         """The index files (LanceDB caches them) plus the table's metadata."""
         indices = [p for p in self.own_files() if "_indices" in p.parts]
-        return super().memory_bytes() + sum(p.stat().st_size for p in indices)
+        return sum(p.stat().st_size for p in indices)
 
     def _query(
         self, q: np.ndarray, k: int, nprobes: int = 1, where: str | None = None
@@ -207,27 +224,28 @@ class LanceBackend(Backend):
         search = search.select(["pos", "_distance"])
         if where is not None:
             search = search.where(where, prefilter=True)
-        if self.options["index_type"] != "none":
+        o = self.options
+        if o.index_type != "none":
             search = search.nprobes(nprobes)
-            if self.options.get("refine_factor"):
-                search = search.refine_factor(self.options["refine_factor"])
-            if self.options["index_type"] == "IVF_HNSW_SQ":
+            if o.refine_factor:
+                search = search.refine_factor(o.refine_factor)
+            if o.index_type == "IVF_HNSW_SQ":
                 # lance asks ef >= the rows it fetches (refine_factor x k)
-                fetched = k * self.options.get("refine_factor", 1)
-                search = search.ef(self.options.get("ef_factor", EF_FACTORS[0]) * fetched)
+                fetched = k * (1 if o.refine_factor is None else o.refine_factor)
+                search = search.ef((o.ef_factor or EF_FACTORS[0]) * fetched)
         return search.to_arrow()["pos"].to_numpy()
 
-    def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
+    def search(self, queries: Tensor, k: int) -> list[RowHits]:
         if self.lance_table is None:
             raise IndexFileError(f"index {self.folder}: the lancedb table is not built")
         table = self.require_table()
         q = queries.float().cpu()
         return [rerank(table, v, self._images(v.numpy(), k), k) for v in q]
 
-    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
+    def search_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
         """LanceDB's prefilter on ``pos`` (the image position); exact past ``WHERE_MAX``."""
         if len(images) > WHERE_MAX:
-            return super().search_rows_in(queries, k, images)
+            return super().search_in(queries, k, images)
         if self.lance_table is None:
             raise IndexFileError(f"index {self.folder}: the lancedb table is not built")
         table = self.require_table()
@@ -239,7 +257,7 @@ class LanceBackend(Backend):
         # under a narrow filter can be): such a query is answered exactly instead
         short = [i for i, f in enumerate(found) if len(f) < min(k, len(images))]
         if short:
-            exact = super().search_rows_in(queries[short], k, images)
+            exact = super().search_in(queries[short], k, images)
             for i, hits in zip(short, exact, strict=True):
                 out[i] = hits
         return out
@@ -251,9 +269,9 @@ class LanceBackend(Backend):
         probes more partitions while fewer come back (a partition of a small table can
         hold fewer than ``k`` images)."""
         wanted = min(k, self.require_table().searchable_images if allowed is None else allowed)
-        nprobes = self.options.get("nprobes", 1)
+        nprobes = self.options.nprobes
         found = self._query(q, k, nprobes, where)
-        while len(found) < wanted and nprobes < self.options.get("num_partitions", 0):
+        while len(found) < wanted and nprobes < (self.options.num_partitions or 0):
             nprobes *= 2
             found = self._query(q, k, nprobes, where)
         return found
@@ -262,13 +280,13 @@ class LanceBackend(Backend):
         """The fewest ``nprobes`` reaching ``target`` recall (cost grows with probes), and
         for HNSW_SQ the least ``ef_factor`` with it (it also re-ranks ``refine_factor x
         k`` rows exactly); else the most tried."""
-        if self.options["index_type"] == "none":
+        if self.options.index_type == "none":
             return
         owner = self.require_table().owner
-        hnsw = self.options["index_type"] == "IVF_HNSW_SQ"
-        if hnsw:
-            self.options.setdefault("refine_factor", 4)
-        partitions = self.options["num_partitions"]
+        hnsw = self.options.index_type == "IVF_HNSW_SQ"
+        if hnsw and self.options.refine_factor is None:
+            self.options.refine_factor = 4
+        partitions = self.options.num_partitions or 1
         candidates = (
             {"nprobes": min(nprobes, partitions)} | ({"ef_factor": ef} if ef else {})
             for nprobes in NPROBES
@@ -278,7 +296,7 @@ class LanceBackend(Backend):
         tune_settings(
             self.options,
             candidates,
-            lambda: recall_at_k(self.search_rows(queries, k), truth, owner),
+            lambda: recall_at_k(self.search(queries, k), truth, owner),
             target,
             fallback="last",
         )

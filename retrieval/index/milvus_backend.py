@@ -33,8 +33,8 @@ a hang. Rows are counted with a strong-consistency ``count(*)`` after every writ
 open (it also waits until a restarted server serves the collection again), so searches
 that follow see every row.
 
-milvus-lite 3.x is a pure-Python stand-in: slow to insert (~2,000 rows/s here, indexing
-included), float32 only, and its group-by over-fetches a fixed 10x, so its recall is
+milvus-lite 3.x is a pure-Python stand-in: slow to insert (results/bench/search_cpu.md),
+float32 only, and its group-by over-fetches a fixed 10x, so its recall is
 measured, not assumed.
 
 An update inserts the new table rows (primary key = table row) and deletes the removed
@@ -55,16 +55,24 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from retrieval.errors import ConfigError, IndexFileError, did_you_mean
-from retrieval.index.base import Backend, RowHits, register_backend
-from retrieval.index.exact import exact_search, rerank
+from retrieval.errors import ConfigError, IndexFileError
+from retrieval.index.base import Backend, register_backend
+from retrieval.index.engine import Engine, EngineOptions, state_field
+from retrieval.index.grouping import (
+    check_choice,
+    doubled,
+    fetch_until_k_images,
+    first_images,
+    needed_overfetch,
+)
+from retrieval.index.kernels import RowHits, exact_search, rerank
 from retrieval.index.milvus_server_caps import (
     Capabilities,
     lite_capabilities,
@@ -109,71 +117,78 @@ def _import_pymilvus() -> Any:
     return pymilvus
 
 
-def _first_images(rows: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """Image positions of ``rows`` (best first), each image once, in order of its best."""
-    images = owner[rows]
-    _, first = np.unique(images, return_index=True)
-    return images[np.sort(first)]
+@dataclass
+class MilvusOptions(EngineOptions):
+    """``uri`` (unset: milvus-lite in the index folder), ``collection`` (required with a
+    server), ``index_type`` HNSW | IVF_FLAT | FLAT | AUTOINDEX, ``vector_type`` auto |
+    float16 | float, ``group_by`` auto | server | client, ``overfetch`` (client
+    grouping), ``ef_factor`` (HNSW ef = ef_factor x limit), ``nprobe``, ``nlist``,
+    ``timeout`` and ``load_timeout`` in seconds; state: ``engine`` and ``grouping``
+    (what the engine's version decided)."""
 
+    uri: str | None = None
+    collection: str | None = None
+    index_type: str = "HNSW"
+    vector_type: str = "auto"
+    group_by: str = "auto"
+    overfetch: float = 4
+    ef_factor: int | None = None
+    nprobe: int | None = None
+    nlist: int | None = None
+    timeout: float = TIMEOUT
+    load_timeout: float = LOAD_TIMEOUT
+    engine: str | None = state_field()
+    grouping: str | None = state_field()
 
-@register_backend(
-    "milvus",
-    index_type="HNSW",
-    vector_type="auto",
-    group_by="auto",
-    overfetch=4,
-    timeout=TIMEOUT,
-    load_timeout=LOAD_TIMEOUT,
-)
-class MilvusBackend(Backend):
-    """Milvus behind the backend interface (options: ``uri``, ``collection``,
-    ``index_type`` HNSW | IVF_FLAT | FLAT | AUTOINDEX, ``vector_type`` auto | float16 |
-    float, ``group_by`` auto | server | client, ``overfetch`` (client grouping),
-    ``ef_factor`` (HNSW ef = ef_factor x limit), ``nprobe``, ``nlist``, ``timeout`` and
-    ``load_timeout`` in seconds)."""
-
-    def __init__(self, folder: str | Path, dim: int, device: str = "auto", **options: Any):
-        choices = {"index_type": INDEX_PARAMS, "vector_type": VECTOR_TYPES, "group_by": GROUP_BY}
-        for key, allowed in choices.items():
-            if options[key] not in allowed:
-                raise ConfigError(
-                    f"milvus {key} {options[key]!r} is not one of {', '.join(allowed)}: "
-                    f"pass e.g. --option {key}={next(iter(allowed))}."
-                    f"{did_you_mean(str(options[key]), allowed)}"
-                )
+    def __post_init__(self) -> None:
+        check_choice("milvus", "index_type", self.index_type, INDEX_PARAMS)
+        check_choice("milvus", "vector_type", self.vector_type, VECTOR_TYPES)
+        check_choice("milvus", "group_by", self.group_by, GROUP_BY)
         for key in ("timeout", "load_timeout"):
-            if not isinstance(options[key], int | float) or options[key] <= 0:
+            value = getattr(self, key)
+            if not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(
-                    f"milvus {key} {options[key]!r} is not a positive number of seconds: "
+                    f"milvus {key} {value!r} is not a positive number of seconds: "
                     f"pass e.g. --option {key}={int(TIMEOUT)}"
                 )
-        if options.get("uri") and not options.get("collection"):
+        if self.uri and not self.collection:
             raise ConfigError(
-                f"a Milvus server ({options['uri']}) is shared: name the collection this "
+                f"a Milvus server ({self.uri}) is shared: name the collection this "
                 f"index owns with --option collection=NAME (it is replaced on rebuild)"
             )
-        options.setdefault("uri", None)
-        options.setdefault("collection", LITE_COLLECTION)
-        super().__init__(folder, dim, device, **options)
+        self.collection = self.collection or LITE_COLLECTION
+
+
+@register_backend("milvus")
+class MilvusBackend(Engine):
+    """Milvus as an index engine (options: :class:`MilvusOptions`)."""
+
+    Options = MilvusOptions
+    options: MilvusOptions
+    updatable = True
+    native_filter = True
+
+    def __init__(self, backend: Backend, options: EngineOptions) -> None:
+        super().__init__(backend, options)
         self.client: Any = None  # a pymilvus.MilvusClient once built or loaded
 
     @property
     def lite(self) -> bool:
-        return not self.options["uri"]
+        return not self.options.uri
 
     @property
-    def approximate(self) -> bool:  # type: ignore[override]
-        return self.options["index_type"] != "FLAT"
+    def approximate(self) -> bool:
+        return self.options.index_type != "FLAT"
 
     @property
     def where(self) -> str:
         """The engine, for messages: the milvus-lite folder or the server's URI."""
-        return str(self.folder / LITE_DIR) if self.lite else str(self.options["uri"])
+        return str(self.folder / LITE_DIR) if self.lite else str(self.options.uri)
 
     @property
     def np_type(self) -> type:
         """The numpy type of stored and query vectors."""
-        return np.float16 if self.options["vector_type"] == "float16" else np.float32
+        return np.float16 if self.options.vector_type == "float16" else np.float32
 
     def _call(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``method(*args, **kwargs)`` with a timeout (``timeout`` unless given); a failure
@@ -181,7 +196,7 @@ class MilvusBackend(Backend):
         pymilvus = _import_pymilvus()
         import grpc  # pymilvus's own transport
 
-        kwargs.setdefault("timeout", self.options["timeout"])
+        kwargs.setdefault("timeout", self.options.timeout)
         try:
             return method(*args, **kwargs)
         except (pymilvus.MilvusException, grpc.RpcError) as err:
@@ -214,7 +229,7 @@ class MilvusBackend(Backend):
             )
         if "collection not found" in text or "can't find collection" in text:
             return IndexFileError(
-                f"Milvus collection {self.options['collection']!r} is missing from "
+                f"Milvus collection {self.options.collection!r} is missing from "
                 f"{self.where}; rebuild the index with {rebuild}"
             )
         return IndexFileError(f"Milvus at {self.where} failed to {what}: {text}")
@@ -233,7 +248,7 @@ class MilvusBackend(Backend):
                 ) from None
             uri = str((self.folder / LITE_DIR).resolve())
         else:
-            uri = self.options["uri"]
+            uri = str(self.options.uri)
         token = os.environ.get("MILVUS_TOKEN", "")
         connect = pymilvus.MilvusClient
         self.client = self._call("connect", connect, uri=uri, token=token)
@@ -242,20 +257,20 @@ class MilvusBackend(Backend):
         else:
             version = self._call("tell its version", self.client.get_server_version)
             caps = server_capabilities(str(version))
-        if self.options["group_by"] == "server" and not caps.group_by:
+        if self.options.group_by == "server" and not caps.group_by:
             raise ConfigError(
                 f"{caps.engine} at {self.where} ignores group_by_field (Milvus groups from "
                 f"2.4 on): pass --option group_by=auto (the backend then groups by image)"
             )
-        server = caps.group_by and self.options["group_by"] != "client"
-        self.options["engine"] = caps.engine
-        self.options["grouping"] = "server" if server else "client"
+        server = caps.group_by and self.options.group_by != "client"
+        self.options.engine = caps.engine
+        self.options.grouping = "server" if server else "client"
         return caps
 
     def _resolve_vector_type(self, caps: Capabilities) -> None:
         """``auto`` -> fp16 where the engine takes it with the index, else float32;
         an explicit fp16 it cannot take is refused (a 2.3 server would hang or err)."""
-        kind, wanted = self.options["index_type"], self.options["vector_type"]
+        kind, wanted = self.options.index_type, self.options.vector_type
         fp16 = kind in caps.fp16_indexes
         if wanted == "float16" and not fp16:
             takes = ", ".join(sorted(caps.fp16_indexes))
@@ -266,13 +281,13 @@ class MilvusBackend(Backend):
                 f"takes it) or vector_type=float"
             )
         if wanted == "auto":
-            self.options["vector_type"] = "float16" if fp16 else "float"
+            self.options.vector_type = "float16" if fp16 else "float"
 
     def build(self, progress: bool) -> None:
         pymilvus = _import_pymilvus()
         table = self.require_table()
         self._resolve_vector_type(self._connect())
-        client, name = self.client, self.options["collection"]
+        client, name = self.client, self.options.collection
         if self._call(f"look up collection {name!r}", client.has_collection, name):
             self._call(f"drop the old collection {name!r}", client.drop_collection, name)
         vector_type = (
@@ -286,17 +301,18 @@ class MilvusBackend(Backend):
         schema.add_field("vector", vector_type, dim=self.dim)
         self._call(f"create collection {name!r}", client.create_collection, name, schema=schema)
         self._insert(table.live_rows, progress)
-        kind = self.options["index_type"]
+        kind = self.options.index_type
         params = dict(INDEX_PARAMS[kind])
         if kind == "IVF_FLAT":
-            params["nlist"] = self.options.setdefault(
-                "nlist", max(1, min(int(math.sqrt(table.num_rows)), table.num_rows // 39))
-            )
+            if self.options.nlist is None:
+                rows = table.num_rows
+                self.options.nlist = max(1, min(int(math.sqrt(rows)), rows // 39))
+            params["nlist"] = self.options.nlist
         index_params = client.prepare_index_params()
         index_params.add_index(
             field_name="vector", index_type=kind, metric_type="IP", params=params
         )
-        wait = self.options["load_timeout"]
+        wait = self.options.load_timeout
         self._call(f"flush collection {name!r}", client.flush, name, timeout=wait)
         build = client.create_index
         self._call(f"build a {kind} index on {name!r}", build, name, index_params, timeout=wait)
@@ -306,7 +322,7 @@ class MilvusBackend(Backend):
     def _insert(self, rows: np.ndarray, progress: bool) -> None:
         """Inserts table ``rows`` (ascending), ``INSERT_ROWS`` at a time."""
         table = self.require_table()
-        name, np_type = self.options["collection"], self.np_type
+        name, np_type = self.options.collection, self.np_type
         starts = range(0, len(rows), INSERT_ROWS)
         for start in tqdm(starts, desc="milvus insert", unit="chunk", disable=not progress):
             part = rows[start : start + INSERT_ROWS]
@@ -317,16 +333,16 @@ class MilvusBackend(Backend):
             ]
             self._call(f"insert rows into {name!r}", self.client.insert, name, data)
 
-    def add_rows(self, rows: np.ndarray, progress: bool) -> None:
+    def add(self, rows: np.ndarray, progress: bool) -> None:
         """Inserts the new rows, after deleting any an unfinished update left there."""
-        name = self.options["collection"]
+        name = self.options.collection
         where = f"row >= {int(rows[0])}"
         self._call(f"delete rows from {name!r}", self.client.delete, name, filter=where)
         self._insert(rows, progress)
 
-    def remove_rows(self, rows: np.ndarray) -> None:
+    def remove(self, rows: np.ndarray) -> None:
         """Deletes the removed images' rows by image (table position)."""
-        name = self.options["collection"]
+        name = self.options.collection
         images = np.unique(self.require_table(allow_empty=True).owner[rows])
         for start in range(0, len(images), INSERT_ROWS):
             part = ", ".join(str(int(i)) for i in images[start : start + INSERT_ROWS])
@@ -337,18 +353,18 @@ class MilvusBackend(Backend):
         """After an update: flushes the collection (Milvus keeps its own files) and
         checks it holds the table's live rows (the build checked already)."""
         if self.generation:
-            name = self.options["collection"]
-            wait = self.options["load_timeout"]
+            name = self.options.collection
+            wait = self.options.load_timeout
             self._call(f"flush collection {name!r}", self.client.flush, name, timeout=wait)
-            self.updating = False
+            self.backend.updating = False
             self._check_rows()
 
     def load(self) -> None:
         if self.lite and not (self.folder / LITE_DIR).is_dir():
             raise corrupt(self.folder / LITE_DIR, "folder missing")
         caps = self._connect()
-        name, kind = self.options["collection"], self.options["index_type"]
-        if self.options["vector_type"] == "float16" and kind not in caps.fp16_indexes:
+        name, kind = self.options.collection, self.options.index_type
+        if self.options.vector_type == "float16" and kind not in caps.fp16_indexes:
             raise IndexFileError(  # an index built before the engine's version was asked
                 f"index {self.folder} stores float16 vectors with a {kind} index, which "
                 f"{caps.engine} at {self.where} does not search correctly: rebuild it with "
@@ -360,7 +376,7 @@ class MilvusBackend(Backend):
                 f"Milvus collection {name!r} is missing from {self.where}; rebuild the index "
                 f"with `retrieval index build RUN_DIR --backend milvus --out {self.folder}`"
             )
-        wait = self.options["load_timeout"]
+        wait = self.options.load_timeout
         self._call(f"load collection {name!r}", self.client.load_collection, name, timeout=wait)
         self._check_rows()
 
@@ -368,7 +384,7 @@ class MilvusBackend(Backend):
         """Raises unless the collection holds the table's live rows (an update may open
         one an unfinished update left otherwise: it repairs it). A strong-consistency
         count: it sees every write so far, so the searches after it do too."""
-        name = self.options["collection"]
+        name = self.options.collection
         found = self._call(
             f"count the rows of {name!r}",
             self.client.query,
@@ -404,20 +420,20 @@ class MilvusBackend(Backend):
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if self.lite else 0
 
     def disk_bytes(self) -> int:
-        return super().disk_bytes() + self._lite_bytes()
+        return self._lite_bytes()
 
     def memory_bytes(self) -> int:
         """milvus-lite holds its collection in this process (its folder's size counts);
         a server holds it elsewhere, so only the table's metadata counts here."""
-        return super().memory_bytes() + self._lite_bytes()
+        return self._lite_bytes()
 
     def _search_params(self, limit: int) -> dict[str, Any]:
         params: dict[str, Any] = {}
-        if self.options["index_type"] == "HNSW":
-            ef = max(self.options.get("ef_factor", 2) * limit, 16, limit)
+        if self.options.index_type == "HNSW":
+            ef = max((self.options.ef_factor or 2) * limit, 16, limit)
             params["ef"] = min(ef, EF_MAX)
-        if "nprobe" in self.options:
-            params["nprobe"] = self.options["nprobe"]
+        if self.options.nprobe is not None:
+            params["nprobe"] = self.options.nprobe
         return {"metric_type": "IP", "params": params}
 
     def _search(self, queries: np.ndarray, limit: int, where: str, group: bool) -> list[Any]:
@@ -425,7 +441,7 @@ class MilvusBackend(Backend):
         else representatives), a batch of queries per request."""
         if self.client is None:
             raise IndexFileError(f"index {self.folder}: the milvus collection is not open")
-        name = self.options["collection"]
+        name = self.options.collection
         per = max(1, min(SEARCH_QUERIES, SEARCH_HITS // limit))
         extra = {"group_by_field": "image", "output_fields": ["image"]} if group else {}
         out: list[Any] = []
@@ -457,19 +473,17 @@ class MilvusBackend(Backend):
         can come back."""
         owner = self.require_table().owner
         most = min(LIMIT_MAX, rows)
-        limit = min(max(math.ceil(self.options["overfetch"] * k), k), most)
-        out: list[np.ndarray] = [np.zeros(0, np.int64)] * len(queries)
-        todo = np.arange(len(queries))
-        while len(todo):
-            found = self._search(queries[todo], limit, where, group=False)
-            again = []
-            for i, hits in zip(todo.tolist(), found, strict=True):
-                out[i] = _first_images(np.asarray(hits.ids, np.int64), owner)
-                if len(out[i]) < k and limit < most:
-                    again.append(i)
-                out[i] = out[i][: RERANK_IMAGES * k]
-            todo, limit = np.array(again, np.int64), min(2 * limit, most)
-        return out
+        limit = min(max(math.ceil(self.options.overfetch * k), k), most)
+
+        def fetch(todo: np.ndarray, round_: int) -> list[np.ndarray]:
+            found = self._search(queries[todo], doubled(limit, most, round_), where, group=False)
+            return [first_images(np.asarray(hits.ids, np.int64), owner) for hits in found]
+
+        def exhausted(round_: int) -> bool:
+            return doubled(limit, most, round_) >= most
+
+        grouped = fetch_until_k_images(len(queries), k, fetch, len, exhausted)
+        return [images[: RERANK_IMAGES * k] for images in grouped]
 
     def _answer(self, queries: Tensor, k: int, images: np.ndarray | None) -> list[RowHits]:
         """Top ``k`` images (among ``images``, table positions, when given): the engine's
@@ -482,7 +496,7 @@ class MilvusBackend(Backend):
         else:
             where = f"image in [{', '.join(str(int(i)) for i in images)}]"
             wanted, rows = min(k, len(images)), len(table.rows_of(images))
-        if self.options["grouping"] == "server":
+        if self.options.grouping == "server":
             found = self._server_groups(q.numpy(), k, where)
         else:
             found = self._client_groups(q.numpy(), k, where, rows)
@@ -494,13 +508,13 @@ class MilvusBackend(Backend):
                 out[i] = hits
         return out
 
-    def search_rows(self, queries: Tensor, k: int) -> list[RowHits]:
+    def search(self, queries: Tensor, k: int) -> list[RowHits]:
         return self._answer(queries, k, None)
 
-    def search_rows_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
+    def search_in(self, queries: Tensor, k: int, images: np.ndarray) -> list[RowHits]:
         """Milvus's ``filter`` on the image field; exact past ``FILTER_MAX`` images."""
         if len(images) > FILTER_MAX:
-            return super().search_rows_in(queries, k, images)
+            return super().search_in(queries, k, images)
         return self._answer(queries, k, images)
 
     def tune(self, queries: Tensor, truth: list[np.ndarray], k: int, target: float) -> None:
@@ -508,21 +522,21 @@ class MilvusBackend(Backend):
         again). Then HNSW: the least ``ef_factor`` reaching ``target`` recall; IVF_FLAT:
         the least ``nprobe``; else the most tried. FLAT and AUTOINDEX have nothing more
         to tune."""
-        if self.options["grouping"] == "client":
-            self.options["overfetch"] = self._overfetch(queries.float().cpu().numpy(), k)
-        kind = self.options["index_type"]
+        if self.options.grouping == "client":
+            self.options.overfetch = self._overfetch(queries.float().cpu().numpy(), k)
+        kind = self.options.index_type
         values: tuple[int, ...]
         if kind == "HNSW":
             key, values = "ef_factor", EF_FACTORS
         elif kind == "IVF_FLAT":
-            key, values = "nprobe", tuple(v for v in NPROBE if v <= self.options["nlist"])
+            key, values = "nprobe", tuple(v for v in NPROBE if v <= (self.options.nlist or 1))
         else:
             return
         owner = self.require_table().owner
         tune_settings(
             self.options,
             ({key: value} for value in values),
-            lambda: recall_at_k(self.search_rows(queries, k), truth, owner),
+            lambda: recall_at_k(self.search(queries, k), truth, owner),
             target,
             fallback="last",
         )
@@ -531,10 +545,6 @@ class MilvusBackend(Backend):
         """Representatives per image wanted that cover ``k`` images for 90% of queries."""
         owner = self.require_table().owner
         limit = min(64 * k, LIMIT_MAX, self.require_table().num_live_rows)
-        needed = []
-        for hits in self._search(queries, limit, "", group=False):
-            images = owner[np.asarray(hits.ids, np.int64)]
-            _, first = np.unique(images, return_index=True)
-            first = np.sort(first)
-            needed.append((first[k - 1] + 1) / k if len(first) >= k else limit / k)
-        return max(1, math.ceil(float(np.quantile(needed, 0.9))))
+        found = self._search(queries, limit, "", group=False)
+        fetched = [np.asarray(hits.ids, np.int64) for hits in found]
+        return needed_overfetch(fetched, owner, k, cap=limit / k)

@@ -5,9 +5,8 @@ differences are silent. A Milvus 2.3 server (2.3.5, measured) accepts ``group_by
 and ignores it: a grouped search returns one image many times. It accepts a
 ``FLOAT16_VECTOR`` field too, but building an HNSW or IVF_FLAT index over one hangs
 (``create_index`` never finishes), and FLAT over fp16 answers batched queries wrongly
-and differently from call to call (recall@10 0.95 at 20,000 rows, 15x slower than
-float32). So the milvus backend asks the engine its version at build and at open and
-picks from it:
+and differently from call to call (measured: results/bench/search_cpu.md). So the
+milvus backend asks the engine its version at build and at open and picks from it:
 
 ==========================  ==========  =================================  ============
 engine                      group-by    fp16 vectors with                  tested here

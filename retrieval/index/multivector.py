@@ -11,7 +11,7 @@ original, where the mean of ``Q`` as one vector did not (an exact copy ranked 27
 160). With one vector (a region) it is the max cosine a text query gets.
 
 Exact backends (exact, faiss-flat) score every image in one pass over the table
-(:func:`~retrieval.index.exact.maxsim_search`), as many products as ``|Q|`` text
+(:func:`~retrieval.index.kernels.maxsim_search`), as many products as ``|Q|`` text
 queries. Approximate ones gather candidates: each ``q``'s own top ``fetch`` images by
 the backend's search, re-scored exactly over all their representatives from the fp16
 table. An image outside every ``q``'s list scores at most the mean over ``q`` of the
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrieval.errors import ConfigError, IndexFileError
-from retrieval.index.base import Backend, RowHits
-from retrieval.index.exact import ExactBackend, maxsim_search
+from retrieval.index.base import Backend
+from retrieval.index.exact import ExactBackend
+from retrieval.index.kernels import RowHits, maxsim_search
 
 FETCH_GROWTH = 4
 MAX_FETCH = 4  # images fetched per query vector, at most, in multiples of k
@@ -62,8 +63,8 @@ def multivector_rows(
     among the image positions ``images`` when given: each image's best-matching row and
     its MaxSim score, best first (ties by ascending image id)."""
     table = backend.require_table()
-    if isinstance(backend, ExactBackend):
-        return backend.maxsim_rows(queries, k, images)
+    if isinstance(backend.engine, ExactBackend):
+        return backend.engine.maxsim_rows(queries, k, images)
     if not backend.approximate:
         return maxsim_search(table, queries, k, backend.device, images=images)
     total = table.searchable_images if images is None else len(images)

@@ -1,7 +1,7 @@
 """Recall tuning shared by the approximate backends, and the recall measures it uses.
 
 An approximate backend is tuned at build to reach a recall target against exact search
-(:meth:`Backend.tune`). Every backend's tuning has one shape: try candidate settings in
+(:meth:`Engine.tune`). Every engine's tuning has one shape: try candidate settings in
 order of cost, measure recall with each, keep the first reaching the target (or the
 cheapest, under a cost model), else a fallback. :func:`tune_settings` walks that loop;
 a backend's ``tune`` only says which settings to try and how to measure recall with
@@ -11,13 +11,13 @@ them (:func:`recall_at_k` of its answers against the exact ones).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from retrieval.index.base import RowHits
+from retrieval.index.kernels import RowHits
 
 Settings = Mapping[str, Any]
 
@@ -40,7 +40,7 @@ class TuneResult:
 
 
 def tune_settings(
-    options: MutableMapping[str, Any],
+    options: object,
     candidates: Iterable[Settings],
     measure: Callable[[], float],
     target: float,
@@ -51,8 +51,9 @@ def tune_settings(
     """Applies each candidate to ``options`` in turn, measures recall, keeps a winner.
 
     Args:
-        options: the backend's settings; each candidate's keys are written into it, and
-            it is left holding the chosen candidate.
+        options: the engine's typed options (:class:`~retrieval.index.engine.EngineOptions`);
+            each candidate's keys are set as its attributes, and it is left holding the
+            chosen candidate.
         candidates: settings to try (``{"nprobe": 8, "overfetch": 4}``), cheapest first;
             only their keys change.
         measure: recall with the settings now in ``options``.
@@ -80,7 +81,7 @@ def tune_settings(
         price = cost(settings) if cost is not None else 0.0
         if winner is not None and price >= winner[0]:
             continue
-        options.update(settings)
+        _apply(options, settings)
         recall = float(measure())
         measured += 1
         last = (settings, recall)
@@ -96,8 +97,13 @@ def tune_settings(
         (settings, recall), met = (best if fallback == "best" else last), False
     else:
         return TuneResult()
-    options.update(settings)
+    _apply(options, settings)
     return TuneResult(settings, recall, met, measured)
+
+
+def _apply(options: object, settings: Settings) -> None:
+    for key, value in settings.items():
+        setattr(options, key, value)
 
 
 def image_recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:

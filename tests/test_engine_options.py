@@ -1,0 +1,69 @@
+"""Engines' typed options read back what index manifests store (issue 25).
+
+Invariant: every ``backend_state`` an index manifest holds (these were written by the
+release before typed options, after a build and an update) parses into the engine's
+options and comes back from ``state()`` unchanged (None, i.e. unset, left out), so
+existing index folders open as they are; an unknown key is one ConfigError naming it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from retrieval.errors import ConfigError
+from retrieval.index.base import engine_class
+
+STORED: dict[str, dict[str, Any]] = {
+    "exact": {},
+    "faiss-flat": {"kind": "flat", "overfetch": 2, "segments": [0]},
+    "faiss-ivfpq": {
+        "kind": "ivfpq",
+        "overfetch": 10,
+        "nlist": 28,
+        "m": 2,
+        "nbits": 4,
+        "nprobe": 2,
+        "train_size": 1093,
+        "segments": [0, 1],
+    },
+    "faiss-ivfpqfs": {
+        "kind": "ivfpqfs",
+        "overfetch": 400,
+        "nlist": 1000,
+        "m": 128,
+        "nprobe": 256,
+        "segments": [0],
+    },
+    "lancedb": {"index_type": "IVF_FLAT", "nprobes": 2, "num_partitions": 14, "version": 3},
+    "milvus": {
+        "index_type": "HNSW",
+        "vector_type": "float",
+        "group_by": "auto",
+        "overfetch": 4,
+        "timeout": 60.0,
+        "load_timeout": 1800.0,
+        "uri": None,
+        "collection": "representatives",
+        "engine": "milvus-lite 3.2.2",
+        "grouping": "server",
+        "ef_factor": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(STORED))
+def test_stored_state_round_trips(name: str) -> None:
+    options = engine_class(name).Options.parse(name, STORED[name])
+    assert options.state() == {k: v for k, v in STORED[name].items() if v is not None}
+
+
+@pytest.mark.parametrize("name", sorted(STORED))
+def test_unknown_option_is_refused_naming_it(name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{name!r} has no option 'bogus' \(it accepts: "):
+        engine_class(name).Options.parse(name, {**STORED[name], "bogus": 1})
+
+
+def test_a_bad_choice_is_refused_naming_the_option() -> None:
+    with pytest.raises(ConfigError, match="faiss kind 'flta' is not one of .*'flat'"):
+        engine_class("faiss").Options.parse("faiss", {"kind": "flta"})
