@@ -67,3 +67,19 @@ def test_unknown_option_is_refused_naming_it(name: str) -> None:
 def test_a_bad_choice_is_refused_naming_the_option() -> None:
     with pytest.raises(ConfigError, match="faiss kind 'flta' is not one of .*'flat'"):
         engine_class("faiss").Options.parse("faiss", {"kind": "flta"})
+
+
+def test_faiss_auto_is_flat_then_fast_scan(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant: ``--backend faiss`` (kind auto) is exact flat codes up to
+    ``FLAT_MAX_ROWS`` representatives and fast-scan PQ (``ivfpqfs``) above; the kind
+    chosen is what the manifest stores."""
+    from retrieval.index import build_index, faiss_backend, open_index
+    from tests.test_search import make_run
+
+    run = make_run(tmp_path / "run", [(range(300), 8)])  # 2,400 representatives
+    flat = build_index(run, "faiss", tmp_path / "flat", "cpu", progress=False)
+    monkeypatch.setattr(faiss_backend, "FLAT_MAX_ROWS", 1000)
+    compressed = build_index(run, "faiss", tmp_path / "fs", "cpu", progress=False)
+    with open_index(flat, "cpu") as a, open_index(compressed, "cpu") as b:
+        assert a.manifest["backend_state"]["kind"] == "flat"
+        assert b.manifest["backend_state"]["kind"] == "ivfpqfs"

@@ -8,7 +8,8 @@ codes, scores those rows exactly from the fp16 table, and re-ranks the ``RERANK_
 x k`` best images over all their representatives (re-ranking fewer leaves PQ recall
 low; re-ranking every candidate's image caps the affordable over-fetch: the
 measurements are in results/bench/search_cpu.md). ``auto`` picks
-flat up to ``FLAT_MAX_ROWS`` representatives. :meth:`FaissBackend.tune` sets
+flat up to ``FLAT_MAX_ROWS`` representatives and ``ivfpqfs`` above (of the compressed
+kinds, the one that reached recall 0.99 there). :meth:`FaissBackend.tune` sets
 ``overfetch`` (and ``nprobe``) from queries with known exact answers. Two more compressed
 kinds share ivfpq's path (candidates by codes, exact re-rank from the fp16 table):
 ``ivfpqfs`` (``faiss-ivfpqfs``, 4-bit fast-scan PQ, ``IVF...,PQ{D/2}x4fs``) and
@@ -159,7 +160,7 @@ class FaissBackend(Engine):
     def _make_index(self, rows: int) -> faiss.Index:
         o = self.options
         if o.kind == "auto":
-            o.kind = "flat" if rows <= FLAT_MAX_ROWS else "ivfpq"
+            o.kind = "flat" if rows <= FLAT_MAX_ROWS else "ivfpqfs"
         if o.kind == "flat":  # fp16 codes: lossless for the fp16 table, and
             # half the memory of IndexFlatIP's fp32, and faster; ids = table rows
             return faiss.IndexIDMap(self._flat_codes())
