@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +46,13 @@ from retrieval.representatives import Representatives
 BATCH_IMAGES = 4096
 
 
-def concepts(count: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concept centres and their Zipf(1.1) frequencies."""
+def concepts(
+    count: int, dim: int, seed: int, zipf: float = 1.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concept centres and their Zipf(``zipf``) frequencies."""
     g = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(count, dim, generator=g), dim=1)
-    freq = 1.0 / torch.arange(1, count + 1).double() ** 1.1
+    freq = 1.0 / torch.arange(1, count + 1).double() ** zipf
     return centres, freq / freq.sum()
 
 
@@ -67,11 +70,13 @@ def batches(
         yield np.arange(start, start + n), Representatives.dense(emb.half())
 
 
-def make_queries(count: int, centres: torch.Tensor, seed: int) -> torch.Tensor:
+def make_queries(
+    count: int, centres: torch.Tensor, seed: int, noise_norm: float = 1.0
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     pick = torch.randint(len(centres), (count,), generator=g)
     noise = F.normalize(torch.randn(count, centres.shape[1], generator=g), dim=1)
-    return F.normalize(centres[pick] + 1.0 * noise, dim=1)
+    return F.normalize(centres[pick] + noise_norm * noise, dim=1)
 
 
 SERVER = "milvus-server"  # the milvus backend on the run's Milvus server
@@ -94,6 +99,44 @@ def milvus_server(enabled: bool) -> Iterator[Any]:
             yield server
         finally:
             server.stop()
+
+
+# Opens a built index in a fresh process and answers the queries one at a time, as a
+# server would: its resident memory then (anonymous: what it holds; file: pages of the
+# memory-mapped table and files it read) and the peak, after the imports' share.
+MEMORY_PROBE = """
+import json, sys
+import numpy as np, torch
+from retrieval.index import open_backend
+def status():
+    lines = open("/proc/self/status").read().splitlines()
+    return {k: 1024 * int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in lines)
+            if k in ("RssAnon", "RssFile", "VmHWM")}
+torch.set_grad_enabled(False)
+name, folder, dim, state, queries, k = sys.argv[1:7]
+before = status()
+backend = open_backend(name, folder, int(dim), "cpu", **json.loads(state))
+for q in torch.from_numpy(np.load(queries)):
+    backend.search_rows(q.unsqueeze(0), int(k))
+after = status()
+print(json.dumps({"rss_anon_bytes": after["RssAnon"], "rss_file_bytes": after["RssFile"],
+                  "peak_rss_bytes": after["VmHWM"], "imports_rss_anon_bytes": before["RssAnon"]}))
+"""
+
+
+def process_memory(name: str, backend: Backend, queries: torch.Tensor, k: int) -> dict:
+    """:data:`MEMORY_PROBE`'s numbers for ``backend`` (built, in its folder)."""
+    path = backend.folder.parent / f"{backend.folder.name}-queries.npy"
+    np.save(path, queries.numpy())
+    argv = [name, str(backend.folder), str(backend.dim), json.dumps(backend.state())]
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, *argv, str(path), str(k)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    path.unlink()
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def rss_bytes(pid: int) -> int:
@@ -140,7 +183,7 @@ def backend_options(name: str, rows: int, args: argparse.Namespace) -> tuple[str
 
 
 def latency_ms(backend: Backend, queries: torch.Tensor, k: int) -> float:
-    """Median time of one single-query search, in milliseconds."""
+    """Median time of one single-query search over ``queries``, in milliseconds."""
     backend.search_rows(queries[:1], k)  # warm-up (page cache, GPU upload)
     times = []
     for q in queries:
@@ -151,8 +194,8 @@ def latency_ms(backend: Backend, queries: torch.Tensor, k: int) -> float:
 
 
 def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
-    centres, freq = concepts(args.concepts, args.dim, seed=0)
-    queries = make_queries(args.queries, centres, seed=1)
+    centres, freq = concepts(args.concepts, args.dim, seed=0, zipf=args.zipf)
+    queries = make_queries(args.queries, centres, seed=1, noise_norm=args.query_noise)
     half = len(queries) // 2
     tune_q, held_q = queries[:half], queries[half:]
     results, exact = [], None
@@ -168,6 +211,8 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
         backend.tune(tune_q, truth[:half], k, args.target)
         tune_s = time.perf_counter() - start
         recall = recall_at_k(backend.search_rows(held_q, k), truth[half:], table.owner)
+        # exact streams the whole table per query: capped where that takes seconds
+        timed_q = held_q[: args.exact_latency_queries] if name == "exact" else held_q
         disk = backend.disk_bytes()
         row = {
             "representatives": table.num_rows,
@@ -177,7 +222,8 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
             "rows_per_s": table.num_rows / build_s,
             "insert_rows_per_s": table.num_rows / inserts[0] if inserts else None,
             "tune_s": tune_s,
-            "query_ms": latency_ms(backend, held_q, k),
+            "query_ms": latency_ms(backend, timed_q, k),
+            "query_count": len(timed_q),
             f"recall@{k}": recall,
             "memory_bytes_per_image": backend.memory_bytes() / table.num_images,
             "disk_bytes_per_image": disk / table.num_images,
@@ -185,6 +231,8 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
         }
         if name == SERVER:  # its collections live in the server process, not this one
             row["server_rss_bytes"] = rss_bytes(args.milvus.pid)
+        elif args.process_memory:
+            row |= process_memory(kind, backend, held_q, k)
         exact = exact or row
         row["query_speedup_vs_exact"] = exact["query_ms"] / row["query_ms"]
         row["memory_vs_exact"] = row["memory_bytes_per_image"] / exact["memory_bytes_per_image"]
@@ -241,6 +289,22 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--reps", type=int, default=16, help="representatives per image")
     parser.add_argument("--concepts", type=int, default=2000)
+    parser.add_argument("--zipf", type=float, default=1.1, help="concept frequency exponent")
+    parser.add_argument(
+        "--query-noise", type=float, default=1.0, help="norm of a query's noise (text-like)"
+    )
+    parser.add_argument(
+        "--exact-latency-queries",
+        type=int,
+        default=50,
+        help="held-out queries exact is timed on (it reads the whole table per query)",
+    )
+    parser.add_argument(
+        "--process-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure each index's resident memory in a fresh process that searches it",
+    )
     parser.add_argument("--queries", type=int, default=100, help="half tune, half measure")
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--target", type=float, default=0.95, help="recall to tune for")
