@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 import retrieval
-from retrieval.config import as_dict, to_yaml, with_absolute_paths
+from retrieval.config import as_dict, save_run_config
 from retrieval.data.base import ImageDataset, file_identity
 from retrieval.engine.module import EmbedModule
 from retrieval.engine.parts import RunParts, build_parts
@@ -307,5 +307,4 @@ def _start_store(store: ShardStore, fingerprint: dict, run_dir: Path, cfg: DictC
     """Clears half-written files of a killed run, then records what the shards hold."""
     store.remove_partial_files()
     store.write_manifest(fingerprint=fingerprint, format=1, code_version=retrieval.__version__)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(with_absolute_paths(cfg)))
+    save_run_config(cfg, run_dir)
