@@ -343,12 +343,13 @@ class SearchIndex:
     ) -> tuple[dict[int, Path | None], tuple[Path, ...] | None]:
         """The files of ``image_ids`` (None each the run cannot name) and the folders they
         must resolve inside (:class:`~retrieval.store.run_images.RunImages`, with the
-        config stored with the index). The folders are the roots the dataset checks at
-        embed time, so a file swapped for a symlink out of them after indexing is refused
-        when shown too."""
+        config stored with the index, else the run's). The folders are the roots the
+        dataset checks at embed time, so a file swapped for a symlink out of them after
+        indexing is refused when shown too."""
         from retrieval.store.run_images import RunImages
 
-        images = RunImages.open(self.run_dir, self.config)
+        cfg = self.config if self._files.config.exists() else None  # else the run's
+        images = RunImages.open(self.run_dir, cfg)
         return images.paths(image_ids), images.roots
 
     def search_picture(
