@@ -21,6 +21,7 @@ from PIL import Image
 import retrieval
 from retrieval.cli.search import hit_records
 from retrieval.data.folder import FolderDataset
+from retrieval.errors import StoreError
 from retrieval.index import Hit, build_index, open_index
 from retrieval.report.gallery import image_paths
 from retrieval.store import ShardStore
@@ -233,3 +234,48 @@ def test_an_id_the_run_never_assigned_has_no_file(tmp_path: Path) -> None:
     shutil.rmtree(run)
     os.makedirs(run)
     assert RunImages.open(run).paths([2]) == {2: None}  # no table, no config: unknown
+
+
+def test_which_images_the_shards_hold_is_read_by_one_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every question about which images a run's shards hold (index info's staleness,
+    an update's wanted ids, the gallery's and the service's shard rows, resume's and the
+    sweep's accounting) is answered through ShardStore.scan_ids, and they agree; a shard
+    that cannot be read is skipped only where asked (a staleness note)."""
+    from retrieval.index.manifest import run_changes
+    from retrieval.report.gallery import _locate
+
+    run = tmp_path / "run"
+    _stored(run, np.arange(6))
+    index = build_index(run, "exact", tmp_path / "ix", "cpu", progress=False)
+    store = ShardStore(run / "embeddings")
+    store.write_shard("rank000-00001", torch.arange(6, 9), random_reps(3, 3, 1, DIM))
+    calls: list[int] = []
+    scan = ShardStore.scan_ids
+
+    def counted(self: ShardStore, skip_damaged: bool = False):
+        calls.append(1)
+        return scan(self, skip_damaged)
+
+    monkeypatch.setattr(ShardStore, "scan_ids", counted)
+    answers = {
+        "index info": lambda: run_changes(index).added,
+        "run": lambda: RunFolder(run).indexable_ids().tolist(),
+        "gallery": lambda: sorted(_locate(store, list(range(10)))),
+        "serve": lambda: sorted(store.locate()),
+        "resume": lambda: sorted(store.contents()[0].tolist()),
+        "sweep": lambda: sorted(store.accounted_ids().tolist()),
+    }
+    got = {}
+    for name, ask in answers.items():
+        calls.clear()
+        got[name] = ask()
+        assert calls, f"{name} read the shards' ids without ShardStore.scan_ids"
+    assert got["index info"] == 3
+    for name in ("run", "gallery", "serve", "resume", "sweep"):
+        assert got[name] == list(range(9)), name
+    (store.root / "rank000-00001.safetensors").write_bytes(b"not a shard")
+    assert RunFolder(run).indexable_ids(skip_damaged=True).tolist() == list(range(6))
+    with pytest.raises(StoreError, match="rank000-00001"):
+        RunFolder(run).indexable_ids()
