@@ -359,7 +359,7 @@ def test_an_index_of_format_1_is_refused_with_the_rebuild_command(tmp_path: Path
     """Index format 1 (before updates: no generation, recall settings or history) was
     never released, so its compatibility branches are gone: opening, updating or
     describing such an index fails with one error naming its format and the command that
-    rebuilds it, and leaves the folder as it was."""
+    rebuilds it, and leaves the folder as it was; that command then replaces it."""
     from retrieval.cli import main
     from retrieval.index.manifest import FORMAT
 
@@ -384,6 +384,8 @@ def test_an_index_of_format_1_is_refused_with_the_rebuild_command(tmp_path: Path
         assert str(refused.value) == expected
     assert main(["index", "info", str(index)]) == 2
     assert {p.name: p.read_bytes() for p in index.iterdir()} == before
+    build(run, "exact", index)  # the command it names replaces the old index
+    assert open_index(index, "cpu").manifest.format == FORMAT
 
 
 def test_retune_tunes_again(tmp_path: Path) -> None:

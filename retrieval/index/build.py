@@ -214,9 +214,7 @@ def own_names(out: Path, new: Path) -> set[str]:
     index = IndexFolder(out)
     names = {MANIFEST, index.config.name, LOCK, LANCE_DIR, LITE_DIR}
     names |= {p.name for p in new.iterdir()}
-    if index.is_index():
-        files = index.manifest(check_files=False).files
-        names |= {Path(name).parts[0] for name in files if Path(name).parts}
+    names |= {Path(name).parts[0] for name in index.recorded_files() if Path(name).parts}
     generations = "|".join(
         re.escape(stem) + r"(\.\d+)?\." + re.escape(suffix)
         for stem, _, suffix in (n.partition(".") for n in (VECTORS, META, FAISS_FILE))

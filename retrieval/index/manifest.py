@@ -215,10 +215,9 @@ class IndexFolder:
     def config(self) -> Path:
         return self.path / CONFIG
 
-    def manifest(self, check_files: bool = True) -> IndexManifest:
+    def manifest(self) -> IndexManifest:
         """``index.json``, validated, with every file it lists checked to be there at its
-        recorded size (unless not ``check_files``); or a clear error saying how to make or
-        rebuild one.
+        recorded size; or a clear error saying how to make or rebuild one.
 
         Raises:
             MissingFileError: no such folder.
@@ -239,7 +238,7 @@ class IndexFolder:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise corrupt(path, f"not valid JSON: {err}") from None
         manifest = IndexManifest.from_json(data, path)
-        for name, size in manifest.files.items() if check_files else ():
+        for name, size in manifest.files.items():
             file = folder / name
             if not file.exists():
                 raise corrupt(file, "file missing")
@@ -257,15 +256,36 @@ class IndexFolder:
 
     def is_index(self) -> bool:
         """Whether this is an index folder this project wrote: its ``index.json`` is a
-        manifest of this :data:`FORMAT`, not merely a file of that name."""
+        manifest of this :data:`FORMAT`, or of an earlier one naming its backend, run and
+        fingerprint (refused when opened, but a rebuild may replace it); not merely a
+        file of that name."""
+        return self._raw() is not None
+
+    def recorded_files(self) -> dict[str, int]:
+        """The files ``index.json`` lists (none when this is no index folder)."""
+        raw = self._raw()
+        files = None if raw is None else raw.get("files")
+        return files if isinstance(files, dict) else {}
+
+    def _raw(self) -> dict[str, Any] | None:
+        """``index.json`` as JSON when :meth:`is_index`, else None."""
         path = self.manifest_path
         if self.path.is_symlink() or path.is_symlink() or not path.is_file():
-            return False
+            return None
         try:
-            self.manifest(check_files=False)
-        except (OSError, ValueError):  # unreadable, not JSON, not UTF-8, not a manifest
-            return False
-        return True
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):  # unreadable, not JSON, not UTF-8
+            return None
+        if not isinstance(raw, dict):
+            return None
+        found = raw.get("format")
+        if isinstance(found, int) and not isinstance(found, bool) and 0 < found < FORMAT:
+            return raw if all(k in raw for k in ("backend", "run", "fingerprint")) else None
+        try:
+            IndexManifest.from_json(raw, path)
+        except ValueError:  # not a manifest of this format
+            return None
+        return raw
 
     def stamp(self) -> tuple[int, int]:
         """``index.json``'s (mtime, size): an update rewrites it last, when it commits."""
