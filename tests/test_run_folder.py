@@ -224,13 +224,19 @@ def test_a_labelled_runs_files_are_one_map(tmp_path: Path, synthetic_coco) -> No
 
 def test_an_id_the_run_never_assigned_has_no_file(tmp_path: Path) -> None:
     """The map names no file for an id the collection table never assigned (null in an
-    export, None for a hit), and an absolute stored path stays as it is."""
+    export, None for a hit; a KeyError for the dataset), and an absolute stored path
+    stays as it is; one id at a time it answers as for many."""
     run = tmp_path / "run"
     run.mkdir()
     table = pa.table({"image_id": [5, 2], "path": ["/abs/x.jpg", "y.jpg"]})
     pq.write_table(table.replace_schema_metadata({b"root": b"/root"}), run / "images.parquet")
     files = RunImages.open(run).paths([2, 5, 7])
     assert files == {2: Path("/root/y.jpg"), 5: Path("/abs/x.jpg"), 7: None}
+    one_by_one = RunFolder(run).image_files  # what the embed phase asks, id by id
+    assert one_by_one is not None
+    assert {i: one_by_one.path(i) for i in (2, 5)} == {2: files[2], 5: files[5]}
+    with pytest.raises(KeyError, match="image id 7"):
+        one_by_one.path(7)
     shutil.rmtree(run)
     os.makedirs(run)
     assert RunImages.open(run).paths([2]) == {2: None}  # no table, no config: unknown

@@ -130,10 +130,15 @@ class ImageFiles:
         Raises:
             KeyError: the table never assigned ``image_id``.
         """
-        file = self.files(np.array([image_id]))[0].as_py()
-        if file is None:
+        k = int(np.searchsorted(self.ids, image_id))
+        if k == len(self.ids) or self.ids[k] != image_id:
             raise KeyError(f"image id {image_id} is not in the collection table")
-        return Path(file)
+        stored = self.paths[k].as_py()
+        # :meth:`files`' rule for one id, without building arrays (the embed phase asks
+        # once per image)
+        if self.root is None or stored.startswith("/"):
+            return Path(stored)
+        return Path(str(self.root).rstrip("/") + "/" + stored)
 
 
 @dataclass(frozen=True)
