@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": f"{cpus} CPUs, server torch threads {max(1, cpus - 1)}",
         "load": load,
         "index": {
-            "representatives": manifest["representatives"],
-            "images": manifest["images"],
-            "embed_dim": manifest["embed_dim"],
+            "representatives": manifest.representatives,
+            "images": manifest.images,
+            "embed_dim": manifest.embed_dim,
             "retriever": f"{fingerprint['retriever']['name']} "
             f"{fingerprint['retriever']['backbone']} (random weights)",
             "vectors": "random unit vectors written as the tiny run's 4 x 4 cells, indexed "

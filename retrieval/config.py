@@ -648,6 +648,14 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+def save_run_config(cfg: DictConfig, run_dir: str | Path) -> None:
+    """Writes the run folder's ``config.yaml`` (resolved, data paths absolute), whole or
+    not at all: what :func:`load_stored_config` reads back."""
+    from retrieval.store.run_folder import RunFolder
+
+    RunFolder(Path(run_dir)).write_config(to_yaml(with_absolute_paths(cfg)))
+
+
 def as_dict(node: Any) -> Any:
     """A plain, resolved Python container of a config node."""
     if isinstance(node, (DictConfig, ListConfig)):

@@ -81,5 +81,5 @@ def test_faiss_auto_is_flat_then_fast_scan(tmp_path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(faiss_backend, "FLAT_MAX_ROWS", 1000)
     compressed = build_index(run, "faiss", tmp_path / "fs", "cpu", progress=False)
     with open_index(flat, "cpu") as a, open_index(compressed, "cpu") as b:
-        assert a.manifest["backend_state"]["kind"] == "flat"
-        assert b.manifest["backend_state"]["kind"] == "ivfpqfs"
+        assert a.manifest.backend_state["kind"] == "flat"
+        assert b.manifest.backend_state["kind"] == "ivfpqfs"

@@ -18,13 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import retrieval.index.update as update_module
 from retrieval import registry
 from retrieval.errors import IndexFileError
 from retrieval.index import build_index, open_index, update_index
 from retrieval.index.base import create_backend
 from retrieval.index.engine import Engine
 from retrieval.index.kernels import RowHits, exact_search
+from retrieval.index.manifest import IndexFolder
 from retrieval.representatives import Representatives
 from retrieval.store import ShardStore
 
@@ -276,7 +276,7 @@ def test_killed_update_leaves_previous_index_usable(
     def killed(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(update_module, "write_manifest", killed)
+    monkeypatch.setattr(IndexFolder, "write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
         update_index(index, progress=False, device="cpu")
     monkeypatch.undo()
@@ -360,38 +360,37 @@ def test_backend_without_update_hooks_is_refused(
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == files
 
 
-def test_flat_index_from_before_updates_is_updated(tmp_path: Path) -> None:
-    """A faiss-flat index written before updates (codes without an id map, a manifest
-    without generation or recall settings) opens as before and updates as a new one."""
-    import faiss
+def test_an_index_of_format_1_is_refused_with_the_rebuild_command(tmp_path: Path) -> None:
+    """Index format 1 (before updates: no generation, recall settings or history) was
+    never released, so its compatibility branches are gone: opening, updating or
+    describing such an index fails with one error naming its format and the command that
+    rebuilds it, and leaves the folder as it was; that command then replaces it."""
+    from retrieval.cli import main
+    from retrieval.index.manifest import FORMAT
 
     run = make_run(tmp_path / "run")
-    index = build(run, "faiss-flat", tmp_path / "ix")
-    idmap = faiss.read_index(str(index / "faiss.index"))  # keeps its codes alive
-    codes = faiss.downcast_index(idmap.index)
-    plain = faiss.IndexScalarQuantizer(
-        DIM, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-    )
-    plain.add(_decode(codes))
-    faiss.write_index(plain, str(index / "faiss.index"))
+    index = build(run, "exact", tmp_path / "ix")
     manifest = json.loads((index / "index.json").read_text())
     for key in ("generation", "recall_settings", "history"):
         del manifest[key]
-    del manifest["backend_state"]["segments"]
-    manifest["files"]["faiss.index"] = (index / "faiss.index").stat().st_size
-    (index / "index.json").write_text(json.dumps(manifest))
-    q = queries(10, seed=2)
-    assert answers(index, q, 10) == answers(build(run, "faiss-flat", tmp_path / "same"), q, 10)
-    grow(run, np.arange(4000, 4020), seed=3)
-    shrink(run, np.arange(10, 30))
-    result = update_index(index, progress=False, device="cpu")
-    assert (result.added, result.removed, result.generation) == (20, 20, 1)
-    assert_update_equals_rebuild("faiss-flat", index, build(run, "faiss-flat", tmp_path / "re"))
-
-
-def _decode(codes: object) -> np.ndarray:
-    """The vectors a flat fp16 index holds, in order."""
-    return codes.reconstruct_n(0, codes.ntotal)  # type: ignore[attr-defined]
+    (index / "index.json").write_text(json.dumps({**manifest, "format": 1}))
+    before = {p.name: p.read_bytes() for p in index.iterdir()}
+    expected = (
+        f"index {index} is in index format 1 ({index / 'index.json'}), which this version no "
+        f"longer reads (it reads format {FORMAT}); rebuild it with `retrieval index build "
+        f"{run.resolve()} --backend exact --out {index}`"
+    )
+    for attempt in (
+        lambda: open_index(index, "cpu"),
+        lambda: update_index(index, progress=False, device="cpu"),
+    ):
+        with pytest.raises(IndexFileError) as refused:
+            attempt()
+        assert str(refused.value) == expected
+    assert main(["index", "info", str(index)]) == 2
+    assert {p.name: p.read_bytes() for p in index.iterdir()} == before
+    build(run, "exact", index)  # the command it names replaces the old index
+    assert open_index(index, "cpu").manifest.format == FORMAT
 
 
 def test_retune_tunes_again(tmp_path: Path) -> None:
@@ -423,7 +422,7 @@ def test_milvus_update_equals_rebuild(tmp_path: Path, monkeypatch: pytest.Monkey
     def killed(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(update_module, "write_manifest", killed)
+    monkeypatch.setattr(IndexFolder, "write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
         update_index(index, progress=False, device="cpu")
     monkeypatch.undo()

@@ -649,10 +649,10 @@ def test_backend_plugin_indexes_a_run_like_exact(
     exact = build_index(dense_run, "exact", tmp_path / "exact", "cpu", progress=False)
     with open_index(out, "cpu") as brute, open_index(exact, "cpu") as reference:
         manifest = brute.manifest
-        assert manifest["backend"] == "brute"
-        assert manifest["backend_state"] == {"chunk": 64}
-        assert manifest["recall"]["value"] == 1.0
-        assert "brute.json" in manifest["files"]
+        assert manifest.backend == "brute"
+        assert manifest.backend_state == {"chunk": 64}
+        assert manifest.recall["value"] == 1.0
+        assert "brute.json" in manifest.files
         q = F.normalize(torch.randn(4, brute.embed_dim, generator=torch.Generator().manual_seed(1)))
         for found, expected in zip(
             brute.search_vectors(q, 10), reference.search_vectors(q, 10), strict=True

@@ -386,7 +386,7 @@ def test_backend_finds_the_exact_top_images(name: str, run: Path, tmp_path: Path
         near = torch.from_numpy(table.vectors[rows].astype(np.float32))
         q = F.normalize(near + 0.5 * F.normalize(torch.randn(near.shape, generator=g), dim=1))
         found = index.search_vectors(q, 10)
-        approximate = index.manifest["approximate"]
+        approximate = index.manifest.approximate
     top, scores = exact_top(run, q, 10)
     for hits in found:
         ids = [h.image_id for h in hits]

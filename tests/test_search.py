@@ -210,7 +210,7 @@ def test_lancedb_hnsw_answers_any_top(run: Path, tmp_path: Path) -> None:
         index_type="IVF_HNSW_SQ",
     )
     index = open_index(out, "cpu")
-    assert index.manifest["backend_state"]["index_type"] == "IVF_HNSW_SQ"
+    assert index.manifest.backend_state["index_type"] == "IVF_HNSW_SQ"
     q = near_queries(index.backend.table, 40, seed=16)
     for found in index.search_vectors(q, 30):
         scores = [h.score for h in found]
@@ -226,15 +226,15 @@ def test_lancedb_hnsw_answers_any_top(run: Path, tmp_path: Path) -> None:
 def test_manifest_records_what_was_built(run: Path, indexes: dict[str, Path]) -> None:
     """index.json names the run, fingerprint, size, backend, build time and bytes."""
     m = open_index(indexes["faiss-ivfpq"], "cpu").manifest
-    assert m["run"] == str(run.resolve())
-    assert m["fingerprint"] == FINGERPRINT
-    assert m["embed_dim"] == DIM
-    assert m["images"] == 400
-    assert m["backend"] == "faiss-ivfpq"
-    assert m["build_seconds"] > 0
-    assert 0 < m["memory_bytes_per_image"] < m["disk_bytes_per_image"]
-    assert m["backend_state"]["kind"] == "ivfpq"
-    assert m["approximate"] is True
+    assert m.run == str(run.resolve())
+    assert m.fingerprint == FINGERPRINT
+    assert m.embed_dim == DIM
+    assert m.images == 400
+    assert m.backend == "faiss-ivfpq"
+    assert m.build_seconds > 0
+    assert 0 < m.memory_bytes_per_image < m.disk_bytes_per_image
+    assert m.backend_state["kind"] == "ivfpq"
+    assert m.approximate is True
 
 
 def test_wrong_embedding_size_and_retriever_are_refused(indexes: dict[str, Path]) -> None:

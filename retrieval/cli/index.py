@@ -13,6 +13,7 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from retrieval.index import UpdateResult
+    from retrieval.index.manifest import IndexManifest
 
 TOMBSTONE_NOTE = 0.25  # above this fraction of removed rows, `index update` suggests a rebuild
 
@@ -37,11 +38,11 @@ def _build(args: argparse.Namespace) -> int:
     console = Console()
     console.print(index.describe())
     console.print(
-        f"built in {m['build_seconds']:.2f} s; {m['disk_bytes_per_image']:.0f} bytes/image "
-        f"on disk, {m['memory_bytes_per_image']:.0f} in memory; settings "
-        f"{json.dumps(m['backend_state'])}"
+        f"built in {m.build_seconds:.2f} s; {m.disk_bytes_per_image:.0f} bytes/image "
+        f"on disk, {m.memory_bytes_per_image:.0f} in memory; settings "
+        f"{json.dumps(m.backend_state)}"
     )
-    recall = m["recall"]
+    recall = m.recall
     if recall.get("queries") and recall["value"] < recall["target"]:
         console.print(
             f"[yellow]recall@{recall['k']} on held-out queries is {recall['value']:.3f}, below "
@@ -140,28 +141,28 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def summary(folder: Path, manifest: dict[str, Any]) -> list[str]:
+def summary(folder: Path, manifest: IndexManifest) -> list[str]:
     """``index info``'s lines: what the index is, holds and costs, and its recall."""
-    retriever = manifest.get("retriever") or {}
+    retriever = manifest.retriever
     model = " ".join(
         str(retriever[k]) for k in ("name", "backbone", "resolution") if retriever.get(k)
     )
-    recall = manifest["recall"]
+    recall = manifest.recall
     how = "measured exact" if not recall.get("queries") else f"{recall['queries']} held-out queries"
-    disk = sum(manifest.get("files", {}).values())
-    history = manifest.get("history", [])
+    disk = sum(manifest.files.values())
+    history = manifest.history
     lines = [
         f"index      {folder}",
-        f"backend    {manifest['backend']}"
-        + (" (approximate)" if manifest.get("approximate") else " (exact)"),
-        f"run        {manifest['run']}",
-        f"retriever  {model} (D={manifest['embed_dim']})",
-        f"holds      {manifest['images']} images, {manifest['representatives']} representatives",
+        f"backend    {manifest.backend}"
+        + (" (approximate)" if manifest.approximate else " (exact)"),
+        f"run        {manifest.run}",
+        f"retriever  {model} (D={manifest.embed_dim})",
+        f"holds      {manifest.images} images, {manifest.representatives} representatives",
         f"recall@{recall['k']:<4} {recall['value']:.3f} vs exact search ({how})",
-        f"size       {_size(disk)} on disk ({_size(manifest['disk_bytes_per_image'])}/image), "
-        f"{_size(manifest['memory_bytes_per_image'])}/image in memory",
-        f"generation {manifest.get('generation', 0)}: built {manifest.get('created', '?')}"
-        + (f", {len(history)} updates, last {manifest.get('updated')}" if history else ""),
+        f"size       {_size(disk)} on disk ({_size(manifest.disk_bytes_per_image)}/image), "
+        f"{_size(manifest.memory_bytes_per_image)}/image in memory",
+        f"generation {manifest.generation}: built {manifest.created}"
+        + (f", {len(history)} updates, last {manifest.updated}" if history else ""),
     ]
     return lines
 
@@ -170,9 +171,8 @@ def _info(args: argparse.Namespace) -> int:
     from retrieval.index.manifest import read_manifest, run_changes
 
     manifest = read_manifest(args.index)
-    manifest.setdefault("generation", 0)  # an index from before updates: as built
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest.to_json(), indent=2))
         return 0
     console = Console(highlight=False)
     for line in summary(Path(args.index), manifest):

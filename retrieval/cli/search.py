@@ -87,7 +87,7 @@ def _search(args: argparse.Namespace) -> int:
         )
     console.print(table)
     recall = index.recall
-    if index.manifest["approximate"] and args.top > recall["k"]:
+    if index.manifest.approximate and args.top > recall["k"]:
         console.print(
             f"[yellow]recall was measured for the top {recall['k']}; a top {args.top} at the "
             f"same settings recalls less (fewer probes per result): rebuild with "
@@ -158,14 +158,7 @@ def example_queries(index: SearchIndex, args: argparse.Namespace) -> Tensor:
 
 def hit_records(index: SearchIndex, hits: list[Hit]) -> list[HitRecord]:
     """The hits in the one shape every surface writes (:mod:`retrieval.index.hits`)."""
-    from retrieval.data.collection import collection_image_paths
-
-    ids = [h.image_id for h in hits]
-    files = collection_image_paths(index.run_dir, ids)
-    if files is None:  # a labelled run: its dataset names the files
-        from retrieval.report.gallery import image_paths
-
-        files = image_paths(index, ids)
+    files = index.image_files([h.image_id for h in hits])[0]
     return [h.record(rank, files.get(h.image_id)) for rank, h in enumerate(hits, start=1)]
 
 
@@ -183,7 +176,7 @@ def write_hits_json(
         "query": query,
         "where": where,
         "index": str(index.folder),
-        "backend": index.manifest["backend"],
+        "backend": index.manifest.backend,
         "recall": index.recall,
         "hits": records,
     }

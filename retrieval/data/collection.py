@@ -21,7 +21,8 @@ column           type      meaning
 ===============  ========  =============================================================
 
 The images root (absolute) is kept in the Parquet schema metadata under ``root``, so the
-search side resolves any id to its file from the table alone, without rescanning.
+search side resolves any id to its file from the table alone, without rescanning
+(:class:`retrieval.store.run_folder.ImageFiles`, the one id -> file map).
 
 Ids are stable: an unchanged file (same path, size and mtime) keeps its id across runs; a
 new or modified file gets a new id (the largest id ever assigned + 1, ..., in path
@@ -35,10 +36,9 @@ and the listing, so every DDP rank computes the same table; only the embed phase
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
-import tempfile
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -46,6 +46,10 @@ import numpy as np
 from PIL import Image
 
 from retrieval.errors import DataError, MissingFileError, StoreError
+from retrieval.store.atomic import write_atomic
+from retrieval.store.run_folder import COLLECTION_FILE, ROOT_KEY, ImageFiles, RunFolder
+from retrieval.store.run_folder import column_numpy as column_numpy
+from retrieval.store.run_folder import read_table as _read_table
 from retrieval.store.shards import ShardStore
 
 if TYPE_CHECKING:
@@ -54,8 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("retrieval")
 
-COLLECTION_FILE = "images.parquet"
-ROOT_KEY = b"root"
 FIXED_COLUMNS = ("image_id", "path", "size_bytes", "mtime_ns", "width", "height", "removed")
 PROGRESS_AFTER = 10_000
 """Listings and header reads show a progress bar only past this many items."""
@@ -66,69 +68,13 @@ _ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate the image by 90 degrees
 
 def collection_path(run_dir: str | Path) -> Path:
     """Where a run keeps its collection table."""
-    return Path(run_dir) / COLLECTION_FILE
-
-
-def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    try:  # one file: ParquetFile (pq.read_table imports pyarrow.dataset, and pandas with it)
-        with pq.ParquetFile(path, memory_map=True) as file:
-            return file.read(columns=columns)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise StoreError(
-            f"{path} cannot be read ({err}); its ids name the run's stored embeddings, so "
-            f"restore the file from a backup or embed the collection into a new run.output_dir"
-        ) from None
-
-
-def column_numpy(table: pa.Table, name: str) -> np.ndarray:
-    """A fixed-width column without nulls as NumPy, read from its buffers: pyarrow's own
-    ``to_numpy`` imports pandas (a quarter second), which ``index info``, ``export`` and
-    the staleness notes would pay for nothing."""
-    import pyarrow as pa
-
-    column = table.column(name).combine_chunks()
-    kind = column.type
-    if column.null_count or not (pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
-        return column.to_numpy(zero_copy_only=False)
-    data = column.buffers()[1]
-    if pa.types.is_boolean(kind):  # bit-packed, least significant bit first
-        bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
-        return bits[column.offset : column.offset + len(column)].astype(bool)
-    values = np.frombuffer(data, kind.to_pandas_dtype())
-    return values[column.offset : column.offset + len(column)]
+    return RunFolder(Path(run_dir)).collection
 
 
 def live_image_ids(run_dir: str | Path) -> np.ndarray | None:
     """The ids still in the run's collection (ascending), or None for a run without a
-    collection table (a labelled run: every stored image is live).
-
-    Raises:
-        StoreError: the table exists but cannot be read.
-    """
-    path = collection_path(run_dir)
-    if not path.exists():
-        return None
-    table = _read_table(path, columns=["image_id", "removed"])
-    ids, removed = column_numpy(table, "image_id"), column_numpy(table, "removed")
-    return np.sort(ids[~removed]).astype(np.int64)
-
-
-def collection_image_paths(
-    run_dir: str | Path, image_ids: list[int]
-) -> dict[int, Path | None] | None:
-    """Each id's file from the run's table (None for an id it does not hold), or None for
-    a run without a collection table. Reads the table only: no rescan, no rewrite."""
-    path = collection_path(run_dir)
-    if not path.exists():
-        return None
-    table = _read_table(path, columns=["image_id", "path"])
-    root = Path((table.schema.metadata or {}).get(ROOT_KEY, b"").decode())
-    ids = table.column("image_id").to_numpy()
-    rows = dict(zip(ids.tolist(), range(len(ids)), strict=True))
-    files = table.column("path")
-    return {i: root / files[rows[i]].as_py() if i in rows else None for i in image_ids}
+    collection table (:meth:`RunFolder.live_ids`)."""
+    return RunFolder(Path(run_dir)).live_ids()
 
 
 # progress -----------------------------------------------------------------------------
@@ -503,20 +449,13 @@ def read_collection(run_dir: str | Path) -> pa.Table | None:
 
 
 def write_collection(run_dir: str | Path, table: pa.Table) -> None:
-    """Writes the table atomically (temporary file, then rename): several DDP ranks may
-    write the same content at once, and a reader never sees half a file."""
+    """Writes the table whole or not at all (:func:`write_atomic`: several DDP ranks may
+    write the same content at once, and a reader never sees half a file)."""
     import pyarrow.parquet as pq
 
     path = collection_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{COLLECTION_FILE}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 class Collection:
@@ -548,7 +487,6 @@ class Collection:
         self.root = root
         self.table = assign_ids(self._stored, files, root, progress, read_size)
         self._ids = self.table.column("image_id").to_numpy()
-        self._paths = self.table.column("path")
         removed = self.table.column("removed").to_numpy(zero_copy_only=False).astype(bool)
         self.live_ids: np.ndarray = self._ids[~removed].astype(np.int64)
 
@@ -585,10 +523,12 @@ class Collection:
         Raises:
             KeyError: the table never assigned ``image_id``.
         """
-        k = int(np.searchsorted(self._ids, image_id))
-        if k == len(self._ids) or self._ids[k] != image_id:
-            raise KeyError(f"image id {image_id} is not in the collection table")
-        return self.root / self._paths[k].as_py()
+        return self.files.path(image_id)
+
+    @cached_property
+    def files(self) -> ImageFiles:
+        """The table's id -> file map (the one every reader of a run uses)."""
+        return ImageFiles.of_table(self.table)
 
 
 def _refuse_shards_without_table(run_dir: Path) -> None:

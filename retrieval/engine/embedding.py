@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 import retrieval
-from retrieval.config import TrainerConfig, as_dict, to_yaml
+from retrieval.config import TrainerConfig, as_dict, save_run_config
 from retrieval.data.base import ImageDataset, file_identity
 from retrieval.data.collection import Collection
 from retrieval.engine.loading import bad_images_passed_on, embed_loader
@@ -303,5 +303,4 @@ def _start_store(store: ShardStore, fingerprint: dict, run_dir: Path, cfg: DictC
     """Clears half-written files of a killed run, then records what the shards hold."""
     store.remove_partial_files()
     store.write_manifest(fingerprint=fingerprint, format=1, code_version=retrieval.__version__)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    save_run_config(cfg, run_dir)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from omegaconf import DictConfig
 
-from retrieval.config import ProtocolConfig, TextConfig, to_yaml
+from retrieval.config import ProtocolConfig, TextConfig, save_run_config
 from retrieval.data.base import RetrievalDataset, is_labelled
 from retrieval.data.ground_truth import GroundTruth
 from retrieval.engine.parts import RunParts, build_parts
@@ -74,8 +74,7 @@ def score(
         )
     from retrieval.report.files import write_run  # report imports wandb: only once scoring
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    save_run_config(cfg, run_dir)
     gt_all = dataset.ground_truth()
     queries = [c.query for c in gt_all.categories]
     text = query_embeddings(settings.text, retriever, queries, run_dir)

@@ -16,14 +16,13 @@ as it grows and shrinks; a build is generation 0.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,11 +33,13 @@ import retrieval
 from retrieval.errors import ConfigError, IndexFileError
 from retrieval.index.base import Backend, create_backend
 from retrieval.index.kernels import exact_search
-from retrieval.index.manifest import FORMAT
-from retrieval.index.table import MANIFEST, META, VECTORS, RepTable, replace_atomically
+from retrieval.index.manifest import FORMAT, MANIFEST, META, VECTORS, IndexFolder, IndexManifest
+from retrieval.index.table import RepTable
 from retrieval.index.tuning import recall_at_k
 from retrieval.outputs import check_output
 from retrieval.representatives import Representatives
+from retrieval.store.atomic import PARTIAL_SUFFIX
+from retrieval.store.run_folder import RunFolder
 from retrieval.store.shards import ShardReader, ShardStore, open_run_store, read_cache
 
 READ_IMAGES = 1024  # images read from a shard at once
@@ -48,13 +49,6 @@ SCORE_RULE = "max cosine over an image's representatives"
 def embed_dim(store: ShardStore) -> int:
     with ShardReader(store.shard_paths()[0]) as shard:
         return int(shard.rows(0, 1).embeddings.shape[2])
-
-
-def live_ids(run_dir: Path) -> np.ndarray | None:
-    """The run's live image ids (None: every stored image, a labelled run)."""
-    from retrieval.data.collection import live_image_ids
-
-    return live_image_ids(run_dir)
 
 
 def read_images(
@@ -190,37 +184,9 @@ def sizes(index: Backend, folder: Path) -> dict[str, Any]:
     }
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Writes ``index.json`` whole or not at all (temporary file, then rename)."""
-    text = json.dumps(manifest, indent=2, default=str).encode()
-
-    def write(f: BinaryIO) -> None:
-        f.write(text)
-
-    replace_atomically(folder / MANIFEST, write)
-
-
-def is_index_folder(folder: Path) -> bool:
-    """Whether ``folder`` is an index folder this project wrote: its ``index.json`` is a
-    manifest of this :data:`FORMAT` (a mapping naming its backend, run and fingerprint),
-    not merely a file of that name."""
-    path = folder / MANIFEST
-    if folder.is_symlink() or not folder.is_dir() or path.is_symlink() or not path.is_file():
-        return False
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):  # unreadable, not JSON, not UTF-8
-        return False
-    return (
-        isinstance(manifest, dict)
-        and manifest.get("format") == FORMAT
-        and all(key in manifest for key in ("backend", "run", "fingerprint"))
-    )
-
-
 def check_out(out: Path) -> None:
     """Refuses an ``--out`` the build may not replace: anything but a missing path, an
-    empty folder or an index folder this project wrote (:func:`is_index_folder`), and any
+    empty folder or an index folder this project wrote (:meth:`IndexFolder.is_index`), and any
     path a folder cannot be made at (:func:`retrieval.outputs.check_output`)."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         kind = "a symbolic link" if out.is_symlink() else "a file"
@@ -228,7 +194,7 @@ def check_out(out: Path) -> None:
     check_output(out, "--out", "folder")
     if not out.exists():
         return
-    if any(out.iterdir()) and not is_index_folder(out):
+    if any(out.iterdir()) and not IndexFolder(out).is_index():
         raise IndexFileError(
             f"--out {out} is a non-empty folder that is not an index made by `retrieval index "
             f"build` (no {MANIFEST} of format {FORMAT}); nothing was changed: choose another "
@@ -246,16 +212,18 @@ def own_names(out: Path, new: Path) -> set[str]:
     from retrieval.index.milvus_backend import LITE_DIR
     from retrieval.store.lock import LOCK
 
-    names = {MANIFEST, "config.yaml", LOCK, LANCE_DIR, LITE_DIR}
+    index = IndexFolder(out)
+    names = {MANIFEST, index.config.name, LOCK, LANCE_DIR, LITE_DIR}
     names |= {p.name for p in new.iterdir()}
-    files = json.loads((out / MANIFEST).read_text()).get("files") if is_index_folder(out) else None
-    if isinstance(files, dict):
-        names |= {Path(name).parts[0] for name in files if Path(name).parts}
+    names |= {Path(name).parts[0] for name in index.recorded_files() if Path(name).parts}
     generations = "|".join(
         re.escape(stem) + r"(\.\d+)?\." + re.escape(suffix)
         for stem, _, suffix in (n.partition(".") for n in (VECTORS, META, FAISS_FILE))
     )
-    pattern = re.compile(rf"\.?({generations}|{'|'.join(map(re.escape, names))})(\.tmp|\.lock)?")
+    partial = rf"\.[0-9a-f]+{re.escape(PARTIAL_SUFFIX)}"  # store.atomic's temporary names
+    pattern = re.compile(
+        rf"\.?({generations}|{'|'.join(map(re.escape, names))})({partial}|\.lock)?"
+    )
     return {p.name for p in out.iterdir() if pattern.fullmatch(p.name)}
 
 
@@ -336,7 +304,7 @@ def build_index(
         start = time.perf_counter()
         dim = embed_dim(store)
         index = create_backend(backend, tmp, dim, device, **options)
-        add_run(index, store, progress, live_ids(run_dir))
+        add_run(index, store, progress, RunFolder(run_dir).live_ids())
         index.finish(progress)
         table = index.table
         if table is None or table.num_rows == 0:  # finish() always sets the table
@@ -346,30 +314,30 @@ def build_index(
         recall = measure(index, queries, recall_k, recall_target, device)
         if recall["queries"]:
             recall["source"] = source
-        config = run_dir / "config.yaml"
+        config = RunFolder(run_dir).config
         if config.exists():
-            shutil.copy(config, tmp / "config.yaml")
+            shutil.copy(config, IndexFolder(tmp).config)
         fingerprint = store.read_manifest()["fingerprint"]
-        manifest = {
-            "format": FORMAT,
-            "code_version": retrieval.__version__,
-            "run": str(run_dir),
-            "fingerprint": fingerprint,
-            "retriever": fingerprint.get("retriever"),
-            "embed_dim": dim,
-            "backend": backend,
-            "backend_state": index.state(),
-            "approximate": index.approximate,
-            "score_rule": SCORE_RULE,
-            "generation": 0,
-            "recall": recall,
-            "recall_settings": {"k": recall_k, "target": recall_target, "queries": num_queries},
-            "build_seconds": build_s,
+        manifest = IndexManifest(
+            format=FORMAT,
+            code_version=retrieval.__version__,
+            run=str(run_dir),
+            fingerprint=fingerprint,
+            retriever=fingerprint.get("retriever"),
+            embed_dim=dim,
+            backend=backend,
+            backend_state=index.state(),
+            approximate=index.approximate,
+            score_rule=SCORE_RULE,
+            generation=0,
+            recall=recall,
+            recall_settings={"k": recall_k, "target": recall_target, "queries": num_queries},
+            build_seconds=build_s,
             **sizes(index, tmp),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "history": [],
-        }
-        write_manifest(tmp, manifest)
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            history=[],
+        )
+        IndexFolder(tmp).write_manifest(manifest)
     except BaseException:
         if index is not None:
             index.close()

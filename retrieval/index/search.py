@@ -16,7 +16,8 @@ import numpy as np
 
 from retrieval.errors import ConfigError, DataError, IndexFileError, differences
 from retrieval.index.hits import Hit
-from retrieval.index.manifest import MANIFEST, RunChanges, read_manifest, run_changes
+from retrieval.index.manifest import IndexFolder, IndexManifest, RunChanges, run_changes
+from retrieval.store.run_folder import COLLECTION_FILE
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
 
     from retrieval.index.base import Backend
     from retrieval.retrievers.base import Retriever
-
-COLLECTION_FILE = "images.parquet"  # retrieval.data.collection's, named in messages
 
 
 def check_query(query: object) -> str:
@@ -47,8 +46,9 @@ class SearchIndex:
 
     def __init__(self, folder: str | Path, device: str = "auto") -> None:
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        self._opened = self._stamp()
+        self._files = IndexFolder(self.folder)
+        self.manifest: IndexManifest = self._files.manifest()
+        self._opened = self._files.stamp()
         self.device = device
         self._check_run_unchanged()
         self.backend: Backend = self._open_backend(self.manifest)
@@ -58,20 +58,20 @@ class SearchIndex:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.manifest["embed_dim"])
+        return self.manifest.embed_dim
 
     @property
     def generation(self) -> int:
         """How many updates the index has had since its build (0: as built)."""
-        return int(self.manifest.get("generation", 0))
+        return self.manifest.generation
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.manifest["run"])
+        return self.manifest.run_dir
 
     @property
     def recall(self) -> dict[str, Any]:
-        return self.manifest["recall"]
+        return self.manifest.recall
 
     def describe(self) -> str:
         """One line: what the index is and the recall it was built with."""
@@ -79,9 +79,9 @@ class SearchIndex:
         how = r["method"] if not r.get("queries") else f"{r['queries']} held-out queries"
         generation = f", generation {self.generation}" if self.generation else ""
         return (
-            f"{m['backend']} index of {m['images']} images ({m['representatives']} "
-            f"representatives, {m['retriever'].get('name')}, D={m['embed_dim']}) from "
-            f"{m['run']}{generation}; recall@{r['k']} vs exact {r['value']:.3f} ({how})"
+            f"{m.backend} index of {m.images} images ({m.representatives} "
+            f"representatives, {m.retriever.get('name')}, D={m.embed_dim}) from "
+            f"{m.run}{generation}; recall@{r['k']} vs exact {r['value']:.3f} ({how})"
         )
 
     def run_changes(self) -> RunChanges:
@@ -95,12 +95,12 @@ class SearchIndex:
 
         store = ShardStore(self.run_dir / "embeddings")
         now = store.read_manifest().get("fingerprint")
-        diff = differences(self.manifest["fingerprint"], now) if now is not None else []
+        diff = differences(self.manifest.fingerprint, now) if now is not None else []
         if diff:
             raise IndexFileError(
                 f"{self.run_dir} was re-embedded with other settings after index "
                 f"{self.folder} was built ({'; '.join(diff)}); rebuild it: `retrieval index "
-                f"build {self.run_dir} --backend {self.manifest['backend']} --out {self.folder}`"
+                f"build {self.run_dir} --backend {self.manifest.backend} --out {self.folder}`"
             )
 
     @property
@@ -109,7 +109,7 @@ class SearchIndex:
         if self._cfg is None:
             from retrieval.config import load_stored_config
 
-            path = self.folder / "config.yaml"
+            path = self._files.config
             if not path.exists():
                 raise IndexFileError(
                     f"{path} is missing: text queries need the run's config to rebuild its "
@@ -136,7 +136,7 @@ class SearchIndex:
     def check_retriever(self, retriever: Any, name: str) -> None:
         """Raises unless ``retriever`` made this index's embeddings (same fingerprint)."""
         built = {"name": name, **retriever.describe()}
-        stored = self.manifest["retriever"]
+        stored = self.manifest.retriever
         if differences(stored, built) or retriever.embed_dim != self.embed_dim:
             raise IndexFileError(
                 f"index {self.folder} holds embeddings of retriever {stored} "
@@ -342,40 +342,15 @@ class SearchIndex:
         self, image_ids: list[int]
     ) -> tuple[dict[int, Path | None], tuple[Path, ...] | None]:
         """The files of ``image_ids`` (None each the run cannot name) and the folders they
-        must resolve inside. Files: from the run's collection table when it has one (an
-        unlabelled run: read as stored, no rescan of the folder), else from the run's
-        dataset (all None where it cannot be opened). Folders: the roots the dataset
-        checks at embed time (``image_roots``), so a file swapped for a symlink out of
-        them after indexing is refused when shown too; None where the dataset reads any
-        path (a ``folder`` follows the user's own symlinks; a ``list`` without
-        ``data.images`` names files anywhere)."""
-        from retrieval.data.collection import ROOT_KEY, collection_image_paths, collection_path
+        must resolve inside (:class:`~retrieval.store.run_images.RunImages`, with the
+        config stored with the index, else the run's). The folders are the roots the
+        dataset checks at embed time, so a file swapped for a symlink out of them after
+        indexing is refused when shown too."""
+        from retrieval.store.run_images import RunImages
 
-        data = self.config.data
-        stored = collection_image_paths(self.run_dir, image_ids)
-        if stored is not None:
-            import pyarrow.parquet as pq
-
-            raw = (pq.read_schema(collection_path(self.run_dir)).metadata or {}).get(ROOT_KEY)
-            name = data.get("name")
-            free = name == "folder" or (name == "list" and not data.get("images"))
-            return stored, None if free or not raw else (Path(raw.decode()),)
-        try:
-            from retrieval.factory import build_dataset
-
-            cfg = self.config.copy()
-            cfg.data.on_bad_image = "skip"  # a missing file shows as a placeholder tile
-            dataset = build_dataset(cfg, transform=None)
-        except (OSError, ValueError, KeyError, TypeError):
-            return dict.fromkeys(image_ids), None
-        paths: dict[int, Path | None] = {}
-        for i in image_ids:
-            try:
-                paths[i] = Path(dataset.image_path(i))
-            except KeyError:
-                paths[i] = None
-        roots = getattr(dataset, "image_roots", None)
-        return paths, None if roots is None else tuple(Path(r) for r in roots)
+        cfg = self.config if self._files.config.exists() else None  # else the run's
+        images = RunImages.open(self.run_dir, cfg)
+        return images.paths(image_ids), images.roots
 
     def search_picture(
         self, picture: str | Path | Image.Image, top: int = 50, where: str | None = None
@@ -405,32 +380,27 @@ class SearchIndex:
         and config stay loaded) and returns True. A long-lived process (``retrieval
         serve``) calls it before searching, so a removed image is never returned and a
         new one is, right after the update commits."""
-        stamp = self._stamp()
+        stamp = self._files.stamp()
         if stamp == self._opened:
             return False
-        manifest = read_manifest(self.folder)
+        manifest = self._files.manifest()
         backend = self._open_backend(manifest)
         old, self.backend, self.manifest = self.backend, backend, manifest
         self._metadata, self._opened = None, stamp
         old.close()
         return True
 
-    def _open_backend(self, manifest: dict[str, Any]) -> Backend:
+    def _open_backend(self, manifest: IndexManifest) -> Backend:
         """The backend at the generation ``manifest`` names, with its recorded settings."""
         from retrieval.index.base import open_backend
 
         return open_backend(
-            manifest["backend"],
+            manifest.backend,
             self.folder,
-            int(manifest["embed_dim"]),
+            manifest.embed_dim,
             self.device,
-            **{**manifest.get("backend_state", {}), "generation": manifest.get("generation", 0)},
+            **{**manifest.backend_state, "generation": manifest.generation},
         )
-
-    def _stamp(self) -> tuple[int, int]:
-        """``index.json``'s (mtime, size): an update rewrites it last, when it commits."""
-        stat = (self.folder / MANIFEST).stat()
-        return stat.st_mtime_ns, stat.st_size
 
     def close(self) -> None:
         """Releases the backend's client or embedded engine (milvus, lancedb)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,17 +32,7 @@ from retrieval.errors import IndexFileError
 from retrieval.index.manifest import MANIFEST as MANIFEST
 from retrieval.index.manifest import META, VECTORS, corrupt, generation_name
 from retrieval.representatives import Representatives
-
-
-def replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Writes ``path`` through a temporary file, flushed to disk, then renamed over it:
-    readers see the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from retrieval.store.atomic import replace_atomically as replace_atomically
 
 
 class TableWriter:

@@ -36,6 +36,7 @@ before inserting, and deletes are idempotent). One update at a time per index.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +46,11 @@ import numpy as np
 
 from retrieval.errors import IndexFileError, differences
 from retrieval.index.base import open_backend
-from retrieval.index.build import (
-    live_ids,
-    measure,
-    read_images,
-    recall_queries,
-    sizes,
-    write_manifest,
-)
-from retrieval.index.manifest import read_manifest, rebuild_command
+from retrieval.index.build import measure, read_images, recall_queries, sizes
+from retrieval.index.manifest import IndexFolder, IndexManifest, rebuild_command
 from retrieval.store.lock import RunLock
-from retrieval.store.shards import ShardReader, ShardStore, open_run_store
+from retrieval.store.run_folder import RunFolder
+from retrieval.store.shards import ShardStore, open_run_store
 
 
 @dataclass(frozen=True)
@@ -99,50 +94,28 @@ class UpdateResult:
 
 
 def check_same_run(
-    folder: Path, manifest: dict[str, Any], store: ShardStore, run_dir: Path | None
+    folder: Path, manifest: IndexManifest, store: ShardStore, run_dir: Path | None
 ) -> Path:
     """The run the index follows; refuses another run, or the run re-embedded with other
     settings, naming both and the rebuild command."""
-    run = Path(manifest["run"])
+    run = manifest.run_dir
     if run_dir is not None and Path(run_dir).resolve() != run.resolve():
+        other = rebuild_command(Path(run_dir).resolve(), manifest.backend, folder)
         raise IndexFileError(
             f"index {folder} was built from run {run}, not {Path(run_dir).resolve()}: an "
             f"index follows the run it was built from. Update it without naming a run, or "
-            f"index the other run: {rebuild_command(Path(run_dir).resolve(), manifest, folder)}"
+            f"index the other run: {other}"
         )
     now = store.read_manifest().get("fingerprint") or {}
-    diff = differences(manifest["fingerprint"], now)
+    diff = differences(manifest.fingerprint, now)
     if diff:
         raise IndexFileError(
-            f"index {folder} holds embeddings of retriever {manifest.get('retriever')}; its "
+            f"index {folder} holds embeddings of retriever {manifest.retriever}; its "
             f"run {run} now holds embeddings of {now.get('retriever')} made with other "
             f"settings ({'; '.join(diff)}): the two cannot be mixed in one index. Rebuild "
-            f"it: {rebuild_command(run, manifest, folder)}"
+            f"it: {IndexFolder(folder).rebuild_command(manifest)}"
         )
     return run
-
-
-def run_images(store: ShardStore, live: np.ndarray | None) -> np.ndarray:
-    """Ids of the images the index should hold: stored in the run's shards and live."""
-    ids = [np.zeros(0, np.int64)]
-    for path in store.shard_paths():
-        with ShardReader(path) as shard:
-            ids.append(shard.image_ids)
-    stored = np.unique(np.concatenate(ids))
-    return stored if live is None else np.intersect1d(stored, live)
-
-
-def recall_settings(manifest: dict[str, Any]) -> dict[str, Any]:
-    """K, target and query count the index's recall is measured with (an index built
-    before they were recorded: from its recorded recall)."""
-    if "recall_settings" in manifest:
-        return dict(manifest["recall_settings"])
-    recall = manifest.get("recall", {})
-    return {
-        "k": recall.get("k", 50),
-        "target": recall.get("target", 0.95),
-        "queries": 2 * recall["queries"] if recall.get("queries") else 100,
-    }
 
 
 def update_index(
@@ -168,7 +141,7 @@ def update_index(
         What changed, the generation now and the recall recorded.
     """
     folder = Path(folder)
-    read_manifest(folder)  # a clear error for a folder that is no index, before locking it
+    IndexFolder(folder).manifest()  # a clear error for a folder that is no index, before locking it
     with RunLock(
         folder, "INDEX", "another index update", "two updates of one index would mix their files"
     ):
@@ -179,20 +152,21 @@ def _update(
     folder: Path, progress: bool, device: str, run_dir: str | Path | None, retune: bool
 ) -> UpdateResult:
     start = time.perf_counter()
-    manifest = read_manifest(folder)
-    store = open_run_store(Path(manifest["run"]))
+    index = IndexFolder(folder)
+    manifest = index.manifest()
+    store = open_run_store(manifest.run_dir)
     run = check_same_run(folder, manifest, store, Path(run_dir) if run_dir else None)
-    generation = int(manifest.get("generation", 0))
+    generation = manifest.generation
     backend = open_backend(
-        manifest["backend"],
+        manifest.backend,
         folder,
-        int(manifest["embed_dim"]),
+        manifest.embed_dim,
         device,
-        **{**manifest.get("backend_state", {}), "generation": generation, "updating": True},
+        **{**manifest.backend_state, "generation": generation, "updating": True},
     )
     try:
         table = backend.require_table(allow_empty=True)
-        wanted = run_images(store, live_ids(run))
+        wanted = RunFolder(run).indexable_ids()
         held = table.live_image_ids
         to_add = np.setdiff1d(wanted, held)
         to_remove = np.setdiff1d(held, wanted)
@@ -201,8 +175,8 @@ def _update(
                 folder,
                 generation,
                 seconds=time.perf_counter() - start,
-                recall=manifest["recall"],
-                images=int(manifest["images"]),
+                recall=manifest.recall,
+                images=manifest.images,
             )
         backend.require_updatable()
         old_files = set(backend.files())
@@ -219,7 +193,7 @@ def _update(
                 f"index; the index is left at generation {generation}"
             )
         generation = backend.generation
-        settings = recall_settings(manifest)
+        settings = dict(manifest.recall_settings)
         queries, source = recall_queries(run, table, settings["queries"], seed=generation)
         recall = measure(backend, queries, settings["k"], settings["target"], device, retune)
         if recall["queries"]:
@@ -235,17 +209,17 @@ def _update(
             "recall": recall["value"],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        new = {
-            **manifest,
-            "generation": generation,
-            "backend_state": backend.state(),
-            "recall": recall,
-            "recall_settings": settings,
+        new = dataclasses.replace(
+            manifest,
+            generation=generation,
+            backend_state=backend.state(),
+            recall=recall,
+            recall_settings=settings,
             **sizes(backend, folder),
-            "updated": entry["time"],
-            "history": [*manifest.get("history", []), entry],
-        }
-        write_manifest(folder, new)  # the commit: the new generation is the index now
+            updated=entry["time"],
+            history=[*manifest.history, entry],
+        )
+        index.write_manifest(new)  # the commit: the new generation is the index now
         new_files = set(backend.files())
     finally:
         backend.close()
@@ -260,7 +234,7 @@ def _update(
         len(removed),
         seconds,
         recall,
-        int(new["images"]),
+        new.images,
         table.num_rows,
         table.num_live_rows,
     )

@@ -1,4 +1,5 @@
-"""The run folder: the files docs/architecture.md lists, written from one metrics dict."""
+"""The run folder: the files docs/architecture.md lists, written from one metrics dict,
+each whole or not at all (:mod:`retrieval.store.atomic`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from retrieval.report.plots import plot_run
 from retrieval.report.sizes import PER_SIZE_FILE, ap_by_size, size_bins
 from retrieval.report.wandb_log import log_to_wandb
 from retrieval.store import ScoreResult
-from retrieval.store.shards import write_atomic
+from retrieval.store.atomic import partial_glob, replace_atomically, write_atomic
 
 PER_CATEGORY_KEYS = ("ap@{k}", "ap", "ap@{k}_hits", "ap@{k}_s-m", "ap_s-m")
 COUNT_KEYS = ("positives", "positives_s-m")
@@ -72,22 +73,29 @@ def write_run(
     top_k = cfg.protocol.top_k
     rows = per_category_rows(metrics, gt, top_k)
     summary = headline(metrics)
-    for stale in ("metrics.json", ".metrics.json.tmp"):  # results of an earlier scoring
-        (run_dir / stale).unlink(missing_ok=True)
-    with open(run_dir / "per_category.csv", "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["category_id"])
-        out.writeheader()
-        out.writerows(rows)
-    np.savez_compressed(
+    # results of an earlier scoring
+    for stale in [run_dir / "metrics.json", *run_dir.glob(partial_glob("metrics.json"))]:
+        stale.unlink(missing_ok=True)
+
+    def per_category(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["category_id"])
+            out.writeheader()
+            out.writerows(rows)
+
+    write_atomic(run_dir / "per_category.csv", per_category)
+    replace_atomically(
         run_dir / "scores.npz",
-        scores=scored.scores.astype(np.float32),
-        image_ids=scored.image_ids,
-        category_ids=gt.category_ids,
+        lambda f: np.savez_compressed(
+            f,
+            scores=scored.scores.astype(np.float32),
+            image_ids=scored.image_ids,
+            category_ids=gt.category_ids,
+        ),
     )
     if summary["skipped_images"]:
-        (run_dir / "skipped_images.txt").write_text(
-            "".join(f"{f['path']}\t{f['reason']}\n" for f in summary["skipped_images"])
-        )
+        skipped = "".join(f"{f['path']}\t{f['reason']}\n" for f in summary["skipped_images"])
+        write_atomic(run_dir / "skipped_images.txt", lambda tmp: tmp.write_text(skipped))
     per_size = ap_by_size(
         scored.scores,
         gt.relevant,
@@ -97,9 +105,11 @@ def write_run(
         size_bins(large_area=cfg.protocol.large_area),
         top_k=top_k,
     )
-    (run_dir / PER_SIZE_FILE).write_text(json.dumps(_clean(per_size), indent=2))
+    per_size_text = json.dumps(_clean(per_size), indent=2)
+    write_atomic(run_dir / PER_SIZE_FILE, lambda tmp: tmp.write_text(per_size_text))
     plots = plot_run(run_dir, rows, per_size, top_k)
-    (run_dir / "summary.md").write_text(summary_markdown(cfg, summary, rows))
+    markdown = summary_markdown(cfg, summary, rows)
+    write_atomic(run_dir / "summary.md", lambda tmp: tmp.write_text(markdown))
     text = json.dumps(_clean({**summary, "per_category": rows}), indent=2, default=str)
     write_atomic(run_dir / "metrics.json", lambda tmp: tmp.write_text(text))
     print_summary(cfg, summary, rows)

@@ -20,7 +20,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -59,12 +58,14 @@ def legend(items: list[GalleryItem]) -> str:
 
 
 def _locate(store: ShardStore, image_ids: list[int]) -> dict[int, Representatives]:
-    """The stored representatives of ``image_ids`` (reads only the shards holding them)."""
-    wanted, found = set(image_ids), {}
-    for path in store.shard_paths():
-        with ShardReader(path) as shard:
-            for row in np.flatnonzero(np.isin(shard.image_ids, list(wanted))).tolist():
-                found[int(shard.image_ids[row])] = shard.rows(row, row + 1)
+    """The stored representatives of ``image_ids`` (reads the rows of those alone)."""
+    where = store.locate()
+    found = {}
+    for i in image_ids:
+        if i in where:
+            path, row = where[i]
+            with ShardReader(path) as shard:
+                found[i] = shard.rows(row, row + 1)
     return found
 
 

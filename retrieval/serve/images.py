@@ -104,12 +104,7 @@ class ImageFiles:
         """Image ``image_id``'s stored representatives (from the run's shards), or None."""
         with self._lock:
             if self._shard_rows is None:
-                found: dict[int, tuple[Path, int]] = {}
-                store = ShardStore(self.index.run_dir / "embeddings")
-                for shard in store.shard_paths():
-                    with ShardReader(shard) as reader:
-                        found.update((int(i), (shard, r)) for r, i in enumerate(reader.image_ids))
-                self._shard_rows = found
+                self._shard_rows = ShardStore(self.index.run_dir / "embeddings").locate()
             where = self._shard_rows.get(image_id)
         if where is None:
             return None
@@ -139,7 +134,7 @@ class ImageFiles:
         return cells
 
     def no_cells(self) -> ApiError:
-        retriever = self.index.manifest["retriever"].get("name")
+        retriever = self.index.manifest.retriever.get("name")
         return ApiError(
             404,
             f"index {self.name!r} has no heatmaps: its retriever ({retriever}) gives "

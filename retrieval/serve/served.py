@@ -87,10 +87,10 @@ class ServedIndex:
         m = self.index.manifest
         return {
             "name": self.name,
-            "backend": m["backend"],
-            "retriever": m["retriever"],
-            "images": m["images"],
-            "representatives": m["representatives"],
+            "backend": m.backend,
+            "retriever": m.retriever,
+            "images": m.images,
+            "representatives": m.representatives,
             "embed_dim": self.index.embed_dim,
             "recall": self.index.recall,
             "generation": self.index.generation,

@@ -28,7 +28,6 @@ half-written ``OUT`` behind; an existing ``OUT`` is replaced only with ``force``
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -41,19 +40,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from retrieval.data.collection import collection_path, live_image_ids
-from retrieval.errors import ConfigError, MissingFileError, RetrievalError, StoreError
+from retrieval.errors import ConfigError, StoreError
 from retrieval.index.hits import ROW_FIELDS
 from retrieval.outputs import check_output
+from retrieval.store.run_folder import RunFolder, read_table
+from retrieval.store.run_images import RunImages
 from retrieval.store.shards import ShardReader, ShardStore, open_run_store
-
-log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("parquet", "npy")
 DTYPES: dict[str, type[np.floating[Any]]] = {"float16": np.float16, "float32": np.float32}
 EMBEDDINGS_DIR = "img_emb"  # clip-retrieval's image embeddings subfolder
 METADATA_DIR = "metadata"
-ROOT_KEY = b"root"  # images.parquet schema metadata: the absolute images root
 READ_SLOTS = 1 << 16  # padded slots (images x R) read from a shard at once
 
 
@@ -121,7 +118,7 @@ def export_run(
     out = check_output(out, "OUT", "file" if format == "parquet" else "folder")
     store = open_run_store(run_dir)
     _check_out(out, format, force)
-    live = live_image_ids(run_dir)
+    live = RunFolder(run_dir).live_ids()
     paths = _path_source(run_dir)
     tmp = out.with_name(f".{out.name}.exporting")
     _remove(tmp)
@@ -180,18 +177,12 @@ def _remove(path: Path) -> None:
 
 
 class _Paths:
-    """Image files by id, from the collection table (with its metadata columns) or from
-    the labelled dataset (no metadata)."""
+    """Image files by id (:class:`RunImages`, the run's one id -> file map) and, for a
+    collection, its table's other columns."""
 
-    def __init__(
-        self,
-        ids: np.ndarray | None = None,
-        files: pa.Array | None = None,
-        dataset: Any = None,
-        columns: pa.Table | None = None,
-    ) -> None:
-        self.ids, self.files, self.dataset = ids, files, dataset
-        self.columns = columns  # the collection's other columns, rows in ``ids`` order
+    def __init__(self, images: RunImages, columns: pa.Table | None = None) -> None:
+        self.images = images
+        self.columns = columns  # the collection's other columns, rows in id order
 
     @property
     def fields(self) -> list[pa.Field]:
@@ -200,70 +191,25 @@ class _Paths:
 
     def lookup(self, image_ids: np.ndarray) -> tuple[pa.Array, list[pa.Array]]:
         """One path per id (null where unknown) and each metadata column's values."""
-        if self.ids is not None and self.files is not None:
-            if not len(self.ids):
-                return pa.nulls(len(image_ids), pa.string()), [
-                    pa.nulls(len(image_ids), f.type) for f in self.fields
-                ]
-            pos = np.clip(np.searchsorted(self.ids, image_ids), 0, len(self.ids) - 1)
-            take = pa.array(pos, mask=self.ids[pos] != image_ids)
-            extra = [] if self.columns is None else [c.take(take) for c in self.columns.columns]
-            return self.files.take(take), extra
-        if self.dataset is not None:
-            return pa.array([self._dataset_path(int(i)) for i in image_ids], pa.string()), []
-        return pa.nulls(len(image_ids), pa.string()), []
-
-    def _dataset_path(self, image_id: int) -> str | None:
-        try:
-            return str(self.dataset.image_path(image_id))
-        except (KeyError, IndexError):
-            return None
+        files = self.images.files(image_ids)
+        table = self.images.table
+        if table is None or self.columns is None:
+            return files, []
+        rows = table.rows(image_ids)
+        return files, [column.take(rows) for column in self.columns.columns]
 
 
 def _path_source(run_dir: Path) -> _Paths:
-    """Where the ``path`` column comes from: ``images.parquet`` when the run has one (its
-    ``path`` under the images root its schema metadata names, as the collection resolves
-    it; as stored when the table names no root), else the run's labelled dataset; if
-    that cannot be opened, paths are null (one warning)."""
-    table_path = collection_path(run_dir)
-    if table_path.exists():
-        try:
-            with pq.ParquetFile(table_path) as file:
-                table = file.read()
-        except Exception as err:  # pyarrow raises several types for a damaged file
-            raise StoreError(
-                f"{table_path} cannot be read ({err}); restore it from a backup or embed the "
-                f"collection into a new run.output_dir"
-            ) from None
-        ids = table.column("image_id").to_numpy().astype(np.int64)
-        order = np.argsort(ids, kind="stable")
-        files = table.column("path").combine_chunks().cast(pa.string())
-        root = (table.schema.metadata or {}).get(ROOT_KEY, b"").decode()
-        if root:  # relative paths under the images root; an absolute one stays as it is
-            joined = pc.binary_join_element_wise(root.rstrip("/") + "/", files, "")
-            files = pc.if_else(pc.starts_with(files, "/"), files, joined)
-        shared = {"removed", *ROW_FIELDS}  # a name drop_columns sees twice drops another
-        columns = table.drop_columns([c for c in table.column_names if c in shared])
-        return _Paths(
-            ids=ids[order],
-            files=files.take(pa.array(order)),
-            columns=columns.take(pa.array(order)),
-        )
-    config = run_dir / "config.yaml"
-    try:
-        if not config.exists():
-            raise MissingFileError(f"{config} not found")
-        from retrieval.config import load_stored_config
-        from retrieval.factory import build_dataset
-
-        cfg = load_stored_config(config)
-        cfg.data.on_bad_image = "skip"  # a missing image file still has a path
-        return _Paths(dataset=build_dataset(cfg, transform=None))
-    except (RetrievalError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        log.warning(
-            "%s: image paths left empty: the run's dataset cannot be opened (%s)", run_dir, err
-        )
-        return _Paths()
+    """Where the ``path`` column comes from (:class:`RunImages`: ``images.parquet`` when
+    the run has one, else the run's labelled dataset; null paths, with one warning, when
+    that cannot be opened), and a collection's metadata columns."""
+    images = RunImages.open(run_dir)
+    if images.table is None:
+        return _Paths(images)
+    table = read_table(RunFolder(run_dir).collection)
+    shared = {"removed", *ROW_FIELDS}  # a name drop_columns sees twice drops another
+    columns = table.drop_columns([c for c in table.column_names if c in shared])
+    return _Paths(images, columns.take(pa.array(images.table.order)))
 
 
 def _valid_mask(shard: ShardReader) -> np.ndarray:

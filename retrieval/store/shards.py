@@ -2,8 +2,10 @@
 
 Each shard holds a batch of images (``image_ids``, ``embeddings [n, R, D]`` in fp16 by
 default, ``mask``, ``boxes`` and any ``extras``) plus, in its metadata, the images that
-could not be read. Shards are written under a temporary name and renamed, so a killed
-run never leaves a half-written shard behind. ``manifest.json`` records what made them.
+could not be read. Shards are written whole or not at all (:mod:`retrieval.store.atomic`),
+so a killed run never leaves a half-written shard behind. ``manifest.json`` records what
+made them. :meth:`ShardStore.scan_ids` is the one pass that reads which images the shards
+hold.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from retrieval.errors import ConfigError, MissingFileError, StoreError
+from retrieval.store.atomic import partial_glob, write_atomic
 
 if TYPE_CHECKING:  # torch is imported by what embeds or scores, not by what only reads
     import torch
@@ -36,6 +39,16 @@ VERIFY = ("fast", "full")
 log = logging.getLogger("retrieval")
 
 
+@dataclass(frozen=True)
+class ShardIds:
+    """What one shard holds, read without its representatives."""
+
+    path: Path
+    image_ids: np.ndarray
+    failures: list[dict[str, Any]]
+    written_ns: int
+
+
 @dataclass
 class Shard:
     """One shard read back: the images it holds and their representatives."""
@@ -43,21 +56,6 @@ class Shard:
     image_ids: np.ndarray
     reps: Representatives
     failures: list[dict[str, Any]]
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
-    """Writes ``path`` through ``write(tmp)`` on a hidden temporary name beside it, then
-    renames it into place: readers (and a killed writer's next run) see the old file or
-    the new one, never half of one. Every file the project writes into a run folder
-    (shards, manifest, caches) goes through here."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def damaged_shard(path: Path, why: str) -> StoreError:
@@ -202,16 +200,49 @@ class ShardStore:
 
     def remove_partial_files(self) -> None:
         """Deletes temporary files a killed writer left behind (never complete shards)."""
-        for tmp in self.root.glob(f".*{SHARD_SUFFIX}.tmp"):
+        for tmp in self.root.glob(partial_glob(f"*{SHARD_SUFFIX}")):
             tmp.unlink(missing_ok=True)
+
+    def scan_ids(self, skip_damaged: bool = False) -> Iterator[ShardIds]:
+        """Each shard's image ids and failure records, in name order: the one loop over
+        the shards that every question about which images are stored is answered from.
+
+        Args:
+            skip_damaged: pass over a shard that cannot be read (a staleness note has
+                nothing to say about it; the update or export that reads it names it).
+
+        Raises:
+            StoreError: a shard cannot be read (unless ``skip_damaged``).
+        """
+        for path in self.shard_paths():
+            try:
+                with ShardReader(path) as shard:
+                    ids = ShardIds(path, shard.image_ids, shard.failures, shard.written_ns)
+            except StoreError:
+                if skip_damaged:
+                    continue
+                raise
+            yield ids
+
+    def stored_ids(self, skip_damaged: bool = False) -> np.ndarray:
+        """Ids of the embedded images, ascending and unique."""
+        ids = [np.asarray(s.image_ids, np.int64) for s in self.scan_ids(skip_damaged)]
+        return np.unique(np.concatenate([np.zeros(0, np.int64), *ids]))
+
+    def locate(self) -> dict[int, tuple[Path, int]]:
+        """Where each embedded image is: its shard and row there."""
+        return {
+            int(i): (s.path, row)
+            for s in self.scan_ids()
+            for row, i in enumerate(s.image_ids.tolist())
+        }
 
     def accounted_ids(self) -> np.ndarray:
         """Ids of every image the shards account for (embedded or recorded as unreadable)."""
         ids = [np.zeros(0, np.int64)]
-        for path in self.shard_paths():
-            with ShardReader(path) as shard:
-                ids.append(shard.image_ids)
-                ids.append(np.array([f["image_id"] for f in shard.failures], dtype=np.int64))
+        for shard in self.scan_ids():
+            ids.append(shard.image_ids)
+            ids.append(np.array([f["image_id"] for f in shard.failures], dtype=np.int64))
         return np.concatenate(ids)
 
     def contents(self) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -222,10 +253,9 @@ class ShardStore:
         supersedes an earlier one's."""
         ids = [np.zeros(0, np.int64)]
         records: list[tuple[tuple[int, str], list[dict[str, Any]]]] = []
-        for path in self.shard_paths():
-            with ShardReader(path) as shard:
-                ids.append(shard.image_ids)
-                records.append(((shard.written_ns, path.name), shard.failures))
+        for shard in self.scan_ids():
+            ids.append(shard.image_ids)
+            records.append(((shard.written_ns, shard.path.name), shard.failures))
         embedded = np.concatenate(ids)
         latest: dict[int, dict[str, Any]] = {}
         for _, failures in sorted(records, key=lambda r: r[0]):

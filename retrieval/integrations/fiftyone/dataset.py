@@ -114,7 +114,7 @@ def export_dataset(
     names = [f.name + COLUMN_SUFFIX if f.name in RESERVED else f.name for f in paths.fields]
     values = {n: c.to_pylist() for n, c in zip(names, columns, strict=True)}
     reps = _representatives(rows, _retriever_name(run_dir))
-    truth = _ground_truth(paths.dataset, ids)
+    truth = _ground_truth(paths.images.dataset, ids)
 
     dataset = _open_dataset(fo, name, run_dir)
     existing = dict(zip(dataset.values(ID_FIELD), dataset.values("id"), strict=True))
@@ -128,7 +128,7 @@ def export_dataset(
         fields[REPS_FIELD] = fo.Detections(detections=reps.get(image_id, []))
         if truth is not None:
             fields[GROUND_TRUTH_FIELD] = fo.Detections(detections=truth.get(image_id, []))
-        fields["metadata"] = _metadata(fo, fields, paths.dataset, image_id)
+        fields["metadata"] = _metadata(fo, fields, paths.images.dataset, image_id)
         if image_id in existing:
             kept[image_id] = fields
         else:
