@@ -450,7 +450,11 @@ def _check_machine(cfg: DictConfig) -> None:
 def _section(raw: DictConfig, section: str, default_name: str | None) -> str:
     node = raw.get(section)
     if isinstance(node, DictConfig) and "name" in node:
-        return str(node.name)
+        try:
+            return str(node.name)
+        except OmegaConfBaseException as err:  # an interpolation to a missing key
+            message = str(getattr(err, "msg", err)).splitlines()[0]
+            raise ConfigError(f"config key '{section}.name': {message}") from None
     if default_name is None:
         raise ConfigError(f"{section}.name is missing: pick one from `retrieval list`")
     return default_name

@@ -368,6 +368,7 @@ OVERRIDE = st.one_of(
 @given(st.lists(OVERRIDE, max_size=4))
 @example(["[=0"])  # omegaconf's key-path parser raised IndexError (found by this test)
 @example(["a[=1", "]=x"])
+@example(["data.name=${run.seed}", "run=0"])  # the section name's interpolation (found here)
 def test_fuzzed_overrides_give_a_config_or_a_retrieval_error(overrides: list[str]) -> None:
     """Random keys of the real schema with random-typed values, plus junk keys: load_config
     returns or raises a RetrievalError — never another exception, never a hang."""

@@ -191,6 +191,7 @@ def test_a_folder_runs_files_are_one_map(tmp_path: Path) -> None:
         Image.new("RGB", (20 + k, 10), (k * 40, 0, 0)).save(images / name)
     run = tmp_path / "run"
     dataset = FolderDataset(images=str(images), run_dir=str(run), progress=False)
+    dataset.collection.sync()  # the embed phase's write of the collection table
     table = pq.read_table(run / "images.parquet")
     root = Path(table.schema.metadata[b"root"].decode())
     expected = {

@@ -122,7 +122,9 @@ def test_scenes_configs_point_at_the_shipped_weights() -> None:
         shipped = ROOT / "retrieval" / "weights" / "RN-scenes.safetensors"
         assert BUNDLED["scenes"] == ("RN-scenes", shipped)
         assert cfg.text.prompts == "single"
-        assert cfg.data.annotations == "data/scenes/annotations.json"
+        # absolute once validated when the data exists (config.with_absolute_paths)
+        expected = Path("data/scenes/annotations.json").resolve()
+        assert Path(cfg.data.annotations).resolve() == expected
 
 
 @pytest.fixture(scope="module")
