@@ -38,6 +38,7 @@ as far as it allows:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -138,6 +139,7 @@ class Backend:
         added = np.arange(old.num_rows, table.num_rows)
         removed = old.rows_of(removing)
         self.table, self.generation = table, self.generation + 1
+        self._advise(table)
         if len(removed):
             self.engine.remove(removed)
         if len(added):
@@ -167,6 +169,7 @@ class Backend:
         self._writer = None
         self.engine.build(progress)
         self.engine.save()
+        self._advise(self.table)
 
     def open(self, generation: int = 0, updating: bool = False) -> None:
         """Reads a finished index back: its table at ``generation`` (0, the build) and
@@ -174,6 +177,16 @@ class Backend:
         self.generation, self.updating = generation, updating
         self.table = RepTable.open(self.folder, self.dim, generation)
         self.engine.load()
+        self._advise(self.table)
+
+    def _advise(self, table: RepTable) -> None:
+        """An approximate engine re-ranks scattered rows of the memory-mapped vectors: of a
+        table larger than half the machine's memory (one the page cache cannot keep),
+        each query's rows are read alone rather than with the kernel's readahead, which
+        reads ~10x more (bench/bench_rerank_reads.py; below that size readahead warms the
+        cache sooner)."""
+        if self.engine.approximate and table.vectors.nbytes > physical_memory() // 2:
+            table.advise_random()
 
     def search(
         self, queries: Tensor | np.ndarray, k: int, allowed: np.ndarray | None = None
@@ -293,6 +306,14 @@ def engine_class(name: str) -> type[Engine]:
     if not (isinstance(cls, type) and issubclass(cls, Engine)):
         raise TypeError(f"index backend {name!r} is registered as {cls!r}, not an Engine class")
     return cls
+
+
+def physical_memory() -> int:
+    """Bytes of memory this machine has (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def create_backend(

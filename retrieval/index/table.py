@@ -18,6 +18,7 @@ previous one is read from; ``index.json`` names the generation in use.
 
 from __future__ import annotations
 
+import mmap
 import os
 import zipfile
 from dataclasses import dataclass
@@ -255,6 +256,14 @@ class RepTable:
 
     def files(self) -> list[Path]:
         return [self.folder / VECTORS, self.folder / generation_name(META, self.generation)]
+
+    def advise_random(self) -> None:
+        """Tells the kernel the vectors are read by scattered rows (an approximate
+        engine's exact re-rank): otherwise each row read pulls a whole readahead window,
+        and a few dozen queries page in most of the table."""
+        handle = getattr(self.vectors, "_mmap", None)
+        if handle is not None and hasattr(mmap, "MADV_RANDOM"):
+            handle.madvise(mmap.MADV_RANDOM)
 
     def meta_bytes(self) -> int:
         """Resident bytes of the per-row metadata (what every backend keeps in memory)."""
