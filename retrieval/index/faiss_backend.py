@@ -23,8 +23,7 @@ the build's training: ivfpq is not retrained; its recall is measured again, and 
 rebuild retrains). Removed images' rows are dropped with ``remove_ids`` when the
 segments are loaded and merged (the table's tombstones say which). So an update writes
 only what it adds, never rewrites a file an earlier generation reads, and does not even
-load the index to add a segment. A flat index built before updates (no id map) is
-wrapped in one when it first needs ids, ids 0..n-1, the rows they were added as.
+load the index to add a segment.
 
 A filtered search hands faiss the allowed images' rows (= ids) as an
 ``IDSelectorBatch`` in ``SearchParameters`` (``SearchParametersIVF`` with the tuned
@@ -248,13 +247,13 @@ class FaissBackend(Engine):
         self._segment = self._empty()
         self._add(rows, progress, self._segment)
         if self.index is not None:
-            self._add(rows, False, self._with_ids(self.index))
+            self._add(rows, False, self.index)
 
     def remove(self, rows: np.ndarray) -> None:
         """Nothing to write (the table's tombstones are the record); the index in memory,
         when loaded, drops the rows by ``remove_ids``."""
         if self.index is not None:
-            self._remove(self._with_ids(self.index), rows)
+            self._remove(self.index, rows)
 
     def _remove(self, index: faiss.Index, rows: np.ndarray) -> None:
         ids = np.ascontiguousarray(rows, dtype=np.int64)
@@ -272,21 +271,6 @@ class FaissBackend(Engine):
         index = self._read(0)  # PQ codes: small next to the table
         index.reset()
         return index
-
-    def _with_ids(self, index: faiss.Index) -> faiss.Index:
-        """``index``, able to add and remove by id: an IVF index keeps ids itself; a flat
-        one built before updates (rows numbered by position) gets an id map over its
-        codes, ids 0..n-1, the rows they were added as."""
-        if isinstance(index, faiss.IndexIVF | faiss.IndexIDMap):
-            return index
-        wrapped = faiss.IndexIDMap(self._flat_codes())  # faiss asks an empty index here
-        index.this.disown()  # type: ignore[attr-defined] # the map owns the codes from now on
-        wrapped.index, wrapped.own_fields = index, True
-        wrapped.ntotal = index.ntotal
-        faiss.copy_array_to_vector(np.arange(index.ntotal, dtype=np.int64), wrapped.id_map)
-        if self.index is index:
-            self.index = wrapped
-        return wrapped
 
     def _read(self, generation: int) -> faiss.Index:
         path = self.folder / generation_name(FAISS_FILE, generation)
@@ -310,8 +294,6 @@ class FaissBackend(Engine):
     def _load(self) -> faiss.Index:
         table = self.require_table(allow_empty=True)
         index = self._read(self.segments[0])
-        if len(self.segments) > 1 or table.has_removed:
-            index = self._with_ids(index)
         for generation in self.segments[1:]:
             index.merge_from(self._read(generation), 0)
         if table.has_removed:

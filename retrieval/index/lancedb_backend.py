@@ -193,7 +193,7 @@ class LanceBackend(Engine):
             raise corrupt(path, "folder missing")
         try:
             self.lance_table = lancedb.connect(str(path)).open_table(TABLE)
-            version = self.options.version  # absent: an index from before updates
+            version = self.options.version  # None only while the build writes it
             if version is not None and self.lance_table.version != version:
                 self.lance_table.checkout(version)  # a later one is an unfinished update
         except (OSError, ValueError, RuntimeError) as err:
