@@ -158,6 +158,13 @@ class Engine(ABC):
         rows exactly from the fp16 table."""
         return exact_search(self.require_table(), queries, k, self.device, images=images)
 
+    def maxsim(self, queries: Tensor, k: int, images: np.ndarray | None) -> RowHits | None:
+        """A multi-vector query's top ``k`` images by MaxSim in one pass, where the engine
+        scores every row itself (exact: over its resident copy); None (this default):
+        the front end gathers each query vector's candidates and re-scores them exactly
+        (:mod:`retrieval.index.multivector`)."""
+        return None
+
     def add(self, rows: np.ndarray, progress: bool) -> None:
         """Indexes the table rows ``rows`` an update appended (ascending); ``updatable``
         engines implement it (the front end refuses updates to the others first)."""

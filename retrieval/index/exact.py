@@ -77,7 +77,7 @@ class ExactBackend(Engine):
         table = self.require_table()
         return exact_search(table, queries, k, self.device, self._resident(), images)
 
-    def maxsim_rows(self, queries: Tensor, k: int, images: np.ndarray | None) -> RowHits:
+    def maxsim(self, queries: Tensor, k: int, images: np.ndarray | None) -> RowHits:
         """A multi-vector query's exact top ``k`` (:func:`maxsim_search`), resident."""
         table = self.require_table()
         return maxsim_search(table, queries, k, self.device, self._resident(), images)

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from retrieval.errors import ConfigError, IndexFileError
 from retrieval.index.base import Backend
-from retrieval.index.exact import ExactBackend
 from retrieval.index.kernels import RowHits, maxsim_search
 
 FETCH_GROWTH = 4
@@ -63,8 +62,9 @@ def multivector_rows(
     among the image positions ``images`` when given: each image's best-matching row and
     its MaxSim score, best first (ties by ascending image id)."""
     table = backend.require_table()
-    if isinstance(backend.engine, ExactBackend):
-        return backend.engine.maxsim_rows(queries, k, images)
+    native = backend.engine.maxsim(queries, k, images)
+    if native is not None:
+        return native
     if not backend.approximate:
         return maxsim_search(table, queries, k, backend.device, images=images)
     total = table.searchable_images if images is None else len(images)
