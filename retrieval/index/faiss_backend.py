@@ -50,7 +50,7 @@ from retrieval.index.engine import Engine, EngineOptions, state_field
 from retrieval.index.grouping import check_choice, doubled, fetch_until_k_images, needed_overfetch
 from retrieval.index.kernels import RowHits, first_per_image, rerank
 from retrieval.index.table import corrupt, generation_name, replace_atomically
-from retrieval.index.tuning import recall_at_k, tune_settings
+from retrieval.index.tuning import query_recalls, tune_settings
 
 FAISS_FILE = "faiss.index"
 FLAT_MAX_ROWS = 2_000_000
@@ -424,7 +424,7 @@ class FaissBackend(Engine):
         q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
         fetched: dict[int, np.ndarray] = {}  # nprobe -> rows of the largest over-fetch
 
-        def measure() -> float:
+        def measure() -> np.ndarray:
             nprobe, overfetch = self.options.nprobe or nlist, int(self.options.overfetch)
             if nprobe not in fetched:  # a smaller fetch is a prefix of a larger one:
                 fetched.clear()  # one fetch per nprobe serves every over-fetch
@@ -433,7 +433,7 @@ class FaissBackend(Engine):
                 self._rerank(v, r[: overfetch * k], k)
                 for v, r in zip(queries, fetched[nprobe], strict=True)
             ]
-            return recall_at_k(found, truth, owner)
+            return query_recalls(found, truth, owner)
 
         candidates = (
             {"nprobe": nprobe, "overfetch": overfetch}

@@ -40,7 +40,7 @@ from retrieval.index.engine import Engine, EngineOptions, state_field
 from retrieval.index.grouping import check_choice
 from retrieval.index.kernels import RowHits, rerank
 from retrieval.index.table import corrupt
-from retrieval.index.tuning import recall_at_k, tune_settings
+from retrieval.index.tuning import query_recalls, tune_settings
 
 LANCE_DIR = "lance"
 TABLE = "images"
@@ -296,7 +296,7 @@ class LanceBackend(Engine):
         tune_settings(
             self.options,
             candidates,
-            lambda: recall_at_k(self.search(queries, k), truth, owner),
+            lambda: query_recalls(self.search(queries, k), truth, owner),
             target,
             fallback="last",
         )

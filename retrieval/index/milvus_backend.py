@@ -79,7 +79,7 @@ from retrieval.index.milvus_server_caps import (
     server_capabilities,
 )
 from retrieval.index.table import corrupt
-from retrieval.index.tuning import recall_at_k, tune_settings
+from retrieval.index.tuning import query_recalls, tune_settings
 
 LITE_DIR = "milvus.db"
 LITE_COLLECTION = "representatives"
@@ -536,7 +536,7 @@ class MilvusBackend(Engine):
         tune_settings(
             self.options,
             ({key: value} for value in values),
-            lambda: recall_at_k(self.search(queries, k), truth, owner),
+            lambda: query_recalls(self.search(queries, k), truth, owner),
             target,
             fallback="last",
         )

@@ -20,6 +20,7 @@ import numpy as np
 from retrieval.index.kernels import RowHits
 
 Settings = Mapping[str, Any]
+MARGIN_Z = 1.645  # one-sided 95%: the tuning half's mean recall, less its sampling error
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class TuneResult:
 def tune_settings(
     options: object,
     candidates: Iterable[Settings],
-    measure: Callable[[], float],
+    measure: Callable[[], float | np.ndarray],
     target: float,
     *,
     cost: Callable[[Settings], float] | None = None,
@@ -56,7 +57,9 @@ def tune_settings(
             chosen candidate.
         candidates: settings to try (``{"nprobe": 8, "overfetch": 4}``), cheapest first;
             only their keys change.
-        measure: recall with the settings now in ``options``.
+        measure: recall with the settings now in ``options``: one number, or each
+            query's (:func:`query_recalls`), whose mean must then reach ``target`` by
+            its sampling error (:func:`lower_bound`).
         target: the recall to reach.
         cost: without it, the first candidate reaching ``target`` wins and the walk
             stops there. With it, the cheapest candidate reaching ``target`` wins (the
@@ -67,7 +70,7 @@ def tune_settings(
             the last one measured (the most tried).
 
     Returns:
-        The chosen candidate, its recall, whether it met ``target``, and how many
+        The chosen candidate, its (mean) recall, whether it met ``target``, and how many
         candidates were measured. Without candidates ``options`` is left as it was.
     """
     if fallback not in ("best", "last"):
@@ -82,12 +85,13 @@ def tune_settings(
         if winner is not None and price >= winner[0]:
             continue
         _apply(options, settings)
-        recall = float(measure())
+        values = np.atleast_1d(np.asarray(measure(), dtype=np.float64))
+        recall = float(values.mean())
         measured += 1
         last = (settings, recall)
         if best is None or recall >= best[1]:
             best = last
-        if recall >= target:
+        if lower_bound(values) >= target:
             winner = (price, settings, recall)
             if cost is None:
                 break
@@ -117,3 +121,25 @@ def image_recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
 def recall_at_k(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> float:
     """:func:`image_recall` of backend answers (rows, mapped to images by ``owner``)."""
     return image_recall([owner[rows] for rows, _ in found], truth)
+
+
+def query_recalls(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> np.ndarray:
+    """Each query's fraction of its exact top-k images found (what a tuning ``measure``
+    returns, so :func:`tune_settings` can bound the mean)."""
+    return np.array(
+        [
+            len(np.intersect1d(owner[rows], t)) / max(len(t), 1)
+            for (rows, _), t in zip(found, truth, strict=True)
+        ],
+        dtype=np.float64,
+    )
+
+
+def lower_bound(values: np.ndarray) -> float:
+    """The mean of per-query recalls less :data:`MARGIN_Z` standard errors (the mean
+    itself for one value): a setting tuned on one half of the queries must clear the
+    target by its sampling error, or the other half falls short about half the time."""
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean
+    return mean - MARGIN_Z * float(values.std(ddof=1)) / math.sqrt(len(values))
