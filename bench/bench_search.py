@@ -232,7 +232,7 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
         if name == SERVER:  # its collections live in the server process, not this one
             row["server_rss_bytes"] = rss_bytes(args.milvus.pid)
         elif args.process_memory:
-            row |= process_memory(kind, backend, held_q, k)
+            row |= process_memory(kind, backend, timed_q, k)
         exact = exact or row
         row["query_speedup_vs_exact"] = exact["query_ms"] / row["query_ms"]
         row["memory_vs_exact"] = row["memory_bytes_per_image"] / exact["memory_bytes_per_image"]
@@ -244,7 +244,7 @@ def measure_size(rows: int, args: argparse.Namespace, root: Path) -> list[dict]:
         ):  # else kept loaded
             backend.engine.client.drop_collection(options["collection"], timeout=60)
         backend.close()
-        del backend
+        del backend, table  # the table maps its vectors: the folder's disk comes back
         shutil.rmtree(folder, ignore_errors=True)
     return results
 
