@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data_folder import embed_config
 
 from retrieval.config import load_config
 from retrieval.data.collection import COLLECTION_FILE
@@ -32,20 +33,8 @@ def _images(folder: Path, count: int) -> Path:
 
 
 def _config(images: Path, run: Path, *extra: str) -> Any:
-    return load_config(
-        "demo",
-        [
-            "dataset=folder",
-            f"data.images={images}",
-            f"run.output_dir={run}",
-            "retriever.pretrained=null",
-            "retriever.backbone=RN-tiny",
-            "run.progress=false",
-            "loader.num_workers=0",
-            "loader.batch_size=2",
-            *extra,
-        ],
-    )
+    """test_data_folder's embed config (a folder run, tiny random RN), batches of 2."""
+    return embed_config(images, run, "loader.batch_size=2", *extra)
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
