@@ -110,29 +110,30 @@ def _apply(options: object, settings: Settings) -> None:
         setattr(options, key, value)
 
 
+def image_recalls(found: list[np.ndarray], truth: list[np.ndarray]) -> np.ndarray:
+    """Each query's fraction of its exact top-k image list found (both as table image
+    positions)."""
+    return np.array(
+        [len(np.intersect1d(f, t)) / max(len(t), 1) for f, t in zip(found, truth, strict=True)],
+        dtype=np.float64,
+    )
+
+
 def image_recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
-    """Mean fraction of each exact top-k image list found (both as table image positions)."""
-    fractions = [
-        len(np.intersect1d(f, t)) / max(len(t), 1) for f, t in zip(found, truth, strict=True)
-    ]
-    return float(np.mean(fractions)) if fractions else 1.0
+    """Mean of :func:`image_recalls` (1.0 for no queries)."""
+    fractions = image_recalls(found, truth)
+    return float(fractions.mean()) if len(fractions) else 1.0
+
+
+def query_recalls(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> np.ndarray:
+    """:func:`image_recalls` of backend answers (rows, mapped to images by ``owner``): what
+    a tuning ``measure`` returns, so :func:`tune_settings` can bound the mean."""
+    return image_recalls([owner[rows] for rows, _ in found], truth)
 
 
 def recall_at_k(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> float:
     """:func:`image_recall` of backend answers (rows, mapped to images by ``owner``)."""
     return image_recall([owner[rows] for rows, _ in found], truth)
-
-
-def query_recalls(found: list[RowHits], truth: list[np.ndarray], owner: np.ndarray) -> np.ndarray:
-    """Each query's fraction of its exact top-k images found (what a tuning ``measure``
-    returns, so :func:`tune_settings` can bound the mean)."""
-    return np.array(
-        [
-            len(np.intersect1d(owner[rows], t)) / max(len(t), 1)
-            for (rows, _), t in zip(found, truth, strict=True)
-        ],
-        dtype=np.float64,
-    )
 
 
 def lower_bound(values: np.ndarray) -> float:
