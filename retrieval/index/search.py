@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from retrieval.retrievers.base import Retriever
 
 
+class NotIndexedError(LookupError):
+    """The index holds no live image of that id."""
+
+
 def check_query(query: object) -> str:
     """``query`` if it is text with something in it; else a :class:`ConfigError`."""
     if not isinstance(query, str) or not query.strip():
@@ -276,32 +280,58 @@ class SearchIndex:
         return reps.embeddings[0][reps.mask[0]].float().cpu()
 
     def stored_queries(self, image_id: int, rep_index: int | None = None) -> Tensor:
-        """An indexed image's stored representatives ``[R, D]`` ("more like this"), or
-        its representative ``rep_index`` alone (a region, ``[1, D]``).
+        """:meth:`stored_vectors`, for the CLI and Python callers.
 
         Raises:
             ConfigError: the index has no such live image, or the image no such
                 representative (the message lists the ones it has).
         """
-        import torch
-
-        table = self.backend.require_table(allow_empty=True)
-        where = self.backend.positions_of(np.array([image_id]))
-        if not len(where):
+        try:
+            return self.stored_vectors(image_id, rep_index)
+        except NotIndexedError:
             raise ConfigError(
                 f"image {image_id} is not in index {self.folder}: pass the id of an indexed "
                 f"image (a search's hits name them)"
-            )
-        rows = table.rows_of(where[-1:])
-        if rep_index is not None:
-            slots = table.slots[rows]
-            if not (slots == rep_index).any():
-                raise ConfigError(
-                    f"image {image_id} has no representative {rep_index}; its "
-                    f"representatives are {', '.join(map(str, slots.tolist()))}"
-                )
-            rows = rows[slots == rep_index][:1]
+            ) from None
+        except LookupError as err:  # no such representative: the message lists them
+            raise ConfigError(str(err)) from None
+
+    def stored_vectors(self, image_id: int, rep_index: int | None = None) -> Tensor:
+        """An indexed image's stored representatives ``[R, D]`` ("more like this"), or
+        its representative ``rep_index`` alone (a region, ``[1, D]``).
+
+        Raises:
+            LookupError: no such live image, or the image has no such representative
+                (the message, fit for a client, lists the ones it has).
+        """
+        import torch
+
+        rows = self._image_rows(image_id, rep_index)
+        table = self.backend.require_table(allow_empty=True)
         return torch.from_numpy(table.vectors[rows].astype(np.float32))
+
+    def _image_rows(self, image_id: int, rep_index: int | None) -> np.ndarray:
+        """The table rows of a live image (of its representative ``rep_index`` alone).
+
+        Raises:
+            NotIndexedError: no such live image.
+            LookupError: no such representative of it.
+        """
+        table = self.backend.require_table(allow_empty=True)
+        where = self.backend.positions_of(np.array([image_id]))
+        if not len(where):
+            raise NotIndexedError(f"image {image_id} is not in this index")
+        rows = table.rows_of(where[-1:])
+        if rep_index is None:
+            return rows
+        slots = table.slots[rows]
+        match = rows[slots == rep_index][:1]
+        if not len(match):
+            raise LookupError(
+                f"image {image_id} has no representative {rep_index}; its representatives "
+                f"are {', '.join(map(str, slots.tolist()))}"
+            )
+        return match
 
     def live_image_ids(self) -> np.ndarray:
         """Ids of the images a search can return now (the current generation's)."""
@@ -320,18 +350,7 @@ class SearchIndex:
         import torch
 
         table = self.backend.require_table(allow_empty=True)
-        where = self.backend.positions_of(np.array([image_id]))
-        if not len(where):
-            raise LookupError(f"image {image_id} is not in this index")
-        rows = table.rows_of(where[-1:])
-        slots = table.slots[rows]
-        match = rows[slots == rep_index]
-        if not len(match):
-            raise LookupError(
-                f"image {image_id} has no representative {rep_index}; its representatives "
-                f"are {', '.join(map(str, slots.tolist()))}"
-            )
-        row = int(match[0])
+        row = int(self._image_rows(image_id, rep_index)[0])
         box = None
         if table.boxes is not None:
             x0, y0, x1, y1 = (float(v) for v in table.boxes[row])

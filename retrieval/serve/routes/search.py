@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from retrieval.errors import ConfigError
 from retrieval.serve.deps import (
     Served,
     Settings,
@@ -158,15 +157,11 @@ async def search_example(
     of them (``rep_index``) as the query vector."""
     try:
         if body.rep_index is None:
-            vector = item.index.stored_queries(body.image_id)
-        else:
+            vector = item.index.stored_vectors(body.image_id)
+        else:  # one vector: batched with the other one-vector queries
             vector = item.index.representative(body.image_id, body.rep_index)[0]
     except LookupError as err:
         raise ApiError(404, f"{err} (index {item.name!r})") from None
-    except ConfigError:  # stored_queries' message names the folder: not for clients
-        raise ApiError(
-            404, f"image {body.image_id} is not in this index (index {item.name!r})"
-        ) from None
     job = Job(vector=vector, top=body.top, where=await check_where(settings, item, body.where))
     echo = {"image_id": body.image_id, "rep_index": body.rep_index, "where": job.where}
     return await answer(item, job, echo, begin)
