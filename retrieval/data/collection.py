@@ -50,7 +50,6 @@ from retrieval.store.atomic import write_atomic
 from retrieval.store.run_folder import COLLECTION_FILE, ROOT_KEY, ImageFiles, RunFolder
 from retrieval.store.run_folder import column_numpy as column_numpy
 from retrieval.store.run_folder import read_table as _read_table
-from retrieval.store.shards import ShardStore
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -532,7 +531,7 @@ class Collection:
 
 
 def _refuse_shards_without_table(run_dir: Path) -> None:
-    if ShardStore(run_dir / "embeddings").shard_paths():
+    if RunFolder(run_dir).store().shard_paths():
         raise StoreError(
             f"{run_dir} holds embeddings but no {COLLECTION_FILE}, so their image ids name no "
             f"files; restore {collection_path(run_dir)} from a backup, or embed into a new "

@@ -37,6 +37,7 @@ from retrieval.factory import data_fingerprint
 from retrieval.retrievers.base import Retriever
 from retrieval.store import ShardStore
 from retrieval.store.lock import RunLock, make_folder
+from retrieval.store.run_folder import RunFolder
 
 log = logging.getLogger("retrieval")
 
@@ -185,7 +186,7 @@ def embed(cfg: DictConfig, parts: RunParts | None = None, locked: bool = False) 
     with (
         nullcontext() if locked else RunLock(run_dir)
     ):  # before the model is built: a second run stops at once
-        make_folder(run_dir / "embeddings", "run.output_dir")
+        make_folder(RunFolder(run_dir).embeddings, "run.output_dir")
         parts = parts or build_parts(cfg)
         sync_collection(parts.dataset)
         return _embed(cfg, settings, parts)
@@ -207,7 +208,7 @@ def _embed(cfg: DictConfig, settings: RunSettings, parts: RunParts) -> EmbedResu
     retriever, dataset = parts.retriever, parts.dataset
     run, store_cfg, loader = settings.run, settings.store, settings.loader
     run_dir = Path(run.output_dir)
-    store = ShardStore(run_dir / "embeddings", store_cfg.dtype)
+    store = RunFolder(run_dir).store(store_cfg.dtype)
     fingerprint = embedding_fingerprint(cfg, retriever)
     policy = dataset.on_bad_image
     todo = plan_embedding(store, fingerprint, dataset.image_ids, run.resume, run.verify, policy)

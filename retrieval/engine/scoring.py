@@ -26,7 +26,8 @@ from retrieval.errors import ConfigError, StoreError
 from retrieval.metrics import RetrievalEvaluation
 from retrieval.registry import DATASETS
 from retrieval.retrievers.base import Retriever
-from retrieval.store import ScoreResult, ShardStore, score_store
+from retrieval.store import ScoreResult, score_store
+from retrieval.store.run_folder import RunFolder
 from retrieval.store.shards import read_cache, write_atomic
 from retrieval.text import embed_queries
 
@@ -66,7 +67,7 @@ def score(
     parts = parts or build_parts(cfg)
     retriever, dataset = parts.retriever, cast(RetrievalDataset, parts.dataset)
     run_dir = Path(settings.run.output_dir)
-    store = embedded.store if embedded else ShardStore(run_dir / "embeddings", settings.store.dtype)
+    store = embedded.store if embedded else RunFolder(run_dir).store(settings.store.dtype)
     if not store.shard_paths():
         raise StoreError(
             f"{store.root} holds no embeddings to score: run `retrieval embed` (or `retrieval "

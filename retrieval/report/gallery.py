@@ -37,6 +37,7 @@ from retrieval.report.drawing import (
     text_font,
 )
 from retrieval.representatives import Representatives
+from retrieval.store.run_folder import RunFolder
 from retrieval.store.shards import ShardReader, ShardStore
 
 CAPTION_H = 44
@@ -82,7 +83,7 @@ def explain(index: SearchIndex, query: Tensor, hits: list[Hit]) -> list[GalleryI
     pictures; module docstring)."""
     ids = [h.image_id for h in hits]
     paths, roots = index.image_files(ids)
-    store = ShardStore(index.run_dir / "embeddings")
+    store = RunFolder(index.run_dir).store()
     reps = _locate(store, ids) if store.shard_paths() else {}
     items = []
     for rank, hit in enumerate(hits, start=1):

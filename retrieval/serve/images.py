@@ -45,7 +45,8 @@ from retrieval.representatives import Representatives
 from retrieval.retrievers.base import argmax_representative, max_cosine
 from retrieval.serve.errors import ApiError
 from retrieval.serve.queries import Counters
-from retrieval.store.shards import ShardReader, ShardStore
+from retrieval.store.run_folder import RunFolder
+from retrieval.store.shards import ShardReader
 
 MAX_SIDE = 2048
 CELL_CACHE = 256  # images whose computed cells are kept
@@ -104,7 +105,7 @@ class ImageFiles:
         """Image ``image_id``'s stored representatives (from the run's shards), or None."""
         with self._lock:
             if self._shard_rows is None:
-                self._shard_rows = ShardStore(self.index.run_dir / "embeddings").locate()
+                self._shard_rows = RunFolder(self.index.run_dir).store().locate()
             where = self._shard_rows.get(image_id)
         if where is None:
             return None

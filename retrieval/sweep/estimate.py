@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from retrieval.config import as_dict
 from retrieval.errors import RetrievalError
 from retrieval.factory import data_fingerprint
-from retrieval.store.shards import ShardStore
+from retrieval.store.run_folder import RunFolder
 from retrieval.sweep.plan import PlannedRun
 
 log = logging.getLogger("retrieval")
@@ -127,7 +127,7 @@ def bytes_guess(cfg: DictConfig) -> tuple[float | None, bool]:
 
 def stored(run: PlannedRun) -> tuple[np.ndarray, float | None]:
     """Image ids already in the run's shards and their bytes per image (None: none)."""
-    store = ShardStore(run.run_dir / "embeddings")
+    store = RunFolder(run.run_dir).store()
     paths = store.shard_paths()
     if not paths:
         return np.zeros(0, np.int64), None
