@@ -105,7 +105,7 @@ def recall_queries(
         g = torch.Generator().manual_seed(seed)
         live = table.live_rows  # all rows but a removed image's
         rows = live[torch.randint(len(live), (missing,), generator=g).numpy()]
-        reps = torch.from_numpy(table.vectors[np.sort(rows)].astype(np.float32))
+        reps = table.float_rows(np.sort(rows))
         noise = F.normalize(torch.randn(reps.shape, generator=g), dim=1)
         parts.append(F.normalize(reps + 0.5 * noise, dim=1))
         source["representatives"] = missing

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import faiss
@@ -77,9 +79,10 @@ NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # then every list (nlist)
 
 @contextmanager
 def omp_threads(threads: int | None) -> Iterator[None]:
-    """Runs faiss with ``threads`` OpenMP threads (None: unchanged). Small trainings run
-    on one: on a busy machine OpenMP's waiting makes a small IVF-PQ train far slower on
-    several threads than on one (results/bench/search_cpu.md)."""
+    """Runs faiss (and torch: one OpenMP runtime) with ``threads`` OpenMP threads on the
+    calling thread (None: unchanged). Small trainings run on one: on a busy machine
+    OpenMP's waiting makes a small IVF-PQ train far slower on several threads than on
+    one (results/bench/search_cpu.md)."""
     before = faiss.omp_get_max_threads()
     if threads:
         faiss.omp_set_num_threads(threads)
@@ -87,6 +90,69 @@ def omp_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+@cache
+def scan_pool(workers: int) -> ThreadPoolExecutor:
+    """Threads that scan parts of a query's inverted lists (faiss releases the GIL)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="faiss-scan")
+
+
+def ivf_params(nprobe: int, selector: faiss.IDSelector | None) -> faiss.SearchParametersIVF:
+    params = faiss.SearchParametersIVF()
+    params.nprobe = nprobe
+    if selector is not None:
+        params.sel = selector
+    return params
+
+
+def search_ivf(
+    index: faiss.IndexIVF,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int,
+    selector: faiss.IDSelector | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` with each query's probes split into parts (faiss's thread count)
+    scanned side by side, each part's best ``k`` merged by score.
+
+    faiss scans one query on one thread (its threads split the queries), so a single
+    query used one core; the fast-scan kinds' own list-parallel modes (``implem``
+    14/15) merge in thread timing order, which changed the candidates from one run to
+    the next. Here a query's probed lists (best first) are dealt to the parts in turn
+    and the merge keeps part order for equal scores: a rerun is identical, a query's
+    answer does not depend on the batch it came in, and the merged best ``k`` are the
+    unsplit ones but for ties at the k-th score."""
+    parts = max(1, min(faiss.omp_get_max_threads(), nprobe))
+    if parts == 1:
+        return index.search(queries, k, params=ivf_params(nprobe, selector))
+    coarse_scores, lists = index.quantizer.search(queries, nprobe)
+
+    def scan(part: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss.omp_set_num_threads(1)  # this thread's own setting: no nested teams
+        assign = np.ascontiguousarray(lists[:, part::parts])
+        centroid_scores = np.ascontiguousarray(coarse_scores[:, part::parts])
+        scores = np.empty((len(queries), k), np.float32)
+        rows = np.empty((len(queries), k), np.int64)
+        ptr = faiss.swig_ptr  # the Python wrapper of search_preassigned refuses params
+        index.search_preassigned_c(  # type: ignore[attr-defined] # not in faiss stubs
+            len(queries),
+            ptr(queries),
+            k,
+            ptr(assign),
+            ptr(centroid_scores),
+            ptr(scores),
+            ptr(rows),
+            False,
+            ivf_params(assign.shape[1], selector),
+        )
+        return scores, rows
+
+    found = list(scan_pool(parts).map(scan, range(parts)))
+    scores = np.concatenate([s for s, _ in found], axis=1)
+    rows = np.concatenate([r for _, r in found], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
 class Allowed:
@@ -202,7 +268,7 @@ class FaissBackend(Engine):
             size = min(self.options.train_size or len(rows), len(rows))
             sample = rows[np.sort(rng.choice(len(rows), size, replace=False))]
             with omp_threads(1 if size < SMALL_TRAIN else None):
-                index.train(table.vectors[sample].astype(np.float32))
+                index.train(table.float_rows(sample).numpy())
         self.index = index
         self._add(rows, progress)
 
@@ -216,8 +282,8 @@ class FaissBackend(Engine):
         ):
             part = rows[start : start + ADD_ROWS]
             contiguous = part[-1] - part[0] == len(part) - 1  # one slice read, no gather
-            chunk = table.vectors[part[0] : part[-1] + 1] if contiguous else table.vectors[part]
-            index.add_with_ids(np.asarray(chunk, dtype=np.float32), part.astype(np.int64))
+            chunk = table.float_rows(slice(part[0], part[-1] + 1) if contiguous else part)
+            index.add_with_ids(chunk.numpy(), part.astype(np.int64))
 
     @property
     def segments(self) -> list[int]:
@@ -336,18 +402,16 @@ class FaissBackend(Engine):
         """faiss's top ``kp`` rows of each query; with ``allowed``, of those rows only
         (faiss skips the others inside its search: an ``IDSelectorBatch`` over ids)."""
         index = self._built()
-        limit = index.ntotal if allowed is None else allowed.rows
-        params: faiss.SearchParameters | None = None
+        kp = max(1, min(kp, index.ntotal if allowed is None else allowed.rows))
+        selector = None if allowed is None else allowed.selector
         if isinstance(index, faiss.IndexIVF):
-            index.nprobe = min(nprobe or self.options.nprobe or index.nlist, index.nlist)
-            if allowed is not None:  # explicit parameters replace the index's nprobe
-                ivf = faiss.SearchParametersIVF()
-                ivf.sel, ivf.nprobe = allowed.selector, index.nprobe
-                params = ivf
-        elif allowed is not None:
+            nprobe = min(nprobe or self.options.nprobe or index.nlist, index.nlist)
+            return search_ivf(index, queries, kp, nprobe, selector)
+        params: faiss.SearchParameters | None = None
+        if selector is not None:
             params = faiss.SearchParameters()
-            params.sel = allowed.selector
-        return index.search(queries, max(1, min(kp, limit)), params=params)
+            params.sel = selector
+        return index.search(queries, kp, params=params)
 
     def search(self, queries: Tensor, k: int) -> list[RowHits]:
         return self._search(queries, k, None)
@@ -379,7 +443,8 @@ class FaissBackend(Engine):
 
         def fetch(todo: np.ndarray, round_: int) -> list[RowHits]:
             _, rows = self._fetch(q[todo], kp * 2**round_, nprobe * 2**round_, allowed)
-            return [self._rerank(queries[i], r, k) for i, r in zip(todo, rows, strict=True)]
+            with omp_threads(1):
+                return [self._rerank(queries[i], r, k) for i, r in zip(todo, rows, strict=True)]
 
         def exhausted(round_: int) -> bool:
             return nprobe * 2**round_ >= index.nlist and kp * 2**round_ >= total
@@ -387,10 +452,12 @@ class FaissBackend(Engine):
         return fetch_until_k_images(len(q), wanted, fetch, lambda hits: len(hits[0]), exhausted)
 
     def _rerank(self, query: Tensor, rows: np.ndarray, k: int) -> RowHits:
-        """Exact top ``k`` of the images whose fetched ``rows`` score best exactly."""
+        """Exact top ``k`` of the images whose fetched ``rows`` score best exactly. Its
+        products are small: callers run it on one thread (``omp_threads(1)``), else
+        OpenMP's threads spin after each product, on the cores the next scan wants."""
         table = self.require_table()
         rows = np.sort(rows[rows >= 0])  # sorted: memory-mapped reads in file order
-        sims = table.vectors[rows].astype(np.float32) @ query.float().cpu().numpy()
+        sims = (table.float_rows(rows) @ query.float().cpu()).numpy()
         order = np.argsort(-sims, kind="stable")
         best, _ = first_per_image(rows[order], sims[order], table.owner, RERANK_IMAGES * k)
         return rerank(table, query, table.owner[best], k)
@@ -429,10 +496,11 @@ class FaissBackend(Engine):
             if nprobe not in fetched:  # a smaller fetch is a prefix of a larger one:
                 fetched.clear()  # one fetch per nprobe serves every over-fetch
                 fetched[nprobe] = self._fetch(q, OVERFETCH[-1] * k)[1]
-            found = [
-                self._rerank(v, r[: overfetch * k], k)
-                for v, r in zip(queries, fetched[nprobe], strict=True)
-            ]
+            with omp_threads(1):
+                found = [
+                    self._rerank(v, r[: overfetch * k], k)
+                    for v, r in zip(queries, fetched[nprobe], strict=True)
+                ]
             return query_recalls(found, truth, owner)
 
         candidates = (

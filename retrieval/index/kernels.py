@@ -191,7 +191,7 @@ def subset_best(
         if resident is not None:
             vectors = resident[torch.from_numpy(part).to(dev)].float()
         else:
-            vectors = torch.from_numpy(table.vectors[part].astype(np.float32)).to(dev)
+            vectors = table.float_rows(part).to(dev)
         keep_best(best, arg, vectors @ q.T, local[start:stop], start)
     return best, arg
 
@@ -205,7 +205,7 @@ def rerank(table: RepTable, query: Tensor, images: np.ndarray, k: int) -> RowHit
     rows = table.rows_of(images)
     if not len(rows):
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    vectors = torch.from_numpy(table.vectors[rows].astype(np.float32))
+    vectors = table.float_rows(rows)
     sims = vectors @ query.float().cpu().unsqueeze(1)
     local = torch.from_numpy(np.searchsorted(images, table.owner[rows]))
     best, arg = segment_best(sims, local, len(images))

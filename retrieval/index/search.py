@@ -304,11 +304,10 @@ class SearchIndex:
             LookupError: no such live image, or the image has no such representative
                 (the message, fit for a client, lists the ones it has).
         """
-        import torch
 
         rows = self._image_rows(image_id, rep_index)
         table = self.backend.require_table(allow_empty=True)
-        return torch.from_numpy(table.vectors[rows].astype(np.float32))
+        return table.float_rows(rows)
 
     def _image_rows(self, image_id: int, rep_index: int | None) -> np.ndarray:
         """The table rows of a live image (of its representative ``rep_index`` alone).
@@ -347,7 +346,6 @@ class SearchIndex:
             LookupError: no such live image, or the image has no such representative (the
                 message lists the ones it has).
         """
-        import torch
 
         table = self.backend.require_table(allow_empty=True)
         row = int(self._image_rows(image_id, rep_index)[0])
@@ -355,7 +353,7 @@ class SearchIndex:
         if table.boxes is not None:
             x0, y0, x1, y1 = (float(v) for v in table.boxes[row])
             box = (x0, y0, x1, y1)
-        return torch.from_numpy(table.vectors[row].astype(np.float32)), box
+        return table.float_rows(row), box
 
     def image_files(
         self, image_ids: list[int]

@@ -254,6 +254,12 @@ class RepTable:
         first = np.repeat(np.cumsum(counts) - counts, counts)
         return np.arange(int(counts.sum())) - first + np.repeat(starts, counts)
 
+    def float_rows(self, rows: np.ndarray | slice | int) -> torch.Tensor:
+        """The table's ``rows`` as a float32 tensor. torch converts the fp16 values
+        (numpy's ``astype`` converts half floats in software, an order of magnitude
+        slower: the cost of every re-rank; results/bench/search_cpu.md)."""
+        return torch.from_numpy(np.ascontiguousarray(self.vectors[rows])).float()
+
     def files(self) -> list[Path]:
         return [self.folder / VECTORS, self.folder / generation_name(META, self.generation)]
 
