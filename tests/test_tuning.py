@@ -197,3 +197,15 @@ def test_query_recalls_are_each_querys_fraction() -> None:
     per_query = query_recalls(found, truth, owner)
     np.testing.assert_allclose(per_query, [0.5, 0.5])
     assert per_query.mean() == pytest.approx(recall_at_k(found, truth, owner))
+
+
+def test_cli_recall_target_is_build_index_default() -> None:
+    """`retrieval index build` and `build_index` tune to the same default target."""
+    import inspect
+
+    from retrieval.cli import build_parser
+    from retrieval.index import build_index
+
+    args = build_parser().parse_args(["index", "build", "RUN"])
+    default = inspect.signature(build_index).parameters["recall_target"].default
+    assert args.recall_target == default == 0.99

@@ -200,8 +200,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--backend",
         default="exact",
-        help="exact (default), faiss (flat or ivfpq by size), faiss-flat, faiss-ivfpq, lancedb, "
-        "milvus (milvus-lite in the index folder, or --option uri=... collection=...)",
+        help="exact (default), faiss (exact flat codes up to 2M representatives, fast-scan PQ "
+        "above), faiss-flat, faiss-ivfpq, faiss-ivfpqfs, faiss-rabitq, lancedb, milvus "
+        "(milvus-lite in the index folder, or --option uri=... collection=...); "
+        "`retrieval list` shows each one's options",
     )
     build.add_argument("--out", help="index folder (default RUN_DIR/index/BACKEND)")
     build.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (exact scoring)")
@@ -209,8 +211,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--recall-target",
         type=float,
-        default=0.95,
-        help="recall approximate backends are tuned to reach (default 0.95)",
+        default=0.99,
+        help="recall@K against exact search that approximate backends are tuned to reach "
+        "(default 0.99)",
     )
     build.add_argument(
         "--option",

@@ -265,7 +265,7 @@ def build_index(
     out: str | Path | None = None,
     device: str = "auto",
     recall_k: int = 50,
-    recall_target: float = 0.95,
+    recall_target: float = 0.99,
     num_queries: int = 100,
     progress: bool = True,
     **options: Any,
@@ -291,7 +291,7 @@ def build_index(
     if not 0 < recall_target <= 1 or recall_k < 1:
         raise ConfigError(
             f"recall target {recall_target} / K {recall_k}: the target is a fraction in "
-            f"(0, 1] (e.g. --recall-target 0.95) and K at least 1 (e.g. --recall-k 50)"
+            f"(0, 1] (e.g. --recall-target 0.99) and K at least 1 (e.g. --recall-k 50)"
         )
     run_dir = Path(run_dir).resolve()
     store = open_run_store(run_dir)

@@ -25,6 +25,11 @@ segments are loaded and merged (the table's tombstones say which). So an update 
 only what it adds, never rewrites a file an earlier generation reads, and does not even
 load the index to add a segment.
 
+The IVF kinds scan a query's probed lists in parts side by side, one per OpenMP thread
+(:func:`search_ivf`): faiss scans one query on one thread. The exact re-rank after it
+runs on one thread: its products are small, and OpenMP's threads spin after each one
+on the cores the next scan wants.
+
 A filtered search hands faiss the allowed images' rows (= ids) as an
 ``IDSelectorBatch`` in ``SearchParameters`` (``SearchParametersIVF`` with the tuned
 ``nprobe`` for ivfpq), so faiss never returns another row and the same over-fetch loop
@@ -74,7 +79,7 @@ DIMS_PER_CODE = {"ivfpqfs": 2, "ivfrabitq": 8}  # dimensions per sub-quantiser /
 SCAN_UNITS = {"ivfpqfs": 1}
 OVERFETCH = (2, 4, 10, 20, 50, 100, 200, 400)
 RERANK_IMAGES = 2  # images re-ranked in full per result, best by their fetched rows
-NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # then every list (nlist)
+NPROBE = tuple(2**i for i in range(16))  # those under nlist, then every list
 
 
 @contextmanager

@@ -258,7 +258,8 @@ class RepTable:
         """The table's ``rows`` as a float32 tensor. torch converts the fp16 values
         (numpy's ``astype`` converts half floats in software, an order of magnitude
         slower: the cost of every re-rank; results/bench/search_cpu.md)."""
-        return torch.from_numpy(np.ascontiguousarray(self.vectors[rows])).float()
+        # a slice of the read-only map is copied (torch wants a writable array)
+        return torch.from_numpy(np.require(self.vectors[rows], requirements=("C", "W"))).float()
 
     def files(self) -> list[Path]:
         return [self.folder / VECTORS, self.folder / generation_name(META, self.generation)]
