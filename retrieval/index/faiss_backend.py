@@ -160,6 +160,15 @@ def search_ivf(
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
+def quiet_small_training(index: faiss.Index) -> None:
+    """Small tables train the lists and PQ codebooks on few points per centroid; the
+    recorded recall says what that cost, so faiss's warning about it is only noise."""
+    faiss.extract_index_ivf(index).cp.min_points_per_centroid = 1
+    pq = getattr(index, "pq", None)  # the PQ kinds' codebooks (not RaBitQ)
+    if pq is not None:
+        pq.cp.min_points_per_centroid = 1
+
+
 class Allowed:
     """A filter's allow-list as faiss takes it: the allowed images' table rows (= faiss
     ids) in an ``IDSelectorBatch``, and how many rows and images it allows."""
@@ -247,16 +256,14 @@ class FaissBackend(Engine):
             o.m = chosen_m or self.dim // DIMS_PER_CODE[o.kind]
             spec = FACTORY[o.kind].format(nlist=o.nlist, m=o.m)
             index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
-            faiss.extract_index_ivf(index).cp.min_points_per_centroid = 1
+            quiet_small_training(index)
             o.nbits = None
             return index
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQ(
             quantizer, self.dim, o.nlist, o.m, o.nbits, faiss.METRIC_INNER_PRODUCT
         )
-        # small tables train on few points per centroid; the recorded recall says what
-        # that cost, so faiss's warning about it is only noise
-        index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
+        quiet_small_training(index)
         return index
 
     def _flat_codes(self) -> faiss.Index:

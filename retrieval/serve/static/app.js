@@ -461,6 +461,16 @@
     return hit.file_name || `image ${hit.image_id}`;
   }
 
+  // a "folder/name" that wraps after the "/" before it wraps inside a name
+  function breakAfterFolders(node, text) {
+    const parts = text.split("/");
+    parts.forEach((part, i) => {
+      if (i < parts.length - 1) node.append(`${part}/`, document.createElement("wbr"));
+      else node.append(part);
+    });
+    return node;
+  }
+
   function clamp01(v) {
     const n = Number(v);
     return Number.isFinite(n) ? Math.min(Math.max(n, 0), 1) : 0;
@@ -616,7 +626,7 @@
       el("span", "rank", `#${hit.rank}`),
       el("span", "score", `score ${Number.isFinite(score) ? score.toFixed(4) : hit.score}`),
     );
-    const name = el("a", "file", shownName(hit));
+    const name = breakAfterFolders(el("a", "file"), shownName(hit));
     name.href = url(hit.image_url, { size: 1024 }, true);
     name.target = "_blank";
     name.rel = "noopener";
