@@ -73,10 +73,11 @@ def _search(args: argparse.Namespace) -> int:
     label = label or args.query
     table = Table(title=escape(f'top {len(hits)} for "{label}"'))
     for column in ("rank", "image id", "score", "rep", "box (xyxy, 0..1)"):
-        table.add_column(column, justify="right" if column in ("rank", "image id") else "left")
-    table.add_column("file", overflow="fold")
+        right = column in ("rank", "image id")
+        table.add_column(column, justify="right" if right else "left", no_wrap=True)
+    table.add_column("file", overflow="fold")  # the one column a narrow terminal folds
     for record in records:
-        box = "-" if record["box"] is None else ", ".join(f"{v:.2f}" for v in record["box"])
+        box = "-" if record["box"] is None else ",".join(f"{v:.2f}" for v in record["box"])
         table.add_row(
             str(record["rank"]),
             str(record["image_id"]),
