@@ -64,6 +64,32 @@ def test_unknown_option_is_refused_naming_it(name: str) -> None:
         engine_class(name).Options.parse(name, {**STORED[name], "bogus": 1})
 
 
+@pytest.mark.parametrize("name", sorted(STORED))
+def test_every_unset_option_says_what_the_engine_does(name: str) -> None:
+    """Invariant: `retrieval list` shows each built-in option as ``key=value`` or
+    ``key=<what happens when it is unset>``, never a bare key a user cannot read."""
+    shown = engine_class(name).Options().shown().split(", ")
+    keys = engine_class(name).Options.settable()
+    assert len(shown) >= len(keys)  # a description may hold ", " itself
+    for key in keys:
+        assert any(part.startswith(f"{key}=") for part in shown), (key, shown)
+
+
+def test_a_plugins_unset_option_is_shown_bare() -> None:
+    """A plugin's option without a ``chosen`` field still lists (its bare key)."""
+    from dataclasses import dataclass
+
+    from retrieval.index.engine import EngineOptions, chosen
+
+    @dataclass
+    class PluginOptions(EngineOptions):
+        depth: int = 3
+        width: int | None = None
+        probes: int | None = chosen("tuned")
+
+    assert PluginOptions().shown() == "depth=3, width, probes=<tuned>"
+
+
 def test_a_bad_choice_is_refused_naming_the_option() -> None:
     with pytest.raises(ConfigError, match="faiss kind 'flta' is not one of .*'flat'"):
         engine_class("faiss").Options.parse("faiss", {"kind": "flta"})

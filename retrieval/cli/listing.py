@@ -34,8 +34,7 @@ def options(registry: Registry[Any], name: str) -> str:
     if registry is INDEX_BACKENDS:  # the engine's typed options, with their defaults
         from retrieval.index.base import engine_class
 
-        settable = {**engine_class(name).Options.settable(), **INDEX_BACKENDS.defaults[name]}
-        return ", ".join(k if v is None else f"{k}={v}" for k, v in settable.items())
+        return engine_class(name).Options(**INDEX_BACKENDS.defaults[name]).shown()
     return ", ".join(registry.parameters(name))
 
 

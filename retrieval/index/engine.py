@@ -47,6 +47,12 @@ def state_field() -> Any:
     return dataclasses.field(default=None, metadata={"state": True})
 
 
+def chosen(when_unset: str) -> Any:
+    """A dataclass field a user may set, unset (None) by default: the engine chooses it
+    then, as ``when_unset`` says (shown by ``retrieval list``, e.g. ``nprobe=<tuned>``)."""
+    return dataclasses.field(default=None, metadata={"unset": when_unset})
+
+
 @dataclasses.dataclass
 class EngineOptions:
     """An engine's options (none here: an engine subclasses this as a dataclass)."""
@@ -74,6 +80,20 @@ class EngineOptions:
             for f in dataclasses.fields(cls)
             if not f.metadata.get("state")
         }
+
+    def shown(self) -> str:
+        """The settable options as ``retrieval list`` shows them: ``key=value``, or
+        ``key=<what the engine does when it is unset>`` (a plugin's unset option without
+        a :func:`chosen` field: the bare key)."""
+        unset = {f.name: f.metadata.get("unset") for f in dataclasses.fields(self)}
+        parts = []
+        for key in self.settable():
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{key}={value}")
+            else:
+                parts.append(f"{key}=<{unset[key]}>" if unset[key] else key)
+        return ", ".join(parts)
 
     def state(self) -> dict[str, Any]:
         """What the index manifest stores so ``open`` rebuilds these options: every

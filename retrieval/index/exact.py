@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from retrieval.index.base import register_backend
-from retrieval.index.engine import Engine, EngineOptions
+from retrieval.index.engine import Engine, EngineOptions, chosen
 from retrieval.index.kernels import RowHits, exact_search, maxsim_search
 from retrieval.store.scoring import resolve_device
 
@@ -28,7 +28,7 @@ class ExactOptions(EngineOptions):
     """``max_memory_gb``: the most the resident copy of the vectors may take (default
     ``MAX_MEMORY_GB``); past it they are streamed from the table by chunk."""
 
-    max_memory_gb: float | None = None
+    max_memory_gb: float | None = chosen(f"{MAX_MEMORY_GB:g} GB")
 
 
 @register_backend("exact")

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from retrieval.errors import IndexFileError
 from retrieval.index.base import Backend, register_backend
-from retrieval.index.engine import Engine, EngineOptions, state_field
+from retrieval.index.engine import Engine, EngineOptions, chosen, state_field
 from retrieval.index.grouping import check_choice, doubled, fetch_until_k_images, needed_overfetch
 from retrieval.index.kernels import RowHits, first_per_image, rerank
 from retrieval.index.table import corrupt, generation_name, replace_atomically
@@ -199,11 +199,11 @@ class FaissOptions(EngineOptions):
 
     kind: str = "auto"
     overfetch: float = 4
-    nprobe: int | None = None
-    nlist: int | None = None
-    m: int | None = None
-    nbits: int | None = None
-    train_size: int | None = None
+    nprobe: int | None = chosen("tuned")
+    nlist: int | None = chosen("~sqrt(rows)")
+    m: int | None = chosen("by kind and D")
+    nbits: int | None = chosen("8, fewer on tiny tables")
+    train_size: int | None = chosen("64 per list, >= 20000")
     segments: list[int] | None = state_field()
 
     def __post_init__(self) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from retrieval.errors import IndexFileError
 from retrieval.index.base import Backend, register_backend
-from retrieval.index.engine import Engine, EngineOptions, state_field
+from retrieval.index.engine import Engine, EngineOptions, chosen, state_field
 from retrieval.index.grouping import check_choice
 from retrieval.index.kernels import RowHits, rerank
 from retrieval.index.table import corrupt
@@ -72,9 +72,9 @@ class LanceOptions(EngineOptions):
 
     index_type: str = "auto"
     nprobes: int = 20
-    num_partitions: int | None = None
-    refine_factor: int | None = None
-    ef_factor: int | None = None
+    num_partitions: int | None = chosen("~sqrt(rows)")
+    refine_factor: int | None = chosen("tuned")
+    ef_factor: int | None = chosen("tuned")
     version: int | None = state_field()
 
     def __post_init__(self) -> None:

@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from retrieval.errors import ConfigError, IndexFileError
 from retrieval.index.base import Backend, register_backend
-from retrieval.index.engine import Engine, EngineOptions, state_field
+from retrieval.index.engine import Engine, EngineOptions, chosen, state_field
 from retrieval.index.grouping import (
     check_choice,
     doubled,
@@ -126,15 +126,15 @@ class MilvusOptions(EngineOptions):
     ``timeout`` and ``load_timeout`` in seconds; state: ``engine`` and ``grouping``
     (what the engine's version decided)."""
 
-    uri: str | None = None
-    collection: str | None = None
+    uri: str | None = chosen("milvus-lite in the index folder")
+    collection: str | None = chosen("required with a server")
     index_type: str = "HNSW"
     vector_type: str = "auto"
     group_by: str = "auto"
     overfetch: float = 4
-    ef_factor: int | None = None
-    nprobe: int | None = None
-    nlist: int | None = None
+    ef_factor: int | None = chosen("tuned")
+    nprobe: int | None = chosen("tuned")
+    nlist: int | None = chosen("by size")
     timeout: float = TIMEOUT
     load_timeout: float = LOAD_TIMEOUT
     engine: str | None = state_field()
