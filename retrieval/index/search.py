@@ -304,7 +304,6 @@ class SearchIndex:
             LookupError: no such live image, or the image has no such representative
                 (the message, fit for a client, lists the ones it has).
         """
-
         rows = self._image_rows(image_id, rep_index)
         table = self.backend.require_table(allow_empty=True)
         return table.float_rows(rows)
@@ -346,7 +345,6 @@ class SearchIndex:
             LookupError: no such live image, or the image has no such representative (the
                 message lists the ones it has).
         """
-
         table = self.backend.require_table(allow_empty=True)
         row = int(self._image_rows(image_id, rep_index)[0])
         box = None
