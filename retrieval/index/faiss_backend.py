@@ -455,8 +455,7 @@ class FaissBackend(Engine):
 
         def fetch(todo: np.ndarray, round_: int) -> list[RowHits]:
             _, rows = self._fetch(q[todo], kp * 2**round_, nprobe * 2**round_, allowed)
-            with omp_threads(1):
-                return [self._rerank(queries[i], r, k) for i, r in zip(todo, rows, strict=True)]
+            return [self._rerank(queries[i], r, k) for i, r in zip(todo, rows, strict=True)]
 
         def exhausted(round_: int) -> bool:
             return nprobe * 2**round_ >= index.nlist and kp * 2**round_ >= total
@@ -464,15 +463,16 @@ class FaissBackend(Engine):
         return fetch_until_k_images(len(q), wanted, fetch, lambda hits: len(hits[0]), exhausted)
 
     def _rerank(self, query: Tensor, rows: np.ndarray, k: int) -> RowHits:
-        """Exact top ``k`` of the images whose fetched ``rows`` score best exactly. Its
-        products are small: callers run it on one thread (``omp_threads(1)``), else
-        OpenMP's threads spin after each product, on the cores the next scan wants."""
+        """Exact top ``k`` of the images whose fetched ``rows`` score best exactly, on one
+        OpenMP thread: its products are small, and OpenMP's threads spin after each one
+        on the cores the next scan wants."""
         table = self.require_table()
         rows = np.sort(rows[rows >= 0])  # sorted: memory-mapped reads in file order
-        sims = (table.float_rows(rows) @ query.float().cpu()).numpy()
-        order = np.argsort(-sims, kind="stable")
-        best, _ = first_per_image(rows[order], sims[order], table.owner, RERANK_IMAGES * k)
-        return rerank(table, query, table.owner[best], k)
+        with omp_threads(1):
+            sims = (table.float_rows(rows) @ query.float().cpu()).numpy()
+            order = np.argsort(-sims, kind="stable")
+            best, _ = first_per_image(rows[order], sims[order], table.owner, RERANK_IMAGES * k)
+            return rerank(table, query, table.owner[best], k)
 
     def _flat(
         self, q: np.ndarray, k: int, kp: int, allowed: Allowed | None = None
@@ -508,11 +508,10 @@ class FaissBackend(Engine):
             if nprobe not in fetched:  # a smaller fetch is a prefix of a larger one:
                 fetched.clear()  # one fetch per nprobe serves every over-fetch
                 fetched[nprobe] = self._fetch(q, OVERFETCH[-1] * k)[1]
-            with omp_threads(1):
-                found = [
-                    self._rerank(v, r[: overfetch * k], k)
-                    for v, r in zip(queries, fetched[nprobe], strict=True)
-                ]
+            found = [
+                self._rerank(v, r[: overfetch * k], k)
+                for v, r in zip(queries, fetched[nprobe], strict=True)
+            ]
             return query_recalls(found, truth, owner)
 
         candidates = (
